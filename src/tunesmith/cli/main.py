@@ -1,0 +1,145 @@
+"""The `tunesmith` command: a thin layer over the library. Errors print as one line and exit 2."""
+from __future__ import annotations
+
+import os
+
+# Before torch (and its OpenMP runtime) loads: wait passively so a busy neighbour core does not
+# stall every parallel region, and never reach for the hub for bundled or local models.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from tunesmith.errors import TunesmithError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except TunesmithError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models end to end.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe (default: the built-in docstring task)")
+    t.add_argument("config", nargs="?", help="recipe name (see `tunesmith recipes`) or YAML file")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r.set_defaults(func=cmd_recipes)
+
+    c = sub.add_parser("config", help="config utilities")
+    csub = c.add_subparsers(metavar="ACTION")
+    cs = csub.add_parser("show", help="print the fully resolved config")
+    cs.add_argument("config", nargs="?")
+    cs.add_argument("overrides", nargs="*", metavar="key=value")
+    cs.set_defaults(func=cmd_config_show)
+    cd = csub.add_parser("docs", help="print the config reference (docs/config.md)")
+    cd.set_defaults(func=cmd_config_docs)
+
+    g = sub.add_parser("generate", help="generate text from a tuned run or a model")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run directory (runs/NAME)")
+    src.add_argument("--model", help="a model name or path (as in model.name)")
+    g.add_argument("prompt", nargs="+")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--system", help="system message (chat models)")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def _split_overrides(args) -> tuple[str | None, list[str]]:
+    """`tunesmith train key=value` (no config) puts the first override in `config`."""
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:
+        config, overrides = None, [config] + overrides
+    return config, overrides
+
+
+def cmd_train(args) -> int:
+    from tunesmith.config import load_config
+
+    config, overrides = _split_overrides(args)
+    cfg = load_config(config, overrides)  # validates before anything heavy loads
+    if args.overwrite:
+        cfg.output.overwrite = True
+    from tunesmith.train.loop import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from tunesmith.config import DEFAULT_RECIPE, list_recipes
+
+    for name, path in list_recipes().items():
+        lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
+        about = next((ln for ln in lines[1:] if ln), "")
+        print(f"{name:<16} {about}{'  (default)' if name == DEFAULT_RECIPE else ''}")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from tunesmith.config import dump_yaml, load_config
+
+    config, overrides = _split_overrides(args)
+    print(dump_yaml(load_config(config, overrides)), end="")
+    return 0
+
+
+def cmd_config_docs(args) -> int:
+    from tunesmith.docs import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tunesmith.evaluate.generate import Sampling, generate
+    from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.run or args.model)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, pick_dtype("auto", pick_device()))
+    text = " ".join(args.prompt)
+    if not args.raw and getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
+        prompt, special = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False
+    else:
+        prompt, special = text, True
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, no_repeat_ngram_size=args.no_repeat_ngram_size, seed=args.seed)
+    out = generate(model, tokenizer, [prompt], sampling, add_special_tokens=special)[0]
+    print(out.text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The one config schema: model, data, method, train, eval, output.
+
+A recipe is a YAML file of these sections; `key=value` overrides use dotted keys
+(`train.lr=1e-4`). Unknown or ill-typed keys fail here, before anything heavy
+loads, with a one-line message naming the key, the value and what is allowed.
+Every field's description doubles as its entry in docs/config.md.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunesmith.errors import TunesmithError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "docstrings"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m-instruct", description="Bundled short name (`smollm2-135m-instruct`, `minilm-l6`), a local HF folder, a local `.gguf` file, a tunesmith run dir, or a hub id (needs network).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight/compute dtype. `auto`: float32 on CPUs without fast bf16 (AMX), bfloat16 on GPUs that support it.")
+
+
+class DataConfig(Section):
+    path: Union[str, list[str]] = Field("builtin:docstrings", description="Training data: a file, glob or list (JSONL, JSON, CSV/TSV, Parquet, TXT, a `save_to_disk` folder) or `builtin:docstrings` (one-line summaries of this Python's stdlib docstrings).")
+    val_path: Optional[Union[str, list[str]]] = Field(None, description="Held-out data. When unset, `val_size` records are split off the training data.")
+    format: Literal["auto", "text", "instruction", "prompt_completion", "chat", "sharegpt", "classification", "preference"] = Field("auto", description="Record shape; `auto` detects it from the field names.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Map our field names to yours, e.g. `{instruction: question, output: answer}`.")
+    template: str = Field("chat", description="`chat` (the tokenizer's chat template), a named text template (`alpaca`, `instruct`, `qa`), or your own with `{field}` placeholders; the text after the last placeholder's prompt part is the response.")
+    system_prompt: Optional[str] = Field(None, description="System message added to chat-rendered examples that have none (the model's template may add its own default).")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens (default: responses only; end-of-turn tokens are always trained).")
+    max_length: int = Field(512, ge=8, description="Token cap per example (further capped by the model's context length).")
+    overlong: Literal["drop", "truncate"] = Field("drop", description="What to do with examples longer than `max_length`; counts are always reported.")
+    val_size: float = Field(0.1, ge=0, description="Held-out share (<1) or count (>=1) split off the training data when `val_path` is unset.")
+    max_examples: Optional[int] = Field(None, ge=1, description="Use at most this many training records (after the split).")
+    seed: int = Field(0, description="Seed for the train/validation split and shuffling.")
+    dedup: bool = Field(False, description="Drop exact duplicate records (reported).")
+    on_bad_record: Literal["fail", "skip"] = Field("fail", description="`fail` on the first malformed record, or `skip` bad records and report a summary.")
+
+
+class MethodConfig(Section):
+    name: Literal["full", "lora"] = Field("lora", description="Fine-tuning method.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with `rslora`).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout. 0 by default: on CPU the dropout masks cost ~6% of a step for no gain on short runs.")
+    target_modules: Union[Literal["all-linear"], list[str], None] = Field(None, description="Modules to adapt; default: every linear layer of the attention and MLP blocks (`all-linear`).")
+    rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower per step.")
+    freeze_embeddings: bool = Field(True, description="`full` only: keep the (tied) embeddings frozen.")
+    freeze_layers: int = Field(0, ge=0, description="`full` only: freeze the first N transformer blocks.")
+
+
+class TrainConfig(Section):
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; when unset, `epochs` decides.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed) when `max_steps` is unset.")
+    lr: Optional[float] = Field(None, gt=0, description="Peak learning rate; unset = the method's tuned default (LoRA 1e-3, full 5e-5).")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum).")
+    warmup: float = Field(0.05, ge=0, description="Warm-up: share of steps (<1) or a step count (>=1).")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (unset = no clipping).")
+    seed: int = Field(0, description="Seed for initialisation and batch order.")
+    save_every_steps: Optional[int] = Field(None, ge=1, description="Write a checkpoint every N optimizer steps.")
+    log_every_steps: int = Field(1, ge=1, description="Append a line to metrics.jsonl every N optimizer steps.")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads; unset = the cores this process may use.")
+
+
+class EvalConfig(Section):
+    every_steps: Optional[int] = Field(None, ge=1, description="Held-out loss every N optimizer steps (always before and after training).")
+    max_examples: int = Field(64, ge=1, description="Held-out examples used for the loss.")
+    samples: int = Field(4, ge=0, description="Held-out examples shown side by side (base vs tuned vs reference) at the end.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length cap for the side-by-side table.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Parent folder of run directories.")
+    name: Optional[str] = Field(None, description="Run directory name; unset = `<recipe>-<date>-<time>`.")
+    overwrite: bool = Field(False, description="Replace an existing run directory of the same name.")
+
+
+class Config(Section):
+    recipe: str = Field(DEFAULT_RECIPE, description="Name of the recipe this config came from (informational).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+def list_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise TunesmithError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    except OSError as e:
+        raise TunesmithError(f"{path}: cannot read: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise TunesmithError(f"{path}: expected a mapping of sections (model, data, method, train, eval, output), got {type(data).__name__}")
+    return data
+
+
+def load_config(source: Optional[str] = None, overrides: list[str] = ()) -> Config:
+    """Resolve a recipe name or YAML path (default: the built-in default recipe) plus dotted overrides."""
+    recipes = list_recipes()
+    source = source or DEFAULT_RECIPE
+    if source in recipes:
+        raw = read_yaml(recipes[source])
+        raw.setdefault("recipe", source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            hint = _suggest(source, recipes)
+            raise TunesmithError(f"no recipe or config file named {source!r}{hint}; built-in recipes: {', '.join(recipes)}")
+        raw = read_yaml(path)
+        raw.setdefault("recipe", path.stem)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise TunesmithError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise TunesmithError(f"override {key!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def validate(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise TunesmithError(_explain(e.errors()[0], raw)) from None
+
+
+def _explain(err: dict, raw: dict) -> str:
+    loc = [str(x) for x in err["loc"] if not isinstance(x, int)]
+    # pydantic appends union member names ("str", "list[str]") to the location; keep real keys only
+    loc = _real_path(loc)
+    key = ".".join(loc)
+    value = _lookup(raw, loc)
+    model = _section_model(loc[:-1])
+    if err["type"] == "extra_forbidden":
+        allowed = list(model.model_fields) if model else []
+        hint = _suggest(loc[-1], allowed)
+        return f"unknown config key {key!r}{hint}; allowed in {'.'.join(loc[:-1]) or 'top level'}: {', '.join(allowed)}"
+    field = model.model_fields.get(loc[-1]) if model else None
+    allowed = _describe_allowed(field) if field else err["msg"]
+    return f"config key {key!r} has value {value!r}: {err['msg'].lower()}; expected {allowed}"
+
+
+def _real_path(loc: list[str]) -> list[str]:
+    """Config keys only: pydantic appends union member names ("str", "list[str]") after the field."""
+    out, model = [], Config
+    for part in loc:
+        out.append(part)
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return out
+
+
+def _section_model(loc: list[str]):
+    model = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _lookup(raw: dict, loc: list[str]) -> Any:
+    node: Any = raw
+    for p in loc:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _describe_allowed(field) -> str:
+    ann = field.annotation
+    text = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace("NoneType", "null")
+    for c in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(c, attr, None) is not None:
+                text += f" {sym} {getattr(c, attr)}"
+    return text
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

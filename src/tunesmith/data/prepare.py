@@ -1,0 +1,142 @@
+"""From `data:` config to tokenized train/validation splits, with every count reported.
+
+read -> map columns -> detect/validate shape -> dedup -> split -> render -> tokenize -> drop/truncate.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tunesmith.config import DataConfig
+from tunesmith.data.read import Record, read_records
+from tunesmith.data.render import Rendered, Tokenized, render, tokenize
+from tunesmith.data.shapes import SFT_FORMATS, Example, detect_format, map_columns, to_example
+from tunesmith.errors import TunesmithError
+
+
+@dataclass
+class Split:
+    examples: list[Example]
+    rendered: list[Rendered]
+    tokens: list[Tokenized]
+
+
+@dataclass
+class PreparedData:
+    format: str
+    train: Split
+    val: Split
+    stats: dict = field(default_factory=dict)
+
+
+def load_examples(cfg: DataConfig, path) -> tuple[str, list[Example], dict]:
+    """Read and validate records; returns (format, examples, counts)."""
+    records = read_records(path)
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = detect_format(map_columns(records[0], cfg.columns), records[0].where, cfg.columns)
+    examples, bad = [], []
+    for rec in records:
+        try:
+            examples.append(to_example(map_columns(rec, cfg.columns), fmt, rec.where))
+        except TunesmithError as e:
+            if cfg.on_bad_record == "fail":
+                hint = "" if cfg.format != "auto" else f" (format {fmt} detected from {records[0].where})"
+                raise TunesmithError(f"{e}{hint}") from None
+            bad.append(str(e))
+    if not examples:
+        raise TunesmithError(f"no usable records in {path}: {len(bad)} bad, e.g. {bad[0] if bad else '-'}")
+    counts = {"records": len(records), "bad_skipped": len(bad), "bad_samples": bad[:3]}
+    if cfg.dedup:
+        seen, kept = set(), []
+        for ex in examples:
+            key = json.dumps([ex.messages, ex.label, ex.chosen, ex.rejected], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                kept.append(ex)
+        counts["duplicates_removed"] = len(examples) - len(kept)
+        examples = kept
+    return fmt, examples, counts
+
+
+def split_examples(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Deterministic split; records sharing a `group` (e.g. a module) land on the same side."""
+    n_val = int(round(val_size * len(examples))) if val_size < 1 else int(val_size)
+    if n_val <= 0:
+        return examples, []
+    if n_val >= len(examples):
+        raise TunesmithError(f"data.val_size={val_size} leaves no training records out of {len(examples)}")
+    groups: dict[str, list[Example]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.group if ex.group is not None else f"#{i}", []).append(ex)
+    # order groups by a seeded hash of their name: stable when records are added elsewhere
+    order = sorted(groups, key=lambda g: hashlib.sha1(f"{seed}:{g}".encode()).hexdigest())
+    val: list[Example] = []
+    val_groups = set()
+    for g in order:
+        if len(val) >= n_val:
+            break
+        val.extend(groups[g])
+        val_groups.add(g)
+    train = [ex for g in groups if g not in val_groups for ex in groups[g]]
+    return train, val
+
+
+def _tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter) -> Split:
+    rendered = [render(ex, cfg.template, tokenizer, cfg.train_on_prompt, cfg.system_prompt) for ex in examples]
+    toks = tokenize(rendered, tokenizer, cfg.template, max_length, truncate=cfg.overlong == "truncate")
+    keep = [i for i, t in enumerate(toks) if t is not None]
+    for r, t in zip(rendered, toks):
+        if t is None:
+            counts["dropped_overlong" if cfg.overlong == "drop" and _too_long(r, tokenizer, max_length) else "dropped_no_labels"] += 1
+        elif t.truncated:
+            counts["truncated"] += 1
+    return Split([examples[i] for i in keep], [rendered[i] for i in keep], [toks[i] for i in keep])
+
+
+def _too_long(r: Rendered, tokenizer, max_length: int) -> bool:
+    return len(tokenizer(r.text, add_special_tokens=False)["input_ids"]) > max_length
+
+
+def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None) -> PreparedData:
+    fmt, examples, counts = load_examples(cfg, cfg.path)
+    if fmt not in SFT_FORMATS:
+        raise TunesmithError(f"data in {fmt} format needs a method for it (classification / preference tuning are "
+                             f"not available yet); supported for this task: {', '.join(SFT_FORMATS)}")
+    if cfg.val_path:
+        vfmt, val_ex, _ = load_examples(cfg, cfg.val_path)
+        if vfmt != fmt:
+            raise TunesmithError(f"data.val_path is in {vfmt} format but data.path is in {fmt} format")
+        train_ex = examples
+    else:
+        train_ex, val_ex = split_examples(examples, cfg.val_size, cfg.seed)
+    random.Random(cfg.seed).shuffle(train_ex)
+    if cfg.max_examples:
+        train_ex = train_ex[: cfg.max_examples]
+    max_length = min(cfg.max_length, model_max_length or cfg.max_length)
+    train_counts, val_counts = Counter(), Counter()
+    train = _tokenize_split(train_ex, cfg, tokenizer, max_length, train_counts)
+    val = _tokenize_split(val_ex, cfg, tokenizer, max_length, val_counts)
+    if not train.tokens:
+        raise TunesmithError(
+            f"no training example has a token to learn from: {train_counts['dropped_overlong']} longer than max_length={max_length}, "
+            f"{train_counts['dropped_no_labels']} with the response masked or truncated away; raise data.max_length or set data.overlong=truncate")
+    stats = {"format": fmt, **counts, "max_length": max_length,
+             "train": _split_stats(train, train_counts), "val": _split_stats(val, val_counts)}
+    return PreparedData(fmt, train, val, stats)
+
+
+def _split_stats(split: Split, counts: Counter) -> dict:
+    lengths = np.array([len(t.input_ids) for t in split.tokens]) if split.tokens else np.zeros(1, dtype=int)
+    label_tokens = int(sum(int((t.labels != -100).sum()) for t in split.tokens))
+    return {"kept": len(split.tokens), "dropped_overlong": counts["dropped_overlong"],
+            "dropped_no_labels": counts["dropped_no_labels"], "truncated": counts["truncated"],
+            "tokens": int(lengths.sum()) if split.tokens else 0, "label_tokens": label_tokens,
+            "label_share": round(label_tokens / max(1, int(lengths.sum())), 4),
+            "length_min": int(lengths.min()), "length_median": int(np.median(lengths)),
+            "length_p95": int(np.percentile(lengths, 95)), "length_max": int(lengths.max())}

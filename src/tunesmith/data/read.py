@@ -1,0 +1,173 @@
+"""Read records from files, each tagged with where it came from (`file:line`) for error messages.
+
+Supported: JSONL, JSON (an array of objects, or {"data"/"train": [...]}), CSV/TSV, Parquet,
+plain text (`.txt`: one record per line; a file with blank-line-separated paragraphs or a
+single document is read as paragraphs), a folder written by `datasets.save_to_disk`, and
+`builtin:docstrings`.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Union
+
+from tunesmith.errors import TunesmithError
+
+
+@dataclass
+class Record:
+    fields: dict
+    where: str  # "file:line" (or "file:row N" for columnar files)
+
+
+def expand_paths(spec: Union[str, list[str]]) -> list[str]:
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        if s.startswith("builtin:"):
+            out.append(s)
+            continue
+        p = Path(s).expanduser()
+        if p.exists():
+            out.append(str(p))
+            continue
+        matches = sorted(glob.glob(str(p), recursive=True))
+        if not matches:
+            raise TunesmithError(f"data file {s!r} does not exist (and matches no files as a glob)")
+        out.extend(matches)
+    return out
+
+
+def read_records(spec: Union[str, list[str]]) -> list[Record]:
+    records: list[Record] = []
+    for path in expand_paths(spec):
+        got = list(_read_one(path))
+        if not got:
+            raise TunesmithError(f"{path}: no records (the file is empty)")
+        records.extend(got)
+    return records
+
+
+def _read_one(path: str) -> Iterator[Record]:
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name != "docstrings":
+            raise TunesmithError(f"unknown built-in dataset {path!r}; available: builtin:docstrings")
+        from tunesmith.data.docstrings import cached_path
+
+        yield from _read_jsonl(cached_path(), shown="builtin:docstrings")
+        return
+    p = Path(path)
+    if p.is_dir():
+        yield from _read_saved_dataset(p)
+        return
+    suffix = p.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+               ".tsv": _read_csv, ".parquet": _read_parquet, ".txt": _read_text, ".text": _read_text}
+    if suffix not in readers:
+        raise TunesmithError(f"{path}: unknown file type {suffix!r}; supported: {', '.join(readers)} or a save_to_disk folder")
+    yield from readers[suffix](p)
+
+
+def _open_text(p: Path):
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # tolerate a BOM
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise TunesmithError(f"{p}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); re-save the file as UTF-8") from None
+
+
+def _read_jsonl(p: Path, shown: str = "") -> Iterator[Record]:
+    shown = shown or str(p)
+    for n, line in enumerate(_open_text(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TunesmithError(f"{shown}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise TunesmithError(f"{shown}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+        yield Record(obj, f"{shown}:{n}")
+
+
+def _read_json(p: Path) -> Iterator[Record]:
+    text = _open_text(p)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines saved as .json
+            yield from _read_jsonl(p)
+            return
+        raise TunesmithError(f"{p}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, dict):
+        for key in ("data", "train", "examples", "rows"):
+            if isinstance(obj.get(key), list):
+                obj = obj[key]
+                break
+    if not isinstance(obj, list):
+        raise TunesmithError(f"{p}: expected a JSON array of records (or JSON Lines)")
+    for i, item in enumerate(obj):
+        if not isinstance(item, dict):
+            raise TunesmithError(f"{p}: item {i} is {type(item).__name__}, expected an object")
+        yield Record(item, f"{p}[{i}]")
+
+
+def _read_csv(p: Path) -> Iterator[Record]:
+    text = _open_text(p)
+    delim = "\t" if p.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delim)
+    if not reader.fieldnames:
+        return
+    for row in reader:
+        line = reader.line_num
+        if None in row:
+            raise TunesmithError(f"{p}:{line}: more cells than the {len(reader.fieldnames)} header columns")
+        yield Record({k: _cell(v) for k, v in row.items()}, f"{p}:{line}")
+
+
+def _cell(v):
+    return None if v is None or v == "" or v.strip().lower() == "nan" else v
+
+
+def _read_parquet(p: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as e:
+        raise TunesmithError(f"{p}: cannot read Parquet: {e}") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield Record({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}, f"{p}:row {i + 1}")
+
+
+def _read_text(p: Path) -> Iterator[Record]:
+    text = _open_text(p)
+    if "\n\n" in text.strip():  # paragraphs / documents separated by blank lines
+        line = 1
+        for block in text.split("\n\n"):
+            if block.strip():
+                yield Record({"text": block.strip("\n")}, f"{p}:{line}")
+            line += block.count("\n") + 2
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                yield Record({"text": line}, f"{p}:{n}")
+
+
+def _read_saved_dataset(p: Path) -> Iterator[Record]:
+    try:
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(p))
+    except Exception as e:
+        raise TunesmithError(f"{p}: a folder, but not one written by datasets.save_to_disk ({type(e).__name__})") from None
+    if hasattr(ds, "keys"):  # a DatasetDict: take the train split
+        ds = ds["train"] if "train" in ds else ds[list(ds.keys())[0]]
+    for i, row in enumerate(ds):
+        yield Record(dict(row), f"{p}:row {i + 1}")

@@ -1,0 +1,136 @@
+"""Turn an `Example` into text, the character spans that are trained, and then tokens + labels.
+
+Two renderers:
+  * `chat`: the tokenizer's own chat template. The trained span of assistant turn i is the text
+    between the template rendered up to turn i (with the generation prompt) and the template
+    rendered through turn i, so the model's end-of-turn token is trained.
+  * a text template with `{field}` placeholders (named: alpaca, instruct, qa). The last placeholder
+    is the response; it, the rest of the template and the EOS token are trained. `[[...]]` marks an
+    optional part, dropped when all placeholders in it are empty.
+
+Labels come from the trained character spans and the tokenizer's offsets, never from pad ids
+(with pad = eos that would silently teach the model never to stop).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from tunesmith.data.shapes import Example
+from tunesmith.errors import TunesmithError
+
+IGNORE = -100
+NAMED_TEMPLATES = {
+    "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
+               "\n\n### Instruction:\n{instruction}\n\n[[### Input:\n{input}\n\n]]### Response:\n{output}"),
+    "instruct": "### Instruct:\n{instruction}\n[[{input}\n]]### Output:\n{output}\n### End",
+    "qa": "Question: {instruction}[[\n{input}]]\nAnswer: {output}",
+}
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+OPTIONAL = re.compile(r"\[\[(.*?)\]\]", re.S)
+
+
+@dataclass
+class Rendered:
+    text: str
+    spans: list[tuple[int, int]]  # trained character spans
+    prompt: str                   # what generation starts from (everything before the last response)
+    reference: str                # the last response
+
+
+@dataclass
+class Tokenized:
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray     # int32, IGNORE where not trained (not shifted: position t predicts t+1)
+    truncated: bool = False
+
+
+def template_text(template: str) -> str:
+    return NAMED_TEMPLATES.get(template, template)
+
+
+def render(ex: Example, template: str, tokenizer, train_on_prompt: bool = False, system_prompt: str | None = None) -> Rendered:
+    if ex.messages and ex.messages[0]["role"] == "text":  # raw text: every token is trained
+        text = ex.messages[0]["content"] + (tokenizer.eos_token or "")
+        return Rendered(text, [(0, len(text))], "", ex.messages[0]["content"])
+    if template == "chat":
+        r = _render_chat(ex.messages, tokenizer, system_prompt)
+    else:
+        r = _render_template(ex, template_text(template), tokenizer)
+    if train_on_prompt:
+        r.spans = [(0, len(r.text))]
+    return r
+
+
+def _render_chat(messages: list[dict], tokenizer, system_prompt: str | None) -> Rendered:
+    if not getattr(tokenizer, "chat_template", None):
+        raise TunesmithError("data.template is 'chat' but this tokenizer has no chat template; use a text template such as data.template=alpaca")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+
+    def fmt(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = fmt(messages, False)
+    spans, prompt = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = fmt(messages[:i], True), fmt(messages[: i + 1], False)
+        if not (full.startswith(before) and full.startswith(through)):
+            raise TunesmithError("the tokenizer's chat template does not render conversations prefix by prefix, so "
+                                 "assistant turns cannot be located for masking; use a text template (data.template=...)")
+        spans.append((len(before), len(through)))
+        prompt = before
+    return Rendered(full, spans, prompt, messages[max(i for i, m in enumerate(messages) if m["role"] == "assistant")]["content"])
+
+
+def _render_template(ex: Example, template: str, tokenizer) -> Rendered:
+    names = PLACEHOLDER.findall(template)
+    if not names:
+        raise TunesmithError(f"data.template {template!r} has no {{field}} placeholders; named templates: chat, {', '.join(NAMED_TEMPLATES)}")
+    missing = [n for n in names if n not in ex.fields]
+    if missing:
+        have = ", ".join(sorted(ex.fields)) or "none (multi-turn chats need data.template=chat)"
+        raise TunesmithError(f"{ex.where}: data.template uses {{{missing[0]}}} but the record has fields: {have}")
+    response = names[-1]
+    cut = template.rindex("{" + response + "}")
+
+    def fill(part: str) -> str:
+        part = OPTIONAL.sub(lambda m: m.group(1) if any(ex.fields.get(n, "").strip() for n in PLACEHOLDER.findall(m.group(1))) else "", part)
+        return PLACEHOLDER.sub(lambda m: str(ex.fields.get(m.group(1), "")), part)
+
+    prompt = fill(template[:cut])
+    answer = ex.fields[response] + fill(template[cut + len(response) + 2:]) + (tokenizer.eos_token or "")
+    return Rendered(prompt + answer, [(len(prompt), len(prompt) + len(answer))], prompt, ex.fields[response])
+
+
+def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int, truncate: bool) -> list[Tokenized | None]:
+    """Batched tokenization with offsets; None marks an example dropped (too long, or no trained token left)."""
+    if not rendered:
+        return []
+    add_special = template != "chat"  # chat templates write their own special tokens
+    enc = tokenizer([r.text for r in rendered], add_special_tokens=add_special, return_offsets_mapping=True)
+    out: list[Tokenized | None] = []
+    for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        ids = np.asarray(ids, dtype=np.int32)
+        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+        ends = np.fromiter((o[1] for o in offsets), dtype=np.int64, count=len(offsets))
+        trained = np.zeros(len(ids), dtype=bool)
+        for a, b in r.spans:
+            trained |= (ends > a) & (starts < b)
+        trained &= ends > starts  # tokens with no text (e.g. an added BOS) are never targets
+        truncated = len(ids) > max_length
+        if truncated:
+            if not truncate:
+                out.append(None)
+                continue
+            ids, trained = ids[:max_length], trained[:max_length]
+        trained[0] = False  # position 0 is never predicted
+        if not trained.any():
+            out.append(None)
+            continue
+        out.append(Tokenized(ids, np.where(trained, ids, IGNORE).astype(np.int32), truncated))
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss / perplexity / token accuracy, generation, side-by-side tables."""

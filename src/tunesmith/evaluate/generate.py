@@ -1,0 +1,66 @@
+"""Batched, left-padded, KV-cached generation (greedy by default)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    stopped: bool  # ended on an end-of-sequence token (rather than the length cap)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), batch_size: int = 8,
+             add_special_tokens: bool = False) -> list[Generation]:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = _eos_ids(tokenizer, model)
+    torch.manual_seed(sampling.seed)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[Generation] = []
+    try:
+        for s in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+            kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, eos_token_id=eos,
+                          pad_token_id=tokenizer.pad_token_id, no_repeat_ngram_size=sampling.no_repeat_ngram_size or None)
+            if sampling.do_sample:
+                kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+            else:
+                kwargs.update(temperature=None, top_k=None, top_p=None)
+            seqs = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+            for row in seqs.tolist():
+                n = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+                used = row[:n] if n else row
+                out.append(Generation(tokenizer.decode(used, skip_special_tokens=True).strip(), len(used), n is not None))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)

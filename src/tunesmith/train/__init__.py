@@ -1,0 +1,1 @@
+"""Training: the loop (loop.py), the loss head, threads, checkpoints and the run directory."""

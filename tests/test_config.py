@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from tunesmith.config import Config, load_config, list_recipes
+from tunesmith.docs import config_reference
+from tunesmith.errors import TunesmithError
+
+
+def test_default_recipe_loads_and_overrides_apply():
+    cfg = load_config(None, ["train.max_steps=20", "method.name=full", "data.columns={instruction: q}"])
+    assert cfg.train.max_steps == 20 and cfg.method.name == "full"
+    assert cfg.data.columns == {"instruction": "q"}
+    assert cfg.recipe == "docstrings"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "unknown config key 'train.lrr' (did you mean 'lr'?)"),
+    ("modle.name=x", "unknown config key 'modle' (did you mean 'model'?)"),
+    ("train.lr=abc", "config key 'train.lr' has value 'abc'"),
+    ("method.name=lorra", "config key 'method.name' has value 'lorra'"),
+    ("train.micro_batch_size=0", "greater than or equal to 1"),
+    ("notakeyvalue", "is not key=value"),
+])
+def test_bad_overrides_name_the_key(override, expected):
+    with pytest.raises(TunesmithError) as e:
+        load_config(None, [override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_recipe_suggests(tmp_path):
+    with pytest.raises(TunesmithError, match="did you mean 'docstrings'"):
+        load_config("docstring")
+
+
+def test_yaml_file_and_bad_yaml(tmp_path):
+    good = tmp_path / "my.yaml"
+    good.write_text("train:\n  max_steps: 3\n")
+    assert load_config(str(good)).train.max_steps == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [\n")
+    with pytest.raises(TunesmithError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_every_recipe_validates_and_opens_with_its_command():
+    for name, path in list_recipes().items():
+        assert isinstance(load_config(name), Config)
+        assert path.read_text().startswith("# tunesmith train"), f"{name} must open with the command that runs it"
+
+
+def test_config_docs_are_current():
+    docs = Path(__file__).parents[1] / "docs" / "config.md"
+    assert docs.read_text() == config_reference(), "run: tunesmith config docs > docs/config.md"

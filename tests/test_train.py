@@ -1,0 +1,72 @@
+"""The training loop end to end on a tiny random model (seconds)."""
+import json
+
+import pytest
+import torch
+
+from tunesmith.cli.main import main
+from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
+from tunesmith.train.loop import train
+
+
+def tiny_cfg(tmp_path, model_dir, data, *extra):
+    return load_config(None, [f"model.name={model_dir}", f"data.path={data}", "data.val_size=8", "train.max_steps=12",
+                              "train.micro_batch_size=4", "eval.max_examples=8", "eval.samples=2", "eval.max_new_tokens=8",
+                              f"output.dir={tmp_path / 'runs'}", "output.name=t", "train.lr=1e-2", *extra])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_train_lowers_heldout_loss_and_writes_the_run(tmp_path, tiny_model_dir, instruction_file, method):
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, f"method.name={method}",
+                         "train.save_every_steps=5", "eval.every_steps=6"))
+    s = res.summary
+    assert s["after"]["eval_loss"] < s["before"]["eval_loss"]
+    run = res.run_dir
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 13))
+    assert {"step", "epoch", "loss", "lr", "tokens", "tok_s", "elapsed"} <= set(lines[0])
+    assert "eval_loss" in lines[5]
+    assert (run / "config.yaml").exists() and (run / "train.log").exists() and (run / "eval.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000005", "step-0000010"]
+    assert (run / "final" / ("adapter_config.json" if method == "lora" else "config.json")).exists()
+    assert len(s["side_by_side"]) == 2
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, instruction_file):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.max_steps=1")
+    train(cfg)
+    with pytest.raises(TunesmithError, match="already exists.*--overwrite"):
+        train(cfg)
+    cfg.output.overwrite = True
+    train(cfg)
+
+
+def test_saved_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, instruction_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models import load_model
+
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file))
+    ids = torch.tensor([[1, 5, 9, 20, 33, 40]])
+    ours = load_model(res.run_dir / "final", torch.float32).eval()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), res.run_dir / "final").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        a, b, c = ours(ids).logits, plain(ids).logits, base(ids).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, c, atol=1e-4)  # the adapter changed something
+
+
+def test_cli_bad_config_is_one_line_and_exit_2(capsys):
+    assert main(["train", "train.lrr=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'train.lrr'") and err.count("\n") == 1
+
+
+def test_cli_generate_from_run(tmp_path, tiny_model_dir, instruction_file, capsys):
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.max_steps=2"))
+    capsys.readouterr()
+    assert main(["generate", "--run", str(res.run_dir), "hello", "--max-new-tokens", "5"]) == 0
+    assert main(["generate", "--model", str(tiny_model_dir), "hello", "--max-new-tokens", "3", "--do-sample"]) == 0
