@@ -95,3 +95,29 @@ def test_collate_drops_tail_after_last_label():
     labels[8:] = IGNORE  # e.g. a newline after the end-of-turn token
     b = collate([Tokenized(ids, labels)], pad_id=2)
     assert b.input_ids.shape == (1, 8) and b.label_tokens == 4
+
+
+def test_merged_lora_layer_matches_stock_peft():
+    """Our one-GEMM LoRA layer computes what peft's layer computes: loss and every adapter gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    batch = collate(_examples(120, [9, 14]), pad_id=2)
+    ours = lora.apply(make_tiny_llama(120), MethodConfig(r=4, alpha=8))
+    stock = get_peft_model(make_tiny_llama(120), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert type(ours.base_model.model.model.layers[0].mlp.up_proj).__name__ == "MergedLoraLinear"
+    assert type(stock.base_model.model.model.layers[0].mlp.up_proj).__name__ == "Linear"
+    torch.manual_seed(1)
+    for (n, p), (n2, p2) in zip(ours.named_parameters(), stock.named_parameters()):
+        assert n == n2
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+        p2.data.copy_(p.data)
+    results = []
+    for model in (ours, stock):
+        loss = reference_sum_loss(model, batch.input_ids, batch.labels)
+        loss.backward()
+        results.append((float(loss), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert abs(results[0][0] - results[1][0]) < 1e-5 * results[1][0]
+    for n, g in results[0][1].items():
+        assert torch.allclose(g, results[1][1][n], atol=1e-6, rtol=1e-4), n

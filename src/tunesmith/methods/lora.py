@@ -1,16 +1,67 @@
-"""LoRA: low-rank adapters on the linear layers; the base stays frozen. Built on peft."""
+"""LoRA: low-rank adapters on the linear layers; the base stays frozen. Built on peft.
+
+Speed: peft computes `W x + s * B(A(x))`, i.e. per adapted layer two extra small GEMMs plus a
+multiply and an add over the whole output in forward, and more elementwise work in backward —
+about a fifth of a CPU step on SmolLM2. `MergedLoraLinear` computes the same function with one
+GEMM each way on the merged weight `W + s B A` (built per step, r*in*out flops: small next to
+tokens*in*out). It plugs in through peft's custom-module hook, so the adapter's parameters,
+saving and loading are plain peft. It is used when dropout is 0 and DoRA is off; otherwise the
+stock peft layer runs.
+"""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 # Short CPU budgets favour a high rate for rank-16 all-linear adapters (see docs/methods.md).
 DEFAULT_LR = 1e-3
+
+
+class _MergedLoraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        merged = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scaling
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ torch.addmm(weight, lora_b, lora_a, alpha=s)).view_as(x)
+        grad_a = (g2 @ lora_b).T.mm(x2).mul_(s) if ctx.needs_input_grad[3] else None
+        grad_b = g2.T.mm(x2 @ lora_a.T).mul_(s) if ctx.needs_input_grad[4] else None
+        grad_w = g2.T.mm(x2) if ctx.needs_input_grad[1] else None
+        grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+class MergedLoraLinear(PeftLoraLinear):
+    """peft's LoRA Linear with a one-GEMM forward/backward in the common training case."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = self.active_adapters
+        if (self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] in self.lora_variant
+                or active[0] not in self.lora_A or not isinstance(self.lora_dropout[active[0]], torch.nn.Identity)
+                or x.dtype != self.lora_A[active[0]].weight.dtype):
+            return super().forward(x, *args, **kwargs)
+        name, base = active[0], self.get_base_layer()
+        return _MergedLoraFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                         self.scaling[name])
 
 
 def apply(model, cfg):
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                         target_modules=cfg.target_modules or "all-linear", use_rslora=cfg.rslora,
                         use_dora=cfg.dora, task_type="CAUSAL_LM")
+    config._register_custom_module({torch.nn.Linear: MergedLoraLinear})
     return get_peft_model(model, config)
 
 

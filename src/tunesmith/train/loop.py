@@ -26,7 +26,7 @@ from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype
 from tunesmith.train import checkpoint
 from tunesmith.train.loss import sum_loss
 from tunesmith.train.rundir import create_run_dir, publish_dir, write_json_atomic, write_text_atomic
-from tunesmith.train.threads import configure_threads
+from tunesmith.train.machine import configure_threads, keep_heap_memory
 
 
 @dataclass
@@ -67,6 +67,7 @@ def train(cfg: Config) -> RunResult:
     t_start = time.perf_counter()
     # -- 1. machine --------------------------------------------------------------------------
     threads = configure_threads(cfg.train.threads)
+    keep_heap_memory()
     device = pick_device()
     dtype = pick_dtype(cfg.model.dtype, device)
     seed_everything(cfg.train.seed)
