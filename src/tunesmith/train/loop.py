@@ -100,7 +100,9 @@ def train(cfg: Config) -> RunResult:
     # -- 5. before training: held-out metrics and base outputs for the side-by-side table -------
     pad_id = tokenizer.pad_token_id
     val_tokens = data.val.tokens[: cfg.eval.max_examples]
-    samples = data.val.rendered[: cfg.eval.samples]
+    n_val = len(data.val.rendered)
+    sample_idx = sorted({i * n_val // cfg.eval.samples for i in range(cfg.eval.samples)}) if n_val else []  # spread out
+    samples = [data.val.rendered[i] for i in sample_idx]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
     before = heldout_metrics(model, val_tokens, pad_id)
     if before:
@@ -174,7 +176,7 @@ def train(cfg: Config) -> RunResult:
     after = heldout_metrics(model, val_tokens, pad_id)
     tuned_outputs = generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []
     publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d))
-    rows = build_rows([ex.messages[-2]["content"] if len(ex.messages) > 1 else "" for ex in data.val.examples[: len(samples)]],
+    rows = build_rows([_user_text(data.val.examples[i]) for i in sample_idx],
                       [r.reference for r in samples], {"base": base_outputs, "tuned": tuned_outputs})
     summary = {
         "run_dir": str(run_dir), "method": cfg.method.name, "model": cfg.model.name, "params": params,
@@ -196,6 +198,11 @@ def train(cfg: Config) -> RunResult:
         f"total {summary['wall_seconds']:.0f} s")
     log(f"saved: {run_dir / 'final'}  (try: tunesmith generate --run {run_dir} \"...\")")
     return RunResult(run_dir, summary)
+
+
+def _user_text(example) -> str:
+    users = [m["content"] for m in example.messages if m["role"] in ("user", "text")]
+    return users[-1] if users else ""
 
 
 def _adamw(params, lr, weight_decay, device):
