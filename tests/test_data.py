@@ -137,3 +137,30 @@ def test_other_file_types(tmp_path, suffix):
         f.write_text("first document\nsecond document\n")
     fmt, exs, _ = load_examples(DataConfig(path=str(f)), str(f))
     assert len(exs) == 2 and fmt == ("text" if suffix == "txt" else "instruction")
+
+
+def test_jsonl_with_unicode_line_separator_inside_a_string(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + json.dumps({"text": "c"}) + "\n", encoding="utf-8")
+    _, exs, _ = load_examples(DataConfig(path=str(f)), str(f))
+    assert [e.fields["text"] for e in exs] == ["a\u2028b", "c"]
+
+
+def test_cli_data_inspect_marks_trained_spans(tmp_path, tiny_model_dir, instruction_file, capsys):
+    from tunesmith.cli.main import main
+
+    assert main(["data", "inspect", str(instruction_file), "-n", "1", f"model.name={tiny_model_dir}", "data.template=qa"]) == 0
+    out = capsys.readouterr().out
+    assert "format: instruction (detected)" in out and "kept" in out
+    assert "Answer: [train]" in out and "[/train]" in out
+
+
+def test_cli_data_inspect_classification_and_preference(tmp_path, tiny_model_dir, capsys):
+    from tunesmith.cli.main import main
+
+    cls = write_jsonl(tmp_path / "c.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}, {"text": "ok", "label": "pos"}])
+    assert main(["data", "inspect", str(cls), f"model.name={tiny_model_dir}"]) == 0
+    assert "labels (2): pos 2 (66.7%), neg 1 (33.3%)" in capsys.readouterr().out
+    pref = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "chosen": "hello", "rejected": "go away"}])
+    assert main(["data", "inspect", str(pref), f"model.name={tiny_model_dir}"]) == 0
+    assert "rejected: go away" in capsys.readouterr().out

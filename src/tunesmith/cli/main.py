@@ -21,7 +21,12 @@ from tunesmith.errors import TunesmithError  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`data inspect FILE -n 2 data.template=qa`)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -56,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     cs.set_defaults(func=cmd_config_show)
     cd = csub.add_parser("docs", help="print the config reference (docs/config.md)")
     cd.set_defaults(func=cmd_config_docs)
+
+    d = sub.add_parser("data", help="data utilities")
+    dsub = d.add_subparsers(metavar="ACTION")
+    di = dsub.add_parser("inspect", help="show what training will see: format, counts, lengths, masked examples")
+    di.add_argument("config", nargs="?", help="a data file, or a recipe name / YAML file (default: the default recipe)")
+    di.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.columns={instruction: question}")
+    di.add_argument("-n", type=int, default=3, help="rendered examples to show (default 3)")
+    di.set_defaults(func=cmd_data_inspect)
 
     g = sub.add_parser("generate", help="generate text from a tuned run or a model")
     src = g.add_mutually_exclusive_group(required=True)
@@ -118,6 +131,22 @@ def cmd_config_docs(args) -> int:
     from tunesmith.docs import config_reference
 
     print(config_reference(), end="")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from pathlib import Path
+
+    from tunesmith.config import list_recipes, load_config
+    from tunesmith.data.inspect import inspect_data
+    from tunesmith.models import load_tokenizer, resolve_model_dir
+
+    config, overrides = _split_overrides(args)
+    if config and config not in list_recipes() and (config.startswith("builtin:") or Path(config).suffix not in (".yaml", ".yml")):
+        config, overrides = None, [f"data.path={config}", "data.val_path=null"] + overrides  # a data file
+    cfg = load_config(config, overrides)
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.model.name))
+    print(inspect_data(cfg, tokenizer, args.n, color=sys.stdout.isatty()))
     return 0
 
 

@@ -84,7 +84,8 @@ def _open_text(p: Path):
 
 def _read_jsonl(p: Path, shown: str = "") -> Iterator[Record]:
     shown = shown or str(p)
-    for n, line in enumerate(_open_text(p).splitlines(), 1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 etc., which JSON strings may hold
+    for n, line in enumerate(_open_text(p).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -155,7 +156,7 @@ def _read_text(p: Path) -> Iterator[Record]:
                 yield Record({"text": block.strip("\n")}, f"{p}:{line}")
             line += block.count("\n") + 2
     else:
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 yield Record({"text": line}, f"{p}:{n}")
 
