@@ -133,6 +133,7 @@ def train(cfg: Config) -> RunResult:
     history, evals = [], []
     tokens_seen, train_seconds, examples_seen = 0, 0.0, 0
     model.train()
+    t_loop = time.perf_counter()
     bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0 if _tty() else 30.0)
     for step in range(total_steps):
         t0 = time.perf_counter()
@@ -171,6 +172,7 @@ def train(cfg: Config) -> RunResult:
         if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and not last:
             checkpoint.save(run_dir, step + 1, model, optimizer, record)
     bar.close()
+    loop_seconds = time.perf_counter() - t_loop
 
     # -- 8. after training: metrics, side-by-side, save ---------------------------------------
     after = heldout_metrics(model, val_tokens, pad_id)
@@ -181,7 +183,7 @@ def train(cfg: Config) -> RunResult:
     summary = {
         "run_dir": str(run_dir), "method": cfg.method.name, "model": cfg.model.name, "params": params,
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
-        "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
+        "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": evals, "side_by_side": rows,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
