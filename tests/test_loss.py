@@ -121,3 +121,50 @@ def test_merged_lora_layer_matches_stock_peft():
     assert abs(results[0][0] - results[1][0]) < 1e-5 * results[1][0]
     for n, g in results[0][1].items():
         assert torch.allclose(g, results[1][1][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = collate(_examples(120, [9, 14]), pad_id=2)
+    grads = []
+    for checkpointing in (False, True):
+        model = lora.apply(make_tiny_llama(120), MethodConfig(r=4, alpha=8))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.constant_(p, 0.01)
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        sum_loss(model, batch.input_ids, batch.labels).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_split_passes_respects_the_token_budget_and_covers_the_step():
+    from tunesmith.data.batching import split_passes
+
+    lengths = [50, 60, 100, 120, 300, 310, 500, 520]
+    step = list(range(8))  # sorted by length, as epoch_plan gives them
+    passes = split_passes(step, lengths, micro_batch_size=8, batch_tokens=1024)
+    assert sorted(i for p in passes for i in p) == step
+    assert all(max(lengths[i] for i in p) * len(p) <= 1024 or len(p) == 1 for p in passes)
+    assert passes == [[0, 1, 2, 3], [4, 5], [6], [7]]  # short ones share a pass, long ones split
+    assert split_passes(step, lengths, micro_batch_size=4, batch_tokens=None) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_token_budget_does_not_change_the_step_gradient():
+    """Splitting a step into more passes changes memory, not the result (loss normalised by the step's labels)."""
+    from tunesmith.data.batching import split_passes
+
+    exs = _examples(120, [6, 9, 12, 15, 20, 25])
+    lengths = [len(e.input_ids) for e in exs]
+    grads = []
+    for budget in (None, 40):
+        model = make_tiny_llama(120)
+        passes = [collate([exs[i] for i in p], 2) for p in split_passes(list(range(6)), lengths, 6, budget)]
+        n = sum(b.label_tokens for b in passes)
+        for b in passes:
+            (sum_loss(model, b.input_ids, b.labels) / n).backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    assert len(split_passes(list(range(6)), lengths, 6, 40)) > 1
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

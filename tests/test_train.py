@@ -24,9 +24,10 @@ def test_train_lowers_heldout_loss_and_writes_the_run(tmp_path, tiny_model_dir, 
     assert s["after"]["eval_loss"] < s["before"]["eval_loss"]
     run = res.run_dir
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == list(range(1, 13))
-    assert {"step", "epoch", "loss", "lr", "tokens", "tok_s", "elapsed"} <= set(lines[0])
-    assert "eval_loss" in lines[5]
+    assert [x["step"] for x in lines] == [0] + list(range(1, 13)) + [12]  # before, every step, after
+    assert lines[0]["eval_loss"] == s["before"]["eval_loss"] and lines[-1]["eval_loss"] == s["after"]["eval_loss"]
+    assert {"step", "epoch", "loss", "lr", "tokens", "tok_s", "elapsed"} <= set(lines[1])
+    assert "eval_loss" in lines[6]
     assert (run / "config.yaml").exists() and (run / "train.log").exists() and (run / "eval.json").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000005", "step-0000010"]
     assert (run / "final" / ("adapter_config.json" if method == "lora" else "config.json")).exists()

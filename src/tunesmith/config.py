@@ -63,7 +63,8 @@ class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed) when `max_steps` is unset.")
     lr: Optional[float] = Field(None, gt=0, description="Peak learning rate; unset = the method's tuned default (LoRA 1e-3, full 5e-5).")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum examples).")
+    batch_tokens: Optional[int] = Field(None, ge=16, description="Token budget per forward pass: each step's examples (length-grouped) are split into passes of at most this many padded tokens instead of micro_batch_size examples, bounding activation memory by the budget. Unset = micro_batch_size examples per pass.")
     warmup: float = Field(0.05, ge=0, description="Warm-up: share of steps (<1) or a step count (>=1).")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warm-up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -72,6 +73,7 @@ class TrainConfig(Section):
     save_every_steps: Optional[int] = Field(None, ge=1, description="Write a checkpoint every N optimizer steps.")
     log_every_steps: int = Field(1, ge=1, description="Append a line to metrics.jsonl every N optimizer steps.")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads; unset = the cores this process may use.")
+    gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward: much less memory for long sequences / big batches, ~30% more compute. Off by default.")
 
 
 class EvalConfig(Section):

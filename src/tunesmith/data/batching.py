@@ -1,8 +1,12 @@
-"""Micro-batches with little padding, in a seeded order that a resume can reproduce.
+"""Batches with little padding and bounded memory, in a seeded order that a resume can reproduce.
 
-Each epoch: shuffle, then within windows of 32 micro-batches sort by length and cut, then
-shuffle the micro-batches. Padding is on the right and tokens after an example's last
-trained label are dropped (they cannot change the loss).
+Each epoch: shuffle, sort by length within windows of 32 steps, cut into optimizer steps of
+`examples_per_step` examples, shuffle the steps. Inside a step the examples (similar lengths)
+are split into forward passes: `micro_batch_size` examples each, or — with a token budget —
+as many as fit in `batch_tokens` padded tokens (short examples share one big pass, long ones
+get several small passes, so peak activation memory is bounded by the budget, not by the
+longest examples). Padding is on the right, and tokens after an example's last trained label
+are dropped (they cannot change the loss).
 """
 from __future__ import annotations
 
@@ -25,17 +29,33 @@ class Batch:
     label_tokens: int        # trained targets (for loss normalisation)
 
 
-def epoch_plan(lengths: list[int], micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_plan(lengths: list[int], examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
+    """The optimizer steps of one epoch, each a list of example indices sorted by length."""
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    batches = []
-    step = micro_batch * WINDOW
-    for w in range(0, len(order), step):
-        window = sorted(order[w:w + step], key=lambda i: lengths[i])
-        batches.extend(window[j:j + micro_batch] for j in range(0, len(window), micro_batch))
-    rng.shuffle(batches)
-    return batches
+    steps = []
+    window = examples_per_step * WINDOW
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        steps.extend(chunk[j:j + examples_per_step] for j in range(0, len(chunk), examples_per_step))
+    rng.shuffle(steps)
+    return steps
+
+
+def split_passes(step: list[int], lengths: list[int], micro_batch_size: int, batch_tokens: int | None) -> list[list[int]]:
+    """Forward passes for one step's (length-sorted) examples."""
+    if not batch_tokens:
+        return [step[i:i + micro_batch_size] for i in range(0, len(step), micro_batch_size)]
+    passes, current = [], []
+    for i in step:
+        width = max([lengths[j] for j in current] + [lengths[i]])
+        if current and width * (len(current) + 1) > batch_tokens:
+            passes.append(current)
+            current = []
+        current.append(i)
+    passes.append(current)
+    return passes
 
 
 def effective_length(t: Tokenized) -> int:

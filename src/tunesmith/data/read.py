@@ -36,9 +36,12 @@ def expand_paths(spec: Union[str, list[str]]) -> list[str]:
             out.append(str(p))
             continue
         matches = sorted(glob.glob(str(p), recursive=True))
-        if not matches:
+        if matches:
+            out.extend(matches)
+        elif _looks_like_hub_id(s):
+            out.append(f"hub:{s}")
+        else:
             raise TunesmithError(f"data file {s!r} does not exist (and matches no files as a glob)")
-        out.extend(matches)
     return out
 
 
@@ -60,6 +63,9 @@ def _read_one(path: str) -> Iterator[Record]:
         from tunesmith.data.docstrings import cached_path
 
         yield from _read_jsonl(cached_path(), shown="builtin:docstrings")
+        return
+    if path.startswith("hub:"):
+        yield from _read_hub(path[4:])
         return
     p = Path(path)
     if p.is_dir():
@@ -159,6 +165,23 @@ def _read_text(p: Path) -> Iterator[Record]:
         for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 yield Record({"text": line}, f"{p}:{n}")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and "." not in parts[1][-8:]
+
+
+def _read_hub(repo_id: str) -> Iterator[Record]:
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(repo_id, split="train")
+    except Exception as e:
+        raise TunesmithError(f"data {repo_id!r} is not a local file, and the hub could not provide it as a dataset "
+                             f"({type(e).__name__}); download it elsewhere and pass the file or save_to_disk folder") from None
+    for i, row in enumerate(ds):
+        yield Record(dict(row), f"{repo_id}:row {i + 1}")
 
 
 def _read_saved_dataset(p: Path) -> Iterator[Record]:

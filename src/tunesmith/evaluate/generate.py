@@ -38,7 +38,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
     try:
         for s in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
-            kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, eos_token_id=eos,
+            kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, eos_token_id=eos, use_cache=True,
                           pad_token_id=tokenizer.pad_token_id, no_repeat_ngram_size=sampling.no_repeat_ngram_size or None)
             if sampling.do_sample:
                 kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-# Short CPU budgets favour a high rate for rank-16 all-linear adapters (see docs/methods.md).
+# A high rate for short CPU budgets: with rank 16 on every linear layer the default 60-step docstring
+# run goes from held-out loss 4.05 to 3.26 at 1e-3. Not yet compared systematically against other rates.
 DEFAULT_LR = 1e-3
 
 

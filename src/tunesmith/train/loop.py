@@ -5,6 +5,7 @@ the loss head (vocabulary projection only where labels exist) and the thread pol
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from tunesmith.config import Config, dump_yaml
 from tunesmith.data import prepare
-from tunesmith.data.batching import collate, epoch_plan
+from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
 from tunesmith.evaluate.generate import Sampling, generate
 from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.side_by_side import build_rows, format_table, mean_score
@@ -96,6 +97,9 @@ def train(cfg: Config) -> RunResult:
     params = parameter_report(model)
     log(f"method: {cfg.method.name} | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.gradient_checkpointing:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- 5. before training: held-out metrics and base outputs for the side-by-side table -------
     pad_id = tokenizer.pad_token_id
@@ -105,14 +109,16 @@ def train(cfg: Config) -> RunResult:
     samples = [data.val.rendered[i] for i in sample_idx]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
     before = heldout_metrics(model, val_tokens, pad_id)
+    metrics_path = run_dir / "metrics.jsonl"
     if before:
+        _append_jsonl(metrics_path, {"step": 0, **before})
         log(f"held-out before training: loss {before['eval_loss']:.4f}, token accuracy {before['eval_token_accuracy']:.3f}")
     base_outputs = generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []
 
     # -- 6. plan: steps, optimizer, schedule ---------------------------------------------------
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
-    lengths = [len(t.input_ids) for t in data.train.tokens]
-    steps_per_epoch = max(1, math.ceil(math.ceil(len(lengths) / micro) / accum))
+    lengths = [effective_length(t) for t in data.train.tokens]
+    steps_per_epoch = max(1, math.ceil(len(lengths) / (micro * accum)))
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     warmup = int(cfg.train.warmup) if cfg.train.warmup >= 1 else int(round(cfg.train.warmup * total_steps))
     peak_lr = cfg.train.lr or method.DEFAULT_LR
@@ -120,16 +126,17 @@ def train(cfg: Config) -> RunResult:
     log(f"plan: {total_steps} steps x {micro * accum} examples ({total_steps / steps_per_epoch:.2f} epochs), "
         f"peak lr {peak_lr:g}, {cfg.train.schedule} schedule, {warmup} warm-up steps")
 
-    def micro_batches():
+    def optimizer_steps():
+        """(epoch, forward passes) for every optimizer step, epoch after epoch."""
         epoch = 0
         while True:
-            for idx in epoch_plan(lengths, micro, cfg.train.seed, epoch):
-                yield epoch, collate([data.train.tokens[i] for i in idx], pad_id, device)
+            for step_examples in epoch_plan(lengths, micro * accum, cfg.train.seed, epoch):
+                passes = split_passes(step_examples, lengths, micro, cfg.train.batch_tokens)
+                yield epoch, [collate([data.train.tokens[i] for i in p], pad_id, device) for p in passes]
             epoch += 1
 
     # -- 7. the loop ---------------------------------------------------------------------------
-    stream = micro_batches()
-    metrics_path = run_dir / "metrics.jsonl"
+    stream = optimizer_steps()
     history, evals = [], []
     tokens_seen, train_seconds, examples_seen = 0, 0.0, 0
     model.train()
@@ -139,10 +146,10 @@ def train(cfg: Config) -> RunResult:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * lr_at(step, total_steps, warmup, cfg.train.schedule)
-        batches = [next(stream) for _ in range(accum)]
-        label_tokens = sum(b.label_tokens for _, b in batches)  # normalise by the whole step's labels
+        epoch, batches = next(stream)
+        label_tokens = sum(b.label_tokens for b in batches)  # normalise by the whole step's labels
         step_loss = 0.0
-        for _, batch in batches:
+        for batch in batches:
             loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
             loss.backward()
             step_loss += float(loss.detach())
@@ -151,9 +158,8 @@ def train(cfg: Config) -> RunResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - t0
-        tokens_seen += sum(b.real_tokens for _, b in batches)
-        examples_seen += sum(b.input_ids.shape[0] for _, b in batches)
-        epoch = batches[-1][0]
+        tokens_seen += sum(b.real_tokens for b in batches)
+        examples_seen += sum(b.input_ids.shape[0] for b in batches)
         tok_s = tokens_seen / train_seconds
         record = {"step": step + 1, "epoch": round(examples_seen / len(lengths), 4), "loss": round(step_loss, 5),
                   "lr": optimizer.param_groups[0]["lr"], "tokens": tokens_seen, "tok_s": round(tok_s, 1),
@@ -167,8 +173,7 @@ def train(cfg: Config) -> RunResult:
             evals.append(record)
             log(f"step {step + 1}: held-out loss {record.get('eval_loss', float('nan')):.4f}")
         if (step + 1) % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
-            with open(metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(_json(record) + "\n")
+            _append_jsonl(metrics_path, record)
         if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and not last:
             checkpoint.save(run_dir, step + 1, model, optimizer, record)
     bar.close()
@@ -176,6 +181,8 @@ def train(cfg: Config) -> RunResult:
 
     # -- 8. after training: metrics, side-by-side, save ---------------------------------------
     after = heldout_metrics(model, val_tokens, pad_id)
+    if after:
+        _append_jsonl(metrics_path, {"step": total_steps, **after})
     tuned_outputs = generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []
     publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d))
     rows = build_rows([_user_text(data.val.examples[i]) for i in sample_idx],
@@ -220,7 +227,6 @@ def _tty() -> bool:
     return sys.stderr.isatty()
 
 
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj)
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
