@@ -1,6 +1,6 @@
 """One benchmark configuration per process: python bench/configs.py NAME MODEL_DIR DATA_JSONL STEPS
 
-  tunesmith       tunesmith LoRA (r32/a32 on q,k,v,o; dropout 0), micro-batch 8
+  tunesmith       tunesmith LoRA (r32/a32 on q,k,v,o; dropout 0), 8 examples per step in passes of <= 1024 tokens
   tutorial        HF Trainer + PEFT LoRA (r32/a32/dropout 0.05 on q,k,v,o), pad to longest, labels = input_ids,
                   batch 4 x accumulation 2 (the classic tutorial recipe)
   trl             TRL SFTTrainer + the same LoRA, prompt/completion data -> completion-only loss, padding-free
@@ -39,8 +39,8 @@ def run_tunesmith(model_dir, train_rows, eval_rows, steps, full):
               ["method.name=lora", f"method.r={common.LORA['r']}", f"method.alpha={common.LORA['alpha']}",
                f"method.target_modules={common.LORA['targets']}", f"train.lr={common.LR}"])
     cfg = load_config(None, [f"model.name={model_dir}", f"data.path={tmp}/train.jsonl", f"data.val_path={tmp}/val.jsonl",
-                             f"data.max_length={common.MAX_LEN}", f"train.max_steps={steps}", "train.micro_batch_size=4",
-                             "train.grad_accum=2", "train.warmup=0", "train.schedule=linear", "eval.max_examples=1",
+                             f"data.max_length={common.MAX_LEN}", f"train.max_steps={steps}", "train.micro_batch_size=8",
+                             "train.grad_accum=1", "train.warmup=0", "train.schedule=linear", "eval.max_examples=1",
                              "eval.samples=0", f"output.dir={tmp}", "output.name=run", *method])
     result = train(cfg)
     rss = common.maxrss_mib()

@@ -150,6 +150,7 @@ def test_split_passes_respects_the_token_budget_and_covers_the_step():
     assert all(max(lengths[i] for i in p) * len(p) <= 1024 or len(p) == 1 for p in passes)
     assert passes == [[0, 1, 2, 3], [4, 5], [6], [7]]  # short ones share a pass, long ones split
     assert split_passes(step, lengths, micro_batch_size=4, batch_tokens=None) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert split_passes(step, lengths, micro_batch_size=3, batch_tokens=1024) == [[0, 1, 2], [3, 4, 5], [6], [7]]
 
 
 def test_token_budget_does_not_change_the_step_gradient():

@@ -2,10 +2,10 @@
 
 Each epoch: shuffle, sort by length within windows of 32 steps, cut into optimizer steps of
 `examples_per_step` examples, shuffle the steps. Inside a step the examples (similar lengths)
-are split into forward passes: `micro_batch_size` examples each, or — with a token budget —
-as many as fit in `batch_tokens` padded tokens (short examples share one big pass, long ones
-get several small passes, so peak activation memory is bounded by the budget, not by the
-longest examples). Padding is on the right, and tokens after an example's last trained label
+are split into forward passes of at most `micro_batch_size` examples and at most `batch_tokens`
+padded tokens (short examples share one pass, long ones get several small passes, so peak
+activation memory is bounded by the budget, not by the longest examples; on SmolLM2 passes of
+<= 1024 tokens were also faster than bigger ones, see docs/performance.md). Padding is on the right, and tokens after an example's last trained label
 are dropped (they cannot change the loss).
 """
 from __future__ import annotations
@@ -44,13 +44,13 @@ def epoch_plan(lengths: list[int], examples_per_step: int, seed: int, epoch: int
 
 
 def split_passes(step: list[int], lengths: list[int], micro_batch_size: int, batch_tokens: int | None) -> list[list[int]]:
-    """Forward passes for one step's (length-sorted) examples."""
-    if not batch_tokens:
-        return [step[i:i + micro_batch_size] for i in range(0, len(step), micro_batch_size)]
+    """Forward passes for one step's (length-sorted) examples: at most `micro_batch_size` examples and at most
+    `batch_tokens` padded tokens each (an example longer than the budget gets a pass of its own)."""
+    budget = batch_tokens or float("inf")
     passes, current = [], []
     for i in step:
         width = max([lengths[j] for j in current] + [lengths[i]])
-        if current and width * (len(current) + 1) > batch_tokens:
+        if current and (len(current) == micro_batch_size or width * (len(current) + 1) > budget):
             passes.append(current)
             current = []
         current.append(i)
