@@ -60,6 +60,14 @@ def test_saved_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, instructi
     assert not torch.allclose(a, c, atol=1e-4)  # the adapter changed something
 
 
+def test_bad_data_leaves_no_run_dir(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    with pytest.raises(TunesmithError, match="bad.jsonl:2: missing field 'output'"):
+        train(tiny_cfg(tmp_path, tiny_model_dir, bad))
+    assert not (tmp_path / "runs" / "t").exists()
+
+
 def test_cli_bad_config_is_one_line_and_exit_2(capsys):
     assert main(["train", "train.lrr=3"]) == 2
     err = capsys.readouterr().err

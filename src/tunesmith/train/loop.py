@@ -26,7 +26,7 @@ from tunesmith.methods import get_method, parameter_report
 from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train import checkpoint
 from tunesmith.train.loss import sum_loss
-from tunesmith.train.rundir import create_run_dir, publish_dir, write_json_atomic, write_text_atomic
+from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.machine import configure_threads, keep_heap_memory
 
 
@@ -37,13 +37,21 @@ class RunResult:
 
 
 class RunLog:
-    """Prints to the terminal and appends to runs/<name>/train.log."""
+    """Prints to the terminal and appends to runs/<name>/train.log (kept in memory until the run dir exists)."""
 
-    def __init__(self, path: Path):
+    def __init__(self):
+        self.fh, self.pending = None, []
+
+    def attach(self, path: Path) -> None:
         self.fh = open(path, "a", encoding="utf-8")
+        self.fh.writelines(line + "\n" for line in self.pending)
+        self.fh.flush()
 
     def __call__(self, msg: str) -> None:
         tqdm.write(msg)
+        if self.fh is None:
+            self.pending.append(msg)
+            return
         self.fh.write(msg + "\n")
         self.fh.flush()
 
@@ -72,9 +80,8 @@ def train(cfg: Config) -> RunResult:
     device = pick_device()
     dtype = pick_dtype(cfg.model.dtype, device)
     seed_everything(cfg.train.seed)
-    run_dir = create_run_dir(cfg.output.dir, cfg.output.name, cfg.recipe, cfg.output.overwrite)
-    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    log = RunLog(run_dir / "train.log")
+    run_dir = choose_run_dir(cfg.output.dir, cfg.output.name, cfg.recipe, cfg.output.overwrite)
+    log = RunLog()
     log(f"tunesmith: run {run_dir} | device {device.type}, {threads} threads, {str(dtype).replace('torch.', '')}")
 
     # -- 2. model and tokenizer --------------------------------------------------------------
@@ -100,6 +107,10 @@ def train(cfg: Config) -> RunResult:
     if cfg.train.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # inputs are good: now the run directory may be created (or an old one replaced with --overwrite)
+    create_run_dir(run_dir, cfg.output.overwrite)
+    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    log.attach(run_dir / "train.log")
 
     # -- 5. before training: held-out metrics and base outputs for the side-by-side table -------
     pad_id = tokenizer.pad_token_id
@@ -137,7 +148,7 @@ def train(cfg: Config) -> RunResult:
 
     # -- 7. the loop ---------------------------------------------------------------------------
     stream = optimizer_steps()
-    history, evals = [], []
+    evals = []
     tokens_seen, train_seconds, examples_seen = 0, 0.0, 0
     model.train()
     t_loop = time.perf_counter()
@@ -164,7 +175,6 @@ def train(cfg: Config) -> RunResult:
         record = {"step": step + 1, "epoch": round(examples_seen / len(lengths), 4), "loss": round(step_loss, 5),
                   "lr": optimizer.param_groups[0]["lr"], "tokens": tokens_seen, "tok_s": round(tok_s, 1),
                   "elapsed": round(time.perf_counter() - t_start, 2)}
-        history.append(record)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:.0f}", epoch=epoch, refresh=False)
         bar.update(1)
         last = step + 1 == total_steps

@@ -11,9 +11,16 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 
 
-def create_run_dir(parent: str, name: str | None, recipe: str, overwrite: bool) -> Path:
-    name = name or f"{recipe}-{datetime.now():%Y%m%d-%H%M%S}"
-    path = Path(parent) / name
+def choose_run_dir(parent: str, name: str | None, recipe: str, overwrite: bool) -> Path:
+    """Pick the run directory and refuse an existing one early (nothing is created or deleted yet)."""
+    path = Path(parent) / (name or f"{recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+    if path.exists() and not overwrite:
+        raise TunesmithError(f"run directory {path} already exists; choose another output.name, or pass --overwrite to replace it")
+    return path
+
+
+def create_run_dir(path: Path, overwrite: bool) -> Path:
+    """Create it once the inputs are known to be good, so a bad config or data file leaves nothing behind."""
     if path.exists():
         if not overwrite:
             raise TunesmithError(f"run directory {path} already exists; choose another output.name, or pass --overwrite to replace it")
