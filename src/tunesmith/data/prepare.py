@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tunesmith.config import DataConfig
-from tunesmith.data.read import Record, read_records
+from tunesmith.data.read import read_records
 from tunesmith.data.render import Rendered, Tokenized, render, tokenize
 from tunesmith.data.shapes import SFT_FORMATS, Example, detect_format, map_columns, to_example
 from tunesmith.errors import TunesmithError
@@ -89,18 +89,10 @@ def split_examples(examples: list[Example], val_size: float, seed: int) -> tuple
 
 def _tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter) -> Split:
     rendered = [render(ex, cfg.template, tokenizer, cfg.train_on_prompt, cfg.system_prompt) for ex in examples]
-    toks = tokenize(rendered, tokenizer, cfg.template, max_length, truncate=cfg.overlong == "truncate")
+    toks = tokenize(rendered, tokenizer, cfg.template, max_length, truncate=cfg.overlong == "truncate", drops=counts)
     keep = [i for i, t in enumerate(toks) if t is not None]
-    for r, t in zip(rendered, toks):
-        if t is None:
-            counts["dropped_overlong" if cfg.overlong == "drop" and _too_long(r, tokenizer, max_length) else "dropped_no_labels"] += 1
-        elif t.truncated:
-            counts["truncated"] += 1
+    counts["truncated"] += sum(toks[i].truncated for i in keep)
     return Split([examples[i] for i in keep], [rendered[i] for i in keep], [toks[i] for i in keep])
-
-
-def _too_long(r: Rendered, tokenizer, max_length: int) -> bool:
-    return len(tokenizer(r.text, add_special_tokens=False)["input_ids"]) > max_length
 
 
 def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None) -> PreparedData:

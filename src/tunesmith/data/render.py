@@ -14,6 +14,7 @@ Labels come from the trained character spans and the tokenizer's offsets, never 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,8 +108,11 @@ def _render_template(ex: Example, template: str, tokenizer) -> Rendered:
     return Rendered(prompt + answer, [(len(prompt), len(prompt) + len(answer))], prompt, ex.fields[response])
 
 
-def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int, truncate: bool) -> list[Tokenized | None]:
-    """Batched tokenization with offsets; None marks an example dropped (too long, or no trained token left)."""
+def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int, truncate: bool,
+             drops: Counter | None = None) -> list[Tokenized | None]:
+    """Batched tokenization with offsets; None marks an example dropped, and `drops` counts why
+    ("dropped_overlong", or "dropped_no_labels" when no trained token is left)."""
+    drops = Counter() if drops is None else drops
     if not rendered:
         return []
     add_special = template != "chat"  # chat templates write their own special tokens
@@ -125,11 +129,13 @@ def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int
         truncated = len(ids) > max_length
         if truncated:
             if not truncate:
+                drops["dropped_overlong"] += 1
                 out.append(None)
                 continue
             ids, trained = ids[:max_length], trained[:max_length]
         trained[0] = False  # position 0 is never predicted
         if not trained.any():
+            drops["dropped_no_labels"] += 1
             out.append(None)
             continue
         out.append(Tokenized(ids, np.where(trained, ids, IGNORE).astype(np.int32), truncated))
