@@ -65,3 +65,9 @@ def instruction_file(tmp_path):
     rows = [{"instruction": f"Summarize what f{i} does.", "input": f"It adds {i} and {i + 1} and returns the sum.",
              "output": f"Return the sum of {i} and {i + 1}."} for i in range(40)]
     return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+@pytest.fixture(autouse=True)
+def private_data_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own tokenized-data cache (never the user's)."""
+    monkeypatch.setenv("TUNESMITH_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))

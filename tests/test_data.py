@@ -164,3 +164,28 @@ def test_cli_data_inspect_classification_and_preference(tmp_path, tiny_model_dir
     pref = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "chosen": "hello", "rejected": "go away"}])
     assert main(["data", "inspect", str(pref), f"model.name={tiny_model_dir}"]) == 0
     assert "rejected: go away" in capsys.readouterr().out
+
+
+def test_tokenized_cache_is_reused_and_invalidated(tmp_path, tiny_tokenizer, instruction_file):
+    cfg = DataConfig(path=str(instruction_file), val_size=0.25)
+    first = prepare(cfg, tiny_tokenizer)
+    again = prepare(cfg, tiny_tokenizer)
+    assert "from_cache" not in first.stats and "from_cache" in again.stats
+    assert len(again.train.tokens) == len(first.train.tokens)
+    for a, b in zip(first.train.tokens, again.train.tokens):
+        assert (a.input_ids == b.input_ids).all() and (a.labels == b.labels).all()
+    assert [r.reference for r in again.val.rendered] == [r.reference for r in first.val.rendered]
+    # a different template or an edited file is a different dataset
+    assert "from_cache" not in prepare(DataConfig(path=str(instruction_file), val_size=0.25, template="qa"), tiny_tokenizer).stats
+    with open(instruction_file, "a", encoding="utf-8") as f:
+        f.write('{"instruction": "one more", "output": "row"}\n')
+    changed = prepare(cfg, tiny_tokenizer)
+    assert "from_cache" not in changed.stats
+    assert changed.stats["records"] == 41
+    # a damaged entry is rebuilt, not trusted
+    from tunesmith.data import cache
+    for entry in cache.cache_dir().iterdir():
+        (entry / "train.npz").write_bytes(b"torn")
+    assert prepare(cfg, tiny_tokenizer).stats["records"] == 41
+    assert "from_cache" in prepare(cfg, tiny_tokenizer).stats
+    assert "from_cache" not in prepare(DataConfig(path=str(instruction_file), val_size=0.25, cache=False), tiny_tokenizer).stats

@@ -44,6 +44,7 @@ class DataConfig(Section):
     seed: int = Field(0, description="Seed for the train/validation split and shuffling.")
     dedup: bool = Field(False, description="Drop exact duplicate records (reported).")
     on_bad_record: Literal["fail", "skip"] = Field("fail", description="`fail` on the first malformed record, or `skip` bad records and report a summary.")
+    cache: bool = Field(True, description="Reuse tokenized data from an earlier run with the same files (path, size, mtime), tokenizer and data settings (kept under `$TUNESMITH_CACHE/data`).")
 
 
 class MethodConfig(Section):

@@ -36,7 +36,7 @@ def inspect_data(cfg: Config, tokenizer, n: int = 3, color: bool = False, max_ch
 
 
 def _sft(cfg: Config, tokenizer, n: int, color: bool, max_chars: int) -> list[str]:
-    data = prepare(cfg.data, tokenizer)
+    data = prepare(cfg.data, tokenizer, for_inspection=True)
     st = data.stats
     out = [f"template: {cfg.data.template}; loss on: {'all tokens' if cfg.data.train_on_prompt else 'responses only'}; "
            f"max_length {st['max_length']} (over-long: {cfg.data.overlong})"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tunesmith.config import DataConfig
+from tunesmith.data import cache as data_cache
 from tunesmith.data.read import read_records
 from tunesmith.data.render import Rendered, Tokenized, render, tokenize
 from tunesmith.data.shapes import SFT_FORMATS, Example, detect_format, map_columns, to_example
@@ -95,7 +96,21 @@ def _tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_len
     return Split([examples[i] for i in keep], [rendered[i] for i in keep], [toks[i] for i in keep])
 
 
-def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for_inspection: bool = False) -> PreparedData:
+    """Tokenized splits. The training split keeps only its tokens (memory stays near the token
+    arrays) unless `for_inspection`, which also keeps its examples and rendered text and skips
+    the tokenized-data cache."""
+    max_length = min(cfg.max_length, model_max_length or cfg.max_length)
+    key = data_cache.cache_key(cfg, tokenizer, max_length) if cfg.cache and not for_inspection else None
+    if key and (cached := data_cache.load(key)) is not None:
+        return cached
+    data = _prepare(cfg, tokenizer, max_length, keep_train_text=for_inspection)
+    if key:
+        data_cache.save(key, data)
+    return data
+
+
+def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool) -> PreparedData:
     fmt, examples, counts = load_examples(cfg, cfg.path)
     if fmt not in SFT_FORMATS:
         raise TunesmithError(f"data in {fmt} format needs a method for it (classification / preference tuning are "
@@ -110,10 +125,11 @@ def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None) -> 
     random.Random(cfg.seed).shuffle(train_ex)
     if cfg.max_examples:
         train_ex = train_ex[: cfg.max_examples]
-    max_length = min(cfg.max_length, model_max_length or cfg.max_length)
     train_counts, val_counts = Counter(), Counter()
     train = _tokenize_split(train_ex, cfg, tokenizer, max_length, train_counts)
     val = _tokenize_split(val_ex, cfg, tokenizer, max_length, val_counts)
+    if not keep_train_text:
+        train = Split([], [], train.tokens)
     if not train.tokens:
         raise TunesmithError(
             f"no training example has a token to learn from: {train_counts['dropped_overlong']} longer than max_length={max_length}, "

@@ -79,7 +79,8 @@ def _render_chat(messages: list[dict], tokenizer, system_prompt: str | None) -> 
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, through = fmt(messages[:i], True), fmt(messages[: i + 1], False)
+        before = fmt(messages[:i], True)
+        through = full if i == len(messages) - 1 else fmt(messages[: i + 1], False)
         if not (full.startswith(before) and full.startswith(through)):
             raise TunesmithError("the tokenizer's chat template does not render conversations prefix by prefix, so "
                                  "assistant turns cannot be located for masking; use a text template (data.template=...)")
@@ -116,27 +117,45 @@ def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int
     if not rendered:
         return []
     add_special = template != "chat"  # chat templates write their own special tokens
-    enc = tokenizer([r.text for r in rendered], add_special_tokens=add_special, return_offsets_mapping=True)
     out: list[Tokenized | None] = []
-    for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
-        ids = np.asarray(ids, dtype=np.int32)
-        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-        ends = np.fromiter((o[1] for o in offsets), dtype=np.int64, count=len(offsets))
-        trained = np.zeros(len(ids), dtype=bool)
-        for a, b in r.spans:
-            trained |= (ends > a) & (starts < b)
-        trained &= ends > starts  # tokens with no text (e.g. an added BOS) are never targets
-        truncated = len(ids) > max_length
-        if truncated:
-            if not truncate:
-                drops["dropped_overlong"] += 1
-                out.append(None)
-                continue
-            ids, trained = ids[:max_length], trained[:max_length]
-        trained[0] = False  # position 0 is never predicted
-        if not trained.any():
-            drops["dropped_no_labels"] += 1
-            out.append(None)
-            continue
-        out.append(Tokenized(ids, np.where(trained, ids, IGNORE).astype(np.int32), truncated))
+    for start in range(0, len(rendered), ENCODE_CHUNK):  # chunks bound the tokenizer's own memory
+        chunk = rendered[start: start + ENCODE_CHUNK]
+        for r, (ids, offsets) in zip(chunk, _encode(tokenizer, [r.text for r in chunk], add_special)):
+            out.append(_labelled(r, ids, offsets, max_length, truncate, drops))
     return out
+
+
+ENCODE_CHUNK = 2048
+
+
+def _encode(tokenizer, texts: list[str], add_special: bool):
+    """(ids, offsets[n, 2]) per text; the Rust tokenizer directly when there is one (3x faster than
+    going through transformers' per-encoding conversion)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        for e in backend.encode_batch(texts, add_special_tokens=add_special):
+            yield np.asarray(e.ids, dtype=np.int32), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+        return
+    enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
+    for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
+        yield np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+
+
+def _labelled(r: Rendered, ids: np.ndarray, offsets: np.ndarray, max_length: int, truncate: bool,
+              drops: Counter) -> Tokenized | None:
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    trained = np.zeros(len(ids), dtype=bool)
+    for a, b in r.spans:
+        trained |= (ends > a) & (starts < b)
+    trained &= ends > starts  # tokens with no text (e.g. an added BOS) are never targets
+    truncated = len(ids) > max_length
+    if truncated:
+        if not truncate:
+            drops["dropped_overlong"] += 1
+            return None
+        ids, trained = ids[:max_length], trained[:max_length]
+    trained[0] = False  # position 0 is never predicted
+    if not trained.any():
+        drops["dropped_no_labels"] += 1
+        return None
+    return Tokenized(ids, np.where(trained, ids, IGNORE).astype(np.int32), truncated)

@@ -1,0 +1,96 @@
+"""Tokenized-data cache: a second run on the same data, tokenizer and data settings skips
+reading, validating, rendering and tokenizing.
+
+Key = sha256 of (cache version, the `data:` settings, the effective max_length, the tokenizer's
+vocabulary/special tokens/chat template, and path + size + mtime of every input file). Hub
+datasets are not cached (nothing local to fingerprint). `$TUNESMITH_DATA_CACHE` moves it. The training split is stored as flat
+token arrays (ids, labels, lengths) -- its examples and rendered text are not kept, nothing in
+training needs them; the validation split is stored whole (it is small and evaluation reads its
+prompts and references). Written atomically; an unreadable entry is ignored and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tunesmith.config import DataConfig
+from tunesmith.data.read import expand_paths
+from tunesmith.data.render import Tokenized
+
+VERSION = 1
+
+
+def cache_dir() -> Path:
+    from tunesmith.models.load import cache_root
+
+    return Path(os.environ.get("TUNESMITH_DATA_CACHE") or cache_root() / "data")
+
+
+def cache_key(cfg: DataConfig, tokenizer, max_length: int) -> str | None:
+    files = []
+    for spec in [cfg.path] + ([cfg.val_path] if cfg.val_path else []):
+        for path in expand_paths(spec):
+            if path.startswith("hub:"):
+                return None
+            files.extend(_file_stats(path))
+    vocab = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "backend_tokenizer", None) else repr(sorted(tokenizer.get_vocab().items()))
+    h = hashlib.sha256()
+    for part in (str(VERSION), cfg.model_dump_json(), str(max_length), hashlib.sha256(vocab.encode()).hexdigest(),
+                 repr(getattr(tokenizer, "chat_template", None)), repr(tokenizer.eos_token), repr(tokenizer.bos_token),
+                 json.dumps(files)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def _file_stats(path: str) -> list:
+    if path.startswith("builtin:"):
+        from tunesmith.data.docstrings import cached_path
+
+        path = str(cached_path())
+    p = Path(path)
+    paths = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    return [[str(q.resolve()), q.stat().st_size, q.stat().st_mtime_ns] for q in paths]
+
+
+def load(key: str):
+    """The cached PreparedData, or None."""
+    from tunesmith.data.prepare import PreparedData, Split
+
+    d = cache_dir() / key
+    try:
+        arrays = np.load(d / "train.npz")
+        with open(d / "rest.pkl", "rb") as f:
+            rest = pickle.load(f)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, KeyError):
+        shutil.rmtree(d, ignore_errors=True)  # damaged (or absent): rebuilt and saved again
+        return None
+    bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])
+    ids, labels, truncated = arrays["ids"], arrays["labels"], arrays["truncated"]
+    tokens = [Tokenized(ids[a:b], labels[a:b], bool(t)) for a, b, t in zip(bounds[:-1], bounds[1:], truncated)]
+    return PreparedData(rest["format"], Split([], [], tokens), rest["val"], {**rest["stats"], "from_cache": str(d)})
+
+
+def save(key: str, data) -> None:
+    """Best effort: a cache that cannot be written (read-only home, full disk) costs only time."""
+    root = cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        toks = data.train.tokens
+        np.savez(tmp / "train.npz", ids=np.concatenate([t.input_ids for t in toks]),
+                 labels=np.concatenate([t.labels for t in toks]),
+                 lengths=np.array([len(t.input_ids) for t in toks], dtype=np.int64),
+                 truncated=np.array([t.truncated for t in toks], dtype=bool))
+        with open(tmp / "rest.pkl", "wb") as f:
+            pickle.dump({"format": data.format, "val": data.val, "stats": data.stats}, f)
+        os.replace(tmp, root / key)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
