@@ -71,7 +71,10 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (unset = no clipping).")
     seed: int = Field(0, description="Seed for initialisation and batch order.")
-    save_every_steps: Optional[int] = Field(None, ge=1, description="Write a checkpoint every N optimizer steps.")
+    save_every_steps: Optional[int] = Field(None, ge=1, description="Write a checkpoint every N optimizer steps (resume with `tunesmith train --resume RUN_DIR`).")
+    save_each_epoch: bool = Field(False, description="Also write a checkpoint at the end of every epoch.")
+    keep_checkpoints: Optional[int] = Field(None, ge=1, description="Keep only the newest N checkpoints (the one with the best held-out loss is always kept); unset = keep all.")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="A NaN/inf loss or gradient: `stop` the run (the last checkpoint stays), or `skip` that step's update and go on.")
     log_every_steps: int = Field(1, ge=1, description="Append a line to metrics.jsonl every N optimizer steps.")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads; unset = the cores this process may use.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward: much less memory for long sequences / big batches, ~30% more compute. Off by default.")
@@ -88,6 +91,7 @@ class OutputConfig(Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
     name: Optional[str] = Field(None, description="Run directory name; unset = `<recipe>-<date>-<time>`.")
     overwrite: bool = Field(False, description="Replace an existing run directory of the same name.")
+    resume: Literal["never", "auto"] = Field("never", description="`auto`: when the run directory `output.name` exists with a checkpoint and no final model, continue it instead of refusing.")
 
 
 class Config(Section):

@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from tunesmith.errors import TunesmithError  # noqa: E402
 
@@ -48,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="recipe name (see `tunesmith recipes`) or YAML file")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest good checkpoint "
+                   "(its config.yaml is used; overrides still apply)")
+    t.add_argument("--force-resume", action="store_true", help="resume even if the data or base model changed")
+    t.add_argument("--force", action="store_true", help="train even if the memory estimate says it will not fit")
+
+    pl = sub.add_parser("plan", help="estimate peak memory and training time before running")
+    pl.add_argument("config", nargs="?", help="recipe name or YAML file (default: the default recipe)")
+    pl.add_argument("overrides", nargs="*", metavar="key=value")
+    pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    pl.set_defaults(func=cmd_plan)
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
@@ -100,13 +111,41 @@ def cmd_train(args) -> int:
     from tunesmith.config import load_config
 
     config, overrides = _split_overrides(args)
+    resume = Path(args.resume) if args.resume else None
+    if resume:
+        if config:
+            raise TunesmithError("--resume takes its config from the run directory; pass only key=value overrides")
+        if not (resume / "config.yaml").exists():
+            raise TunesmithError(f"--resume {resume}: not a tunesmith run directory (no config.yaml)")
+        config = str(resume / "config.yaml")
     cfg = load_config(config, overrides)  # validates before anything heavy loads
     if args.overwrite:
         cfg.output.overwrite = True
+    from tunesmith.train.interrupt import TrainingInterrupted
     from tunesmith.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg, resume=resume, force_resume=args.force_resume, force=args.force)
+    except TrainingInterrupted as e:
+        print(f"{e}\nresume with: {e.resume_command}", file=sys.stderr)
+        return 130
     return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from tunesmith.config import load_config
+    from tunesmith.train.plan import plan_config
+
+    config, overrides = _split_overrides(args)
+    plan = plan_config(load_config(config, overrides))
+    if args.json:
+        print(json.dumps({"parts": plan.parts, "total": plan.total, "available": plan.available, "fits": plan.fits,
+                          "tokens": plan.tokens, "seconds": plan.seconds, "matmul_gflops": plan.matmul_gflops}, indent=1))
+    else:
+        print(plan.describe())
+    return 0 if plan.fits else 1
 
 
 def cmd_recipes(args) -> int:

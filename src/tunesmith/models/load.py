@@ -147,6 +147,9 @@ def load_tokenizer(model_dir: Path):
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "causal"):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per load: our log says what loads
 
     if (model_dir / "adapter_config.json").exists():
         return _load_adapter_model(model_dir, dtype, device)
@@ -160,3 +163,14 @@ def _load_adapter_model(adapter_dir: Path, dtype, device):
     base_dir = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
     base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
     return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identifies a base model's weights cheaply: config.json plus the name and size of every weight file."""
+    h = hashlib.sha1()
+    for p in sorted(model_dir.iterdir()):
+        if p.name == "config.json":
+            h.update(p.read_bytes())
+        elif p.suffix in (".safetensors", ".bin", ".gguf"):
+            h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()[:16]

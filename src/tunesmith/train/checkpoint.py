@@ -1,28 +1,171 @@
-"""Mid-run checkpoints: trainable weights, optimizer state, counters and RNG states, written atomically."""
+"""Mid-run checkpoints: everything an exact resume needs, written atomically, verified on load.
+
+A checkpoint is `runs/NAME/checkpoints/step-0000040/` with
+  trainable.safetensors  the trainable weights (adapter or unfrozen weights)
+  state.pt               optimizer state and python/numpy/torch RNG states
+  progress.json          step, counters, metrics so far, and the fingerprint of data + base model
+  manifest.json          size and sha256 of the three files above (written last)
+The folder is written under a temporary name, fsynced and renamed, so a crash leaves either the
+whole checkpoint or none. Resume walks back from the newest checkpoint to the first one whose
+manifest checks out, saying which ones it skipped and why.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from tunesmith.errors import TunesmithError
 from tunesmith.train.rundir import publish_dir
 
+FILES = ("trainable.safetensors", "state.pt", "progress.json")
 
-def save(run_dir: Path, step: int, model, optimizer, record: dict) -> Path:
-    target = run_dir / "checkpoints" / f"step-{step:07d}"
+
+@dataclass
+class Checkpoint:
+    path: Path
+    progress: dict
+
+    @property
+    def step(self) -> int:
+        return self.progress["step"]
+
+
+def save(run_dir: Path, model, optimizer, progress: dict) -> Path:
+    """`progress` must hold "step"; it is stored as-is (counters, evals, fingerprint)."""
+    target = run_dir / "checkpoints" / f"step-{progress['step']:07d}"
     target.parent.mkdir(exist_ok=True)
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
     def write(tmp: Path) -> None:
         save_file(trainable, tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(),
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                    tmp / "state.pt")
-        (tmp / "progress.json").write_text(json.dumps({"step": step, **record}))
+        (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     publish_dir(target, write)
     return target
+
+
+def save_or_warn(run_dir: Path, model, optimizer, progress: dict, keep: int | None, log) -> None:
+    """Save; a failed save (disk full, ...) is reported and training goes on, the previous checkpoint intact."""
+    try:
+        path = save(run_dir, model, optimizer, progress)
+    except OSError as e:
+        older = all_checkpoints(run_dir)
+        log(f"could not write the checkpoint at step {progress['step']}: {e.strerror or e}; "
+            f"{'the previous checkpoint ' + older[-1].name + ' is intact' if older else 'there is no earlier checkpoint'}; "
+            f"training continues")
+        return
+    removed = prune(run_dir, keep) if keep else []
+    log(f"checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
+
+
+def problem(path: Path) -> str | None:
+    """Why this checkpoint cannot be used, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "manifest.json is missing or unreadable"
+    for name in FILES:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != manifest.get(name, {}).get("bytes"):
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {manifest.get(name, {}).get('bytes')}"
+        if _sha256(f) != manifest[name]["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    return sorted(folder.glob("step-*")) if folder.is_dir() else []
+
+
+def latest_good(run_dir: Path, log) -> Checkpoint | None:
+    for path in reversed(all_checkpoints(run_dir)):
+        why = problem(path)
+        if why is None:
+            return Checkpoint(path, json.loads((path / "progress.json").read_text()))
+        log(f"checkpoint {path.name} is damaged ({why}); trying the one before it")
+    return None
+
+
+def resume_point(run_dir: Path, fingerprint: dict, force: bool, log) -> Checkpoint:
+    """The newest good checkpoint of `run_dir`, refused if its data or base model differ from now."""
+    if not (run_dir / "config.yaml").exists():
+        raise TunesmithError(f"{run_dir} is not a tunesmith run directory (no config.yaml)")
+    if (run_dir / "final").exists():
+        raise TunesmithError(f"{run_dir} already finished (final/ exists); start a new run to train further")
+    ckpt = latest_good(run_dir, log)
+    if ckpt is None:
+        raise TunesmithError(f"{run_dir} has no usable checkpoint to resume from (set train.save_every_steps to write them)")
+    saved = ckpt.progress.get("fingerprint", {})
+    changed = [k for k in ("data", "model") if saved.get(k) != fingerprint[k]]
+    if changed and not force:
+        what = {"data": "the training data (files, data settings or tokenizer)", "model": "the base model"}
+        raise TunesmithError(f"cannot resume {run_dir}: {' and '.join(what[k] for k in changed)} changed since "
+                             f"{ckpt.path.name} was written; pass --force-resume to continue anyway")
+    if changed:
+        log(f"resuming although {', '.join(changed)} changed (--force-resume)")
+    return ckpt
+
+
+def restore(ckpt: Checkpoint, model, optimizer) -> None:
+    """Trainable weights, optimizer state and RNG states, as they were when `ckpt` was saved."""
+    weights = load_file(ckpt.path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or any(n not in params for n in weights):
+        raise TunesmithError(f"checkpoint {ckpt.path} does not match this model's trainable parameters "
+                             f"(e.g. {(missing or [n for n in weights if n not in params])[0]}); was the method changed?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    state = torch.load(ckpt.path / "state.pt", weights_only=False)  # our own file, checksum-verified
+    optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def prune(run_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints, never the one with the best held-out loss."""
+    paths = all_checkpoints(run_dir)
+    best = min(((_eval_loss(p), p) for p in paths if _eval_loss(p) is not None), default=(None, None))[1]
+    removed = []
+    for p in paths[:-keep] if keep else paths:
+        if p != best:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def _eval_loss(path: Path) -> float | None:
+    try:
+        return json.loads((path / "progress.json").read_text()).get("eval_loss")
+    except (OSError, ValueError):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,7 +1,9 @@
 """One training run, top to bottom: machine -> model -> data -> method -> loop -> evaluation -> save.
 
 Plain PyTorch, no Trainer: we own batching (length-grouped, right-padded, no attention mask),
-the loss head (vocabulary projection only where labels exist) and the thread policy.
+the loss head (vocabulary projection only where labels exist), the thread policy, and exact
+resume (the batch order is a pure function of seed and epoch, so a resumed run fast-forwards the
+plan without touching data, restores weights/optimizer/RNG and continues bit for bit).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +21,21 @@ from tqdm import tqdm
 from tunesmith.config import Config, dump_yaml
 from tunesmith.data import prepare
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
-from tunesmith.evaluate.generate import Sampling, generate
+from tunesmith.data.cache import cache_key
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.generate import Generation, Sampling, generate
 from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.side_by_side import build_rows, format_table, mean_score
 from tunesmith.methods import get_method, parameter_report
-from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from tunesmith.models import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train import checkpoint
+from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import sum_loss
-from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.machine import configure_threads, keep_heap_memory
+from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
+from tunesmith.train.runlog import RunLog, append_jsonl, truncate_metrics
+from tunesmith.train.plan import estimate
+from tunesmith.train.schedule import adamw, lr_at, plan_steps, warmup_steps
 
 
 @dataclass
@@ -36,53 +44,27 @@ class RunResult:
     summary: dict
 
 
-class RunLog:
-    """Prints to the terminal and appends to runs/<name>/train.log (kept in memory until the run dir exists)."""
-
-    def __init__(self):
-        self.fh, self.pending = None, []
-
-    def attach(self, path: Path) -> None:
-        self.fh = open(path, "a", encoding="utf-8")
-        self.fh.writelines(line + "\n" for line in self.pending)
-        self.fh.flush()
-
-    def __call__(self, msg: str) -> None:
-        tqdm.write(msg)
-        if self.fh is None:
-            self.pending.append(msg)
-            return
-        self.fh.write(msg + "\n")
-        self.fh.flush()
-
-
-def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def train(cfg: Config) -> RunResult:
+def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, force: bool = False) -> RunResult:
+    """Run `cfg`; with `resume` (a run directory), continue it from its newest good checkpoint.
+    A run whose memory estimate exceeds what is available is refused unless `force`."""
     t_start = time.perf_counter()
-    # -- 1. machine --------------------------------------------------------------------------
+    # -- 1. machine and run directory ----------------------------------------------------------
     threads = configure_threads(cfg.train.threads)
     keep_heap_memory()
     device = pick_device()
     dtype = pick_dtype(cfg.model.dtype, device)
     seed_everything(cfg.train.seed)
-    run_dir = choose_run_dir(cfg.output.dir, cfg.output.name, cfg.recipe, cfg.output.overwrite)
+    run_dir = resume or _auto_resume_dir(cfg) or choose_run_dir(cfg.output.dir, cfg.output.name, cfg.recipe, cfg.output.overwrite)
+    resuming = run_dir == resume or run_dir == _auto_resume_dir(cfg)
     log = RunLog()
-    log(f"tunesmith: run {run_dir} | device {device.type}, {threads} threads, {str(dtype).replace('torch.', '')}")
+    log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads, "
+        f"{str(dtype).replace('torch.', '')}")
 
     # -- 2. model and tokenizer --------------------------------------------------------------
     model_dir = resolve_model_dir(cfg.model.name)
@@ -91,14 +73,18 @@ def train(cfg: Config) -> RunResult:
     model.config.use_cache = False
 
     # -- 3. data -----------------------------------------------------------------------------
-    data = prepare(cfg.data, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    data = prepare(cfg.data, tokenizer, max_positions)
     st = data.stats
     log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
         f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "
         f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
-        f"of which trained {st['train']['label_tokens']} ({100 * st['train']['label_share']:.0f}%)")
+        f"of which trained {st['train']['label_tokens']} ({100 * st['train']['label_share']:.0f}%)"
+        + (" [tokenized data from cache]" if "from_cache" in st else ""))
+    fingerprint = {"data": cache_key(cfg.data, tokenizer, st["max_length"]) or cfg.data.model_dump_json(),
+                   "model": model_fingerprint(model_dir)}
 
-    # -- 4. method ---------------------------------------------------------------------------
+    # -- 4. method, step count, memory check ---------------------------------------------------
     method = get_method(cfg.method.name)
     model = method.apply(model, cfg.method)
     params = parameter_report(model)
@@ -107,8 +93,18 @@ def train(cfg: Config) -> RunResult:
     if cfg.train.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    lengths = [effective_length(t) for t in data.train.tokens]
+    steps_per_epoch, total_steps = plan_steps(cfg, len(lengths))
+    memory = estimate(cfg, model, params["trainable"], st, total_steps)
+    if not memory.fits:
+        if not force:
+            raise TunesmithError(f"this run would not fit in memory:\n{memory.describe()}\n(pass --force to try anyway)")
+        log(f"warning: the memory estimate ({memory.total / 2**30:.1f} GiB) exceeds what is available; going on (--force)")
     # inputs are good: now the run directory may be created (or an old one replaced with --overwrite)
-    create_run_dir(run_dir, cfg.output.overwrite)
+    ckpt = checkpoint.resume_point(run_dir, fingerprint, force_resume, log) if resuming else None
+    if not resuming:
+        create_run_dir(run_dir, cfg.output.overwrite)
     write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     log.attach(run_dir / "train.log")
 
@@ -119,89 +115,117 @@ def train(cfg: Config) -> RunResult:
     sample_idx = sorted({i * n_val // cfg.eval.samples for i in range(cfg.eval.samples)}) if n_val else []  # spread out
     samples = [data.val.rendered[i] for i in sample_idx]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
-    before = heldout_metrics(model, val_tokens, pad_id)
     metrics_path = run_dir / "metrics.jsonl"
+    if resuming:  # measured when the run started
+        baseline = json.loads((run_dir / "baseline.json").read_text())
+        baseline["base_outputs"] = [Generation(**g) for g in baseline["base_outputs"]]
+    else:
+        baseline = {"before": heldout_metrics(model, val_tokens, pad_id),
+                    "base_outputs": generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []}
+        write_json_atomic(run_dir / "baseline.json", {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
+        if baseline["before"]:
+            append_jsonl(metrics_path, {"step": 0, **baseline["before"]})
+    before = baseline["before"]
     if before:
-        _append_jsonl(metrics_path, {"step": 0, **before})
         log(f"held-out before training: loss {before['eval_loss']:.4f}, token accuracy {before['eval_token_accuracy']:.3f}")
-    base_outputs = generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []
 
-    # -- 6. plan: steps, optimizer, schedule ---------------------------------------------------
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
-    lengths = [effective_length(t) for t in data.train.tokens]
-    steps_per_epoch = max(1, math.ceil(len(lengths) / (micro * accum)))
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    warmup = int(cfg.train.warmup) if cfg.train.warmup >= 1 else int(round(cfg.train.warmup * total_steps))
+    # -- 6. optimizer, schedule, resume point --------------------------------------------------
+    warmup = warmup_steps(cfg.train.warmup, total_steps)
     peak_lr = cfg.train.lr or method.DEFAULT_LR
-    optimizer = _adamw(trainable, peak_lr, cfg.train.weight_decay, device)
+    optimizer = adamw(trainable, peak_lr, cfg.train.weight_decay)
     log(f"plan: {total_steps} steps x {micro * accum} examples ({total_steps / steps_per_epoch:.2f} epochs), "
         f"peak lr {peak_lr:g}, {cfg.train.schedule} schedule, {warmup} warm-up steps")
+    progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": []}
+    if ckpt:
+        checkpoint.restore(ckpt, model, optimizer)
+        progress.update({k: ckpt.progress[k] for k in progress})
+        truncate_metrics(metrics_path, ckpt.step)
+        log(f"resumed from {ckpt.path.name}: step {ckpt.step} of {total_steps}")
+        if ckpt.step >= total_steps:
+            raise TunesmithError(f"{ckpt.path} is at step {ckpt.step}, the plan has {total_steps}; raise train.max_steps to train further")
 
-    def optimizer_steps():
-        """(epoch, forward passes) for every optimizer step, epoch after epoch."""
+    def step_plan():
+        """(epoch, example indices of each forward pass) for every optimizer step, epoch after epoch."""
         epoch = 0
         while True:
             for step_examples in epoch_plan(lengths, micro * accum, cfg.train.seed, epoch):
-                passes = split_passes(step_examples, lengths, micro, cfg.train.batch_tokens)
-                yield epoch, [collate([data.train.tokens[i] for i in p], pad_id, device) for p in passes]
+                yield epoch, split_passes(step_examples, lengths, micro, cfg.train.batch_tokens)
             epoch += 1
 
     # -- 7. the loop ---------------------------------------------------------------------------
-    stream = optimizer_steps()
-    evals = []
-    tokens_seen, train_seconds, examples_seen = 0, 0.0, 0
+    plan = step_plan()
+    for _ in range(progress["step"]):  # fast-forward to the checkpoint: the same order, no tensors built
+        next(plan)
     model.train()
     t_loop = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0 if _tty() else 30.0)
-    for step in range(total_steps):
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = peak_lr * lr_at(step, total_steps, warmup, cfg.train.schedule)
-        epoch, batches = next(stream)
-        label_tokens = sum(b.label_tokens for b in batches)  # normalise by the whole step's labels
-        step_loss = 0.0
-        for batch in batches:
-            loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
-            loss.backward()
-            step_loss += float(loss.detach())
-        if cfg.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - t0
-        tokens_seen += sum(b.real_tokens for b in batches)
-        examples_seen += sum(b.input_ids.shape[0] for b in batches)
-        tok_s = tokens_seen / train_seconds
-        record = {"step": step + 1, "epoch": round(examples_seen / len(lengths), 4), "loss": round(step_loss, 5),
-                  "lr": optimizer.param_groups[0]["lr"], "tokens": tokens_seen, "tok_s": round(tok_s, 1),
-                  "elapsed": round(time.perf_counter() - t_start, 2)}
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:.0f}", epoch=epoch, refresh=False)
-        bar.update(1)
-        last = step + 1 == total_steps
-        if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:
-            record.update(heldout_metrics(model, val_tokens, pad_id))
-            evals.append(record)
-            log(f"step {step + 1}: held-out loss {record.get('eval_loss', float('nan')):.4f}")
-        if (step + 1) % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
-            _append_jsonl(metrics_path, record)
-        if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and not last:
-            checkpoint.save(run_dir, step + 1, model, optimizer, record)
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1.0 if _tty() else 30.0)
+    with StopRequests(log) as stop:
+        for step in range(progress["step"], total_steps):
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = peak_lr * lr_at(step, total_steps, warmup, cfg.train.schedule)
+            epoch, passes = next(plan)
+            batches = [collate([data.train.tokens[i] for i in p], pad_id, device) for p in passes]
+            label_tokens = sum(b.label_tokens for b in batches)  # normalise by the whole step's labels
+            step_loss = 0.0
+            for batch in batches:
+                loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
+                loss.backward()
+                step_loss += float(loss.detach())
+            grad_norm = _grad_norm(trainable, cfg.train.max_grad_norm)
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                _non_finite(step + 1, step_loss, grad_norm, cfg.train.on_nonfinite, run_dir, log)
+                progress["skipped_steps"].append(step + 1)
+            progress["train_seconds"] += time.perf_counter() - t0
+            progress["tokens"] += sum(b.real_tokens for b in batches)
+            progress["examples"] += sum(b.input_ids.shape[0] for b in batches)
+            progress["step"] = step + 1
+            tok_s = progress["tokens"] / progress["train_seconds"]
+            record = {"step": step + 1, "epoch": round(progress["examples"] / len(lengths), 4), "loss": round(step_loss, 5),
+                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 4), "tokens": progress["tokens"],
+                      "tok_s": round(tok_s, 1), "elapsed": round(time.perf_counter() - t_start, 2)}
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:.0f}", epoch=epoch, refresh=False)
+            bar.update(1)
+            last = step + 1 == total_steps
+            if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:
+                record.update(heldout_metrics(model, val_tokens, pad_id))
+                progress["evals"].append(record)
+                log(f"step {step + 1}: held-out loss {record.get('eval_loss', float('nan')):.4f}")
+            if (step + 1) % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
+                append_jsonl(metrics_path, record)
+            due = cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0
+            due = due or (cfg.train.save_each_epoch and (step + 1) % steps_per_epoch == 0)
+            if (due or stop.requested) and not last:
+                checkpoint.save_or_warn(run_dir, model, optimizer, {**progress, "eval_loss": record.get("eval_loss"),
+                                        "fingerprint": fingerprint}, cfg.train.keep_checkpoints, log)
+            if stop.requested and not last:
+                bar.close()
+                command = f"tunesmith train --resume {run_dir}"
+                raise TrainingInterrupted(f"stopped by {stop.signal_name} after step {step + 1} of {total_steps}; "
+                                          f"checkpoint written", command)
     bar.close()
     loop_seconds = time.perf_counter() - t_loop
 
     # -- 8. after training: metrics, side-by-side, save ---------------------------------------
     after = heldout_metrics(model, val_tokens, pad_id)
     if after:
-        _append_jsonl(metrics_path, {"step": total_steps, **after})
+        append_jsonl(metrics_path, {"step": total_steps, **after})
     tuned_outputs = generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []
     publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d))
     rows = build_rows([_user_text(data.val.examples[i]) for i in sample_idx],
-                      [r.reference for r in samples], {"base": base_outputs, "tuned": tuned_outputs})
+                      [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
+    tokens_seen, train_seconds = progress["tokens"], progress["train_seconds"]
     summary = {
         "run_dir": str(run_dir), "method": cfg.method.name, "model": cfg.model.name, "params": params,
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
-        "before": before, "after": after, "evals": evals, "side_by_side": rows,
+        "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
+        "resumed_from": ckpt.step if ckpt else None, "side_by_side": rows,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json_atomic(run_dir / "eval.json", summary)
@@ -219,24 +243,38 @@ def train(cfg: Config) -> RunResult:
     return RunResult(run_dir, summary)
 
 
+def _auto_resume_dir(cfg: Config) -> Path | None:
+    """With output.resume=auto: the named run directory, when it has a checkpoint and no final model yet."""
+    if cfg.output.resume != "auto" or not cfg.output.name or cfg.output.overwrite:
+        return None
+    path = Path(cfg.output.dir) / cfg.output.name
+    return path if checkpoint.all_checkpoints(path) and not (path / "final").exists() else None
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _non_finite(step: int, loss: float, grad_norm: float, policy: str, run_dir: Path, log) -> None:
+    what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
+    if policy == "skip":
+        log(f"{what} is not finite; update skipped (train.on_nonfinite=skip)")
+        return
+    ckpts = checkpoint.all_checkpoints(run_dir)
+    kept = f"the last checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+    raise TunesmithError(f"{what} is not finite; training stopped ({kept}). Try a lower train.lr, "
+                         f"train.max_grad_norm, or train.on_nonfinite=skip to skip such steps")
+
+
 def _user_text(example) -> str:
     users = [m["content"] for m in example.messages if m["role"] in ("user", "text")]
     return users[-1] if users else ""
-
-
-def _adamw(params, lr, weight_decay, device):
-    try:  # the fused kernel is fastest on CPU and GPU alike; older builds lack it for some dtypes
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def _tty() -> bool:
     import sys
 
     return sys.stderr.isatty()
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")

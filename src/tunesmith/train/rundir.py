@@ -47,6 +47,7 @@ def publish_dir(final: Path, writer) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
     try:
         writer(tmp)
+        fsync_tree(tmp)
         old = final.with_name(f".{final.name}.old")
         if final.exists():
             os.replace(final, old)
@@ -55,3 +56,14 @@ def publish_dir(final: Path, writer) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file in `folder` to disk, so a rename after it never publishes a torn file."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

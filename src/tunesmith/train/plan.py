@@ -1,0 +1,190 @@
+"""Pre-flight plan: will this run fit in memory, and how long will it take?
+
+Memory (bytes) = process baseline (Python, torch, transformers, tokenizer)
+               + weights (every parameter in its dtype)
+               + gradients and AdamW state of the trainable parameters (3 copies, fp32 optimizer state)
+               + activations of the largest forward pass (padded tokens x layers x bytes per token-layer)
+               + the vocabulary head of the largest pass (labelled positions only, in chunks)
+               + the token arrays of the data.
+Bytes per token-layer come from what autograd keeps for a Llama-style block (norm inputs, q/k/v/o
+inputs and outputs, rotary copies, the three MLP projections and the SwiGLU product), calibrated
+against measured peaks (docs/performance.md); with gradient checkpointing only each block's input is kept,
+plus one block's activations during its recomputation.
+
+Time = model FLOPs of the planned tokens / (measured matmul throughput x the share of it a training
+step reaches, 0.55 on CPU here: see docs/performance.md).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+GiB = 1024 ** 3
+BASELINE_BYTES = 0.55 * GiB   # measured: python + torch + transformers + tokenizers after import, CPU
+STEP_EFFICIENCY = 0.55        # achieved share of matmul peak in a training step (bench run 2: MFU 58-62 %)
+HEAD_CHUNK = 128              # rows of the fused vocabulary head (train/loss.py)
+LORA_ACTIVATION_SCALE = 1.19  # measured / modelled bytes per token (docs/performance.md)
+FULL_ACTIVATION_SCALE = 0.78
+CHECKPOINTED_PER_LAYER = 6    # hidden-size vectors kept per token and block with checkpointing (measured)
+OPTIMIZER_BYTES = 12          # per trainable parameter: AdamW's two fp32 moments + a temporary in the fused step
+
+
+@dataclass
+class Plan:
+    parts: dict[str, float]              # bytes by component
+    available: float                     # bytes of RAM (or GPU memory) available now
+    tokens: int                          # real tokens the run will process
+    flops_per_token: float
+    matmul_gflops: float
+    seconds: float
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= 0.9 * self.available
+
+    def describe(self) -> str:
+        lines = ["memory estimate (peak):"]
+        lines += [f"  {k:<28} {v / GiB:7.2f} GiB" for k, v in self.parts.items()]
+        lines.append(f"  {'total':<28} {self.total / GiB:7.2f} GiB of {self.available / GiB:.1f} GiB available"
+                     f" -> {'fits' if self.fits else 'DOES NOT FIT'}")
+        if self.matmul_gflops:
+            lines.append(f"time estimate: {self.tokens:,} tokens x {self.flops_per_token / 1e9:.2f} GFLOP/token at "
+                         f"{STEP_EFFICIENCY:.0%} of {self.matmul_gflops:.0f} GFLOP/s measured -> {_duration(self.seconds)}")
+        if not self.fits:
+            lines.append("to make it fit: " + "; ".join(self.suggestions))
+        return "\n".join(lines)
+
+
+def activation_bytes_per_token_layer(config, bytes_per_el: int, lora: bool) -> float:
+    h, i = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) * (h // heads)
+    # norms (in+out x2), q/k/v in, q/k/v out, rotary q/k, attention out, o in/out,
+    # mlp in, gate, up, act(gate), product
+    elements = 4 * h + h + (h + 2 * kv) + (h + kv) + h + 2 * h + h + 4 * i
+    # calibrated on measured peaks (bench/memory_plan.py): autograd shares some of these saved
+    # tensors when all weights train, and the LoRA path keeps more (adapter inputs and outputs)
+    return elements * bytes_per_el * (LORA_ACTIVATION_SCALE if lora else FULL_ACTIVATION_SCALE)
+
+
+def flops_per_token(config, seq_len: float, trained_share: float, full: bool) -> float:
+    """Model FLOPs per real token for one training step: matmuls of the blocks (forward 2N, backward 2N for
+    input grads, +2N weight grads when training all weights), attention scores, and the vocabulary head on the
+    positions that carry a label (the only ones the loss needs)."""
+    d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads)
+    head_dim = d // heads
+    block = layers * (d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * inter)
+    per_pass = 2 * block + 2 * layers * seq_len * d  # causal attention QK^T and AV, halved for the mask
+    head = 2 * d * config.vocab_size * trained_share
+    mult = 3 if full else 2
+    return mult * (per_pass + head)
+
+
+def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, matmul_gflops: float | None = None) -> Plan:
+    """Without `matmul_gflops` (as in `train`'s own pre-flight check) the time is not estimated."""
+    config = model.config
+    el = next(model.parameters()).element_size()
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    train = data_stats["train"]
+    max_len = train["length_max"]
+    budget = cfg.train.batch_tokens or cfg.train.micro_batch_size * max_len
+    pass_tokens = min(cfg.train.micro_batch_size * max_len, max(budget, max_len))
+    layers = config.num_hidden_layers
+    per_layer = activation_bytes_per_token_layer(config, el, cfg.method.name != "full")
+    if cfg.train.gradient_checkpointing:
+        acts = pass_tokens * (layers * CHECKPOINTED_PER_LAYER * config.hidden_size * el + per_layer)
+    else:
+        acts = pass_tokens * layers * per_layer
+    head = min(pass_tokens, HEAD_CHUNK) * config.vocab_size * 4 * 3  # logits, softmax, grad of one chunk
+    parts = {
+        "process baseline": BASELINE_BYTES,
+        f"weights ({n_params / 1e6:.0f}M params)": weight_bytes,
+        f"grads + AdamW ({n_trainable / 1e6:.1f}M trainable)": n_trainable * (el + OPTIMIZER_BYTES),
+        f"activations ({pass_tokens} tokens/pass)": acts,
+        "vocabulary head": head,
+        "data token arrays": train["tokens"] * 8 + data_stats["val"]["tokens"] * 8,
+    }
+    examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    mean_len = train["tokens"] / max(1, train["kept"])
+    tokens = int(total_steps * examples_per_step * mean_len)
+    fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full")
+    seconds = tokens * fpt / (matmul_gflops * 1e9 * STEP_EFFICIENCY) if matmul_gflops else 0.0
+    plan = Plan(parts, available_memory(), tokens, fpt, matmul_gflops or 0.0, seconds)
+    plan.suggestions = _suggestions(cfg, pass_tokens)
+    return plan
+
+
+def _suggestions(cfg, pass_tokens: int) -> list[str]:
+    out = []
+    if cfg.train.micro_batch_size > 1:
+        out.append(f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} with "
+                   f"train.grad_accum={cfg.train.grad_accum * 2} (same effective batch)")
+    if (cfg.train.batch_tokens or pass_tokens) > 256:
+        out.append(f"train.batch_tokens={max(128, pass_tokens // 2)}")
+    if not cfg.train.gradient_checkpointing:
+        out.append("train.gradient_checkpointing=true")
+    if cfg.method.name == "full":
+        out.append("method.name=lora")
+    out.append(f"data.max_length={max(64, cfg.data.max_length // 2)}")
+    return out
+
+
+def available_memory() -> float:
+    if torch.cuda.is_available():
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return float(info.get("MemAvailable", info["MemTotal"]))
+    except (OSError, KeyError, ValueError):
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def matmul_gflops(seconds: float = 1.0) -> float:
+    """fp32 matmul throughput of this machine now, on an MLP-like shape."""
+    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+    for _ in range(3):
+        a @ b
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 1024 * 576 * 1536 / (time.perf_counter() - t) / 1e9
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+def plan_config(cfg) -> Plan:
+    """`tunesmith plan`: load the model, data and method as `train` would, then estimate."""
+    from tunesmith.data import prepare
+    from tunesmith.methods import get_method, parameter_report
+    from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+    from tunesmith.train.machine import configure_threads
+    from tunesmith.train.schedule import plan_steps
+
+    configure_threads(cfg.train.threads)
+    device = pick_device()
+    model_dir = resolve_model_dir(cfg.model.name)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, pick_dtype(cfg.model.dtype, device), device)
+    data = prepare(cfg.data, tokenizer, getattr(model.config, "max_position_embeddings", None))
+    model = get_method(cfg.method.name).apply(model, cfg.method)
+    _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])
+    return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, matmul_gflops())

@@ -1,0 +1,34 @@
+"""Optimizer and learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    return int(warmup) if warmup >= 1 else int(round(warmup * total_steps))
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    try:  # the fused kernel is fastest on CPU and GPU alike; older builds lack it for some dtypes
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def plan_steps(cfg, n_train: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) for `n_train` training examples."""
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    steps_per_epoch = max(1, math.ceil(n_train / per_step))
+    return steps_per_epoch, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
