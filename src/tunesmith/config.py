@@ -47,14 +47,25 @@ class DataConfig(Section):
     cache: bool = Field(True, description="Reuse tokenized data from an earlier run with the same files (path, size, mtime), tokenizer and data settings (kept under `$TUNESMITH_CACHE/data`).")
 
 
+METHOD_NAMES = ("full", "lora", "qlora", "lora-int8", "ia3", "prompt-tuning", "prefix-tuning", "adapters", "bitfit")
+
+
 class MethodConfig(Section):
-    name: Literal["full", "lora"] = Field("lora", description="Fine-tuning method.")
-    r: int = Field(16, ge=1, description="LoRA rank.")
+    name: Literal["full", "lora", "qlora", "lora-int8", "ia3", "prompt-tuning", "prefix-tuning", "adapters", "bitfit"] = Field(
+        "lora", description="Fine-tuning method; see docs/methods.md for what each trains and which combine.")
+    r: int = Field(16, ge=1, description="LoRA rank (`lora`, `qlora`, `lora-int8`).")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with `rslora`).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout. 0 by default: on CPU the dropout masks cost ~6% of a step for no gain on short runs.")
-    target_modules: Union[Literal["all-linear"], list[str], None] = Field(None, description="Modules to adapt; default: every linear layer of the attention and MLP blocks (`all-linear`).")
+    target_modules: Union[Literal["all-linear"], list[str], None] = Field(None, description="Modules to adapt (LoRA family, IA3); default: LoRA every linear layer of the blocks (`all-linear`), IA3 peft's per-architecture choice.")
     rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower per step.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="`qlora`: 4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="`qlora`: also quantize the quantization constants (saves ~0.4 bit/param).")
+    virtual_tokens: int = Field(20, ge=1, description="`prompt-tuning` / `prefix-tuning`: number of virtual tokens.")
+    prompt_init: Literal["text", "vocab", "random"] = Field("text", description="`prompt-tuning` init: embeddings of `prompt_init_text` (repeated to length), of tokens sampled from the vocabulary, or random.")
+    prompt_init_text: str = Field("Answer the request below accurately and concisely.", description="`prompt-tuning` text for `prompt_init: text`.")
+    adapter_size: int = Field(64, ge=1, description="`adapters`: bottleneck width.")
+    adapter_style: Literal["pfeiffer", "houlsby"] = Field("pfeiffer", description="`adapters`: after the feed-forward block only (pfeiffer), or after attention and feed-forward (houlsby).")
     freeze_embeddings: bool = Field(True, description="`full` only: keep the (tied) embeddings frozen.")
     freeze_layers: int = Field(0, ge=0, description="`full` only: freeze the first N transformer blocks.")
 
@@ -69,6 +80,7 @@ class TrainConfig(Section):
     warmup: float = Field(0.05, ge=0, description="Warm-up: share of steps (<1) or a step count (>=1).")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warm-up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = Field("adamw", description="`adamw8bit`/`paged_*` come from bitsandbytes (8-bit states save memory on big trainable sets; paged variants fall back to non-paged on CPU).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (unset = no clipping).")
     seed: int = Field(0, description="Seed for initialisation and batch order.")
     save_every_steps: Optional[int] = Field(None, ge=1, description="Write a checkpoint every N optimizer steps (resume with `tunesmith train --resume RUN_DIR`).")

@@ -4,7 +4,7 @@ from __future__ import annotations
 DEFAULT_LR = 5e-5
 
 
-def apply(model, cfg):
+def apply(model, cfg, task: str = "causal"):
     model.requires_grad_(True)
     if cfg.freeze_embeddings:
         # with tied embeddings this also freezes the output head (the same tensor)
@@ -20,6 +20,6 @@ def _blocks(model):
     return list(getattr(backbone, "layers", None) or getattr(getattr(backbone, "encoder", None), "layer", []))
 
 
-def save(model, tokenizer, out_dir):
+def save(model, tokenizer, out_dir, cfg=None, task: str = "causal"):
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

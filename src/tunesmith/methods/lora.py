@@ -10,6 +10,9 @@ stock peft layer runs.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
@@ -58,15 +61,24 @@ class MergedLoraLinear(PeftLoraLinear):
                                          self.scaling[name])
 
 
-def apply(model, cfg):
+def apply(model, cfg, task: str = "causal", merged: bool = True):
+    """`merged=False` keeps peft's own layers (needed on quantized bases, whose layers subclass Linear)."""
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                         target_modules=cfg.target_modules or "all-linear", use_rslora=cfg.rslora,
-                        use_dora=cfg.dora, task_type="CAUSAL_LM")
-    config._register_custom_module({torch.nn.Linear: MergedLoraLinear})
+                        use_dora=cfg.dora, task_type=peft_task(task))
+    if merged:
+        config._register_custom_module({torch.nn.Linear: MergedLoraLinear})
     return get_peft_model(model, config)
 
 
-def save(model, tokenizer, out_dir):
+def peft_task(task: str) -> str:
+    return {"causal": "CAUSAL_LM", "classification": "SEQ_CLS"}[task]
+
+
+def save(model, tokenizer, out_dir, cfg=None, task: str = "causal"):
     # adapter_config.json names the base model folder, so plain PeftModel.from_pretrained works
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if task == "classification":  # the base needs its head's label names back
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        (Path(out_dir) / "labels.json").write_text(json.dumps(labels))

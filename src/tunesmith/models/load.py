@@ -145,23 +145,46 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "causal"):
-    from transformers import AutoModelForCausalLM
+def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "causal",
+               quantization=None, labels: Optional[list[str]] = None):
+    """A causal LM, or a sequence classifier with a head for `labels` (`task="classification"`).
+    `quantization` (a transformers BitsAndBytesConfig) loads the weights in 4/8 bits.
+    Folders written by tunesmith (peft adapters, bitfit/adapters deltas) are rebuilt on their base."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar per load: our log says what loads
+    from tunesmith.methods.partial import MARKER, load_trainable
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per load: our log says what loads
+    device = device or pick_device()
     if (model_dir / "adapter_config.json").exists():
         return _load_adapter_model(model_dir, dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return model.to(device or pick_device())
+    if (model_dir / MARKER).exists():
+        return load_trainable(model_dir, lambda base, t, meta: load_model(
+            resolve_model_dir(base), dtype, device, t, labels=list((meta.get("id2label") or {}).values()) or None)).to(device)
+    kw = {"dtype": dtype}
+    if quantization is not None:
+        kw.update(quantization_config=quantization, device_map={"": device})
+    if task == "classification":
+        kw.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+                  ignore_mismatched_sizes=True)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+    return model if quantization is not None else model.to(device)
 
 
 def _load_adapter_model(adapter_dir: Path, dtype, device):
+    """A peft adapter on its base, de-quantized (a QLoRA adapter is applied to the full-precision base)."""
     from peft import PeftModel
 
-    base_dir = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
-    base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_dir = Path(config["base_model_name_or_path"])
+    if config.get("task_type") == "SEQ_CLS":
+        labels = json.loads((adapter_dir / "labels.json").read_text())
+        base = load_model(resolve_model_dir(str(base_dir)), dtype, device, "classification", labels=labels)
+    else:
+        base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
     return PeftModel.from_pretrained(base, adapter_dir)
 
 

@@ -26,7 +26,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.generate import Generation, Sampling, generate
 from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.side_by_side import build_rows, format_table, mean_score
-from tunesmith.methods import get_method, parameter_report
+from tunesmith.methods import get_method, parameter_report, quantization
 from tunesmith.models import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
@@ -35,7 +35,7 @@ from tunesmith.train.machine import configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, truncate_metrics
 from tunesmith.train.plan import estimate
-from tunesmith.train.schedule import adamw, lr_at, plan_steps, warmup_steps
+from tunesmith.train.schedule import lr_at, make_optimizer, plan_steps, warmup_steps
 
 
 @dataclass
@@ -67,9 +67,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         f"{str(dtype).replace('torch.', '')}")
 
     # -- 2. model and tokenizer --------------------------------------------------------------
+    method = get_method(cfg.method.name)
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype, device)
+    model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
     model.config.use_cache = False
 
     # -- 3. data -----------------------------------------------------------------------------
@@ -85,7 +86,6 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                    "model": model_fingerprint(model_dir)}
 
     # -- 4. method, step count, memory check ---------------------------------------------------
-    method = get_method(cfg.method.name)
     model = method.apply(model, cfg.method)
     params = parameter_report(model)
     log(f"method: {cfg.method.name} | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
@@ -132,7 +132,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     # -- 6. optimizer, schedule, resume point --------------------------------------------------
     warmup = warmup_steps(cfg.train.warmup, total_steps)
     peak_lr = cfg.train.lr or method.DEFAULT_LR
-    optimizer = adamw(trainable, peak_lr, cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg.train.optimizer, trainable, peak_lr, cfg.train.weight_decay, log)
     log(f"plan: {total_steps} steps x {micro * accum} examples ({total_steps / steps_per_epoch:.2f} epochs), "
         f"peak lr {peak_lr:g}, {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": []}
@@ -216,7 +216,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     if after:
         append_jsonl(metrics_path, {"step": total_steps, **after})
     tuned_outputs = generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []
-    publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d))
+    publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d, cfg.method))
     rows = build_rows([_user_text(data.val.examples[i]) for i in sample_idx],
                       [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
     tokens_seen, train_seconds = progress["tokens"], progress["train_seconds"]

@@ -59,7 +59,11 @@ def _eval_head(hidden, weight, targets) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split_model(model):
-    """(backbone, output head weight) of a causal LM, looking through a peft wrapper; None if the head is adapted."""
+    """(backbone, output head weight) of a causal LM, looking through a peft wrapper; None if the head is
+    adapted or the method works on the inputs (prompt/prefix tuning: the wrapper's forward must run)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
@@ -95,7 +99,8 @@ def sum_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, with_accuracy
 
 def reference_sum_loss(model, input_ids, labels, with_accuracy: bool = False):
     """The straightforward path: full logits from the model, then cross-entropy."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    logits = logits[:, -input_ids.shape[1]:-1].float()  # prompt tuning prepends virtual positions
     mask, targets = label_positions(labels)
     sel = logits[mask]
     total = F.cross_entropy(sel, targets, reduction="sum")

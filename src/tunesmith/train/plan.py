@@ -174,7 +174,7 @@ def _duration(seconds: float) -> str:
 def plan_config(cfg) -> Plan:
     """`tunesmith plan`: load the model, data and method as `train` would, then estimate."""
     from tunesmith.data import prepare
-    from tunesmith.methods import get_method, parameter_report
+    from tunesmith.methods import get_method, parameter_report, quantization
     from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
     from tunesmith.train.machine import configure_threads
     from tunesmith.train.schedule import plan_steps
@@ -183,8 +183,9 @@ def plan_config(cfg) -> Plan:
     device = pick_device()
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, pick_dtype(cfg.model.dtype, device), device)
+    method, dtype = get_method(cfg.method.name), pick_dtype(cfg.model.dtype, device)
+    model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
     data = prepare(cfg.data, tokenizer, getattr(model.config, "max_position_embeddings", None))
-    model = get_method(cfg.method.name).apply(model, cfg.method)
+    model = method.apply(model, cfg.method)
     _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])
     return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, matmul_gflops())

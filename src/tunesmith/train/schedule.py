@@ -20,6 +20,23 @@ def warmup_steps(warmup: float, total_steps: int) -> int:
     return int(warmup) if warmup >= 1 else int(round(warmup * total_steps))
 
 
+def make_optimizer(name: str, params, lr: float, weight_decay: float, log) -> torch.optim.Optimizer:
+    """`adamw` (torch, fused) or a bitsandbytes 8-bit / paged AdamW. Paged optimizers page state to
+    host memory under GPU pressure; on CPU there is nothing to page to, so the plain one runs."""
+    if name == "adamw":
+        return adamw(params, lr, weight_decay)
+    import bitsandbytes as bnb
+
+    if name.startswith("paged_") and not torch.cuda.is_available():
+        log(f"train.optimizer={name}: paging needs a GPU; using {name.removeprefix('paged_')} on CPU")
+        name = name.removeprefix("paged_")
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}.get(name)
+    if cls is None:
+        return adamw(params, lr, weight_decay)
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     try:  # the fused kernel is fastest on CPU and GPU alike; older builds lack it for some dtypes
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)

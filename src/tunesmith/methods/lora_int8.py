@@ -1,0 +1,23 @@
+"""LoRA on an 8-bit base (bitsandbytes LLM.int8). Halves weight memory versus fp32... and is slow
+on CPU (int8 matmuls with outlier handling); prefer `qlora` for memory, `lora` for speed."""
+from __future__ import annotations
+
+import torch
+
+from tunesmith.methods import lora
+
+DEFAULT_LR = lora.DEFAULT_LR
+save = lora.save
+
+
+def quantization(cfg, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def apply(model, cfg, task: str = "causal"):
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return lora.apply(model, cfg, task, merged=False)

@@ -1,0 +1,90 @@
+"""Every method on a tiny random Llama: it trains exactly the parameters it promises, lowers the
+held-out loss at its default learning rate, and its saved output reloads to the same model."""
+import pytest
+import torch
+
+from tunesmith.config import MethodConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import get_method, quantization
+from tunesmith.models import load_model
+from tunesmith.train.loop import train
+from test_train import tiny_cfg
+
+# what the trainable parameter names must contain, per method
+PROMISE = {"lora": "lora_", "qlora": "lora_", "lora-int8": "lora_", "ia3": "ia3_", "prompt-tuning": "prompt_encoder",
+           "prefix-tuning": "prompt_encoder", "adapters": ("down", "up")}
+QUANTIZED = {"qlora", "lora-int8"}
+
+
+@pytest.fixture(scope="session")
+def wide_tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """bitsandbytes' CPU 4-bit kernels need rows of at least one 64-value block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama-64")
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def build(name, model_dir, **kw):
+    cfg = MethodConfig(name=name, **kw)
+    method = get_method(name)
+    model = load_model(model_dir, torch.float32, torch.device("cpu"), quantization=quantization(method, cfg, torch.float32))
+    return method, cfg, method.apply(model, cfg)
+
+
+@pytest.mark.parametrize("name", list(PROMISE))
+def test_trains_only_what_it_promises_and_reloads(tmp_path, wide_tiny_model_dir, tiny_tokenizer, name):
+    method, cfg, model = build(name, wide_tiny_model_dir)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    promise = PROMISE[name] if isinstance(PROMISE[name], tuple) else (PROMISE[name],)
+    assert all(any(w in n for w in promise) for n in trainable), trainable
+    with torch.no_grad():  # stand-in for training: every trainable tensor moves
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    method.save(model, tiny_tokenizer, tmp_path, cfg)
+    reloaded = load_model(tmp_path, torch.float32, torch.device("cpu")).eval()
+    ids = torch.tensor([[1, 5, 9, 20, 33, 40, 41, 42]])
+    with torch.no_grad():
+        a, b = model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    if name in QUANTIZED:  # reloaded on the de-quantized base: close, not equal
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
+    else:
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qlora", "ia3", "prompt-tuning", "prefix-tuning", "adapters"])
+def test_default_learning_rate_lowers_heldout_loss(tmp_path, wide_tiny_model_dir, instruction_file, name):
+    cfg = tiny_cfg(tmp_path, wide_tiny_model_dir, instruction_file, f"method.name={name}", "train.max_steps=15")
+    cfg.train.lr = None  # the method's own default
+    s = train(cfg).summary
+    assert s["after"]["eval_loss"] < s["before"]["eval_loss"], (s["before"], s["after"])
+
+
+def test_bitfit_on_a_model_without_biases_is_a_clear_error(wide_tiny_model_dir):
+    with pytest.raises(TunesmithError, match="bitfit trains bias terms, and LlamaForCausalLM has none"):
+        build("bitfit", wide_tiny_model_dir)
+
+
+def test_qlora_base_is_4bit_and_adapter_is_full_precision(wide_tiny_model_dir):
+    import bitsandbytes as bnb
+
+    _, _, model = build("qlora", wide_tiny_model_dir)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(q.base_layer, bnb.nn.Linear4bit) and q.base_layer.weight.quant_type == "nf4"
+    assert q.lora_A["default"].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_and_paged_optimizers(tmp_path, wide_tiny_model_dir, instruction_file, capsys, optimizer):
+    s = train(tiny_cfg(tmp_path, wide_tiny_model_dir, instruction_file, f"train.optimizer={optimizer}")).summary
+    assert s["after"]["eval_loss"] < s["before"]["eval_loss"]
+    if optimizer.startswith("paged_") and not torch.cuda.is_available():
+        assert "paging needs a GPU; using adamw8bit on CPU" in capsys.readouterr().out
