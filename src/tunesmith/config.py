@@ -84,6 +84,7 @@ class TrainConfig(Section):
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (unset = no clipping).")
     seed: int = Field(0, description="Seed for initialisation and batch order.")
     save_every_steps: Optional[int] = Field(None, ge=1, description="Write a checkpoint every N optimizer steps (resume with `tunesmith train --resume RUN_DIR`).")
+    select_best: Optional[str] = Field(None, description="Keep the weights with the best value of this held-out metric (`eval_loss` lowest; `eval_accuracy`, `eval_f1`, ... highest), saved to `best/` when it improves, and finish with them. Needs `eval.every_steps` or `eval.each_epoch`.")
     save_each_epoch: bool = Field(False, description="Also write a checkpoint at the end of every epoch.")
     keep_checkpoints: Optional[int] = Field(None, ge=1, description="Keep only the newest N checkpoints (the one with the best held-out loss is always kept); unset = keep all.")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="A NaN/inf loss or gradient: `stop` the run (the last checkpoint stays), or `skip` that step's update and go on.")
@@ -93,7 +94,8 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    every_steps: Optional[int] = Field(None, ge=1, description="Held-out loss every N optimizer steps (always before and after training).")
+    every_steps: Optional[int] = Field(None, ge=1, description="Held-out metrics every N optimizer steps (always before and after training).")
+    each_epoch: bool = Field(False, description="Also evaluate at the end of every epoch.")
     max_examples: int = Field(64, ge=1, description="Held-out examples used for the loss.")
     samples: int = Field(4, ge=0, description="Held-out examples shown side by side (base vs tuned vs reference) at the end.")
     max_new_tokens: int = Field(64, ge=1, description="Generation length cap for the side-by-side table.")
@@ -108,6 +110,7 @@ class OutputConfig(Section):
 
 class Config(Section):
     recipe: str = Field(DEFAULT_RECIPE, description="Name of the recipe this config came from (informational).")
+    task: Literal["auto", "causal", "classification"] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `auto`: classification when the data has text + label records.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -169,9 +172,39 @@ def apply_override(raw: dict, item: str) -> None:
 
 def validate(raw: dict) -> Config:
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise TunesmithError(_explain(e.errors()[0], raw)) from None
+    check_combinations(cfg)
+    return cfg
+
+
+# which methods work for which task (docs/methods.md carries the same table)
+SUPPORTED_METHODS = {
+    "causal": METHOD_NAMES,
+    "classification": ("full", "lora", "ia3", "adapters", "bitfit"),
+}
+WHY_NOT = {"prompt-tuning": "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector",
+           "prefix-tuning": "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector",
+           "qlora": "bitsandbytes' CPU 4-bit backward fails on BERT-style encoders here (in-place op on a view of a leaf)",
+           "lora-int8": "not verified with a classification head yet"}
+SELECTABLE_METRICS = {"causal": ("eval_loss", "eval_ppl", "eval_token_accuracy"),
+                      "classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall")}
+
+
+def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
+    """Settings that are each valid but do not go together. `task` is the resolved task once the data is known."""
+    task = task or (cfg.task if cfg.task != "auto" else None)
+    if task and cfg.method.name not in SUPPORTED_METHODS[task]:
+        raise TunesmithError(f"method.name={cfg.method.name} is not supported for task={task} "
+                             f"({WHY_NOT.get(cfg.method.name, 'not built')}); use one of {', '.join(SUPPORTED_METHODS[task])}")
+    best = cfg.train.select_best
+    if best:
+        allowed = SELECTABLE_METRICS[task] if task else tuple(dict.fromkeys(sum(SELECTABLE_METRICS.values(), ())))
+        if best not in allowed:
+            raise TunesmithError(f"config key 'train.select_best' has value {best!r}; expected one of {', '.join(allowed)}")
+        if not (cfg.eval.every_steps or cfg.eval.each_epoch):
+            raise TunesmithError("train.select_best needs held-out evaluations during training: set eval.every_steps or eval.each_epoch=true")
 
 
 def _explain(err: dict, raw: dict) -> str:

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
     t.set_defaults(func=cmd_train)
 
+    cm = sub.add_parser("compare", help="train the same recipe once per method and tabulate the results")
+    cm.add_argument("config", nargs="?", help="recipe name or YAML file (default: the default recipe)")
+    cm.add_argument("overrides", nargs="*", metavar="key=value")
+    cm.add_argument("--methods", default="full,lora,qlora,ia3,prompt-tuning,prefix-tuning,adapters",
+                    help="comma-separated method names (default: %(default)s)")
+    cm.add_argument("--out", help="output folder (default: runs/compare-<recipe>-<time>)")
+    cm.set_defaults(func=cmd_compare)
+
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(func=cmd_recipes)
 
@@ -146,6 +154,25 @@ def cmd_plan(args) -> int:
     else:
         print(plan.describe())
     return 0 if plan.fits else 1
+
+
+def cmd_compare(args) -> int:
+    from datetime import datetime
+
+    from tunesmith.config import METHOD_NAMES, load_config
+    from tunesmith.evaluate.compare import compare
+
+    config, overrides = _split_overrides(args)
+    cfg = load_config(config, overrides)  # fail fast on a bad recipe
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise TunesmithError(f"--methods: unknown method {unknown[0]!r}; available: {', '.join(METHOD_NAMES)}")
+    out = Path(args.out or Path(cfg.output.dir) / f"compare-{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+    rows = compare(config, overrides, methods, out)
+    print((out / "table.md").read_text())
+    print(f"written: {out / 'table.md'}, {out / 'table.csv'}, {out / 'chart.png'}")
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 def cmd_recipes(args) -> int:

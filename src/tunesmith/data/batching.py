@@ -26,7 +26,9 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) right-padded
     labels: torch.Tensor     # (B, T) IGNORE on prompt and padding
     real_tokens: int         # non-padding tokens fed to the model
-    label_tokens: int        # trained targets (for loss normalisation)
+    label_tokens: int        # trained targets (for loss normalisation): tokens, or examples for classification
+    attention_mask: torch.Tensor | None = None  # classification only (encoders attend both ways)
+    classes: torch.Tensor | None = None         # classification: (B,) class indices
 
 
 def epoch_plan(lengths: list[int], examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
@@ -59,11 +61,15 @@ def split_passes(step: list[int], lengths: list[int], micro_batch_size: int, bat
 
 
 def effective_length(t: Tokenized) -> int:
+    if t.label is not None:
+        return len(t.input_ids)
     trained = np.flatnonzero(t.labels != IGNORE)
     return int(trained[-1]) + 1 if len(trained) else len(t.input_ids)
 
 
 def collate(examples: list[Tokenized], pad_id: int, device=None) -> Batch:
+    if examples[0].label is not None:
+        return collate_classes(examples, pad_id, device)
     lengths = [effective_length(t) for t in examples]
     width = max(lengths)
     ids = np.full((len(examples), width), pad_id, dtype=np.int64)
@@ -73,3 +79,16 @@ def collate(examples: list[Tokenized], pad_id: int, device=None) -> Batch:
         labels[row, :n] = t.labels[:n]
     label_tokens = int((labels[:, 1:] != IGNORE).sum())
     return Batch(torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device), sum(lengths), label_tokens)
+
+
+def collate_classes(examples: list[Tokenized], pad_id: int, device=None) -> Batch:
+    """Right-padded ids with an attention mask (an encoder would otherwise attend to the padding)."""
+    width = max(len(t.input_ids) for t in examples)
+    ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(examples), width), dtype=np.int64)
+    for row, t in enumerate(examples):
+        ids[row, :len(t.input_ids)] = t.input_ids
+        mask[row, :len(t.input_ids)] = 1
+    classes = torch.tensor([t.label for t in examples], dtype=torch.long, device=device)
+    return Batch(torch.from_numpy(ids).to(device), classes, int(mask.sum()), len(examples),
+                 torch.from_numpy(mask).to(device), classes)

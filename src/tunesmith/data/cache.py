@@ -24,7 +24,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data.read import expand_paths
 from tunesmith.data.render import Tokenized
 
-VERSION = 1
+VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -73,8 +73,9 @@ def load(key: str):
         shutil.rmtree(d, ignore_errors=True)  # damaged (or absent): rebuilt and saved again
         return None
     bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])
-    ids, labels, truncated = arrays["ids"], arrays["labels"], arrays["truncated"]
-    tokens = [Tokenized(ids[a:b], labels[a:b], bool(t)) for a, b, t in zip(bounds[:-1], bounds[1:], truncated)]
+    ids, labels, truncated, classes = arrays["ids"], arrays["labels"], arrays["truncated"], arrays["classes"]
+    tokens = [Tokenized(ids[a:b], labels[a:b], bool(t), None if c < 0 else int(c))
+              for a, b, t, c in zip(bounds[:-1], bounds[1:], truncated, classes)]
     return PreparedData(rest["format"], Split([], [], tokens), rest["val"], {**rest["stats"], "from_cache": str(d)})
 
 
@@ -88,7 +89,8 @@ def save(key: str, data) -> None:
         np.savez(tmp / "train.npz", ids=np.concatenate([t.input_ids for t in toks]),
                  labels=np.concatenate([t.labels for t in toks]),
                  lengths=np.array([len(t.input_ids) for t in toks], dtype=np.int64),
-                 truncated=np.array([t.truncated for t in toks], dtype=bool))
+                 truncated=np.array([t.truncated for t in toks], dtype=bool),
+                 classes=np.array([-1 if t.label is None else t.label for t in toks], dtype=np.int64))
         with open(tmp / "rest.pkl", "wb") as f:
             pickle.dump({"format": data.format, "val": data.val, "stats": data.stats}, f)
         os.replace(tmp, root / key)

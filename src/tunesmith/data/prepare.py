@@ -14,6 +14,7 @@ import numpy as np
 
 from tunesmith.config import DataConfig
 from tunesmith.data import cache as data_cache
+from tunesmith.data.classify import label_names, tokenize_classification
 from tunesmith.data.read import read_records
 from tunesmith.data.render import Rendered, Tokenized, render, tokenize
 from tunesmith.data.shapes import SFT_FORMATS, Example, detect_format, map_columns, to_example
@@ -112,9 +113,9 @@ def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for
 
 def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool) -> PreparedData:
     fmt, examples, counts = load_examples(cfg, cfg.path)
-    if fmt not in SFT_FORMATS:
-        raise TunesmithError(f"data in {fmt} format needs a method for it (classification / preference tuning are "
-                             f"not available yet); supported for this task: {', '.join(SFT_FORMATS)}")
+    if fmt not in SFT_FORMATS + ("classification",):
+        raise TunesmithError(f"data in {fmt} format needs a method for it (preference tuning is not available yet); "
+                             f"supported: {', '.join(SFT_FORMATS)}, classification")
     if cfg.val_path:
         vfmt, val_ex, _ = load_examples(cfg, cfg.val_path)
         if vfmt != fmt:
@@ -126,8 +127,15 @@ def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool)
     if cfg.max_examples:
         train_ex = train_ex[: cfg.max_examples]
     train_counts, val_counts = Counter(), Counter()
-    train = _tokenize_split(train_ex, cfg, tokenizer, max_length, train_counts)
-    val = _tokenize_split(val_ex, cfg, tokenizer, max_length, val_counts)
+    if fmt == "classification":
+        labels = label_names(train_ex)
+        counts["labels"] = labels
+        train = Split(*tokenize_classification(train_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", train_counts))
+        val = Split(*tokenize_classification(val_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", val_counts))
+        counts["label_counts"] = {"train": _label_counts(train, labels), "val": _label_counts(val, labels)}
+    else:
+        train = _tokenize_split(train_ex, cfg, tokenizer, max_length, train_counts)
+        val = _tokenize_split(val_ex, cfg, tokenizer, max_length, val_counts)
     if not keep_train_text:
         train = Split([], [], train.tokens)
     if not train.tokens:
@@ -139,9 +147,14 @@ def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool)
     return PreparedData(fmt, train, val, stats)
 
 
+def _label_counts(split: Split, labels: list[str]) -> dict:
+    c = Counter(t.label for t in split.tokens)
+    return {name: c[i] for i, name in enumerate(labels)}
+
+
 def _split_stats(split: Split, counts: Counter) -> dict:
     lengths = np.array([len(t.input_ids) for t in split.tokens]) if split.tokens else np.zeros(1, dtype=int)
-    label_tokens = int(sum(int((t.labels != -100).sum()) for t in split.tokens))
+    label_tokens = int(sum(1 if t.label is not None else int((t.labels != -100).sum()) for t in split.tokens))
     return {"kept": len(split.tokens), "dropped_overlong": counts["dropped_overlong"],
             "dropped_no_labels": counts["dropped_no_labels"], "truncated": counts["truncated"],
             "tokens": int(lengths.sum()) if split.tokens else 0, "label_tokens": label_tokens,

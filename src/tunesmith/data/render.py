@@ -46,6 +46,7 @@ class Tokenized:
     input_ids: np.ndarray  # int32
     labels: np.ndarray     # int32, IGNORE where not trained (not shifted: position t predicts t+1)
     truncated: bool = False
+    label: int | None = None  # classification: the class index (labels are then all IGNORE)
 
 
 def template_text(template: str) -> str:

@@ -7,13 +7,14 @@ import torch
 from tunesmith.methods import lora
 
 DEFAULT_LR = lora.DEFAULT_LR
+KEEP_FULL_PRECISION = ["lm_head", "classifier", "score"]  # output heads: small, and a classifier head trains
 save = lora.save
 
 
 def quantization(cfg, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=KEEP_FULL_PRECISION)
 
 
 def apply(model, cfg, task: str = "causal"):

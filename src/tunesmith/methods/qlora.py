@@ -10,6 +10,7 @@ import torch
 from tunesmith.methods import lora
 
 DEFAULT_LR = lora.DEFAULT_LR
+KEEP_FULL_PRECISION = ["lm_head", "classifier", "score"]  # output heads: small, and a classifier head trains
 save = lora.save
 
 
@@ -17,7 +18,8 @@ def quantization(cfg, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=KEEP_FULL_PRECISION)
 
 
 def apply(model, cfg, task: str = "causal"):

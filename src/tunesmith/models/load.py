@@ -145,9 +145,10 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "causal",
+def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "auto",
                quantization=None, labels: Optional[list[str]] = None):
-    """A causal LM, or a sequence classifier with a head for `labels` (`task="classification"`).
+    """A causal LM, or a sequence classifier with a head for `labels` (`task="classification"`);
+    `auto` reads the saved architecture (a fine-tuned classifier reloads as one).
     `quantization` (a transformers BitsAndBytesConfig) loads the weights in 4/8 bits.
     Folders written by tunesmith (peft adapters, bitfit/adapters deltas) are rebuilt on their base."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -163,6 +164,10 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.devic
         return load_trainable(model_dir, lambda base, t, meta: load_model(
             resolve_model_dir(base), dtype, device, t, labels=list((meta.get("id2label") or {}).values()) or None)).to(device)
     kw = {"dtype": dtype}
+    if task == "auto":
+        task = "classification" if _saved_classifier(model_dir) else "causal"
+        if task == "classification" and labels is None:
+            return AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).to(device)
     if quantization is not None:
         kw.update(quantization_config=quantization, device_map={"": device})
     if task == "classification":
@@ -172,6 +177,14 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.devic
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
     return model if quantization is not None else model.to(device)
+
+
+def _saved_classifier(model_dir: Path) -> bool:
+    try:
+        archs = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
 def _load_adapter_model(adapter_dir: Path, dtype, device):

@@ -144,6 +144,24 @@ def restore(ckpt: Checkpoint, model, optimizer) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def save_best(run_dir: Path, model, record: dict) -> None:
+    """`best/`: the trainable weights with the best held-out metric so far (train.select_best)."""
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+    def write(tmp: Path) -> None:
+        save_file(weights, tmp / "trainable.safetensors")
+        (tmp / "metrics.json").write_text(json.dumps(record, indent=1))
+
+    publish_dir(run_dir / "best", write)
+
+
+def load_best(run_dir: Path, model) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(run_dir / "best" / "trainable.safetensors").items():
+            params[name].copy_(value)
+
+
 def prune(run_dir: Path, keep: int) -> list[str]:
     """Delete all but the newest `keep` checkpoints, never the one with the best held-out loss."""
     paths = all_checkpoints(run_dir)

@@ -18,19 +18,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tunesmith.config import Config, dump_yaml
+from tunesmith.config import Config, check_combinations, dump_yaml
 from tunesmith.data import prepare
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
 from tunesmith.data.cache import cache_key
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.generate import Generation, Sampling, generate
+from tunesmith.evaluate.classification import classification_metrics, predicted_labels
 from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.side_by_side import build_rows, format_table, mean_score
 from tunesmith.methods import get_method, parameter_report, quantization
 from tunesmith.models import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
-from tunesmith.train.loss import sum_loss
+from tunesmith.train.loss import class_sum_loss, sum_loss
 from tunesmith.train.machine import configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, truncate_metrics
@@ -66,27 +67,29 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads, "
         f"{str(dtype).replace('torch.', '')}")
 
-    # -- 2. model and tokenizer --------------------------------------------------------------
-    method = get_method(cfg.method.name)
+    # -- 2. tokenizer and data ---------------------------------------------------------------
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
-    model.config.use_cache = False
-
-    # -- 3. data -----------------------------------------------------------------------------
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    data = prepare(cfg.data, tokenizer, max_positions)
+    data = prepare(cfg.data, tokenizer, max_positions(model_dir))
     st = data.stats
+    task = resolve_task(cfg.task, data.format)
+    check_combinations(cfg, task)
     log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
         f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "
         f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
         f"of which trained {st['train']['label_tokens']} ({100 * st['train']['label_share']:.0f}%)"
         + (" [tokenized data from cache]" if "from_cache" in st else ""))
+    if task == "classification":
+        log(f"task: classification into {len(st['labels'])} labels: " + ", ".join(
+            f"{name} {n}" for name, n in st["label_counts"]["train"].items()))
     fingerprint = {"data": cache_key(cfg.data, tokenizer, st["max_length"]) or cfg.data.model_dump_json(),
                    "model": model_fingerprint(model_dir)}
 
-    # -- 4. method, step count, memory check ---------------------------------------------------
-    model = method.apply(model, cfg.method)
+    # -- 3. model and method, step count, memory check ------------------------------------------
+    method = get_method(cfg.method.name)
+    model = load_model(model_dir, dtype, device, task, quantization(method, cfg.method, dtype), st.get("labels"))
+    model.config.use_cache = False
+    model = method.apply(model, cfg.method, task)
     params = parameter_report(model)
     log(f"method: {cfg.method.name} | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -108,37 +111,48 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     log.attach(run_dir / "train.log")
 
-    # -- 5. before training: held-out metrics and base outputs for the side-by-side table -------
+    # -- 4. before training: held-out metrics and base outputs for the side-by-side table -------
     pad_id = tokenizer.pad_token_id
     val_tokens = data.val.tokens[: cfg.eval.max_examples]
     n_val = len(data.val.rendered)
     sample_idx = sorted({i * n_val // cfg.eval.samples for i in range(cfg.eval.samples)}) if n_val else []  # spread out
     samples = [data.val.rendered[i] for i in sample_idx]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
+
+    def evaluate(model) -> dict:
+        if task == "classification":
+            return classification_metrics(model, val_tokens, pad_id)
+        return heldout_metrics(model, val_tokens, pad_id)
+
+    def sample_outputs(model) -> list:
+        if not samples:
+            return []
+        if task == "classification":
+            return predicted_labels(model, [data.val.tokens[i] for i in sample_idx], pad_id, st["labels"])
+        return generate(model, tokenizer, [r.prompt for r in samples], sampling)
     metrics_path = run_dir / "metrics.jsonl"
     if resuming:  # measured when the run started
         baseline = json.loads((run_dir / "baseline.json").read_text())
         baseline["base_outputs"] = [Generation(**g) for g in baseline["base_outputs"]]
     else:
-        baseline = {"before": heldout_metrics(model, val_tokens, pad_id),
-                    "base_outputs": generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []}
+        baseline = {"before": evaluate(model), "base_outputs": sample_outputs(model)}
         write_json_atomic(run_dir / "baseline.json", {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
         if baseline["before"]:
             append_jsonl(metrics_path, {"step": 0, **baseline["before"]})
     before = baseline["before"]
     if before:
-        log(f"held-out before training: loss {before['eval_loss']:.4f}, token accuracy {before['eval_token_accuracy']:.3f}")
+        log("held-out before training: " + _metrics_line(before))
 
-    # -- 6. optimizer, schedule, resume point --------------------------------------------------
+    # -- 5. optimizer, schedule, resume point --------------------------------------------------
     warmup = warmup_steps(cfg.train.warmup, total_steps)
     peak_lr = cfg.train.lr or method.DEFAULT_LR
     optimizer = make_optimizer(cfg.train.optimizer, trainable, peak_lr, cfg.train.weight_decay, log)
     log(f"plan: {total_steps} steps x {micro * accum} examples ({total_steps / steps_per_epoch:.2f} epochs), "
         f"peak lr {peak_lr:g}, {cfg.train.schedule} schedule, {warmup} warm-up steps")
-    progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": []}
+    progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None}
     if ckpt:
         checkpoint.restore(ckpt, model, optimizer)
-        progress.update({k: ckpt.progress[k] for k in progress})
+        progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items()})
         truncate_metrics(metrics_path, ckpt.step)
         log(f"resumed from {ckpt.path.name}: step {ckpt.step} of {total_steps}")
         if ckpt.step >= total_steps:
@@ -152,7 +166,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                 yield epoch, split_passes(step_examples, lengths, micro, cfg.train.batch_tokens)
             epoch += 1
 
-    # -- 7. the loop ---------------------------------------------------------------------------
+    # -- 6. the loop ---------------------------------------------------------------------------
     plan = step_plan()
     for _ in range(progress["step"]):  # fast-forward to the checkpoint: the same order, no tensors built
         next(plan)
@@ -170,7 +184,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             label_tokens = sum(b.label_tokens for b in batches)  # normalise by the whole step's labels
             step_loss = 0.0
             for batch in batches:
-                loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
+                if task == "classification":
+                    loss = class_sum_loss(model, batch) / label_tokens
+                else:
+                    loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
                 loss.backward()
                 step_loss += float(loss.detach())
             grad_norm = _grad_norm(trainable, cfg.train.max_grad_norm)
@@ -192,10 +209,15 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:.0f}", epoch=epoch, refresh=False)
             bar.update(1)
             last = step + 1 == total_steps
-            if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:
-                record.update(heldout_metrics(model, val_tokens, pad_id))
+            evaluating = cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0
+            evaluating = evaluating or (cfg.eval.each_epoch and (step + 1) % steps_per_epoch == 0)
+            if evaluating and not last:
+                record.update(evaluate(model))
                 progress["evals"].append(record)
-                log(f"step {step + 1}: held-out loss {record.get('eval_loss', float('nan')):.4f}")
+                log(f"step {step + 1}: " + _metrics_line(record))
+                if _improves(cfg.train.select_best, record, progress["best"]):
+                    progress["best"] = {"step": step + 1, "value": record[cfg.train.select_best]}
+                    checkpoint.save_best(run_dir, model, record)
             if (step + 1) % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
                 append_jsonl(metrics_path, record)
             due = cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0
@@ -211,17 +233,23 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     bar.close()
     loop_seconds = time.perf_counter() - t_loop
 
-    # -- 8. after training: metrics, side-by-side, save ---------------------------------------
-    after = heldout_metrics(model, val_tokens, pad_id)
+    # -- 7. after training: metrics, side-by-side, save ---------------------------------------
+    after = evaluate(model)
+    best = progress["best"]
+    if best and not _improves(cfg.train.select_best, after, best):
+        checkpoint.load_best(run_dir, model)
+        log(f"train.select_best: finishing with step {best['step']}'s weights "
+            f"({cfg.train.select_best} {best['value']:.4f}; the last step had {after.get(cfg.train.select_best, float('nan')):.4f})")
+        after = evaluate(model)
     if after:
         append_jsonl(metrics_path, {"step": total_steps, **after})
-    tuned_outputs = generate(model, tokenizer, [r.prompt for r in samples], sampling) if samples else []
-    publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d, cfg.method))
+    tuned_outputs = sample_outputs(model)
+    publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d, cfg.method, task))
     rows = build_rows([_user_text(data.val.examples[i]) for i in sample_idx],
                       [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
     tokens_seen, train_seconds = progress["tokens"], progress["train_seconds"]
     summary = {
-        "run_dir": str(run_dir), "method": cfg.method.name, "model": cfg.model.name, "params": params,
+        "run_dir": str(run_dir), "task": task, "method": cfg.method.name, "best": best, "model": cfg.model.name, "params": params,
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
@@ -231,16 +259,49 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     write_json_atomic(run_dir / "eval.json", summary)
     if rows:
         log(format_table(rows, ["base", "tuned"]))
-    if before and after:
+    if before and after and task == "classification":
+        log(f"held-out: accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, macro-F1 "
+            f"{before['eval_f1']:.3f} -> {after['eval_f1']:.3f}, loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
+    elif before and after:
         log(f"held-out loss on responses: {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
             f"(perplexity {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f}); "
             f"token accuracy {before['eval_token_accuracy']:.3f} -> {after['eval_token_accuracy']:.3f}")
-    if rows:
+    if rows and task != "classification":
         log(f"side-by-side mean ROUGE-L: base {mean_score(rows, 'base'):.1f} -> tuned {mean_score(rows, 'tuned'):.1f}")
     log(f"trained {total_steps} steps on {tokens_seen:,} tokens in {train_seconds:.0f} s ({summary['tok_s']:.0f} tok/s); "
         f"total {summary['wall_seconds']:.0f} s")
     log(f"saved: {run_dir / 'final'}  (try: tunesmith generate --run {run_dir} \"...\")")
     return RunResult(run_dir, summary)
+
+
+def resolve_task(task: str, data_format: str) -> str:
+    if task == "auto":
+        return "classification" if data_format == "classification" else "causal"
+    if (task == "classification") != (data_format == "classification"):
+        raise TunesmithError(f"task={task} does not fit data in {data_format} format "
+                             f"({'text + label records' if task == 'classification' else 'generation data'} expected)")
+    return task
+
+
+def max_positions(model_dir: Path) -> int | None:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+
+
+def _metrics_line(m: dict) -> str:
+    if "eval_accuracy" in m:
+        return f"accuracy {m['eval_accuracy']:.3f}, macro-F1 {m['eval_f1']:.3f}, loss {m['eval_loss']:.4f}"
+    return f"held-out loss {m.get('eval_loss', float('nan')):.4f}, token accuracy {m.get('eval_token_accuracy', float('nan')):.3f}"
+
+
+def _improves(metric: str | None, record: dict, best: dict | None) -> bool:
+    if not metric or metric not in record:
+        return False
+    if best is None:
+        return True
+    lower_is_better = metric in ("eval_loss", "eval_ppl")
+    return record[metric] < best["value"] if lower_is_better else record[metric] > best["value"]
 
 
 def _auto_resume_dir(cfg: Config) -> Path | None:

@@ -107,3 +107,10 @@ def reference_sum_loss(model, input_ids, labels, with_accuracy: bool = False):
     if with_accuracy:
         return total, (sel.argmax(-1) == targets).sum()
     return total
+
+
+def class_sum_loss(model, batch, return_logits: bool = False):
+    """Summed cross-entropy of a classification batch (normalise by the step's example count outside)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    loss = F.cross_entropy(logits, batch.classes, reduction="sum")
+    return (loss, logits) if return_logits else loss

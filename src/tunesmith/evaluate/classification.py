@@ -1,0 +1,47 @@
+"""Held-out metrics for sequence classification: loss, accuracy, macro precision/recall/F1."""
+from __future__ import annotations
+
+import torch
+from sklearn.metrics import precision_recall_fscore_support
+
+from tunesmith.data.batching import collate_classes
+from tunesmith.data.render import Tokenized
+from tunesmith.train.loss import class_sum_loss
+
+
+@torch.no_grad()
+def predict(model, examples: list[Tokenized], pad_id: int, batch_size: int = 32) -> tuple[list[int], float]:
+    """(predicted class per example, summed cross-entropy)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # little padding
+    preds, total = [0] * len(examples), 0.0
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = collate_classes([examples[i] for i in idx], pad_id, device)
+        loss, logits = class_sum_loss(model, batch, return_logits=True)
+        total += float(loss)
+        for i, p in zip(idx, logits.argmax(-1).tolist()):
+            preds[i] = p
+    model.train(was_training)
+    return preds, total
+
+
+def classification_metrics(model, examples: list[Tokenized], pad_id: int) -> dict:
+    if not examples:
+        return {}
+    preds, total = predict(model, examples, pad_id)
+    gold = [t.label for t in examples]
+    p, r, f, _ = precision_recall_fscore_support(gold, preds, average="macro", zero_division=0)
+    return {"eval_loss": round(total / len(examples), 5), "eval_accuracy": round(sum(a == b for a, b in zip(preds, gold)) / len(gold), 5),
+            "eval_precision": round(float(p), 5), "eval_recall": round(float(r), 5), "eval_f1": round(float(f), 5),
+            "eval_examples": len(examples)}
+
+
+def predicted_labels(model, examples: list[Tokenized], pad_id: int, labels: list[str]):
+    """Predictions shaped like generations, for the side-by-side table."""
+    from tunesmith.evaluate.generate import Generation
+
+    preds, _ = predict(model, examples, pad_id)
+    return [Generation(text=labels[p], new_tokens=0, stopped=True) for p in preds]
