@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -71,3 +72,32 @@ def instruction_file(tmp_path):
 def private_data_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own tokenized-data cache (never the user's)."""
     monkeypatch.setenv("TUNESMITH_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+
+
+WORDS = {"positive": ["good", "great", "happy", "love"], "negative": ["bad", "awful", "sad", "hate"],
+         "neutral": ["table", "chair", "window", "paper"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tiny_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    cfg = BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, pad_token_id=tiny_tokenizer.pad_token_id)
+    BertModel(cfg).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def sentiment_file(tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for i in range(120):
+        label = list(WORDS)[i % 3]
+        words = [rng.choice(WORDS[label])] + [rng.choice(WORDS["neutral"]) for _ in range(rng.randint(1, 4))]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return write_jsonl(tmp_path / "sentiment.jsonl", rows)

@@ -1,7 +1,6 @@
 """Sequence classification end to end on a tiny random BERT: labels from the data, metrics,
 every method that makes sense, best-checkpoint selection, and reload."""
 import json
-import random
 
 import pytest
 import torch
@@ -11,35 +10,6 @@ from tunesmith.models import load_model
 from tunesmith.train.loop import train
 from conftest import write_jsonl
 from test_train import tiny_cfg
-
-WORDS = {"positive": ["good", "great", "happy", "love"], "negative": ["bad", "awful", "sad", "hate"],
-         "neutral": ["table", "chair", "window", "paper"]}
-
-
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory, tiny_tokenizer):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    cfg = BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=128, pad_token_id=tiny_tokenizer.pad_token_id)
-    BertModel(cfg).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def sentiment_file(tmp_path):
-    rng = random.Random(0)
-    rows = []
-    for i in range(120):
-        label = list(WORDS)[i % 3]
-        words = [rng.choice(WORDS[label])] + [rng.choice(WORDS["neutral"]) for _ in range(rng.randint(1, 4))]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return write_jsonl(tmp_path / "sentiment.jsonl", rows)
-
 
 def cls_cfg(tmp_path, model_dir, data, *extra):
     return tiny_cfg(tmp_path, model_dir, data, "data.val_size=30", "eval.max_examples=30", "train.max_steps=40",

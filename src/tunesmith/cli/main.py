@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
     t.set_defaults(func=cmd_train)
 
+    ev = sub.add_parser("eval", help="score a finished run (and the base) against references; writes report.html")
+    ev.add_argument("run", help="a run directory (runs/NAME)")
+    ev.add_argument("--data", help="evaluation data file (default: the run's validation split)")
+    ev.add_argument("-n", type=int, default=50, help="examples to evaluate (default 50, spread over the data)")
+    ev.add_argument("--no-base", action="store_true", help="skip the base model")
+    ev.add_argument("--base", action="store_true", help="include the base model (the default)")
+    ev.add_argument("--runs", nargs="*", default=[], help="other run directories to put side by side")
+    ev.add_argument("--show", type=int, default=8, help="examples in the side-by-side table")
+    ev.add_argument("--max-new-tokens", type=int, help="generation cap (default: the run's eval.max_new_tokens)")
+    ev.set_defaults(func=cmd_eval)
+
     cm = sub.add_parser("compare", help="train the same recipe once per method and tabulate the results")
     cm.add_argument("config", nargs="?", help="recipe name or YAML file (default: the default recipe)")
     cm.add_argument("overrides", nargs="*", metavar="key=value")
@@ -154,6 +165,15 @@ def cmd_plan(args) -> int:
     else:
         print(plan.describe())
     return 0 if plan.fits else 1
+
+
+def cmd_eval(args) -> int:
+    from tunesmith.evaluate.evaluation import evaluate_run
+
+    run = Path(args.run)
+    evaluate_run(run, args.data, args.n, not args.no_base, tuple(Path(r) for r in args.runs), args.show, args.max_new_tokens)
+    print(f"report: {run / 'report.html'}")
+    return 0
 
 
 def cmd_compare(args) -> int:

@@ -47,6 +47,13 @@ class Example:
     label: Optional[str] = None   # classification
     chosen: Optional[str] = None  # preference
     rejected: Optional[str] = None
+    references: Optional[list] = None  # extra reference answers for evaluation
+
+
+def user_text(example: Example) -> str:
+    """The last user message (or the raw text): what a person would call the input."""
+    users = [m["content"] for m in example.messages if m["role"] in ("user", "text")]
+    return users[-1] if users else ""
 
 
 def map_columns(rec: Record, columns: dict[str, str]) -> dict:
@@ -70,7 +77,12 @@ def detect_format(fields: dict, where: str, columns: dict[str, str]) -> str:
 
 
 def to_example(fields: dict, fmt: str, where: str) -> Example:
-    return NORMALISE[fmt](fields, where)
+    ex = NORMALISE[fmt](fields, where)
+    refs = fields.get("references")  # several reference answers (evaluation only), e.g. SciTLDR's all_summaries
+    refs = refs.tolist() if hasattr(refs, "tolist") else refs
+    if isinstance(refs, (list, tuple)) and refs and all(isinstance(r, str) for r in refs):
+        ex.references = list(refs)
+    return ex
 
 
 def _text(fields: dict, key: str, where: str, fmt: str, optional: bool = False) -> str:

@@ -12,14 +12,17 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 100.0 * _scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
-def build_rows(inputs: list[str], references: list[str], outputs: dict[str, list]) -> list[dict]:
-    """outputs: column name -> list of Generation (e.g. {"base": [...], "tuned": [...]})."""
+def build_rows(inputs: list[str], references: list[str], outputs: dict[str, list],
+               all_references: list[list[str]] | None = None) -> list[dict]:
+    """outputs: column name -> list of Generation (e.g. {"base": [...], "tuned": [...]}); with
+    `all_references`, each output is scored against its best reference."""
     rows = []
     for i, (inp, ref) in enumerate(zip(inputs, references)):
         row = {"input": inp, "reference": ref}
+        refs = all_references[i] if all_references else [ref]
         for name, gens in outputs.items():
             row[name] = gens[i].text
-            row[f"{name}_rougeL"] = round(rouge_l(gens[i].text, ref), 1)
+            row[f"{name}_rougeL"] = round(max(rouge_l(gens[i].text, r) for r in refs), 1)
             row[f"{name}_stopped"] = gens[i].stopped
         rows.append(row)
     return rows

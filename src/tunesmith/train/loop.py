@@ -22,10 +22,13 @@ from tunesmith.config import Config, check_combinations, dump_yaml
 from tunesmith.data import prepare
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
 from tunesmith.data.cache import cache_key
+from tunesmith.data.shapes import user_text
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import forgetting
 from tunesmith.evaluate.generate import Generation, Sampling, generate
 from tunesmith.evaluate.classification import classification_metrics, predicted_labels
 from tunesmith.evaluate.heldout import heldout_metrics
+from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows, format_table, mean_score
 from tunesmith.methods import get_method, parameter_report, quantization
 from tunesmith.models import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
@@ -134,9 +137,14 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     if resuming:  # measured when the run started
         baseline = json.loads((run_dir / "baseline.json").read_text())
         baseline["base_outputs"] = [Generation(**g) for g in baseline["base_outputs"]]
+        base_general = forgetting.load_base(run_dir / "baseline_general.safetensors")
     else:
         baseline = {"before": evaluate(model), "base_outputs": sample_outputs(model)}
         write_json_atomic(run_dir / "baseline.json", {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
+        # the forgetting check's reference: the base model on general text unlike the training data
+        base_general = forgetting.measure_base(model, tokenizer) if task == "causal" else None
+        if base_general:
+            forgetting.save_base(run_dir / "baseline_general.safetensors", base_general)
         if baseline["before"]:
             append_jsonl(metrics_path, {"step": 0, **baseline["before"]})
     before = baseline["before"]
@@ -244,8 +252,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     if after:
         append_jsonl(metrics_path, {"step": total_steps, **after})
     tuned_outputs = sample_outputs(model)
+    drift = forgetting.compare_to_base(model, base_general) if base_general else None
     publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d, cfg.method, task))
-    rows = build_rows([_user_text(data.val.examples[i]) for i in sample_idx],
+    rows = build_rows([user_text(data.val.examples[i]) for i in sample_idx],
                       [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
     tokens_seen, train_seconds = progress["tokens"], progress["train_seconds"]
     summary = {
@@ -253,10 +262,11 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
-        "resumed_from": ckpt.step if ckpt else None, "side_by_side": rows,
+        "resumed_from": ckpt.step if ckpt else None, "side_by_side": rows, "forgetting": drift,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json_atomic(run_dir / "eval.json", summary)
+    write_report(run_dir)
     if rows:
         log(format_table(rows, ["base", "tuned"]))
     if before and after and task == "classification":
@@ -268,9 +278,14 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             f"token accuracy {before['eval_token_accuracy']:.3f} -> {after['eval_token_accuracy']:.3f}")
     if rows and task != "classification":
         log(f"side-by-side mean ROUGE-L: base {mean_score(rows, 'base'):.1f} -> tuned {mean_score(rows, 'tuned'):.1f}")
+    if drift:
+        log(f"forgetting check on {drift['texts']} general texts: perplexity {drift['base_ppl']:.2f} -> {drift['tuned_ppl']:.2f} "
+            f"({drift['ppl_change_pct']:+.1f}%), mean KL(base||tuned) {drift['mean_kl']:.3f} nats/token"
+            + (" -- DRIFTED beyond the limits" if drift["drifted"] else " -- within limits"))
     log(f"trained {total_steps} steps on {tokens_seen:,} tokens in {train_seconds:.0f} s ({summary['tok_s']:.0f} tok/s); "
         f"total {summary['wall_seconds']:.0f} s")
-    log(f"saved: {run_dir / 'final'}  (try: tunesmith generate --run {run_dir} \"...\")")
+    log(f"report: {run_dir / 'report.html'}")
+    log(f"saved: {run_dir / 'final'}  (try: tunesmith generate --run {run_dir} \"...\"; tunesmith eval {run_dir})")
     return RunResult(run_dir, summary)
 
 
@@ -328,11 +343,6 @@ def _non_finite(step: int, loss: float, grad_norm: float, policy: str, run_dir: 
     kept = f"the last checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
     raise TunesmithError(f"{what} is not finite; training stopped ({kept}). Try a lower train.lr, "
                          f"train.max_grad_norm, or train.on_nonfinite=skip to skip such steps")
-
-
-def _user_text(example) -> str:
-    users = [m["content"] for m in example.messages if m["role"] in ("user", "text")]
-    return users[-1] if users else ""
 
 
 def _tty() -> bool:

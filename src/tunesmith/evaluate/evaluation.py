@@ -1,0 +1,120 @@
+"""`tunesmith eval RUN_DIR`: the tuned model (and the base, and any other runs) on held-out data,
+scored against the dataset's references -- never against another model's outputs.
+
+Generative tasks: greedy, batched, KV-cached generation; ROUGE-1/2/L/Lsum, BLEU, chrF, METEOR,
+exact match, the share of outputs that end on their own, generation tokens/s; a side-by-side
+table with per-example ROUGE-L; the forgetting check against the base. Classification:
+accuracy, macro precision/recall/F1 and the majority-class baseline. Writes evaluation.json and
+rewrites report.html in the run directory.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import load_config
+from tunesmith.data import prepare
+from tunesmith.data.classify import tokenize_classification
+from tunesmith.data.prepare import load_examples
+from tunesmith.data.render import render
+from tunesmith.data.shapes import user_text
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import forgetting
+from tunesmith.evaluate.classification import classification_metrics
+from tunesmith.evaluate.generate import Sampling, generate
+from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
+from tunesmith.evaluate.report import write_report
+from tunesmith.evaluate.side_by_side import build_rows
+from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from tunesmith.train.rundir import write_json_atomic
+
+
+def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_base: bool = True,
+                 other_runs: tuple[Path, ...] = (), show: int = 8, max_new_tokens: int | None = None, log=print) -> dict:
+    if not (run_dir / "final").is_dir():
+        raise TunesmithError(f"{run_dir} has no final model (is it a finished tunesmith run?)")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    device = torch.device(pick_device())
+    dtype = pick_dtype(cfg.model.dtype, device)
+    tokenizer = load_tokenizer(run_dir / "final")
+    models = {"tuned": run_dir / "final"}
+    models.update({p.name: p / "final" for p in other_runs})
+    if with_base:
+        models = {"base": resolve_model_dir(cfg.model.name), **models}
+    examples = _eval_examples(cfg, tokenizer, data_path)
+    examples = examples[:: max(1, len(examples) // n)][:n] if len(examples) > n else examples
+    if not examples:
+        raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
+    log(f"evaluating {', '.join(models)} on {len(examples)} examples from {data_path or 'the run validation split'}")
+    if examples[0].label is not None:
+        result = _classification(models, examples, tokenizer, cfg, dtype, device, log)
+    else:
+        result = _generation(models, examples, tokenizer, cfg, dtype, device, show, max_new_tokens or cfg.eval.max_new_tokens, log)
+    result.update({"data": data_path or "validation split", "examples": len(examples)})
+    write_json_atomic(run_dir / "evaluation.json", result)
+    write_report(run_dir)
+    return result
+
+
+def _eval_examples(cfg, tokenizer, data_path):
+    if data_path:
+        return load_examples(cfg.data, data_path)[1]
+    return prepare(cfg.data, tokenizer).val.examples
+
+
+def _load(path: Path, dtype, device):
+    model = load_model(path, dtype, device).eval()
+    if hasattr(model, "merge_and_unload") and not model.active_peft_config.is_prompt_learning:
+        model = model.merge_and_unload()  # generation as fast as a merged model
+    return model
+
+
+def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int, max_new_tokens: int, log) -> dict:
+    rendered = [render(ex, cfg.data.template, tokenizer, False, cfg.data.system_prompt) for ex in examples]
+    prompts = [r.prompt for r in rendered]
+    references = [ex.references or [r.reference] for ex, r in zip(examples, rendered)]
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    outputs, metrics, speed = {}, {}, {}
+    base_general = drift = None
+    for name, path in models.items():
+        model = _load(path, dtype, device)
+        t0 = time.perf_counter()
+        gens = generate(model, tokenizer, prompts, sampling, add_special_tokens=cfg.data.template != "chat")
+        secs = time.perf_counter() - t0
+        outputs[name] = gens
+        metrics[name] = {**generation_metrics([g.text for g in gens], references),
+                         "ends_on_its_own": round(100 * sum(g.stopped for g in gens) / len(gens), 1)}
+        speed[name] = round(sum(g.new_tokens for g in gens) / secs, 1)
+        if name == "base":
+            base_general = forgetting.measure_base(model, tokenizer)
+        elif name == "tuned" and base_general:
+            drift = forgetting.compare_to_base(model, base_general)
+        log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics[name].items()) + f"; {speed[name]} generated tok/s")
+        del model
+    if "meteor" not in metrics.get("tuned", {}):
+        log(METEOR_MISSING)
+    k = min(show, len(examples))
+    rows = build_rows([user_text(ex) for ex in examples[:k]], [r.reference for r in rendered[:k]],
+                      {n: g[:k] for n, g in outputs.items()}, references[:k])
+    return {"task": "causal", "metrics": metrics, "generation_tok_s": speed, "side_by_side": rows, "forgetting": drift,
+            "outputs": {n: [g.text for g in gens] for n, gens in outputs.items()}, "references": references}
+
+
+def _classification(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
+    metrics = {}
+    for name, path in models.items():
+        if name == "base":
+            continue  # a fresh head on the base is chance by construction; the majority class is the baseline
+        model = _load(path, dtype, device)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        _, _, tokens = tokenize_classification(examples, labels, tokenizer, cfg.data.max_length, True, Counter())
+        metrics[name] = classification_metrics(model, tokens, tokenizer.pad_token_id)
+        log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics[name].items()))
+    counts = Counter(ex.label for ex in examples)
+    majority = counts.most_common(1)[0][1] / len(examples)
+    f1_majority = (2 * majority / (1 + majority)) / len(counts)
+    metrics["majority class"] = {"eval_accuracy": round(majority, 5), "eval_f1": round(f1_majority, 5)}
+    return {"task": "classification", "metrics": metrics}

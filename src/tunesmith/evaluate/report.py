@@ -1,0 +1,224 @@
+"""`runs/NAME/report.html`: one self-contained page (images embedded, opens offline) that says at a
+glance whether the fine-tune helped, then shows the evidence: metrics base vs tuned with deltas,
+curves, the side-by-side outputs, the forgetting check, data, parameters, timings, environment
+and the config. Built from the run's files (eval.json, metrics.jsonl, config.yaml and, after
+`tunesmith eval`, evaluation.json), so `train` and `eval` both (re)write it. The PNGs are also
+written next to it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import platform
+from pathlib import Path
+
+from tunesmith.train.rundir import write_text_atomic
+from tunesmith.train.runlog import read_metrics
+
+LOWER_IS_BETTER = {"eval_loss", "eval_ppl", "loss", "ppl"}
+GOOD, BAD = "#1a7f37", "#cf222e"
+
+
+def write_report(run_dir: Path) -> Path:
+    summary = json.loads((run_dir / "eval.json").read_text())
+    evaluation = json.loads((run_dir / "evaluation.json").read_text()) if (run_dir / "evaluation.json").exists() else None
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
+    curves = _training_plot(rows, run_dir / "training.png")
+    bars = _metrics_plot(summary, evaluation, run_dir / "metrics.png")
+    verdict, good = _verdict(summary, evaluation)
+    parts = [f"<h1>{html.escape(run_dir.name)}</h1>",
+             f"<p class='sub'>{html.escape(summary['method'])} on {html.escape(str(summary['model']))} &middot; "
+             f"task: {html.escape(summary.get('task', 'causal'))}</p>",
+             f"<div class='verdict' style='border-color:{GOOD if good else BAD}'>{verdict}</div>",
+             "<h2>Metrics: base vs tuned</h2>", _metrics_table(summary, evaluation)]
+    if bars:
+        parts.append(_img(bars, "metrics base vs tuned"))
+    if curves:
+        parts += ["<h2>Training curves</h2>", _img(curves, "loss, learning rate, tokens/s")]
+    side = (evaluation or {}).get("side_by_side") or summary.get("side_by_side") or []
+    if side:
+        parts += ["<h2>Side by side</h2>", _side_by_side(side)]
+    drift = (evaluation or {}).get("forgetting") or summary.get("forgetting")
+    if drift:
+        parts += ["<h2>Forgetting check</h2>", _forgetting(drift)]
+    parts += ["<h2>Run</h2>", _facts(summary), "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>"]
+    page = PAGE.format(title=html.escape(run_dir.name), body="\n".join(parts))
+    path = run_dir / "report.html"
+    write_text_atomic(path, page)
+    return path
+
+
+def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    claims, good = [], True
+    if "eval_accuracy" in after:
+        d = after["eval_accuracy"] - before.get("eval_accuracy", 0)
+        claims.append(f"held-out accuracy {before.get('eval_accuracy', 0):.1%} &rarr; <b>{after['eval_accuracy']:.1%}</b> "
+                      f"(macro-F1 {before.get('eval_f1', 0):.3f} &rarr; {after['eval_f1']:.3f})")
+        good = d > 0
+    elif "eval_loss" in after and "eval_loss" in before:
+        d = after["eval_loss"] / before["eval_loss"] - 1
+        claims.append(f"held-out loss on the responses {before['eval_loss']:.3f} &rarr; <b>{after['eval_loss']:.3f}</b> ({d:+.0%})")
+        good = d < 0
+    gen = (evaluation or {}).get("metrics")
+    if gen and "base" in gen and "tuned" in gen and "rougeL" in gen["tuned"]:
+        claims.append(f"ROUGE-L against the references {gen['base']['rougeL']:.1f} &rarr; <b>{gen['tuned']['rougeL']:.1f}</b>")
+        good = good and gen["tuned"]["rougeL"] > gen["base"]["rougeL"]
+    drift = (evaluation or {}).get("forgetting") or summary.get("forgetting")
+    if drift:
+        claims.append("general behaviour " + ("<b style='color:%s'>drifted</b>" % BAD if drift["drifted"] else "kept")
+                      + f" (perplexity on general text {drift['ppl_change_pct']:+.1f}%)")
+    head = "The fine-tune helped." if good else "The fine-tune did not clearly help."
+    return f"<b>{head}</b> " + "; ".join(claims) + ".", good
+
+
+def _metrics_table(summary: dict, evaluation: dict | None) -> str:
+    rows = []
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    for k in after:
+        if k in before and isinstance(after[k], (int, float)) and not k.endswith(("_tokens", "_examples")):
+            rows.append((f"held-out {k.removeprefix('eval_')}", before[k], after[k], k in LOWER_IS_BETTER))
+    gen = (evaluation or {}).get("metrics") or {}
+    for k, v in (gen.get("tuned") or {}).items():
+        if k in (gen.get("base") or {}):
+            rows.append((f"{k} ({evaluation.get('examples', '?')} examples)", gen["base"][k], v, False))
+    out = ["<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"]
+    for name, b, t, lower in rows:
+        delta = t - b
+        better = (delta < 0) if lower else (delta > 0)
+        color = GOOD if better else (BAD if delta else "#555")
+        out.append(f"<tr><td>{html.escape(name)}</td><td>{b:.4g}</td><td><b>{t:.4g}</b></td>"
+                   f"<td style='color:{color}'>{delta:+.4g}</td></tr>")
+    return "".join(out) + "</table>"
+
+
+def _side_by_side(rows: list[dict]) -> str:
+    names = [k[: -len("_rougeL")] for k in rows[0] if k.endswith("_rougeL")]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    out = [f"<table class='sbs'><tr><th>input</th><th>reference</th>{head}</tr>"]
+    for r in rows:
+        cells = "".join(f"<td>{html.escape(r[n])}<div class='score'>ROUGE-L {r[n + '_rougeL']:.1f}"
+                        f"{'' if r.get(n + '_stopped', True) else ' &middot; hit the length cap'}</div></td>" for n in names)
+        out.append(f"<tr><td>{html.escape(r['input'][:600])}</td><td>{html.escape(r['reference'])}</td>{cells}</tr>")
+    return "".join(out) + "</table>"
+
+
+def _forgetting(d: dict) -> str:
+    color = BAD if d["drifted"] else GOOD
+    return (f"<p>On {d['texts']} short general texts unlike the training data ({d['tokens']} tokens): perplexity "
+            f"{d['base_ppl']:.2f} (base) &rarr; {d['tuned_ppl']:.2f} (tuned), <span style='color:{color}'>"
+            f"{d['ppl_change_pct']:+.1f}%</span>; mean KL(base || tuned) {d['mean_kl']:.3f} nats/token. "
+            f"Flagged when perplexity rises more than {d['limits']['ppl_rise_pct']:.0f}% or KL exceeds {d['limits']['kl']}: "
+            f"<b style='color:{color}'>{'drifted' if d['drifted'] else 'within limits'}</b>.</p>")
+
+
+def _facts(s: dict) -> str:
+    data = s.get("data", {})
+    tr = data.get("train", {})
+    items = [("trainable parameters", f"{s['params']['trainable']:,} of {s['params']['total']:,} ({s['params']['percent']:.3g}%)"),
+             ("data", f"{data.get('format')} format, {data.get('records')} records; train {tr.get('kept')} examples, "
+                      f"{tr.get('tokens', 0):,} tokens ({100 * tr.get('label_share', 0):.0f}% trained), "
+                      f"val {data.get('val', {}).get('kept')}; dropped over-long {tr.get('dropped_overlong')}"),
+             ("training", f"{s['steps']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s ({s['tok_s']:.0f} tok/s)"
+                          + (f", resumed from step {s['resumed_from']}" if s.get("resumed_from") else "")),
+             ("wall time", f"{s['wall_seconds']:.0f} s including loading, evaluation and saving"),
+             ("environment", f"{platform.platform()}, Python {platform.python_version()}, {s.get('threads')} threads, "
+                             f"torch {_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}")]
+    return "<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in items) + "</table>"
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _training_plot(rows: list[dict], path: Path) -> Path | None:
+    steps = [r for r in rows if "loss" in r]
+    if not steps:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    x = [r["step"] for r in steps]
+    axes[0].plot(x, [r["loss"] for r in steps], color="#9ab", lw=1, label="train loss (per step)")
+    if len(steps) >= 5:
+        k = max(2, len(steps) // 10)
+        smooth = [sum(r["loss"] for r in steps[max(0, i - k + 1): i + 1]) / len(steps[max(0, i - k + 1): i + 1]) for i in range(len(steps))]
+        axes[0].plot(x, smooth, color="#1f4e79", lw=2, label="train loss (smoothed)")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="#c0392b", label="held-out loss")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("loss")
+    axes[1].plot(x, [r["lr"] for r in steps], color="#555")
+    axes[1].set_title("learning rate")
+    axes[1].set_xlabel("step")
+    axes[2].plot(x, [r["tok_s"] for r in steps], color="#2e7d32")
+    axes[2].set_title("real tokens / s (cumulative)")
+    axes[2].set_xlabel("step")
+    return _save(fig, plt, path)
+
+
+def _metrics_plot(summary: dict, evaluation: dict | None, path: Path) -> Path | None:
+    gen = (evaluation or {}).get("metrics") or {}
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    pairs = {k: (gen["base"][k], gen["tuned"][k]) for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "meteor")
+             if k in gen.get("tuned", {}) and k in gen.get("base", {})}
+    for k in ("eval_accuracy", "eval_f1", "eval_token_accuracy"):
+        if k in after and k in before:
+            pairs[k.removeprefix("eval_")] = (100 * before[k], 100 * after[k])
+    if not pairs:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(pairs) + 2.5, 3.2))
+    xs = range(len(pairs))
+    ax.bar([i - 0.2 for i in xs], [v[0] for v in pairs.values()], 0.4, label="base", color="#b0b7c3")
+    ax.bar([i + 0.2 for i in xs], [v[1] for v in pairs.values()], 0.4, label="tuned", color="#1f4e79")
+    ax.set_xticks(list(xs), list(pairs))
+    ax.set_ylabel("score (0-100)")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _img(path: Path, alt: str) -> str:
+    return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title} - tunesmith report</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; max-width: 1250px; margin: 24px auto; padding: 0 16px; color: #1f2328; }}
+h1 {{ margin-bottom: 0; }} .sub {{ color: #57606a; margin-top: 4px; }}
+.verdict {{ border-left: 6px solid; background: #f6f8fa; padding: 12px 16px; font-size: 17px; margin: 16px 0; }}
+table {{ border-collapse: collapse; margin: 8px 0 16px; }} td, th {{ border: 1px solid #d0d7de; padding: 5px 9px; vertical-align: top; text-align: left; }}
+th {{ background: #f6f8fa; }} .sbs td {{ max-width: 300px; font-size: 13px; white-space: pre-wrap; }}
+.score {{ color: #57606a; font-size: 12px; margin-top: 4px; }} img {{ max-width: 100%; }}
+pre {{ background: #f6f8fa; padding: 10px; overflow-x: auto; font-size: 12px; }}
+</style></head><body>
+{body}
+</body></html>
+"""

@@ -1,0 +1,59 @@
+"""Evaluation: metrics equal the libraries called by hand, `tunesmith eval` scores base and tuned
+against references, the forgetting check, and the HTML report."""
+import json
+
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from tunesmith.cli.main import main
+from tunesmith.evaluate.metrics import bleu_chrf, exact_match, rouge
+from tunesmith.train.loop import train
+from conftest import write_jsonl
+from test_train import tiny_cfg
+
+PRED = ["the cat sat on the mat", "a quick brown fox", "nothing in common"]
+REFS = [["the cat is on the mat", "a cat sat on a mat"], ["the quick brown fox jumps"], ["entirely different words"]]
+
+
+def test_rouge_and_bleu_match_the_libraries_by_hand():
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    best = [max(scorer.score(r, p)["rougeL"].fmeasure for r in refs) for p, refs in zip(PRED, REFS)]
+    assert rouge(PRED, REFS)["rougeL"] == round(100 * sum(best) / 3, 2)
+    r1 = [max(scorer.score(r, p)["rouge1"].fmeasure for r in refs) for p, refs in zip(PRED, REFS)]
+    assert rouge(PRED, REFS)["rouge1"] == round(100 * sum(r1) / 3, 2)
+    streams = [[REFS[0][0], REFS[1][0], REFS[2][0]], [REFS[0][1], REFS[1][0], REFS[2][0]]]
+    assert bleu_chrf(PRED, REFS)["bleu"] == round(sacrebleu.corpus_bleu(PRED, streams).score, 2)
+    assert bleu_chrf(PRED, REFS)["chrf"] == round(sacrebleu.corpus_chrf(PRED, streams).score, 2)
+    assert exact_match(["The cat", "dog"], [["the  cat"], ["cat"]]) == 50.0
+
+
+def test_eval_command_scores_base_and_tuned_and_writes_the_report(tmp_path, tiny_model_dir, instruction_file, capsys):
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.max_steps=15"))
+    run = res.run_dir
+    assert res.summary["forgetting"]["texts"] == 12 and "mean_kl" in res.summary["forgetting"]
+    html = (run / "report.html").read_text()
+    assert "Metrics: base vs tuned" in html and "data:image/png;base64," in html and "Forgetting check" in html
+    # evaluate on a separate file with several references per record
+    rows = [{"instruction": f"Summarize what f{i} does.", "output": f"Return the sum of {i} and {i + 1}.",
+             "references": [f"Return the sum of {i} and {i + 1}.", f"Adds {i} to {i + 1}."]} for i in range(6)]
+    data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    assert main(["eval", str(run), "--data", str(data), "-n", "4", "--max-new-tokens", "6"]) == 0
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["examples"] == 4 and set(ev["metrics"]) == {"base", "tuned"}
+    for name in ("base", "tuned"):
+        m = ev["metrics"][name]
+        assert {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match", "ends_on_its_own"} <= set(m)
+        assert m["rougeL"] == rouge(ev["outputs"][name], ev["references"])["rougeL"]  # against the references
+    assert ev["references"][0] == rows[0]["references"]
+    assert ev["forgetting"]["drifted"] in (True, False)
+    assert "rougeL (4 examples)" in (run / "report.html").read_text()
+
+
+def test_eval_of_a_classifier(tmp_path, tiny_bert_dir, sentiment_file, capsys):
+    from test_classification import cls_cfg
+
+    run = train(cls_cfg(tmp_path, tiny_bert_dir, sentiment_file, "method.name=full", "train.lr=1e-3")).run_dir
+    assert main(["eval", str(run), "--data", str(sentiment_file), "-n", "40"]) == 0
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["task"] == "classification" and "eval_f1" in ev["metrics"]["tuned"]
+    assert ev["metrics"]["majority class"]["eval_accuracy"] > 0.3
