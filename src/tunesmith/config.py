@@ -83,6 +83,7 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = Field("adamw", description="`adamw8bit`/`paged_*` come from bitsandbytes (8-bit states save memory on big trainable sets; paged variants fall back to non-paged on CPU).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (unset = no clipping).")
     seed: int = Field(0, description="Seed for initialisation and batch order.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description="Experiment trackers, all offline by default: TensorBoard event files, MLflow (SQLite store in the run dir), W&B offline mode. E.g. `[tensorboard]`.")
     save_every_steps: Optional[int] = Field(None, ge=1, description="Write a checkpoint every N optimizer steps (resume with `tunesmith train --resume RUN_DIR`).")
     select_best: Optional[str] = Field(None, description="Keep the weights with the best value of this held-out metric (`eval_loss` lowest; `eval_accuracy`, `eval_f1`, ... highest), saved to `best/` when it improves, and finish with them. Needs `eval.every_steps` or `eval.each_epoch`.")
     save_each_epoch: bool = Field(False, description="Also write a checkpoint at the end of every epoch.")

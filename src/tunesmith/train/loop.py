@@ -39,6 +39,7 @@ from tunesmith.train.machine import configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, truncate_metrics
 from tunesmith.train.plan import estimate
+from tunesmith.train.trackers import Trackers, check_installed
 from tunesmith.train.schedule import lr_at, make_optimizer, plan_steps, warmup_steps
 
 
@@ -107,12 +108,19 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         if not force:
             raise TunesmithError(f"this run would not fit in memory:\n{memory.describe()}\n(pass --force to try anyway)")
         log(f"warning: the memory estimate ({memory.total / 2**30:.1f} GiB) exceeds what is available; going on (--force)")
+    check_installed(cfg.train.report_to)
     # inputs are good: now the run directory may be created (or an old one replaced with --overwrite)
     ckpt = checkpoint.resume_point(run_dir, fingerprint, force_resume, log) if resuming else None
     if not resuming:
         create_run_dir(run_dir, cfg.output.overwrite)
     write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     log.attach(run_dir / "train.log")
+    trackers = Trackers(cfg.train.report_to, run_dir, cfg.model_dump(), resumed=resuming)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def record_metrics(row: dict) -> None:
+        append_jsonl(metrics_path, row)
+        trackers.log(row)
 
     # -- 4. before training: held-out metrics and base outputs for the side-by-side table -------
     pad_id = tokenizer.pad_token_id
@@ -133,7 +141,6 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         if task == "classification":
             return predicted_labels(model, [data.val.tokens[i] for i in sample_idx], pad_id, st["labels"])
         return generate(model, tokenizer, [r.prompt for r in samples], sampling)
-    metrics_path = run_dir / "metrics.jsonl"
     if resuming:  # measured when the run started
         baseline = json.loads((run_dir / "baseline.json").read_text())
         baseline["base_outputs"] = [Generation(**g) for g in baseline["base_outputs"]]
@@ -146,7 +153,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         if base_general:
             forgetting.save_base(run_dir / "baseline_general.safetensors", base_general)
         if baseline["before"]:
-            append_jsonl(metrics_path, {"step": 0, **baseline["before"]})
+            record_metrics({"step": 0, **baseline["before"]})
     before = baseline["before"]
     if before:
         log("held-out before training: " + _metrics_line(before))
@@ -227,7 +234,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                     progress["best"] = {"step": step + 1, "value": record[cfg.train.select_best]}
                     checkpoint.save_best(run_dir, model, record)
             if (step + 1) % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
-                append_jsonl(metrics_path, record)
+                record_metrics(record)
             due = cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0
             due = due or (cfg.train.save_each_epoch and (step + 1) % steps_per_epoch == 0)
             if (due or stop.requested) and not last:
@@ -235,6 +242,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                                         "fingerprint": fingerprint}, cfg.train.keep_checkpoints, log)
             if stop.requested and not last:
                 bar.close()
+                trackers.close()
                 command = f"tunesmith train --resume {run_dir}"
                 raise TrainingInterrupted(f"stopped by {stop.signal_name} after step {step + 1} of {total_steps}; "
                                           f"checkpoint written", command)
@@ -250,7 +258,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             f"({cfg.train.select_best} {best['value']:.4f}; the last step had {after.get(cfg.train.select_best, float('nan')):.4f})")
         after = evaluate(model)
     if after:
-        append_jsonl(metrics_path, {"step": total_steps, **after})
+        record_metrics({"step": total_steps, **after})
+    trackers.close()
     tuned_outputs = sample_outputs(model)
     drift = forgetting.compare_to_base(model, base_general) if base_general else None
     publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d, cfg.method, task))
