@@ -110,3 +110,16 @@ def test_missing_tracker_package_is_a_clear_error(tmp_path, tiny_model_dir, inst
     with pytest.raises(TunesmithError, match="report_to includes wandb, but the no_such_package_xyz package is not installed"):
         train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.report_to=[wandb]"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_time_budget_stops_training_at_the_budget_and_then_evaluates_and_saves(tmp_path, tiny_model_dir, instruction_file):
+    budget_s = 1.5
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, f"train.max_minutes={budget_s / 60}", "train.epochs=1000")
+    cfg.train.max_steps = None
+    s = train(cfg).summary
+    assert 3 <= s["steps"] < 100_000
+    assert budget_s * 0.7 <= s["train_seconds"] <= budget_s + 1.0, s["train_seconds"]
+    assert s["after"] and s["budget_minutes"] == budget_s / 60 and s["epochs"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] < 0.2 * max(lrs)  # the decay was planned for the budget, not cut off at the peak

@@ -73,6 +73,7 @@ class MethodConfig(Section):
 class TrainConfig(Section):
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; when unset, `epochs` decides.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed) when `max_steps` is unset.")
+    max_minutes: Optional[float] = Field(None, gt=0, description="Wall-clock budget for the training loop (model loading and the before/after evaluation are not counted): the step count and so the warm-up/decay schedule are planned from the measured step time and re-planned as it runs; stops at the budget, `max_steps` or `epochs`, whichever comes first, then evaluates and saves as usual.")
     lr: Optional[float] = Field(None, gt=0, description="Peak learning rate; unset = the method's tuned default (LoRA 1e-3, full 5e-5).")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass, at most (see batch_tokens).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum examples).")

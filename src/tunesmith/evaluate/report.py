@@ -124,6 +124,8 @@ def _facts(s: dict) -> str:
                       f"val {data.get('val', {}).get('kept')}; dropped over-long {tr.get('dropped_overlong')}"),
              ("training", f"{s['steps']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s ({s['tok_s']:.0f} tok/s)"
                           + (f", resumed from step {s['resumed_from']}" if s.get("resumed_from") else "")),
+             ("time budget", f"{s['budget_minutes']:g} min of training bought {s['steps']} steps, {s.get('examples', 0):,} examples "
+                             f"({s.get('epochs', 0):.2f} epochs), {s['tokens']:,} tokens" if s.get("budget_minutes") else "none (fixed steps)"),
              ("wall time", f"{s['wall_seconds']:.0f} s including loading, evaluation and saving"),
              ("environment", f"{platform.platform()}, Python {platform.python_version()}, {s.get('threads')} threads, "
                              f"torch {_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}")]

@@ -38,9 +38,9 @@ from tunesmith.train.loss import class_sum_loss, sum_loss
 from tunesmith.train.machine import configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, truncate_metrics
-from tunesmith.train.plan import estimate
+from tunesmith.train.plan import estimate, matmul_gflops
 from tunesmith.train.trackers import Trackers, check_installed
-from tunesmith.train.schedule import lr_at, make_optimizer, plan_steps, warmup_steps
+from tunesmith.train.schedule import budget_steps, lr_at, make_optimizer, plan_steps, warmup_steps
 
 
 @dataclass
@@ -159,15 +159,24 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         log("held-out before training: " + _metrics_line(before))
 
     # -- 5. optimizer, schedule, resume point --------------------------------------------------
+    budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+    if budget:  # a first plan from this machine's measured matmul speed; re-planned from real steps below
+        step_cap = total_steps
+        guess = estimate(cfg, model, params["trainable"], st, total_steps, matmul_gflops(0.5)).seconds / total_steps
+        total_steps = max(1, min(step_cap, int(budget / guess)))
+        log(f"time budget {cfg.train.max_minutes:g} min: first plan {total_steps} steps (~{guess:.1f} s/step estimated), "
+            f"re-planned from the measured pace as training runs")
     warmup = warmup_steps(cfg.train.warmup, total_steps)
     peak_lr = cfg.train.lr or method.DEFAULT_LR
     optimizer = make_optimizer(cfg.train.optimizer, trainable, peak_lr, cfg.train.weight_decay, log)
     log(f"plan: {total_steps} steps x {micro * accum} examples ({total_steps / steps_per_epoch:.2f} epochs), "
         f"peak lr {peak_lr:g}, {cfg.train.schedule} schedule, {warmup} warm-up steps")
-    progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None}
+    progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None,
+                "first_step_seconds": 0.0, "planned_steps": total_steps}
     if ckpt:
         checkpoint.restore(ckpt, model, optimizer)
         progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items()})
+        total_steps = progress["planned_steps"] if budget else total_steps
         truncate_metrics(metrics_path, ckpt.step)
         log(f"resumed from {ckpt.path.name}: step {ckpt.step} of {total_steps}")
         if ckpt.step >= total_steps:
@@ -190,7 +199,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     bar = tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0 if _tty() else 30.0)
     with StopRequests(log) as stop:
-        for step in range(progress["step"], total_steps):
+        step = progress["step"] - 1
+        while step + 1 < total_steps:
+            step += 1
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = peak_lr * lr_at(step, total_steps, warmup, cfg.train.schedule)
@@ -217,6 +228,12 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             progress["tokens"] += sum(b.real_tokens for b in batches)
             progress["examples"] += sum(b.input_ids.shape[0] for b in batches)
             progress["step"] = step + 1
+            if step == 0:
+                progress["first_step_seconds"] = progress["train_seconds"]
+            if budget:
+                total_steps = budget_steps(budget, step_cap, step + 1, progress["train_seconds"], progress["first_step_seconds"])
+                progress["planned_steps"] = bar.total = total_steps
+                warmup = warmup_steps(cfg.train.warmup, total_steps)
             tok_s = progress["tokens"] / progress["train_seconds"]
             record = {"step": step + 1, "epoch": round(progress["examples"] / len(lengths), 4), "loss": round(step_loss, 5),
                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 4), "tokens": progress["tokens"],
@@ -271,7 +288,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
-        "resumed_from": ckpt.step if ckpt else None, "side_by_side": rows, "forgetting": drift,
+        "resumed_from": ckpt.step if ckpt else None, "epochs": round(progress["examples"] / len(lengths), 3),
+        "examples": progress["examples"], "budget_minutes": cfg.train.max_minutes, "side_by_side": rows, "forgetting": drift,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json_atomic(run_dir / "eval.json", summary)
@@ -291,8 +309,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         log(f"forgetting check on {drift['texts']} general texts: perplexity {drift['base_ppl']:.2f} -> {drift['tuned_ppl']:.2f} "
             f"({drift['ppl_change_pct']:+.1f}%), mean KL(base||tuned) {drift['mean_kl']:.3f} nats/token"
             + (" -- DRIFTED beyond the limits" if drift["drifted"] else " -- within limits"))
-    log(f"trained {total_steps} steps on {tokens_seen:,} tokens in {train_seconds:.0f} s ({summary['tok_s']:.0f} tok/s); "
-        f"total {summary['wall_seconds']:.0f} s")
+    log(f"trained {total_steps} steps ({summary['epochs']:.2f} epochs) on {tokens_seen:,} tokens in {train_seconds:.0f} s "
+        f"({summary['tok_s']:.0f} tok/s)" + (f" within the {cfg.train.max_minutes:g}-minute budget" if budget else "")
+        + f"; total {summary['wall_seconds']:.0f} s")
     log(f"report: {run_dir / 'report.html'}")
     log(f"saved: {run_dir / 'final'}  (try: tunesmith generate --run {run_dir} \"...\"; tunesmith eval {run_dir})")
     return RunResult(run_dir, summary)

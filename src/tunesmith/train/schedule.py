@@ -49,3 +49,14 @@ def plan_steps(cfg, n_train: int) -> tuple[int, int]:
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     steps_per_epoch = max(1, math.ceil(n_train / per_step))
     return steps_per_epoch, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+
+
+def budget_steps(budget_seconds: float, cap: int, steps_done: int, seconds_so_far: float, first_step_seconds: float) -> int:
+    """Total optimizer steps that fit `budget_seconds` at the pace measured so far (the first step,
+    which pays for memory allocation, is left out of the pace once there are others), at most `cap`."""
+    if steps_done >= 2:
+        pace = (seconds_so_far - first_step_seconds) / (steps_done - 1)
+    else:
+        pace = seconds_so_far / max(1, steps_done)
+    remaining = max(0.0, budget_seconds - seconds_so_far)
+    return max(steps_done, min(cap, steps_done + int(remaining / max(pace, 1e-9))))
