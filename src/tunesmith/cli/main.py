@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, help="generation cap (default: the run's eval.max_new_tokens)")
     ev.set_defaults(func=cmd_eval)
 
+    ex = sub.add_parser("export", help="merge and save as a Hugging Face model, a verified GGUF (+ Ollama Modelfile), or the adapter")
+    ex.add_argument("run", help="a run directory (runs/NAME)")
+    ex.add_argument("--format", choices=["hf", "gguf", "adapter"], default="hf")
+    ex.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="weights of the export (default f32)")
+    ex.add_argument("--quant", choices=["q8_0"], help="GGUF quantization (instead of --dtype)")
+    ex.add_argument("--out", help="output folder (default: RUN_DIR/export/FORMAT)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    ex.set_defaults(func=cmd_export)
+
     cm = sub.add_parser("compare", help="train the same recipe once per method and tabulate the results")
     cm.add_argument("config", nargs="?", help="recipe name or YAML file (default: the default recipe)")
     cm.add_argument("overrides", nargs="*", metavar="key=value")
@@ -173,6 +182,15 @@ def cmd_eval(args) -> int:
     run = Path(args.run)
     evaluate_run(run, args.data, args.n, not args.no_base, tuple(Path(r) for r in args.runs), args.show, args.max_new_tokens)
     print(f"report: {run / 'report.html'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tunesmith.export.run import export_run
+
+    if args.quant and args.format != "gguf":
+        raise TunesmithError("--quant applies to --format gguf only")
+    export_run(Path(args.run), args.format, args.dtype, args.quant, Path(args.out) if args.out else None, args.overwrite)
     return 0
 
 

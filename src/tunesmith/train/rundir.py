@@ -45,6 +45,9 @@ def write_json_atomic(path: Path, obj) -> None:
 def publish_dir(final: Path, writer) -> None:
     """Call writer(tmp_dir), then rename tmp_dir to `final` (replacing an older copy only after success)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets normal permissions
     try:
         writer(tmp)
         fsync_tree(tmp)
