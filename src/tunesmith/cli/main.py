@@ -114,17 +114,56 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="a run directory (runs/NAME)")
     src.add_argument("--model", help="a model name or path (as in model.name)")
     g.add_argument("prompt", nargs="+")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=0.95)
+    _sampling_flags(g)
     g.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--system", help="system message (chat models)")
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat with a run or a model (streaming; /reset, /system, /quit)")
+    ch.add_argument("source", help="a run directory or a model name/path")
+    _sampling_flags(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API for runs or a model")
+    sv.add_argument("sources", nargs="+", help="run directories (adapters on one base) or one model name/path")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--merge", action="store_true", help="merge a single adapter into the base (faster generation)")
+    sv.set_defaults(func=cmd_serve)
     return p
+
+
+def _sampling_flags(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_chat(args) -> int:
+    from tunesmith.evaluate.generate import Sampling
+    from tunesmith.export.chat import chat_loop
+    from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.source)
+    model = load_model(model_dir, pick_dtype("auto", pick_device())).eval()
+    chat_loop(model, load_tokenizer(model_dir), Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from tunesmith.export.serve import build_app, load_served
+
+    served = load_served(args.sources, args.merge)
+    print(f"serving {', '.join(served.names)} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
+    uvicorn.run(build_app(served), host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def _split_overrides(args) -> tuple[str | None, list[str]]:

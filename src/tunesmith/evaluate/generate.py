@@ -30,7 +30,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    eos = _eos_ids(tokenizer, model)
+    eos = eos_ids(tokenizer, model)
     torch.manual_seed(sampling.seed)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -55,7 +55,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
     return out
 
 
-def _eos_ids(tokenizer, model) -> list[int]:
+def eos_ids(tokenizer, model) -> list[int]:
     ids = {tokenizer.eos_token_id}
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)
     ids.update(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
