@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(its config.yaml is used; overrides still apply)")
     t.add_argument("--force-resume", action="store_true", help="resume even if the data or base model changed")
     t.add_argument("--force", action="store_true", help="train even if the memory estimate says it will not fit")
+    t.add_argument("--nproc", type=int, help="data-parallel processes on this node (re-launches itself under torchrun)")
+    t.add_argument("--nnodes", type=int, default=1, help="nodes taking part (multi-node: run the same command on each)")
+    t.add_argument("--node-rank", type=int, default=0)
+    t.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node)")
+    t.add_argument("--master-port", type=int, default=29500)
 
     pl = sub.add_parser("plan", help="estimate peak memory and training time before running")
     pl.add_argument("config", nargs="?", help="recipe name or YAML file (default: the default recipe)")
@@ -177,6 +182,9 @@ def _split_overrides(args) -> tuple[str | None, list[str]]:
 def cmd_train(args) -> int:
     from tunesmith.config import load_config
 
+    if args.nproc and os.environ.get("WORLD_SIZE") is None:
+        return _launch_torchrun(args)
+
     config, overrides = _split_overrides(args)
     resume = Path(args.resume) if args.resume else None
     if resume:
@@ -197,6 +205,28 @@ def cmd_train(args) -> int:
         print(f"{e}\nresume with: {e.resume_command}", file=sys.stderr)
         return 130
     return 0
+
+
+def _launch_torchrun(args) -> int:
+    """Re-run this very command under torchrun (gloo on CPU, NCCL on GPU is chosen inside)."""
+    from tunesmith.config import load_config
+
+    config, overrides = _split_overrides(args)
+    load_config(str(Path(args.resume) / "config.yaml") if args.resume else config, overrides)  # fail here, not N times
+    rest = ([config] if config else []) + overrides
+    for flag in ("overwrite", "force", "force_resume"):
+        if getattr(args, flag):
+            rest.append("--" + flag.replace("_", "-"))
+    if args.resume:
+        rest += ["--resume", args.resume]
+    where = ["--standalone"] if args.nnodes == 1 else ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank),
+                                                      "--master_addr", args.master_addr, "--master_port", str(args.master_port)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), *where,
+           "-m", "tunesmith.cli.main", "train", *rest]
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    import subprocess
+
+    return subprocess.call(cmd)
 
 
 def cmd_plan(args) -> int:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from tunesmith.config import Config, check_combinations, dump_yaml
 from tunesmith.data import prepare
+from tunesmith.data.render import IGNORE
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
 from tunesmith.data.cache import cache_key
 from tunesmith.data.shapes import user_text
@@ -35,7 +36,8 @@ from tunesmith.models import load_model, load_tokenizer, model_fingerprint, pick
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
-from tunesmith.train.machine import configure_threads, keep_heap_memory
+from tunesmith.train import distributed
+from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, truncate_metrics
 from tunesmith.train.plan import estimate, matmul_gflops
@@ -59,17 +61,19 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     """Run `cfg`; with `resume` (a run directory), continue it from its newest good checkpoint.
     A run whose memory estimate exceeds what is available is refused unless `force`."""
     t_start = time.perf_counter()
-    # -- 1. machine and run directory ----------------------------------------------------------
-    threads = configure_threads(cfg.train.threads)
-    keep_heap_memory()
+    # -- 1. machine, processes and run directory ------------------------------------------------
     device = pick_device()
+    ddp = distributed.setup(device)  # one process, or this rank of a torchrun launch
+    threads = configure_threads(cfg.train.threads or (max(1, available_cores() // ddp.local_world) if ddp.active else None))
+    keep_heap_memory()
     dtype = pick_dtype(cfg.model.dtype, device)
     seed_everything(cfg.train.seed)
-    run_dir = resume or _auto_resume_dir(cfg) or choose_run_dir(cfg.output.dir, cfg.output.name, cfg.recipe, cfg.output.overwrite)
+    run_dir = distributed.from_main((resume or _auto_resume_dir(cfg) or choose_run_dir(
+        cfg.output.dir, cfg.output.name, cfg.recipe, cfg.output.overwrite)) if ddp.main else None, ddp)
     resuming = run_dir == resume or run_dir == _auto_resume_dir(cfg)
-    log = RunLog()
+    log = RunLog(enabled=ddp.main)  # rank 0 alone writes logs and files
     log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads, "
-        f"{str(dtype).replace('torch.', '')}")
+        f"{str(dtype).replace('torch.', '')}" + (f", {ddp.world} processes" if ddp.active else ""))
 
     # -- 2. tokenizer and data ---------------------------------------------------------------
     model_dir = resolve_model_dir(cfg.model.name)
@@ -102,7 +106,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     lengths = [effective_length(t) for t in data.train.tokens]
-    steps_per_epoch, total_steps = plan_steps(cfg, len(lengths))
+    global_batch = micro * accum * ddp.world
+    steps_per_epoch, total_steps = plan_steps(cfg, len(lengths), ddp.world)
     memory = estimate(cfg, model, params["trainable"], st, total_steps)
     if not memory.fits:
         if not force:
@@ -111,16 +116,18 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     check_installed(cfg.train.report_to)
     # inputs are good: now the run directory may be created (or an old one replaced with --overwrite)
     ckpt = checkpoint.resume_point(run_dir, fingerprint, force_resume, log) if resuming else None
-    if not resuming:
-        create_run_dir(run_dir, cfg.output.overwrite)
-    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    log.attach(run_dir / "train.log")
-    trackers = Trackers(cfg.train.report_to, run_dir, cfg.model_dump(), resumed=resuming)
+    if ddp.main:
+        if not resuming:
+            create_run_dir(run_dir, cfg.output.overwrite)
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+        log.attach(run_dir / "train.log")
+    trackers = Trackers(cfg.train.report_to if ddp.main else [], run_dir, cfg.model_dump(), resumed=resuming)
     metrics_path = run_dir / "metrics.jsonl"
 
     def record_metrics(row: dict) -> None:
-        append_jsonl(metrics_path, row)
-        trackers.log(row)
+        if ddp.main:
+            append_jsonl(metrics_path, row)
+            trackers.log(row)
 
     # -- 4. before training: held-out metrics and base outputs for the side-by-side table -------
     pad_id = tokenizer.pad_token_id
@@ -131,12 +138,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
 
     def evaluate(model) -> dict:
-        if task == "classification":
+        if task == "classification":  # macro-F1 needs every prediction: each rank scores the whole split
             return classification_metrics(model, val_tokens, pad_id)
-        return heldout_metrics(model, val_tokens, pad_id)
+        # each rank scores its share of the split; the sums are combined (no example counted twice)
+        return distributed.combine_heldout(heldout_metrics(model, distributed.shard(val_tokens, ddp), pad_id), ddp)
 
     def sample_outputs(model) -> list:
-        if not samples:
+        if not samples or not ddp.main:
             return []
         if task == "classification":
             return predicted_labels(model, [data.val.tokens[i] for i in sample_idx], pad_id, st["labels"])
@@ -147,9 +155,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         base_general = forgetting.load_base(run_dir / "baseline_general.safetensors")
     else:
         baseline = {"before": evaluate(model), "base_outputs": sample_outputs(model)}
-        write_json_atomic(run_dir / "baseline.json", {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
+        if ddp.main:
+            write_json_atomic(run_dir / "baseline.json", {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
         # the forgetting check's reference: the base model on general text unlike the training data
-        base_general = forgetting.measure_base(model, tokenizer) if task == "causal" else None
+        base_general = forgetting.measure_base(model, tokenizer) if task == "causal" and ddp.main else None
         if base_general:
             forgetting.save_base(run_dir / "baseline_general.safetensors", base_general)
         if baseline["before"]:
@@ -172,22 +181,28 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     log(f"plan: {total_steps} steps x {micro * accum} examples ({total_steps / steps_per_epoch:.2f} epochs), "
         f"peak lr {peak_lr:g}, {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None,
-                "first_step_seconds": 0.0, "planned_steps": total_steps}
+                "first_step_seconds": 0.0, "planned_steps": total_steps, "global_batch": global_batch}
     if ckpt:
         checkpoint.restore(ckpt, model, optimizer)
         progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items()})
         total_steps = progress["planned_steps"] if budget else total_steps
+        if progress["global_batch"] != global_batch:
+            raise TunesmithError(f"{ckpt.path} was trained with a global batch of {progress['global_batch']} examples; this launch "
+                                 f"has {global_batch} (micro_batch_size x grad_accum x processes); set train.grad_accum to match")
         truncate_metrics(metrics_path, ckpt.step)
         log(f"resumed from {ckpt.path.name}: step {ckpt.step} of {total_steps}")
         if ckpt.step >= total_steps:
             raise TunesmithError(f"{ckpt.path} is at step {ckpt.step}, the plan has {total_steps}; raise train.max_steps to train further")
 
+    example_labels = [1 if t.label is not None else int((t.labels[1:] != IGNORE).sum()) for t in data.train.tokens]
+
     def step_plan():
-        """(epoch, example indices of each forward pass) for every optimizer step, epoch after epoch."""
+        """(epoch, this rank's forward passes, the global step's examples) for every optimizer step."""
         epoch = 0
         while True:
-            for step_examples in epoch_plan(lengths, micro * accum, cfg.train.seed, epoch):
-                yield epoch, split_passes(step_examples, lengths, micro, cfg.train.batch_tokens)
+            for step_examples in epoch_plan(lengths, global_batch, cfg.train.seed, epoch):
+                mine = distributed.shard(step_examples, ddp)
+                yield epoch, (split_passes(mine, lengths, micro, cfg.train.batch_tokens) if mine else []), step_examples
             epoch += 1
 
     # -- 6. the loop ---------------------------------------------------------------------------
@@ -195,9 +210,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     for _ in range(progress["step"]):  # fast-forward to the checkpoint: the same order, no tensors built
         next(plan)
     model.train()
+    local_examples = 0  # examples this rank trained on (the sharding test counts them)
     t_loop = time.perf_counter()
     bar = tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True,
-               mininterval=1.0 if _tty() else 30.0)
+               mininterval=1.0 if _tty() else 30.0, disable=not ddp.main)
     with StopRequests(log) as stop:
         step = progress["step"] - 1
         while step + 1 < total_steps:
@@ -205,9 +221,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = peak_lr * lr_at(step, total_steps, warmup, cfg.train.schedule)
-            epoch, passes = next(plan)
+            epoch, passes, step_examples = next(plan)
             batches = [collate([data.train.tokens[i] for i in p], pad_id, device) for p in passes]
-            label_tokens = sum(b.label_tokens for b in batches)  # normalise by the whole step's labels
+            label_tokens = sum(example_labels[i] for i in step_examples)  # normalise by the whole global step's labels
             step_loss = 0.0
             for batch in batches:
                 if task == "classification":
@@ -216,6 +232,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                     loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
                 loss.backward()
                 step_loss += float(loss.detach())
+            distributed.all_reduce_grads(trainable, ddp)
+            step_loss = distributed.sum_float(step_loss, ddp)
             grad_norm = _grad_norm(trainable, cfg.train.max_grad_norm)
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             if finite:
@@ -225,13 +243,15 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                 _non_finite(step + 1, step_loss, grad_norm, cfg.train.on_nonfinite, run_dir, log)
                 progress["skipped_steps"].append(step + 1)
             progress["train_seconds"] += time.perf_counter() - t0
-            progress["tokens"] += sum(b.real_tokens for b in batches)
-            progress["examples"] += sum(b.input_ids.shape[0] for b in batches)
+            progress["tokens"] += sum(lengths[i] for i in step_examples)
+            progress["examples"] += len(step_examples)
+            local_examples += sum(b.input_ids.shape[0] for b in batches)
             progress["step"] = step + 1
             if step == 0:
                 progress["first_step_seconds"] = progress["train_seconds"]
-            if budget:
-                total_steps = budget_steps(budget, step_cap, step + 1, progress["train_seconds"], progress["first_step_seconds"])
+            if budget:  # rank 0's clock decides for everyone
+                total_steps = distributed.from_main(budget_steps(budget, step_cap, step + 1, progress["train_seconds"],
+                                                                 progress["first_step_seconds"]), ddp)
                 progress["planned_steps"] = bar.total = total_steps
                 warmup = warmup_steps(cfg.train.warmup, total_steps)
             tok_s = progress["tokens"] / progress["train_seconds"]
@@ -249,19 +269,22 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                 log(f"step {step + 1}: " + _metrics_line(record))
                 if _improves(cfg.train.select_best, record, progress["best"]):
                     progress["best"] = {"step": step + 1, "value": record[cfg.train.select_best]}
-                    checkpoint.save_best(run_dir, model, record)
+                    if ddp.main:
+                        checkpoint.save_best(run_dir, model, record)
             if (step + 1) % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
                 record_metrics(record)
             due = cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0
             due = due or (cfg.train.save_each_epoch and (step + 1) % steps_per_epoch == 0)
-            if (due or stop.requested) and not last:
+            stopping = distributed.any_true(stop.requested, ddp)
+            if (due or stopping) and not last and ddp.main:
                 checkpoint.save_or_warn(run_dir, model, optimizer, {**progress, "eval_loss": record.get("eval_loss"),
                                         "fingerprint": fingerprint}, cfg.train.keep_checkpoints, log)
-            if stop.requested and not last:
+            if stopping and not last:
                 bar.close()
                 trackers.close()
+                distributed.finish(ddp)
                 command = f"tunesmith train --resume {run_dir}"
-                raise TrainingInterrupted(f"stopped by {stop.signal_name} after step {step + 1} of {total_steps}; "
+                raise TrainingInterrupted(f"stopped by {stop.signal_name or 'a signal'} after step {step + 1} of {total_steps}; "
                                           f"checkpoint written", command)
     bar.close()
     loop_seconds = time.perf_counter() - t_loop
@@ -269,6 +292,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     # -- 7. after training: metrics, side-by-side, save ---------------------------------------
     after = evaluate(model)
     best = progress["best"]
+    examples_per_rank = distributed.gather(local_examples, ddp)
     if best and not _improves(cfg.train.select_best, after, best):
         checkpoint.load_best(run_dir, model)
         log(f"train.select_best: finishing with step {best['step']}'s weights "
@@ -277,6 +301,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     if after:
         record_metrics({"step": total_steps, **after})
     trackers.close()
+    if not ddp.main:  # the other ranks are done: rank 0 generates, saves and reports
+        distributed.finish(ddp)
+        return RunResult(run_dir, {"after": after, "rank": ddp.rank})
     tuned_outputs = sample_outputs(model)
     drift = forgetting.compare_to_base(model, base_general) if base_general else None
     publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d, cfg.method, task))
@@ -289,7 +316,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
         "resumed_from": ckpt.step if ckpt else None, "epochs": round(progress["examples"] / len(lengths), 3),
-        "examples": progress["examples"], "budget_minutes": cfg.train.max_minutes, "side_by_side": rows, "forgetting": drift,
+        "examples": progress["examples"], "budget_minutes": cfg.train.max_minutes, "processes": ddp.world,
+        "global_batch": global_batch, "examples_per_rank": examples_per_rank, "side_by_side": rows, "forgetting": drift,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json_atomic(run_dir / "eval.json", summary)
@@ -313,6 +341,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         f"({summary['tok_s']:.0f} tok/s)" + (f" within the {cfg.train.max_minutes:g}-minute budget" if budget else "")
         + f"; total {summary['wall_seconds']:.0f} s")
     log(f"report: {run_dir / 'report.html'}")
+    distributed.finish(ddp)
     log(f"saved: {run_dir / 'final'}  (try: tunesmith generate --run {run_dir} \"...\"; tunesmith eval {run_dir})")
     return RunResult(run_dir, summary)
 

@@ -12,8 +12,8 @@ from tunesmith.train.rundir import write_text_atomic
 class RunLog:
     """Prints to the terminal and appends to runs/<name>/train.log (kept in memory until the run dir exists)."""
 
-    def __init__(self):
-        self.fh, self.pending = None, []
+    def __init__(self, enabled: bool = True):
+        self.fh, self.pending, self.enabled = None, [], enabled
 
     def attach(self, path: Path) -> None:
         self.fh = open(path, "a", encoding="utf-8")
@@ -21,6 +21,8 @@ class RunLog:
         self.fh.flush()
 
     def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
         tqdm.write(msg)
         if self.fh is None:
             self.pending.append(msg)

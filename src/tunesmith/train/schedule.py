@@ -44,9 +44,9 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def plan_steps(cfg, n_train: int) -> tuple[int, int]:
+def plan_steps(cfg, n_train: int, processes: int = 1) -> tuple[int, int]:
     """(steps per epoch, total optimizer steps) for `n_train` training examples."""
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * processes
     steps_per_epoch = max(1, math.ceil(n_train / per_step))
     return steps_per_epoch, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
