@@ -25,6 +25,8 @@ CONFIGS = {
     "lora, 2048, grad. checkpointing": ["train.batch_tokens=2048", "train.gradient_checkpointing=true"],
     "full, 1024 tokens/pass": ["method.name=full", "train.batch_tokens=1024"],
     "full, 2048 tokens/pass": ["method.name=full", "train.batch_tokens=2048"],
+    "qlora, 1024 tokens/pass": ["method.name=qlora", "train.batch_tokens=1024"],
+    "qlora, 2048 tokens/pass": ["method.name=qlora", "train.batch_tokens=2048"],
 }
 
 
@@ -40,12 +42,15 @@ def run(args: list[str]) -> tuple[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--only", help="run only configurations whose name contains this text")
     args = ap.parse_args()
     common = [f"data.path={DATA}", "data.max_length=512", "data.max_examples=400", "data.val_size=16",
               f"train.max_steps={args.steps}", "train.micro_batch_size=16", "eval.max_examples=8", "eval.samples=0"]
     print("| configuration | estimate GiB | measured peak GiB | estimate / measured |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in CONFIGS.items():
+            if args.only and args.only not in name:
+                continue
             plan = json.loads(run(["plan", *common, *extra, "--json"])[0])
             _, peak = run(["train", *common, *extra, f"output.dir={tmp}", f"output.name=r{abs(hash(name))}"])
             print(f"| {name} | {plan['total'] / 2**30:.2f} | {peak / 2**30:.2f} | {plan['total'] / peak:.2f} |", flush=True)

@@ -103,6 +103,12 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="Generation length cap for the side-by-side table.")
 
 
+class DpoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer).")
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="`sigmoid` (DPO), `ipo`, or `hinge`.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels (conservative DPO).")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
     name: Optional[str] = Field(None, description="Run directory name; unset = `<recipe>-<date>-<time>`.")
@@ -112,12 +118,13 @@ class OutputConfig(Section):
 
 class Config(Section):
     recipe: str = Field(DEFAULT_RECIPE, description="Name of the recipe this config came from (informational).")
-    task: Literal["auto", "causal", "classification"] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `auto`: classification when the data has text + label records.")
+    task: Literal["auto", "causal", "classification", "dpo"] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `dpo`: preference tuning on prompt/chosen/rejected pairs (see `dpo`); `auto`: decided by the data's shape.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
 
@@ -185,21 +192,24 @@ def validate(raw: dict) -> Config:
 SUPPORTED_METHODS = {
     "causal": METHOD_NAMES,
     "classification": ("full", "lora", "ia3", "adapters", "bitfit"),
+    "dpo": ("full", "lora", "qlora", "lora-int8", "ia3", "adapters"),
 }
 WHY_NOT = {"prompt-tuning": "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector",
            "prefix-tuning": "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector",
            "qlora": "bitsandbytes' CPU 4-bit backward fails on BERT-style encoders here (in-place op on a view of a leaf)",
            "lora-int8": "not verified with a classification head yet"}
 SELECTABLE_METRICS = {"causal": ("eval_loss", "eval_ppl", "eval_token_accuracy"),
-                      "classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall")}
+                      "classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall"),
+                      "dpo": ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy")}
 
 
 def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
     """Settings that are each valid but do not go together. `task` is the resolved task once the data is known."""
     task = task or (cfg.task if cfg.task != "auto" else None)
     if task and cfg.method.name not in SUPPORTED_METHODS[task]:
+        why = WHY_NOT.get(cfg.method.name, "not built") if task == "classification" else "not verified with preference pairs"
         raise TunesmithError(f"method.name={cfg.method.name} is not supported for task={task} "
-                             f"({WHY_NOT.get(cfg.method.name, 'not built')}); use one of {', '.join(SUPPORTED_METHODS[task])}")
+                             f"({why}); use one of {', '.join(SUPPORTED_METHODS[task])}")
     best = cfg.train.select_best
     if best:
         allowed = SELECTABLE_METRICS[task] if task else tuple(dict.fromkeys(sum(SELECTABLE_METRICS.values(), ())))

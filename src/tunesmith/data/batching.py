@@ -63,6 +63,12 @@ def split_passes(step: list[int], lengths: list[int], micro_batch_size: int, bat
 def effective_length(t: Tokenized) -> int:
     if t.label is not None:
         return len(t.input_ids)
+    if t.rejected is not None:  # a pair costs both sequences
+        return max(_trained_length(t), _trained_length(t.rejected))
+    return _trained_length(t)
+
+
+def _trained_length(t: Tokenized) -> int:
     trained = np.flatnonzero(t.labels != IGNORE)
     return int(trained[-1]) + 1 if len(trained) else len(t.input_ids)
 
@@ -70,7 +76,13 @@ def effective_length(t: Tokenized) -> int:
 def collate(examples: list[Tokenized], pad_id: int, device=None) -> Batch:
     if examples[0].label is not None:
         return collate_classes(examples, pad_id, device)
-    lengths = [effective_length(t) for t in examples]
+    if examples[0].rejected is not None:  # pairs: the chosen rows, then the rejected rows
+        return _collate_rows(examples + [t.rejected for t in examples], pad_id, device)
+    return _collate_rows(examples, pad_id, device)
+
+
+def _collate_rows(examples: list[Tokenized], pad_id: int, device=None) -> Batch:
+    lengths = [_trained_length(t) for t in examples]
     width = max(lengths)
     ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     labels = np.full((len(examples), width), IGNORE, dtype=np.int64)

@@ -81,6 +81,8 @@ def load(key: str):
 
 def save(key: str, data) -> None:
     """Best effort: a cache that cannot be written (read-only home, full disk) costs only time."""
+    if data.train.tokens and data.train.tokens[0].rejected is not None:
+        return  # preference pairs are not cached (yet): they are few and quick to tokenize
     root = cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -89,12 +89,40 @@ def split_examples(examples: list[Example], val_size: float, seed: int) -> tuple
     return train, val
 
 
-def _tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter) -> Split:
+def _tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter,
+                    keep_all: bool = False) -> Split:
     rendered = [render(ex, cfg.template, tokenizer, cfg.train_on_prompt, cfg.system_prompt) for ex in examples]
     toks = tokenize(rendered, tokenizer, cfg.template, max_length, truncate=cfg.overlong == "truncate", drops=counts)
+    if keep_all:  # positions line up with `examples`; None where dropped
+        return Split(examples, rendered, toks)
     keep = [i for i, t in enumerate(toks) if t is not None]
     counts["truncated"] += sum(toks[i].truncated for i in keep)
     return Split([examples[i] for i in keep], [rendered[i] for i in keep], [toks[i] for i in keep])
+
+
+def _tokenize_pairs(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter) -> Split:
+    """Each pair as two conversations (prompt + chosen, prompt + rejected), trained on the response only;
+    a pair is kept when both sides fit (or are truncated with a response token left)."""
+    def as_sft(ex: Example, response: str) -> Example:
+        return Example(ex.messages + [{"role": "assistant", "content": response}], ex.where, {"instruction": _first_user(ex), "output": response})
+
+    chosen = _tokenize_split([as_sft(ex, ex.chosen) for ex in examples], cfg, tokenizer, max_length, Counter(), keep_all=True)
+    rejected = _tokenize_split([as_sft(ex, ex.rejected) for ex in examples], cfg, tokenizer, max_length, Counter(), keep_all=True)
+    kept = Split([], [], [])
+    for ex, r, c, j in zip(examples, chosen.rendered, chosen.tokens, rejected.tokens):
+        if c is None or j is None:
+            counts["dropped_overlong"] += 1
+            continue
+        counts["truncated"] += int(c.truncated or j.truncated)
+        c.rejected = j
+        kept.examples.append(ex)
+        kept.rendered.append(r)
+        kept.tokens.append(c)
+    return kept
+
+
+def _first_user(ex: Example) -> str:
+    return next((m["content"] for m in ex.messages if m["role"] == "user"), "")
 
 
 def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for_inspection: bool = False) -> PreparedData:
@@ -113,9 +141,8 @@ def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for
 
 def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool) -> PreparedData:
     fmt, examples, counts = load_examples(cfg, cfg.path)
-    if fmt not in SFT_FORMATS + ("classification",):
-        raise TunesmithError(f"data in {fmt} format needs a method for it (preference tuning is not available yet); "
-                             f"supported: {', '.join(SFT_FORMATS)}, classification")
+    if fmt not in SFT_FORMATS + ("classification", "preference"):
+        raise TunesmithError(f"data in {fmt} format is not supported; supported: {', '.join(SFT_FORMATS)}, classification, preference")
     if cfg.val_path:
         vfmt, val_ex, _ = load_examples(cfg, cfg.val_path)
         if vfmt != fmt:
@@ -133,6 +160,9 @@ def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool)
         train = Split(*tokenize_classification(train_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", train_counts))
         val = Split(*tokenize_classification(val_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", val_counts))
         counts["label_counts"] = {"train": _label_counts(train, labels), "val": _label_counts(val, labels)}
+    elif fmt == "preference":
+        train = _tokenize_pairs(train_ex, cfg, tokenizer, max_length, train_counts)
+        val = _tokenize_pairs(val_ex, cfg, tokenizer, max_length, val_counts)
     else:
         train = _tokenize_split(train_ex, cfg, tokenizer, max_length, train_counts)
         val = _tokenize_split(val_ex, cfg, tokenizer, max_length, val_counts)
@@ -155,6 +185,8 @@ def _label_counts(split: Split, labels: list[str]) -> dict:
 def _split_stats(split: Split, counts: Counter) -> dict:
     lengths = np.array([len(t.input_ids) for t in split.tokens]) if split.tokens else np.zeros(1, dtype=int)
     label_tokens = int(sum(1 if t.label is not None else int((t.labels != -100).sum()) for t in split.tokens))
+    if split.tokens and split.tokens[0].rejected is not None:  # pairs: count both sides
+        label_tokens += int(sum(int((t.rejected.labels != -100).sum()) for t in split.tokens))
     return {"kept": len(split.tokens), "dropped_overlong": counts["dropped_overlong"],
             "dropped_no_labels": counts["dropped_no_labels"], "truncated": counts["truncated"],
             "tokens": int(lengths.sum()) if split.tokens else 0, "label_tokens": label_tokens,

@@ -47,6 +47,7 @@ class Tokenized:
     labels: np.ndarray     # int32, IGNORE where not trained (not shifted: position t predicts t+1)
     truncated: bool = False
     label: int | None = None  # classification: the class index (labels are then all IGNORE)
+    rejected: "Tokenized | None" = None  # preference pairs: this is the chosen sequence, that the rejected one
 
 
 def template_text(template: str) -> str:

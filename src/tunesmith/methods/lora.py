@@ -72,7 +72,7 @@ def apply(model, cfg, task: str = "causal", merged: bool = True):
 
 
 def peft_task(task: str) -> str:
-    return {"causal": "CAUSAL_LM", "classification": "SEQ_CLS"}[task]
+    return {"causal": "CAUSAL_LM", "dpo": "CAUSAL_LM", "classification": "SEQ_CLS"}[task]
 
 
 def save(model, tokenizer, out_dir, cfg=None, task: str = "causal"):

@@ -198,6 +198,8 @@ def _load_adapter_model(adapter_dir: Path, dtype, device):
         base = load_model(resolve_model_dir(str(base_dir)), dtype, device, "classification", labels=labels)
     else:
         base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
+    if hasattr(base, "merge_and_unload"):  # the base is itself a tuned adapter run (e.g. DPO after SFT)
+        base = base.merge_and_unload()
     return PeftModel.from_pretrained(base, adapter_dir)
 
 

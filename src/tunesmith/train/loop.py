@@ -36,6 +36,7 @@ from tunesmith.models import load_model, load_tokenizer, model_fingerprint, pick
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
+from tunesmith.train.preference import dpo_sum_loss, pair_logprobs, preference_metrics, reference_logprobs
 from tunesmith.train import distributed
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
@@ -97,6 +98,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     method = get_method(cfg.method.name)
     model = load_model(model_dir, dtype, device, task, quantization(method, cfg.method, dtype), st.get("labels"))
     model.config.use_cache = False
+    if hasattr(model, "merge_and_unload"):  # starting from a tuned adapter run: continue from it, merged
+        model = model.merge_and_unload()
+        model.name_or_path = str(model_dir)  # a new adapter then names that run as its base
     model = method.apply(model, cfg.method, task)
     params = parameter_report(model)
     log(f"method: {cfg.method.name} | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
@@ -137,7 +141,15 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     samples = [data.val.rendered[i] for i in sample_idx]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
 
+    if task == "dpo":  # the reference = the model before training: its log-probs on the held-out pairs now
+        ref_val = reference_logprobs(model, val_tokens, pad_id)
+        # with an adapter the reference is the same model with the adapter off (computed per step); otherwise
+        # the training pairs' reference log-probs are computed here, once
+        ref_train = None if hasattr(model, "disable_adapter") else reference_logprobs(model, data.train.tokens, pad_id)
+
     def evaluate(model) -> dict:
+        if task == "dpo":
+            return preference_metrics(model, val_tokens, ref_val, pad_id, cfg.dpo)
         if task == "classification":  # macro-F1 needs every prediction: each rank scores the whole split
             return classification_metrics(model, val_tokens, pad_id)
         # each rank scores its share of the split; the sums are combined (no example counted twice)
@@ -225,8 +237,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             batches = [collate([data.train.tokens[i] for i in p], pad_id, device) for p in passes]
             label_tokens = sum(example_labels[i] for i in step_examples)  # normalise by the whole global step's labels
             step_loss = 0.0
-            for batch in batches:
-                if task == "classification":
+            for p, batch in zip(passes, batches):
+                if task == "dpo":
+                    loss = dpo_sum_loss(model, batch, _reference(model, batch, ref_train, p), cfg.dpo) / label_tokens
+                elif task == "classification":
                     loss = class_sum_loss(model, batch) / label_tokens
                 else:
                     loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
@@ -324,7 +338,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     write_report(run_dir)
     if rows:
         log(format_table(rows, ["base", "tuned"]))
-    if before and after and task == "classification":
+    if before and after and task == "dpo":
+        log(f"held-out pairs: log-prob preference accuracy {before['eval_logp_accuracy']:.3f} -> {after['eval_logp_accuracy']:.3f}; "
+            f"reward accuracy {after['eval_reward_accuracy']:.3f}, margin {after['eval_reward_margin']:.3f}")
+    elif before and after and task == "classification":
         log(f"held-out: accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, macro-F1 "
             f"{before['eval_f1']:.3f} -> {after['eval_f1']:.3f}, loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
     elif before and after:
@@ -346,22 +363,41 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     return RunResult(run_dir, summary)
 
 
+DATA_TASK = {"classification": "classification", "preference": "dpo"}
+TASK_DATA = {"classification": "text + label records", "dpo": "prompt/chosen/rejected pairs", "causal": "generation data"}
+
+
 def resolve_task(task: str, data_format: str) -> str:
+    fits = DATA_TASK.get(data_format, "causal")
     if task == "auto":
-        return "classification" if data_format == "classification" else "causal"
-    if (task == "classification") != (data_format == "classification"):
-        raise TunesmithError(f"task={task} does not fit data in {data_format} format "
-                             f"({'text + label records' if task == 'classification' else 'generation data'} expected)")
+        return fits
+    if task != fits:
+        raise TunesmithError(f"task={task} does not fit data in {data_format} format ({TASK_DATA[task]} expected)")
     return task
+
+
+def _reference(model, batch, ref_train, pass_examples) -> torch.Tensor:
+    """Reference log-probs (chosen, rejected) of this pass's pairs: precomputed, or the model with its adapter off."""
+    if ref_train is not None:
+        return ref_train[pass_examples]
+    with torch.no_grad(), model.disable_adapter():
+        return torch.stack(pair_logprobs(model, batch), dim=1)
 
 
 def max_positions(model_dir: Path) -> int | None:
     from transformers import AutoConfig
 
+    for marker in ("adapter_config.json", "tunesmith_method.json"):  # a tuned run: its base model's context
+        if (model_dir / marker).exists() and not (model_dir / "config.json").exists():
+            base = json.loads((model_dir / marker).read_text())["base_model_name_or_path"]
+            return max_positions(resolve_model_dir(base))
     return getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
 
 
 def _metrics_line(m: dict) -> str:
+    if "eval_reward_accuracy" in m:
+        return (f"preference loss {m['eval_loss']:.4f}, reward accuracy {m['eval_reward_accuracy']:.3f}, margin "
+                f"{m['eval_reward_margin']:.3f}, log-prob accuracy {m['eval_logp_accuracy']:.3f}")
     if "eval_accuracy" in m:
         return f"accuracy {m['eval_accuracy']:.3f}, macro-F1 {m['eval_f1']:.3f}, loss {m['eval_loss']:.4f}"
     return f"held-out loss {m.get('eval_loss', float('nan')):.4f}, token accuracy {m.get('eval_token_accuracy', float('nan')):.3f}"

@@ -1,0 +1,92 @@
+"""Preference tuning (DPO, with IPO and hinge variants) on prompt/chosen/rejected pairs.
+
+A batch holds the chosen rows then the rejected rows (data/batching.py). The policy's log-prob of a
+response is the sum over its trained tokens. The reference model is the model as it was before
+training (the frozen base, or the tuned run you started from): its log-probs for every pair are
+computed once before the first step and kept (two floats per pair), which needs no second model in
+memory and gives exactly what an on-the-fly frozen reference would.
+
+    h = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))
+    sigmoid (DPO):  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)     (eps = label smoothing)
+    ipo:            (h - 1 / (2 beta))^2
+    hinge:          max(0, 1 - beta h)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.batching import collate
+from tunesmith.data.render import Tokenized
+from tunesmith.train.loss import label_positions, split_model
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(rows,) summed log-prob of each row's trained tokens; the vocabulary head runs only where labels are."""
+    parts = split_model(model)
+    mask, targets = label_positions(labels)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+    if parts is None:
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        logits = logits[:, -input_ids.shape[1]:-1][mask].float()
+    else:
+        backbone, weight = parts
+        hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+        logits = (hidden[:, :-1][mask] @ weight.T).float()
+    token_logp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    return torch.zeros(labels.shape[0], dtype=token_logp.dtype, device=labels.device).index_add(0, rows, token_logp)
+
+
+def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = sequence_logprobs(model, batch.input_ids, batch.labels)
+    half = logp.shape[0] // 2
+    return logp[:half], logp[half:]
+
+
+def dpo_losses(pol_c, pol_r, ref_c, ref_r, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    h = (pol_c - ref_c) - (pol_r - ref_r)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if kind == "hinge":
+        return torch.relu(1 - beta * h)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+@torch.no_grad()
+def reference_logprobs(model, pairs: list[Tokenized], pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """(n, 2): log-probs of (chosen, rejected) for every pair under the model as it is now."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for s in range(0, len(pairs), batch_size):
+        c, r = pair_logprobs(model, collate(pairs[s:s + batch_size], pad_id, device))
+        out[s:s + len(c), 0], out[s:s + len(c), 1] = c.double().cpu(), r.double().cpu()
+    model.train(was)
+    return out
+
+
+def dpo_sum_loss(model, batch, ref: torch.Tensor, cfg) -> torch.Tensor:
+    """Summed loss over the batch's pairs (normalise by the step's pair count outside); `ref` rows match the batch."""
+    pol_c, pol_r = pair_logprobs(model, batch)
+    ref = ref.to(pol_c.device, pol_c.dtype)
+    return dpo_losses(pol_c, pol_r, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing).sum()
+
+
+@torch.no_grad()
+def preference_metrics(model, pairs: list[Tokenized], ref: torch.Tensor, pad_id: int, cfg) -> dict:
+    """Held-out DPO loss, rewards, reward margin and accuracy (margin > 0, ties count half), plus the
+    preference accuracy of the policy's own length-normalised log-probs (comparable with the base)."""
+    if not pairs:
+        return {}
+    now = reference_logprobs(model, pairs, pad_id)
+    chosen_len = torch.tensor([float((t.labels != -100).sum()) for t in pairs])
+    rejected_len = torch.tensor([float((t.rejected.labels != -100).sum()) for t in pairs])
+    rc, rr = cfg.beta * (now[:, 0] - ref[:, 0]), cfg.beta * (now[:, 1] - ref[:, 1])
+    margin = rc - rr
+    loss = dpo_losses(now[:, 0], now[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
+    logp_pref = now[:, 0] / chosen_len.clamp(min=1) - now[:, 1] / rejected_len.clamp(min=1)
+    return {"eval_loss": round(float(loss.mean()), 5), "eval_reward_chosen": round(float(rc.mean()), 5),
+            "eval_reward_rejected": round(float(rr.mean()), 5), "eval_reward_margin": round(float(margin.mean()), 5),
+            "eval_reward_accuracy": round(float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()), 5),
+            "eval_logp_accuracy": round(float((logp_pref > 0).double().mean()), 5), "eval_pairs": len(pairs)}

@@ -1,0 +1,77 @@
+"""DPO: the loss and its gradients equal a straightforward reference implementation; training on
+pairs raises held-out preference accuracy; it works from a base model and after SFT."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.train.preference import dpo_losses, sequence_logprobs
+from tunesmith.train.loop import train
+from conftest import write_jsonl
+from test_train import tiny_cfg
+
+
+def plain_logprobs(model, ids, labels):
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    logp = logits.log_softmax(-1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
+    return (logp * (tgt != -100)).sum(-1)
+
+
+def test_dpo_loss_and_gradients_match_a_plain_implementation(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (4, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 9:] = -100
+    ref = torch.randn(2, 2, dtype=torch.float64)
+    beta = 0.3
+    ours = sequence_logprobs(model, ids, labels)
+    plain = plain_logprobs(model, ids, labels)
+    assert torch.allclose(ours, plain, atol=1e-5)
+    for kind, ls in (("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0)):
+        model.zero_grad()
+        loss = dpo_losses(ours[:2], ours[2:], ref[:, 0].float(), ref[:, 1].float(), beta, kind, ls).sum()
+        g1 = torch.autograd.grad(loss, model.model.layers[0].mlp.up_proj.weight, retain_graph=True)[0]
+        h = (plain[:2] - ref[:, 0].float()) - (plain[2:] - ref[:, 1].float())
+        if kind == "sigmoid":
+            manual = (-(1 - ls) * F.logsigmoid(beta * h) - ls * F.logsigmoid(-beta * h)).sum()
+        elif kind == "ipo":
+            manual = ((h - 1 / (2 * beta)) ** 2).sum()
+        else:
+            manual = torch.relu(1 - beta * h).sum()
+        g2 = torch.autograd.grad(manual, model.model.layers[0].mlp.up_proj.weight, retain_graph=True)[0]
+        assert torch.allclose(loss, manual, atol=1e-5), kind
+        assert torch.allclose(g1, g2, atol=1e-5), kind
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [{"prompt": f"Is {i} a nice number?", "chosen": f"Yes, {i} is a fine number.", "rejected": "No. Go away."}
+            for i in range(48)]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_raises_heldout_preference_accuracy(tmp_path, tiny_model_dir, pairs_file, method):
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, pairs_file, f"method.name={method}", "train.max_steps=12",
+                         "train.lr=" + ("1e-2" if method == "lora" else "1e-3"), "dpo.beta=0.5"))
+    s = res.summary
+    assert s["task"] == "dpo"
+    assert s["before"]["eval_reward_accuracy"] == 0.5 and s["before"]["eval_reward_margin"] == 0  # policy == reference
+    assert s["after"]["eval_reward_accuracy"] > 0.9 and s["after"]["eval_reward_margin"] > 0
+    assert s["after"]["eval_logp_accuracy"] >= s["before"]["eval_logp_accuracy"]
+
+
+def test_dpo_after_sft_starts_from_the_tuned_run(tmp_path, tiny_model_dir, instruction_file, pairs_file):
+    sft = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.max_steps=4", "output.name=sft")).run_dir
+    dpo = train(tiny_cfg(tmp_path, str(sft), pairs_file, "train.max_steps=4", "output.name=dpo", "train.lr=1e-2")).run_dir
+    config = json.loads((dpo / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(sft / "final")
+    from tunesmith.models import load_model
+    model = load_model(dpo / "final", torch.float32, torch.device("cpu"))  # SFT merged, DPO adapter on top
+    assert model(input_ids=torch.tensor([[1, 5, 9]])).logits.shape[-1] > 0
