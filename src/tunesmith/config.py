@@ -109,6 +109,14 @@ class DpoConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels (conservative DPO).")
 
 
+class DistillConfig(Section):
+    teacher: Optional[str] = Field(None, description="Teacher model (anything `model.name` accepts, e.g. a tuned run dir). Set = distillation into the student (`model.name` + `method`).")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy on the data's labels; 1 - alpha weighs the teacher's soft targets.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft targets (the KL term is scaled by T^2).")
+    kl: Literal["forward", "reverse"] = Field("forward", description="`forward`: KL(teacher || student), mass-covering; `reverse`: KL(student || teacher), mode-seeking.")
+    mode: Literal["logits", "sequence"] = Field("logits", description="`logits`: match the teacher's next-token distributions (tokenizers must match); `sequence`: train on the teacher's greedy answers to the training prompts (any tokenizer).")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
     name: Optional[str] = Field(None, description="Run directory name; unset = `<recipe>-<date>-<time>`.")
@@ -125,6 +133,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
 

@@ -89,7 +89,7 @@ def split_examples(examples: list[Example], val_size: float, seed: int) -> tuple
     return train, val
 
 
-def _tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter,
+def tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter,
                     keep_all: bool = False) -> Split:
     rendered = [render(ex, cfg.template, tokenizer, cfg.train_on_prompt, cfg.system_prompt) for ex in examples]
     toks = tokenize(rendered, tokenizer, cfg.template, max_length, truncate=cfg.overlong == "truncate", drops=counts)
@@ -106,8 +106,8 @@ def _tokenize_pairs(examples: list[Example], cfg: DataConfig, tokenizer, max_len
     def as_sft(ex: Example, response: str) -> Example:
         return Example(ex.messages + [{"role": "assistant", "content": response}], ex.where, {"instruction": _first_user(ex), "output": response})
 
-    chosen = _tokenize_split([as_sft(ex, ex.chosen) for ex in examples], cfg, tokenizer, max_length, Counter(), keep_all=True)
-    rejected = _tokenize_split([as_sft(ex, ex.rejected) for ex in examples], cfg, tokenizer, max_length, Counter(), keep_all=True)
+    chosen = tokenize_split([as_sft(ex, ex.chosen) for ex in examples], cfg, tokenizer, max_length, Counter(), keep_all=True)
+    rejected = tokenize_split([as_sft(ex, ex.rejected) for ex in examples], cfg, tokenizer, max_length, Counter(), keep_all=True)
     kept = Split([], [], [])
     for ex, r, c, j in zip(examples, chosen.rendered, chosen.tokens, rejected.tokens):
         if c is None or j is None:
@@ -164,8 +164,8 @@ def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool)
         train = _tokenize_pairs(train_ex, cfg, tokenizer, max_length, train_counts)
         val = _tokenize_pairs(val_ex, cfg, tokenizer, max_length, val_counts)
     else:
-        train = _tokenize_split(train_ex, cfg, tokenizer, max_length, train_counts)
-        val = _tokenize_split(val_ex, cfg, tokenizer, max_length, val_counts)
+        train = tokenize_split(train_ex, cfg, tokenizer, max_length, train_counts)
+        val = tokenize_split(val_ex, cfg, tokenizer, max_length, val_counts)
     if not keep_train_text:
         train = Split([], [], train.tokens)
     if not train.tokens:

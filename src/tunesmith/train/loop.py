@@ -36,6 +36,7 @@ from tunesmith.models import load_model, load_tokenizer, model_fingerprint, pick
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
+from tunesmith.train.distill import check_tokenizers, distill_sum_loss, teacher_answers
 from tunesmith.train.preference import dpo_sum_loss, pair_logprobs, preference_metrics, reference_logprobs
 from tunesmith.train import distributed
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
@@ -79,7 +80,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     # -- 2. tokenizer and data ---------------------------------------------------------------
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
-    data = prepare(cfg.data, tokenizer, max_positions(model_dir))
+    sequence_distill = bool(cfg.distill.teacher) and cfg.distill.mode == "sequence"
+    data = prepare(cfg.data, tokenizer, max_positions(model_dir), for_inspection=sequence_distill)  # keep prompts to answer
     st = data.stats
     task = resolve_task(cfg.task, data.format)
     check_combinations(cfg, task)
@@ -109,6 +111,18 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    teacher = None
+    if cfg.distill.teacher:  # knowledge distillation: the teacher's soft targets (or its answers) for this student
+        teacher_dir = resolve_model_dir(cfg.distill.teacher)
+        check_tokenizers(tokenizer, load_tokenizer(teacher_dir), cfg.distill.mode)
+        teacher = load_model(teacher_dir, dtype, device, task, labels=st.get("labels")).eval()
+        teacher = teacher.merge_and_unload() if hasattr(teacher, "merge_and_unload") else teacher
+        teacher.requires_grad_(False)
+        log(f"distillation from {cfg.distill.teacher} ({sum(p.numel() for p in teacher.parameters()):,} parameters), "
+            f"{cfg.distill.mode} mode, alpha {cfg.distill.alpha}, T {cfg.distill.temperature}, {cfg.distill.kl} KL")
+        if sequence_distill:
+            _, planned = plan_steps(cfg, len(data.train.tokens), ddp.world)
+            teacher_answers(teacher, tokenizer, data, cfg, planned * micro * accum * ddp.world, log)
     lengths = [effective_length(t) for t in data.train.tokens]
     global_batch = micro * accum * ddp.world
     steps_per_epoch, total_steps = plan_steps(cfg, len(lengths), ddp.world)
@@ -176,6 +190,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         if baseline["before"]:
             record_metrics({"step": 0, **baseline["before"]})
     before = baseline["before"]
+    teacher_metrics = evaluate(teacher) if teacher is not None else None
+    if teacher_metrics:
+        log("teacher on the held-out split: " + _metrics_line(teacher_metrics))
     if before:
         log("held-out before training: " + _metrics_line(before))
 
@@ -238,7 +255,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             label_tokens = sum(example_labels[i] for i in step_examples)  # normalise by the whole global step's labels
             step_loss = 0.0
             for p, batch in zip(passes, batches):
-                if task == "dpo":
+                if teacher is not None and not sequence_distill:
+                    loss = distill_sum_loss(model, teacher, batch, cfg.distill) / label_tokens
+                elif task == "dpo":
                     loss = dpo_sum_loss(model, batch, _reference(model, batch, ref_train, p), cfg.dpo) / label_tokens
                 elif task == "classification":
                     loss = class_sum_loss(model, batch) / label_tokens
@@ -329,7 +348,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
-        "resumed_from": ckpt.step if ckpt else None, "epochs": round(progress["examples"] / len(lengths), 3),
+        "teacher": teacher_metrics, "resumed_from": ckpt.step if ckpt else None, "epochs": round(progress["examples"] / len(lengths), 3),
         "examples": progress["examples"], "budget_minutes": cfg.train.max_minutes, "processes": ddp.world,
         "global_batch": global_batch, "examples_per_rank": examples_per_rank, "side_by_side": rows, "forgetting": drift,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
