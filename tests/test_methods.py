@@ -88,3 +88,20 @@ def test_8bit_and_paged_optimizers(tmp_path, wide_tiny_model_dir, instruction_fi
     assert s["after"]["eval_loss"] < s["before"]["eval_loss"]
     if optimizer.startswith("paged_") and not torch.cuda.is_available():
         assert "paging needs a GPU; using adamw8bit on CPU" in capsys.readouterr().out
+
+
+def test_qlora_gradients_are_the_same_after_an_eval_mode_forward(wide_tiny_model_dir):
+    """Regression: bitsandbytes repacked 4-bit CPU weights on an eval-mode forward, corrupting later gradients."""
+    ids = torch.tensor([[1, 5, 9, 20, 33, 40, 41, 42]])
+    norms = []
+    for evaluate_first in (False, True):
+        torch.manual_seed(0)
+        _, _, model = build("qlora", wide_tiny_model_dir)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        norms.append(torch.sqrt(sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None)))
+    assert torch.allclose(norms[0], norms[1], rtol=1e-4), norms

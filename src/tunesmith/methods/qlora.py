@@ -25,5 +25,18 @@ def quantization(cfg, dtype: torch.dtype):
 def apply(model, cfg, task: str = "causal"):
     from peft import prepare_model_for_kbit_training
 
+    keep_trainable_layout(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return lora.apply(model, cfg, task, merged=False)
+
+
+def keep_trainable_layout(model) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for a faster CPU kernel the first time a layer runs in
+    eval mode without grad (as our before-training evaluation does), and layers repacked that way give
+    wrong gradients afterwards: measured on SmolLM2, the gradient norm fell from 3.10 to 0.49 and
+    training barely moved. Turning that kernel off keeps the weights in the layout training needs."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
