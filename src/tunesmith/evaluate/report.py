@@ -70,7 +70,7 @@ def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:
     drift = (evaluation or {}).get("forgetting") or summary.get("forgetting")
     if drift:
         claims.append("general behaviour " + ("<b style='color:%s'>drifted</b>" % BAD if drift["drifted"] else "kept")
-                      + f" (perplexity on general text {drift['ppl_change_pct']:+.1f}%)")
+                      + f" (perplexity on general text {drift['ppl_change_pct']:+.1f}%, KL {drift['mean_kl']:.2f} nats/token)")
     head = "The fine-tune helped." if good else "The fine-tune did not clearly help."
     return f"<b>{head}</b> " + "; ".join(claims) + ".", good
 
