@@ -65,18 +65,7 @@ def heldout_response_loss(model, tok, rows, bs=8):
     return total / count
 
 
-def flops_per_token(config, seq_len: float, trained_share: float, full: bool) -> float:
-    """Model FLOPs per real token for one training step: matmuls of the blocks (forward 2N, backward 2N for
-    input grads, +2N weight grads when training all weights), attention scores, and the vocabulary head on the
-    positions that carry a label (the only ones the loss needs)."""
-    d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = d // heads
-    block = layers * (d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * inter)
-    per_pass = 2 * block + 2 * layers * seq_len * d  # causal attention QK^T and AV, halved for the mask
-    head = 2 * d * config.vocab_size * trained_share
-    mult = 3 if full else 2
-    return mult * (per_pass + head)
+from tunesmith.train.plan import flops_per_token  # noqa: E402,F401  (shared with `tunesmith plan`)
 
 
 def maxrss_mib() -> float:

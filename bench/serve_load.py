@@ -52,7 +52,7 @@ def main() -> None:
     lat = sorted(r[0] for r in results)
     errors = [r[2] for r in results if r[2]]
     pct = lambda p: lat[min(len(lat) - 1, int(p / 100 * len(lat)))]  # noqa: E731
-    print(f"| clients | max_tokens | errors | p50 s | p90 s | p99 s | max s | mean s | wall s | generated tok/s |")
+    print("| clients | max_tokens | errors | p50 s | p90 s | p99 s | max s | mean s | wall s | generated tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.clients} | {args.max_tokens} | {len(errors)} | {pct(50):.2f} | {pct(90):.2f} | {pct(99):.2f} | {lat[-1]:.2f} | "
           f"{statistics.mean(lat):.2f} | {wall:.1f} | {sum(r[1] for r in results) / wall:.1f} |")

@@ -101,3 +101,18 @@ def sentiment_file(tmp_path):
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
     return write_jsonl(tmp_path / "sentiment.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def wide_tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """bitsandbytes' CPU 4-bit kernels need rows of at least one 64-value block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama-64")
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

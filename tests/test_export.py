@@ -12,23 +12,9 @@ from test_train import tiny_cfg
 
 
 @pytest.fixture(scope="module")
-def tuned_run(tmp_path_factory, wide_tiny_model_dir_module, instruction_file_module):
+def tuned_run(tmp_path_factory, wide_tiny_model_dir, instruction_file_module):
     tmp = tmp_path_factory.mktemp("export")
-    return train(tiny_cfg(tmp, wide_tiny_model_dir_module, instruction_file_module, "train.max_steps=8")).run_dir
-
-
-@pytest.fixture(scope="module")
-def wide_tiny_model_dir_module(tmp_path_factory, tiny_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-export")
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return train(tiny_cfg(tmp, wide_tiny_model_dir, instruction_file_module, "train.max_steps=8")).run_dir
 
 
 @pytest.fixture(scope="module")
