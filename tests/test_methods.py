@@ -90,3 +90,27 @@ def test_qlora_gradients_are_the_same_after_an_eval_mode_forward(wide_tiny_model
         model(input_ids=ids, labels=ids).loss.backward()
         norms.append(torch.sqrt(sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None)))
     assert torch.allclose(norms[0], norms[1], rtol=1e-4), norms
+
+
+def test_prefix_init_from_text_equals_that_text_in_front(wide_tiny_model_dir, tiny_tokenizer):
+    """At step 0 a text-initialised prefix must act exactly like the init text prepended to the input."""
+    from transformers import AutoModelForCausalLM
+    _, cfg, model = build("prefix-tuning", wide_tiny_model_dir, virtual_tokens=6, prompt_init_text="hello world")
+    base = AutoModelForCausalLM.from_pretrained(wide_tiny_model_dir).eval()
+    init = tiny_tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    init = (init * 6)[:6]
+    x = [5, 9, 20, 33]
+    with torch.no_grad():
+        with_prefix = model.eval()(input_ids=torch.tensor([x])).logits[0, -len(x):]
+        with_text = base(input_ids=torch.tensor([init + x])).logits[0, -len(x):]
+    assert torch.allclose(with_prefix, with_text, atol=1e-4)
+
+
+def test_before_training_metrics_are_the_base_models_for_every_method(tmp_path, wide_tiny_model_dir, instruction_file):
+    befores = {}
+    for name in ("lora", "prompt-tuning", "prefix-tuning"):
+        cfg = tiny_cfg(tmp_path, wide_tiny_model_dir, instruction_file, f"method.name={name}", "train.max_steps=1",
+                       f"output.name={name}", "eval.samples=0")
+        befores[name] = train(cfg).summary["before"]["eval_loss"]
+    assert befores["prompt-tuning"] == pytest.approx(befores["lora"], abs=1e-4)
+    assert befores["prefix-tuning"] == pytest.approx(befores["lora"], abs=1e-4)

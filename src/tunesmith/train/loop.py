@@ -7,6 +7,7 @@ plan without touching data, restores weights/optimizer/RNG and continues bit for
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -180,11 +181,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         baseline["base_outputs"] = [Generation(**g) for g in baseline["base_outputs"]]
         base_general = forgetting.load_base(run_dir / "baseline_general.safetensors")
     else:
-        baseline = {"before": evaluate(model), "base_outputs": sample_outputs(model)}
+        with _as_base(model):  # prompt/prefix tuning start from non-neutral virtual tokens: measure the base itself
+            baseline = {"before": evaluate(model), "base_outputs": sample_outputs(model)}
         if ddp.main:
             write_json_atomic(run_dir / "baseline.json", {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
         # the forgetting check's reference: the base model on general text unlike the training data
-        base_general = forgetting.measure_base(model, tokenizer) if task == "causal" and ddp.main else None
+        with _as_base(model):
+            base_general = forgetting.measure_base(model, tokenizer) if task == "causal" and ddp.main else None
         if base_general:
             forgetting.save_base(run_dir / "baseline_general.safetensors", base_general)
         if baseline["before"]:
@@ -429,6 +432,11 @@ def _improves(metric: str | None, record: dict, best: dict | None) -> bool:
         return True
     lower_is_better = metric in ("eval_loss", "eval_ppl")
     return record[metric] < best["value"] if lower_is_better else record[metric] > best["value"]
+
+
+def _as_base(model):
+    """The model without its adapter (peft methods), for measuring the base in place."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
 def _auto_resume_dir(cfg: Config) -> Path | None:
