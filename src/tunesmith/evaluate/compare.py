@@ -23,6 +23,17 @@ from tunesmith.train.rundir import write_text_atomic
 COLUMNS = ["method", "task metric", "held-out loss", "trainable params", "saved MB", "wall s", "tok/s", "peak RSS GB"]
 
 
+def rebuild(out: Path) -> list[dict]:
+    """Re-tabulate a finished comparison from its runs (wall time and peak memory from table.csv)."""
+    measured = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "table.csv").read_text()))}
+    rows = [_row(m, out / m, float(r["wall s"]), float(r["peak RSS GB"]) * 2 ** 30) if not r.get("error") else
+            {"method": m, "error": r["error"]} for m, r in measured.items()]
+    write_text_atomic(out / "table.md", to_markdown(rows))
+    write_text_atomic(out / "table.csv", to_csv(rows))
+    _chart(rows, out / "chart.png")
+    return rows
+
+
 def compare(config: str | None, overrides: list[str], methods: list[str], out: Path, log=print) -> list[dict]:
     if out.exists() and any(out.iterdir()):
         raise TunesmithError(f"{out} already exists; choose another --out")
@@ -51,11 +62,17 @@ def compare(config: str | None, overrides: list[str], methods: list[str], out: P
 
 def _row(method: str, run: Path, wall: float, peak: float) -> dict:
     s = json.loads((run / "eval.json").read_text())
-    metric = mean_score(s["side_by_side"], "tuned") if s.get("side_by_side") else None
-    return {"method": method, "task metric": metric, "base metric": mean_score(s["side_by_side"], "base") if metric is not None else None,
+    before, after = s.get("before") or {}, s.get("after") or {}
+    if "eval_accuracy" in after:  # classification: held-out accuracy
+        metric, base = 100 * after["eval_accuracy"], 100 * before.get("eval_accuracy", 0)
+    elif s.get("side_by_side"):
+        metric, base = mean_score(s["side_by_side"], "tuned"), mean_score(s["side_by_side"], "base")
+    else:
+        metric = base = None
+    return {"method": method, "task metric": metric, "base metric": base,
             "held-out loss": (s.get("after") or {}).get("eval_loss"), "base loss": (s.get("before") or {}).get("eval_loss"),
             "trainable params": s["params"]["trainable"], "saved MB": _size(run / "final") / 1e6, "wall s": wall,
-            "tok/s": s["tok_s"], "peak RSS GB": peak / 2 ** 30}
+            "tok/s": s["tok_s"], "peak RSS GB": peak / 2 ** 30, "classification": "eval_accuracy" in after}
 
 
 def _size(folder: Path) -> int:
@@ -82,7 +99,13 @@ def to_markdown(rows: list[dict]) -> str:
             lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 2))
         else:
             lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
-    return "\n".join(lines) + "\n\ntask metric: mean ROUGE-L of greedy outputs against the references on the side-by-side examples.\n"
+    return "\n".join(lines) + f"\n\ntask metric: {_metric_kind(rows)}.\n"
+
+
+def _metric_kind(rows: list[dict]) -> str:
+    if any(r.get("classification") for r in rows):
+        return "held-out accuracy (%) on the validation split"
+    return "mean ROUGE-L of greedy outputs against the references on the side-by-side examples"
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -27,6 +27,7 @@ BASELINE_BYTES = 0.55 * GiB   # measured: python + torch + transformers + tokeni
 STEP_EFFICIENCY = 0.55        # achieved share of matmul peak in a training step (bench run 2: MFU 58-62 %)
 HEAD_CHUNK = 128              # rows of the fused vocabulary head (train/loss.py)
 LORA_ACTIVATION_SCALE = 1.19  # measured / modelled bytes per token (docs/performance.md)
+QUANTIZED_ACTIVATION_SCALE = 2.07  # qlora / lora-int8: peft's unmerged LoRA layers and bitsandbytes keep more per token
 FULL_ACTIVATION_SCALE = 0.78
 CHECKPOINTED_PER_LAYER = 6    # hidden-size vectors kept per token and block with checkpointing (measured)
 OPTIMIZER_BYTES = 12          # per trainable parameter: AdamW's two fp32 moments + a temporary in the fused step
@@ -101,7 +102,10 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
     budget = cfg.train.batch_tokens or cfg.train.micro_batch_size * max_len
     pass_tokens = min(cfg.train.micro_batch_size * max_len, max(budget, max_len))
     layers = config.num_hidden_layers
+    quantized = cfg.method.name in ("qlora", "lora-int8")
     per_layer = activation_bytes_per_token_layer(config, el, cfg.method.name != "full")
+    if quantized:
+        per_layer *= QUANTIZED_ACTIVATION_SCALE / LORA_ACTIVATION_SCALE
     if cfg.train.gradient_checkpointing:
         acts = pass_tokens * (layers * CHECKPOINTED_PER_LAYER * config.hidden_size * el + per_layer)
     else:
@@ -115,6 +119,9 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
         "vocabulary head": head,
         "data token arrays": train["tokens"] * 8 + data_stats["val"]["tokens"] * 8,
     }
+    if quantized:  # bitsandbytes de-quantizes each weight to full precision for its matmul, kept for backward
+        packed = sum(p.numel() for p in model.parameters() if p.dtype == torch.uint8)
+        parts["de-quantized weight copies"] = packed * (8 if cfg.method.name == "qlora" else 4)
     examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     mean_len = train["tokens"] / max(1, train["kept"])
     tokens = int(total_steps * examples_per_step * mean_len)
