@@ -120,7 +120,7 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
         "data token arrays": train["tokens"] * 8 + data_stats["val"]["tokens"] * 8,
     }
     if quantized:  # bitsandbytes de-quantizes each weight to full precision for its matmul, kept for backward
-        packed = sum(p.numel() for p in model.parameters() if p.dtype == torch.uint8)
+        packed = sum(p.numel() for p in model.parameters() if p.dtype in (torch.uint8, torch.int8))
         parts["de-quantized weight copies"] = packed * (8 if cfg.method.name == "qlora" else 4)
     examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     mean_len = train["tokens"] / max(1, train["kept"])
