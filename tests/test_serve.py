@@ -100,6 +100,23 @@ def test_concurrent_clients_all_succeed(server):
         assert all(f in ("stop", "length") for f in pool.map(ask, range(24)))
 
 
+def test_batched_answers_equal_one_by_one_answers(server):
+    url, served = server
+    c = client(url)
+    prompts = [f"Say {i}." + " please" * (i % 3) for i in range(6)]
+
+    def text(p):
+        return c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": p}], max_tokens=5,
+                                         temperature=0).choices[0].message.content
+
+    alone = [text(p) for p in prompts]
+    served.batcher.WINDOW = 0.2  # make sure they meet in one batch
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(text, prompts))
+    served.batcher.WINDOW = 0.01
+    assert together == alone
+
+
 def test_chat_loop(tiny_model_dir):
     from tunesmith.models import load_model, load_tokenizer
     import torch

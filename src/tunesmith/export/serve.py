@@ -3,8 +3,11 @@
 Endpoints: /v1/chat/completions (with and without `stream`), /v1/completions, /v1/models, /health.
 One base model in memory; each run's adapter is loaded onto it under the run's name and chosen per
 request by `model` (or merged into the base when there is only one and `--merge` is given).
-Requests wait in a queue and run one at a time (on a 2-core CPU, concurrent generations only
-thrash); the event loop stays free, so /health answers while a generation runs. Bad requests get
+Non-streaming requests wait in a queue; a worker takes up to `max_batch` compatible ones (same
+model and sampling settings) that arrive within a few milliseconds of each other and generates
+them as one left-padded batch, which on a CPU gives several times the throughput of one-by-one
+generation. Streaming requests run on their own. The event loop stays free, so /health answers
+while a generation runs. Bad requests get
 a 4xx JSON error in OpenAI's shape; an unexpected failure is a 500 for that request, never a crash.
 """
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Served:
     context: int = 2048
     max_tokens_cap: int = 1024
     lock: threading.Lock = field(default_factory=threading.Lock)
+    max_batch: int = 8
+    batcher: Optional["Batcher"] = None
 
 
 class Message(BaseModel):
@@ -114,14 +119,10 @@ def build_app(served: Served):
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
+    served.batcher = served.batcher or Batcher(served, gen_kwargs)
+
     def run(req: Common, ids, max_new) -> tuple[str, str, int]:
-        with served.lock:
-            _select(served, req.model)
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            with torch.no_grad():
-                out = served.model.generate(**gen_kwargs(req, ids, max_new))[0, ids.shape[1]:].tolist()
-        ended = bool(out) and out[-1] in eos_ids(served.tokenizer, served.model)
+        out, ended = served.batcher.submit(req, ids, max_new).result()
         text = served.tokenizer.decode(out, skip_special_tokens=True)
         text, stopped = _apply_stop(text, req.stop)
         return text, "stop" if ended or stopped else "length", len(out)
@@ -165,6 +166,75 @@ def build_app(served: Served):
                 "model": req.model, "choices": choices, "usage": usage}
 
     return app
+
+
+class Batcher:
+    """One worker thread generating queued requests in batches of compatible ones."""
+
+    WINDOW = 0.01  # seconds to wait for more requests to join a batch
+
+    def __init__(self, served: Served, gen_kwargs):
+        import queue
+
+        self.served, self.gen_kwargs, self.queue = served, gen_kwargs, queue.Queue()
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def submit(self, req, ids, max_new):
+        from concurrent.futures import Future
+
+        fut = Future()
+        self.queue.put((req, ids, max_new, fut))
+        return fut
+
+    @staticmethod
+    def _key(req):
+        return (req.model, req.temperature, req.top_p, req.seed)
+
+    def _work(self) -> None:
+        import queue
+
+        waiting = []
+        while True:
+            first = waiting.pop(0) if waiting else self.queue.get()
+            batch, deadline = [first], time.monotonic() + self.WINDOW
+            key = self._key(first[0])
+            while len(batch) < self.served.max_batch and first[0].seed is None:
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                (batch if self._key(item[0]) == key else waiting).append(item)
+            try:
+                results = self._generate(batch)
+            except Exception as e:  # the requests fail, the worker lives on
+                for *_, fut in batch:
+                    fut.set_exception(e)
+                continue
+            for (*_, fut), result in zip(batch, results):
+                fut.set_result(result)
+
+    def _generate(self, batch) -> list[tuple[list[int], bool]]:
+        served, pad = self.served, self.served.tokenizer.pad_token_id
+        req = batch[0][0]
+        width = max(ids.shape[1] for _, ids, _, _ in batch)
+        rows = [torch.cat([torch.full((1, width - ids.shape[1]), pad, dtype=ids.dtype), ids], 1) for _, ids, _, _ in batch]
+        mask = [torch.cat([torch.zeros(1, width - ids.shape[1], dtype=ids.dtype), torch.ones_like(ids)], 1) for _, ids, _, _ in batch]
+        max_new = max(m for _, _, m, _ in batch)
+        kw = self.gen_kwargs(req, torch.cat(rows), max_new)
+        kw["attention_mask"] = torch.cat(mask).to(kw["input_ids"].device)
+        eos = set(eos_ids(served.tokenizer, served.model))
+        with served.lock:
+            _select(served, req.model)
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            with torch.no_grad():
+                out = served.model.generate(**kw)[:, width:].tolist()
+        results = []
+        for row, (_, _, own_max, _) in zip(out, batch):
+            row = row[:own_max]
+            end = next((i for i, t in enumerate(row) if t in eos), None)
+            results.append((row[: end + 1] if end is not None else row, end is not None))
+        return results
 
 
 def _stream_chat(served: Served, req, ids, max_new, cid, created, gen_kwargs):
