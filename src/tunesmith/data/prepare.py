@@ -183,7 +183,8 @@ def _label_counts(split: Split, labels: list[str]) -> dict:
 
 
 def _split_stats(split: Split, counts: Counter) -> dict:
-    lengths = np.array([len(t.input_ids) for t in split.tokens]) if split.tokens else np.zeros(1, dtype=int)
+    lengths = np.array([len(t.input_ids) + (len(t.rejected.input_ids) if t.rejected is not None else 0)
+                        for t in split.tokens]) if split.tokens else np.zeros(1, dtype=int)  # a pair: both sequences
     label_tokens = int(sum(1 if t.label is not None else int((t.labels != -100).sum()) for t in split.tokens))
     if split.tokens and split.tokens[0].rejected is not None:  # pairs: count both sides
         label_tokens += int(sum(int((t.rejected.labels != -100).sum()) for t in split.tokens))
