@@ -37,6 +37,7 @@ def test_student_learns_from_a_tuned_teacher(tmp_path, tiny_model_dir, instructi
                        f"distill.teacher={teacher_run}", f"distill.mode={mode}")).summary
     assert s["teacher"]["eval_loss"] < s["before"]["eval_loss"]  # the teacher is better than the untrained student
     assert s["after"]["eval_loss"] < s["before"]["eval_loss"]
+    assert "Distillation: teacher vs student" in (tmp_path / "runs" / "student" / "report.html").read_text()
 
 
 def test_logit_distillation_needs_a_shared_tokenizer(tmp_path, tiny_model_dir, instruction_file, tiny_tokenizer):

@@ -34,6 +34,8 @@ def write_report(run_dir: Path) -> Path:
              f"task: {html.escape(summary.get('task', 'causal'))}</p>",
              f"<div class='verdict' style='border-color:{GOOD if good else BAD}'>{verdict}</div>",
              "<h2>Metrics: base vs tuned</h2>", _metrics_table(summary, evaluation)]
+    if summary.get("teacher"):
+        parts += ["<h2>Distillation: teacher vs student</h2>", _teacher_table(summary)]
     if bars:
         parts.append(_img(bars, "metrics base vs tuned"))
     if curves:
@@ -93,6 +95,16 @@ def _metrics_table(summary: dict, evaluation: dict | None) -> str:
         out.append(f"<tr><td>{html.escape(name)}</td><td>{b:.4g}</td><td><b>{t:.4g}</b></td>"
                    f"<td style='color:{color}'>{delta:+.4g}</td></tr>")
     return "".join(out) + "</table>"
+
+
+def _teacher_table(s: dict) -> str:
+    t, before, after = s["teacher"], s.get("before") or {}, s.get("after") or {}
+    keys = [k for k in t if isinstance(t[k], (int, float)) and not k.endswith(("_tokens", "_examples"))]
+    rows = "".join(f"<tr><td>{html.escape(k.removeprefix('eval_'))}</td><td>{before.get(k, float('nan')):.4g}</td>"
+                   f"<td><b>{after.get(k, float('nan')):.4g}</b></td><td>{t[k]:.4g}</td></tr>" for k in keys)
+    return ("<table><tr><th>held-out metric</th><th>untrained student</th><th>trained student</th><th>teacher</th></tr>"
+            f"{rows}</table><p>Student trainable parameters: {s['params']['trainable']:,} of {s['params']['total']:,}; "
+            f"student training speed {s['tok_s']:.0f} tokens/s.</p>")
 
 
 def _side_by_side(rows: list[dict]) -> str:
