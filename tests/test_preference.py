@@ -75,3 +75,12 @@ def test_dpo_after_sft_starts_from_the_tuned_run(tmp_path, tiny_model_dir, instr
     from tunesmith.models import load_model
     model = load_model(dpo / "final", torch.float32, torch.device("cpu"))  # SFT merged, DPO adapter on top
     assert model(input_ids=torch.tensor([[1, 5, 9]])).logits.shape[-1] > 0
+
+
+def test_dpo_step_loss_is_the_mean_over_pairs(tmp_path, tiny_model_dir, pairs_file):
+    """Before any update the policy equals the reference, so the DPO loss of every pair is log 2."""
+    import math
+    s = train(tiny_cfg(tmp_path, tiny_model_dir, pairs_file, "train.max_steps=1", "train.lr=1e-9")).summary
+    first = json.loads((tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()[1])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3), first
+    assert s["task"] == "dpo"

@@ -226,7 +226,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         if ckpt.step >= total_steps:
             raise TunesmithError(f"{ckpt.path} is at step {ckpt.step}, the plan has {total_steps}; raise train.max_steps to train further")
 
-    example_labels = [1 if t.label is not None else int((t.labels[1:] != IGNORE).sum()) for t in data.train.tokens]
+    # what a step's loss is averaged over: trained tokens, or whole examples (a class label, a preference pair)
+    example_labels = [1 if t.label is not None or t.rejected is not None else int((t.labels[1:] != IGNORE).sum())
+                      for t in data.train.tokens]
 
     def step_plan():
         """(epoch, this rank's forward passes, the global step's examples) for every optimizer step."""
