@@ -13,19 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
-from tunesmith.train.loss import label_positions, split_model
-
-
-def label_logits(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) logits at the positions whose next token is trained, and those N targets."""
-    mask, targets = label_positions(labels)
-    parts = split_model(model)
-    if parts is None:
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, -input_ids.shape[1]:-1][mask]
-    else:
-        backbone, weight = parts
-        logits = backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1][mask] @ weight.T
-    return logits.float(), targets
+from tunesmith.train.loss import label_logits
 
 
 def distill_terms(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, cfg) -> torch.Tensor:

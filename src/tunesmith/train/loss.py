@@ -78,6 +78,18 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, shifted[mask].long()
 
 
+def label_logits(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits at the positions whose next token is trained, and those N targets."""
+    mask, targets = label_positions(labels)
+    parts = split_model(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, -input_ids.shape[1]:-1][mask]
+    else:
+        backbone, weight = parts
+        logits = backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1][mask] @ weight.T
+    return logits.float(), targets
+
+
 def sum_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, with_accuracy: bool = False):
     """Summed CE over trained tokens (normalise by the global label-token count outside).
 

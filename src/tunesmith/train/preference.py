@@ -18,21 +18,14 @@ import torch.nn.functional as F
 
 from tunesmith.data.batching import collate
 from tunesmith.data.render import Tokenized
-from tunesmith.train.loss import label_positions, split_model
+from tunesmith.train.loss import label_logits, label_positions
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(rows,) summed log-prob of each row's trained tokens; the vocabulary head runs only where labels are."""
-    parts = split_model(model)
-    mask, targets = label_positions(labels)
+    logits, targets = label_logits(model, input_ids, labels)
+    mask, _ = label_positions(labels)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
-    if parts is None:
-        logits = model(input_ids=input_ids, use_cache=False).logits
-        logits = logits[:, -input_ids.shape[1]:-1][mask].float()
-    else:
-        backbone, weight = parts
-        hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
-        logits = (hidden[:, :-1][mask] @ weight.T).float()
     token_logp = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     return torch.zeros(labels.shape[0], dtype=token_logp.dtype, device=labels.device).index_add(0, rows, token_logp)
 
