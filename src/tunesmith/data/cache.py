@@ -24,7 +24,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data.read import expand_paths
 from tunesmith.data.render import Tokenized
 
-VERSION = 2
+VERSION = 3
 
 
 def cache_dir() -> Path:

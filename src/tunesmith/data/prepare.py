@@ -128,13 +128,16 @@ def _first_user(ex: Example) -> str:
 def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for_inspection: bool = False) -> PreparedData:
     """Tokenized splits. The training split keeps only its tokens (memory stays near the token
     arrays) unless `for_inspection`, which also keeps its examples and rendered text and skips
-    the tokenized-data cache."""
+    the tokenized-data cache. `stats["fingerprint"]` identifies the data (files, settings, tokenizer;
+    None for hub datasets): the cache key, and what a resumed run checks."""
     max_length = min(cfg.max_length, model_max_length or cfg.max_length)
-    key = data_cache.cache_key(cfg, tokenizer, max_length) if cfg.cache and not for_inspection else None
-    if key and (cached := data_cache.load(key)) is not None:
+    key = data_cache.cache_key(cfg, tokenizer, max_length)
+    use_cache = key and cfg.cache and not for_inspection
+    if use_cache and (cached := data_cache.load(key)) is not None:
         return cached
     data = _prepare(cfg, tokenizer, max_length, keep_train_text=for_inspection)
-    if key:
+    data.stats["fingerprint"] = key
+    if use_cache:
         data_cache.save(key, data)
     return data
 

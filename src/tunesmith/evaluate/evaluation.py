@@ -28,7 +28,7 @@ from tunesmith.evaluate.generate import Sampling, generate
 from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
-from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from tunesmith.models import load_model, merge_adapter, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train.rundir import write_json_atomic
 
 
@@ -66,10 +66,7 @@ def _eval_examples(cfg, tokenizer, data_path):
 
 
 def _load(path: Path, dtype, device):
-    model = load_model(path, dtype, device).eval()
-    if hasattr(model, "merge_and_unload") and not model.active_peft_config.is_prompt_learning:
-        model = model.merge_and_unload()  # generation as fast as a merged model
-    return model
+    return merge_adapter(load_model(path, dtype, device).eval())  # generation as fast as a merged model
 
 
 def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int, max_new_tokens: int, log) -> dict:

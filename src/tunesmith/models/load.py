@@ -198,8 +198,7 @@ def _load_adapter_model(adapter_dir: Path, dtype, device):
         base = load_model(resolve_model_dir(str(base_dir)), dtype, device, "classification", labels=labels)
     else:
         base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
-    if hasattr(base, "merge_and_unload"):  # the base is itself a tuned adapter run (e.g. DPO after SFT)
-        base = base.merge_and_unload()
+    base = merge_adapter(base)  # the base may itself be a tuned adapter run (e.g. DPO after SFT)
     return PeftModel.from_pretrained(base, adapter_dir)
 
 
@@ -212,3 +211,11 @@ def model_fingerprint(model_dir: Path) -> str:
         elif p.suffix in (".safetensors", ".bin", ".gguf"):
             h.update(f"{p.name}:{p.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+def merge_adapter(model):
+    """A peft model with its adapter folded into the weights (plain and as fast as the base); models
+    whose adapter cannot be folded in (prompt/prefix tuning) and plain models come back unchanged."""
+    if hasattr(model, "merge_and_unload") and not model.active_peft_config.is_prompt_learning:
+        return model.merge_and_unload()
+    return model

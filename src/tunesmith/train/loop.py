@@ -23,7 +23,6 @@ from tunesmith.config import Config, check_combinations, dump_yaml
 from tunesmith.data import prepare
 from tunesmith.data.render import IGNORE
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
-from tunesmith.data.cache import cache_key
 from tunesmith.data.shapes import user_text
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
@@ -33,7 +32,7 @@ from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows, format_table, mean_score
 from tunesmith.methods import get_method, parameter_report, quantization
-from tunesmith.models import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
+from tunesmith.models import load_model, load_tokenizer, merge_adapter, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
@@ -71,9 +70,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     keep_heap_memory()
     dtype = pick_dtype(cfg.model.dtype, device)
     seed_everything(cfg.train.seed)
-    run_dir = distributed.from_main((resume or _auto_resume_dir(cfg) or choose_run_dir(
+    auto = _auto_resume_dir(cfg)
+    run_dir = distributed.from_main((resume or auto or choose_run_dir(
         cfg.output.dir, cfg.output.name, cfg.recipe, cfg.output.overwrite)) if ddp.main else None, ddp)
-    resuming = run_dir == resume or run_dir == _auto_resume_dir(cfg)
+    resuming = run_dir in (resume, auto)
     log = RunLog(enabled=ddp.main)  # rank 0 alone writes logs and files
     log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads, "
         f"{str(dtype).replace('torch.', '')}" + (f", {ddp.world} processes" if ddp.active else ""))
@@ -94,7 +94,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     if task == "classification":
         log(f"task: classification into {len(st['labels'])} labels: " + ", ".join(
             f"{name} {n}" for name, n in st["label_counts"]["train"].items()))
-    fingerprint = {"data": cache_key(cfg.data, tokenizer, st["max_length"]) or cfg.data.model_dump_json(),
+    fingerprint = {"data": st.get("fingerprint") or cfg.data.model_dump_json(),
                    "model": model_fingerprint(model_dir)}
 
     # -- 3. model and method, step count, memory check ------------------------------------------
@@ -102,7 +102,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     model = load_model(model_dir, dtype, device, task, quantization(method, cfg.method, dtype), st.get("labels"))
     model.config.use_cache = False
     if hasattr(model, "merge_and_unload"):  # starting from a tuned adapter run: continue from it, merged
-        model = model.merge_and_unload()
+        model = merge_adapter(model)
         model.name_or_path = str(model_dir)  # a new adapter then names that run as its base
     model = method.apply(model, cfg.method, task)
     params = parameter_report(model)
@@ -117,7 +117,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         teacher_dir = resolve_model_dir(cfg.distill.teacher)
         check_tokenizers(tokenizer, load_tokenizer(teacher_dir), cfg.distill.mode)
         teacher = load_model(teacher_dir, dtype, device, task, labels=st.get("labels")).eval()
-        teacher = teacher.merge_and_unload() if hasattr(teacher, "merge_and_unload") else teacher
+        teacher = merge_adapter(teacher)
         teacher.requires_grad_(False)
         log(f"distillation from {cfg.distill.teacher} ({sum(p.numel() for p in teacher.parameters()):,} parameters), "
             f"{cfg.distill.mode} mode, alpha {cfg.distill.alpha}, T {cfg.distill.temperature}, {cfg.distill.kl} KL")
@@ -183,11 +183,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     else:
         with _as_base(model):  # prompt/prefix tuning start from non-neutral virtual tokens: measure the base itself
             baseline = {"before": evaluate(model), "base_outputs": sample_outputs(model)}
+            # the forgetting check's reference: the base model on general text unlike the training data
+            base_general = forgetting.measure_base(model, tokenizer) if task == "causal" and ddp.main else None
         if ddp.main:
             write_json_atomic(run_dir / "baseline.json", {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
-        # the forgetting check's reference: the base model on general text unlike the training data
-        with _as_base(model):
-            base_general = forgetting.measure_base(model, tokenizer) if task == "causal" and ddp.main else None
         if base_general:
             forgetting.save_base(run_dir / "baseline_general.safetensors", base_general)
         if baseline["before"]:
