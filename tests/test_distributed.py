@@ -62,3 +62,55 @@ def test_a_run_started_on_two_processes_resumes_on_one(tmp_path, tiny_model_dir,
     assert train(one, resume=run).summary["resumed_from"] == 2
     resumed = load_file(run / "final" / "adapter_model.safetensors")
     assert all((reference[k] - resumed[k]).abs().max() < 1e-5 for k in reference)
+
+
+def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file):
+    """FSDP2-sharded LoRA on 2 processes == 1 process: loss curve, held-out loss and the saved adapter. A small
+    token budget per pass gives the ranks different numbers of passes (filler passes must count nothing)."""
+    from safetensors.torch import load_file
+
+    common = ["train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.every_steps=2", "eval.samples=2",
+              "train.micro_batch_size=4", "train.batch_tokens=40"]
+    one = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=2", "output.name=one")
+    two = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=1", "output.name=two",
+                   "train.distributed=fsdp")
+    for cfg in (one, two):
+        (tmp_path / f"{cfg.output.name}.yaml").write_text(dump_yaml(cfg))
+    assert main(["train", str(tmp_path / "one.yaml")]) == 0
+    assert main(["train", str(tmp_path / "two.yaml"), "--nproc", "2"]) == 0
+    a, b = rows(tmp_path / "runs" / "one"), rows(tmp_path / "runs" / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in x:
+                assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+    s = json.loads((tmp_path / "runs" / "two" / "eval.json").read_text())
+    assert sum(s["examples_per_rank"]) == s["examples"] == 32
+    ref, got = (load_file(tmp_path / "runs" / n / "final" / "adapter_model.safetensors") for n in ("one", "two"))
+    assert ref.keys() == got.keys() and all((ref[k] - got[k]).abs().max() < 1e-5 for k in ref)
+    assert len(s["side_by_side"]) == 2  # rank 0 generated with the sharded model (every rank joined)
+
+
+def test_fsdp_full_finetune_checkpoint_resumes_on_one_process(tmp_path, tiny_model_dir, instruction_file):
+    """Full fine-tuning sharded on 2 processes writes consolidated checkpoints: stopped after step 2, the run
+    continues on 1 process (no FSDP) to the same final weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tunesmith.train.loop import train
+
+    common = ["method.name=full", "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.samples=0",
+              "train.micro_batch_size=4", "train.save_every_steps=2", "output.name=run"]
+    two = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=1", "train.distributed=fsdp")
+    (tmp_path / "two.yaml").write_text(dump_yaml(two))
+    assert main(["train", str(tmp_path / "two.yaml"), "--nproc", "2"]) == 0
+    run = tmp_path / "runs" / "run"
+    reference = load_file(run / "final" / "model.safetensors")
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-0000004", ignore_errors=True)
+    one = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=2")
+    assert train(one, resume=run).summary["resumed_from"] == 2
+    resumed = load_file(run / "final" / "model.safetensors")
+    assert reference.keys() == resumed.keys()
+    assert all((reference[k] - resumed[k]).abs().max() < 1e-5 for k in reference)

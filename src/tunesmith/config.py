@@ -93,6 +93,7 @@ class TrainConfig(Section):
     log_every_steps: int = Field(1, ge=1, description="Append a line to metrics.jsonl every N optimizer steps.")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads; unset = the cores this process may use.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward: much less memory for long sequences / big batches, ~30% more compute. Off by default.")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes (`--nproc`, torchrun): `ddp` keeps a full model copy per process and sums gradients; `fsdp` (PyTorch FSDP2) shards weights, gradients and optimizer state across processes, each decoder block gathered only while it computes -- for models that do not fit one device. Checkpoints are consolidated either way, so a run can resume on another process count or backend. See docs/scaling.md.")
 
 
 class EvalConfig(Section):
@@ -115,6 +116,7 @@ class DistillConfig(Section):
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft targets (the KL term is scaled by T^2).")
     kl: Literal["forward", "reverse"] = Field("forward", description="`forward`: KL(teacher || student), mass-covering; `reverse`: KL(student || teacher), mode-seeking.")
     mode: Literal["logits", "sequence"] = Field("logits", description="`logits`: match the teacher's next-token distributions (tokenizers must match); `sequence`: train on the teacher's greedy answers to the training prompts (any tokenizer).")
+    top_k: Optional[int] = Field(None, ge=1, description="Logit distillation from a cache: one teacher pass over the training split before training keeps each response token's top-k teacher logits on disk (k x 6 bytes per token, memory-mapped), the teacher is freed, and every epoch distils against the cache (teacher renormalised over its top k; forward KL). Pays off from the second epoch and when the teacher would not fit next to the student. Unset = the teacher runs every step on the full vocabulary. E.g. 64.")
 
 
 class OutputConfig(Section):
@@ -207,6 +209,7 @@ WHY_NOT = {"prompt-tuning": "virtual tokens in front of an encoder's [CLS] posit
            "prefix-tuning": "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector",
            "qlora": "bitsandbytes' CPU 4-bit backward fails on BERT-style encoders here (in-place op on a view of a leaf)",
            "lora-int8": "not verified with a classification head yet"}
+FSDP_METHODS = ("full", "lora", "ia3", "adapters", "bitfit")
 SELECTABLE_METRICS = {"causal": ("eval_loss", "eval_ppl", "eval_token_accuracy"),
                       "classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall"),
                       "dpo": ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy")}
@@ -219,6 +222,13 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
         why = WHY_NOT.get(cfg.method.name, "not built") if task == "classification" else "not verified with preference pairs"
         raise TunesmithError(f"method.name={cfg.method.name} is not supported for task={task} "
                              f"({why}); use one of {', '.join(SUPPORTED_METHODS[task])}")
+    if cfg.train.distributed == "fsdp" and cfg.method.name not in FSDP_METHODS:
+        raise TunesmithError(f"train.distributed=fsdp does not support method.name={cfg.method.name} "
+                             f"(quantized and virtual-token weights cannot be sharded as DTensors); use one of "
+                             f"{', '.join(FSDP_METHODS)}, or train.distributed=ddp")
+    if cfg.distill.top_k and (cfg.distill.kl == "reverse" or cfg.distill.mode == "sequence" or task == "classification"):
+        raise TunesmithError("distill.top_k caches vocabulary logits for forward-KL logit distillation: it does not combine with "
+                             "distill.kl=reverse, distill.mode=sequence or classification (whose few class logits are used whole)")
     best = cfg.train.select_best
     if best:
         allowed = SELECTABLE_METRICS[task] if task else tuple(dict.fromkeys(sum(SELECTABLE_METRICS.values(), ())))

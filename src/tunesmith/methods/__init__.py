@@ -2,7 +2,7 @@
 
     DEFAULT_LR                                  tuned peak learning rate for that method
     apply(model, cfg, task) -> model            make exactly the method's parameters trainable
-    save(model, tokenizer, out_dir, cfg, task)  write what `models.load_model` (and, for full and
+    save(model, tokenizer, out_dir, cfg, task, state_dict=None)  write what `models.load_model` (and, for full and
                                                 the peft methods, plain transformers/peft) can load
     quantization(cfg, dtype)                    optional: how to load the base (qlora, lora-int8)
 """

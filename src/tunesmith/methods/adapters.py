@@ -51,5 +51,5 @@ def apply(model, cfg, task: str = "causal"):
     return model
 
 
-def save(model, tokenizer, out_dir, cfg, task: str = "causal"):
-    partial.save_trainable(model, tokenizer, out_dir, cfg, task)
+def save(model, tokenizer, out_dir, cfg, task: str = "causal", state_dict: dict | None = None):
+    partial.save_trainable(model, tokenizer, out_dir, cfg, task, state_dict)

@@ -28,5 +28,5 @@ def classifier_head(model):
     raise TunesmithError(f"{type(model).__name__}: no classification head found (looked for .classifier and .score)")
 
 
-def save(model, tokenizer, out_dir, cfg, task: str = "causal"):
-    partial.save_trainable(model, tokenizer, out_dir, cfg, task)
+def save(model, tokenizer, out_dir, cfg, task: str = "causal", state_dict: dict | None = None):
+    partial.save_trainable(model, tokenizer, out_dir, cfg, task, state_dict)

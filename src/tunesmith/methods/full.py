@@ -20,6 +20,7 @@ def _blocks(model):
     return list(getattr(backbone, "layers", None) or getattr(getattr(backbone, "encoder", None), "layer", []))
 
 
-def save(model, tokenizer, out_dir, cfg=None, task: str = "causal"):
-    model.save_pretrained(out_dir)
+def save(model, tokenizer, out_dir, cfg=None, task: str = "causal", state_dict: dict | None = None):
+    """`state_dict`: full tensors gathered from a sharded (FSDP) model; unset = the model's own."""
+    model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out_dir)

@@ -75,9 +75,9 @@ def peft_task(task: str) -> str:
     return {"causal": "CAUSAL_LM", "dpo": "CAUSAL_LM", "classification": "SEQ_CLS"}[task]
 
 
-def save(model, tokenizer, out_dir, cfg=None, task: str = "causal"):
+def save(model, tokenizer, out_dir, cfg=None, task: str = "causal", state_dict: dict | None = None):
     # adapter_config.json names the base model folder, so plain PeftModel.from_pretrained works
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out_dir)
     if task == "classification":  # the base needs its head's label names back
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]

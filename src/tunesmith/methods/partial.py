@@ -14,8 +14,9 @@ from tunesmith.errors import TunesmithError
 MARKER = "tunesmith_method.json"
 
 
-def save_trainable(model, tokenizer, out_dir: Path, cfg, task: str) -> None:
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def save_trainable(model, tokenizer, out_dir: Path, cfg, task: str, state_dict: dict | None = None) -> None:
+    weights = {n: (state_dict[n] if state_dict is not None else p).detach().cpu().contiguous()
+               for n, p in model.named_parameters() if p.requires_grad}
     save_file(weights, Path(out_dir) / "trainable.safetensors")
     meta = {"method": cfg.name, "base_model_name_or_path": str(model.name_or_path), "task": task,
             "method_config": cfg.model_dump(), "num_labels": getattr(model.config, "num_labels", None),

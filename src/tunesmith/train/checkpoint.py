@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
+from tunesmith.train.distributed import load_optimizer_state, set_weights
 from tunesmith.train.rundir import publish_dir
 
 FILES = ("trainable.safetensors", "state.pt", "progress.json")
@@ -38,15 +39,15 @@ class Checkpoint:
         return self.progress["step"]
 
 
-def save(run_dir: Path, model, optimizer, progress: dict) -> Path:
-    """`progress` must hold "step"; it is stored as-is (counters, evals, fingerprint)."""
+def save(run_dir: Path, weights: dict, optimizer_state: dict, progress: dict) -> Path:
+    """`weights`/`optimizer_state`: full tensors (distributed.full_weights / full_optimizer_state).
+    `progress` must hold "step"; it is stored as-is (counters, evals, fingerprint)."""
     target = run_dir / "checkpoints" / f"step-{progress['step']:07d}"
     target.parent.mkdir(exist_ok=True)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
     def write(tmp: Path) -> None:
-        save_file(trainable, tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(),
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer_state,
                     "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                    tmp / "state.pt")
@@ -58,10 +59,10 @@ def save(run_dir: Path, model, optimizer, progress: dict) -> Path:
     return target
 
 
-def save_or_warn(run_dir: Path, model, optimizer, progress: dict, keep: int | None, log) -> None:
+def save_or_warn(run_dir: Path, weights: dict, optimizer_state: dict, progress: dict, keep: int | None, log) -> None:
     """Save; a failed save (disk full, ...) is reported and training goes on, the previous checkpoint intact."""
     try:
-        path = save(run_dir, model, optimizer, progress)
+        path = save(run_dir, weights, optimizer_state, progress)
     except OSError as e:
         older = all_checkpoints(run_dir)
         log(f"could not write the checkpoint at step {progress['step']}: {e.strerror or e}; "
@@ -131,11 +132,9 @@ def restore(ckpt: Checkpoint, model, optimizer) -> None:
     if missing or any(n not in params for n in weights):
         raise TunesmithError(f"checkpoint {ckpt.path} does not match this model's trainable parameters "
                              f"(e.g. {(missing or [n for n in weights if n not in params])[0]}); was the method changed?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    set_weights(model, weights)
     state = torch.load(ckpt.path / "state.pt", weights_only=False)  # our own file, checksum-verified
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     rng = state["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -144,9 +143,8 @@ def restore(ckpt: Checkpoint, model, optimizer) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save_best(run_dir: Path, model, record: dict) -> None:
-    """`best/`: the trainable weights with the best held-out metric so far (train.select_best)."""
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def save_best(run_dir: Path, weights: dict, record: dict) -> None:
+    """`best/`: the trainable weights (full tensors) with the best held-out metric so far (train.select_best)."""
 
     def write(tmp: Path) -> None:
         save_file(weights, tmp / "trainable.safetensors")
@@ -156,10 +154,7 @@ def save_best(run_dir: Path, model, record: dict) -> None:
 
 
 def load_best(run_dir: Path, model) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(run_dir / "best" / "trainable.safetensors").items():
-            params[name].copy_(value)
+    set_weights(model, load_file(run_dir / "best" / "trainable.safetensors"))
 
 
 def prune(run_dir: Path, keep: int) -> list[str]:

@@ -7,6 +7,14 @@ data. After backward the gradients are summed across ranks in one flat all-reduc
 minus bucketing), so every rank applies the identical update and the result equals one process
 with the same global batch. Rank 0 alone writes files; stopping (Ctrl-C, time budget) is decided
 collectively so no rank is left waiting in a collective.
+
+With `train.distributed=fsdp` the model is sharded with PyTorch's FSDP2 (`fully_shard` on every
+decoder block, then the root): each rank holds 1/world of every weight, gradient and optimizer
+state, and a block's weights are all-gathered only while it runs. Every forward is then a
+collective, so every rank runs the same number of passes (a rank short of examples runs a filler
+pass whose loss counts zero), scores the whole held-out split, and joins generation. Checkpoints
+hold full (consolidated) tensors in the single-process format, so any run resumes on any process
+count and either backend.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_world: int = 1
+    fsdp: bool = False  # weights sharded across ranks: every forward is a collective
 
     @property
     def main(self) -> bool:
@@ -32,13 +41,107 @@ class Dist:
         return self.world > 1
 
 
-def setup(device: torch.device) -> Dist:
+def setup(device: torch.device, backend: str = "ddp") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world)), backend == "fsdp")
+
+
+def shard_model(model: torch.nn.Module, d: Dist) -> None:
+    """FSDP2 in place: each transformer block is its own shard group (gathered only while it runs), the rest
+    (embeddings, head, final norm) one root group. FSDP averages gradients across ranks; the loop scales the
+    loss by the world size (grad_scale) because it is already normalised by the global step's label tokens.
+    (FSDP's own divide factor needs NCCL's PREMUL_SUM, which gloo lacks.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    block_types = tuple(getattr(inner, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types and type(m).__name__ != "BertEmbeddings"]
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def grad_scale(d: Dist) -> float:
+    """Factor on the loss before backward: FSDP averages the ranks' gradients, DDP here sums them."""
+    return float(d.world) if d.fsdp else 1.0
+
+
+def equal_passes(step_examples: list[int], d: Dist, split) -> list[tuple[list[int], bool]]:
+    """This rank's forward passes of a step as (examples, real). Under FSDP every rank must run as many passes
+    as the busiest rank: the missing ones repeat an example of the step and are marked not real (loss x 0)."""
+    mine = shard(step_examples, d)
+    passes = [(p, True) for p in (split(mine) if mine else [])]
+    if d.fsdp:
+        most = max(len(split(step_examples[r::d.world])) if step_examples[r::d.world] else 0 for r in range(d.world))
+        passes += [([step_examples[0]], False)] * (most - len(passes))
+    return passes
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights as full CPU tensors (under FSDP a collective: call it on every rank)."""
+    return {n: _full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def set_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into the model's (possibly sharded) parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            p = params[name]
+            if _is_dtensor(p):
+                p.to_local().copy_(_like(value, p).to_local())
+            else:
+                p.copy_(value)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with sharded state tensors gathered to full ones (collective under FSDP)."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: _full(v) if _is_dtensor(v) else v for k, v in s.items()} for i, s in state["state"].items()}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full-tensor optimizer state; states of sharded parameters are sharded the same way."""
+    optimizer.load_state_dict(state)
+    for p, s in optimizer.state.items():
+        if _is_dtensor(p):
+            for k, v in s.items():
+                if torch.is_tensor(v) and not _is_dtensor(v) and v.shape == p.shape:
+                    s[k] = _like(v, p)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() with every sharded tensor gathered to a full CPU tensor (a collective under FSDP:
+    every rank calls it), for saving the ordinary way."""
+    gathered: dict[tuple, torch.Tensor] = {}  # tied weights (embeddings = head) stay one tensor, as HF expects
+    out = {}
+    for k, v in model.state_dict().items():
+        local = v.to_local() if _is_dtensor(v) else v
+        storage = (local.data_ptr(), tuple(v.shape)) if local.numel() else (k,)
+        if storage not in gathered:
+            gathered[storage] = _full(v).cpu() if _is_dtensor(v) else v
+        out[k] = gathered[storage]
+    return out
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or (isinstance(t, torch.nn.Parameter) and type(t.data).__name__ == "DTensor")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(value: torch.Tensor, p) -> torch.Tensor:
+    """`value` (a full tensor, identical on every rank) sharded like DTensor parameter `p`, without communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
 
 
 def shard(step_examples: list[int], d: Dist) -> list[int]:
@@ -47,7 +150,7 @@ def shard(step_examples: list[int], d: Dist) -> list[int]:
 
 
 def all_reduce_grads(params: list[torch.Tensor], d: Dist) -> None:
-    if not d.active:
+    if not d.active or d.fsdp:  # FSDP reduce-scatters the gradients during backward
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -36,7 +36,7 @@ from tunesmith.models import load_model, load_tokenizer, merge_adapter, model_fi
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
-from tunesmith.train.distill import check_tokenizers, distill_sum_loss, teacher_answers
+from tunesmith.train.distill import cached_distill_sum_loss, check_tokenizers, distill_sum_loss, teacher_answers, teacher_topk
 from tunesmith.train.preference import dpo_sum_loss, pair_logprobs, preference_metrics, reference_logprobs
 from tunesmith.train import distributed
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
@@ -65,7 +65,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     t_start = time.perf_counter()
     # -- 1. machine, processes and run directory ------------------------------------------------
     device = pick_device()
-    ddp = distributed.setup(device)  # one process, or this rank of a torchrun launch
+    ddp = distributed.setup(device, cfg.train.distributed)  # one process, or this rank of a torchrun launch
     threads = configure_threads(cfg.train.threads or (max(1, available_cores() // ddp.local_world) if ddp.active else None))
     keep_heap_memory()
     dtype = pick_dtype(cfg.model.dtype, device)
@@ -76,7 +76,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     resuming = run_dir in (resume, auto)
     log = RunLog(enabled=ddp.main)  # rank 0 alone writes logs and files
     log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads, "
-        f"{str(dtype).replace('torch.', '')}" + (f", {ddp.world} processes" if ddp.active else ""))
+        f"{str(dtype).replace('torch.', '')}" + (f", {ddp.world} processes ({cfg.train.distributed})" if ddp.active else ""))
 
     # -- 2. tokenizer and data ---------------------------------------------------------------
     model_dir = resolve_model_dir(cfg.model.name)
@@ -107,10 +107,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     model = method.apply(model, cfg.method, task)
     params = parameter_report(model)
     log(f"method: {cfg.method.name} | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.train.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ddp.fsdp:  # weights, gradients and optimizer state sharded across the processes
+        distributed.shard_model(model, ddp)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    joins_forwards = ddp.main or ddp.fsdp  # rank-0-only forwards (generation, ...) need every rank under FSDP
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     teacher = None
     if cfg.distill.teacher:  # knowledge distillation: the teacher's soft targets (or its answers) for this student
@@ -167,11 +170,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             return preference_metrics(model, val_tokens, ref_val, pad_id, cfg.dpo)
         if task == "classification":  # macro-F1 needs every prediction: each rank scores the whole split
             return classification_metrics(model, val_tokens, pad_id)
+        if ddp.fsdp:  # every forward is a collective: every rank scores the whole split (same passes, same sums)
+            return heldout_metrics(model, val_tokens, pad_id)
         # each rank scores its share of the split; the sums are combined (no example counted twice)
         return distributed.combine_heldout(heldout_metrics(model, distributed.shard(val_tokens, ddp), pad_id), ddp)
 
     def sample_outputs(model) -> list:
-        if not samples or not ddp.main:
+        if not samples or not joins_forwards:
             return []
         if task == "classification":
             return predicted_labels(model, [data.val.tokens[i] for i in sample_idx], pad_id, st["labels"])
@@ -184,10 +189,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         with _as_base(model):  # prompt/prefix tuning start from non-neutral virtual tokens: measure the base itself
             baseline = {"before": evaluate(model), "base_outputs": sample_outputs(model)}
             # the forgetting check's reference: the base model on general text unlike the training data
-            base_general = forgetting.measure_base(model, tokenizer) if task == "causal" and ddp.main else None
+            base_general = forgetting.measure_base(model, tokenizer) if task == "causal" and joins_forwards else None
         if ddp.main:
             write_json_atomic(run_dir / "baseline.json", {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
-        if base_general:
+        if base_general and ddp.main:
             forgetting.save_base(run_dir / "baseline_general.safetensors", base_general)
         if baseline["before"]:
             record_metrics({"step": 0, **baseline["before"]})
@@ -195,6 +200,14 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     teacher_metrics = evaluate(teacher) if teacher is not None else None
     if teacher_metrics:
         log("teacher on the held-out split: " + _metrics_line(teacher_metrics))
+    topk = None
+    if teacher is not None and cfg.distill.top_k:  # one teacher pass now (rank 0 writes), then the teacher is freed
+        build = lambda: teacher_topk(teacher, data.train.tokens, cfg.distill.top_k, run_dir / "teacher_topk", pad_id,
+                                     device, cfg.train.batch_tokens or 4096, log)
+        if ddp.main:
+            build()
+        distributed.from_main(None, ddp)  # the others wait for the files, then map them
+        topk, teacher = build(), None
     if before:
         log("held-out before training: " + _metrics_line(before))
 
@@ -229,13 +242,15 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     example_labels = [1 if t.label is not None or t.rejected is not None else int((t.labels[1:] != IGNORE).sum())
                       for t in data.train.tokens]
 
+    def split(examples: list[int]) -> list[list[int]]:
+        return split_passes(examples, lengths, micro, cfg.train.batch_tokens)
+
     def step_plan():
         """(epoch, this rank's forward passes, the global step's examples) for every optimizer step."""
         epoch = 0
         while True:
             for step_examples in epoch_plan(lengths, global_batch, cfg.train.seed, epoch):
-                mine = distributed.shard(step_examples, ddp)
-                yield epoch, (split_passes(mine, lengths, micro, cfg.train.batch_tokens) if mine else []), step_examples
+                yield epoch, distributed.equal_passes(step_examples, ddp, split), step_examples
             epoch += 1
 
     # -- 6. the loop ---------------------------------------------------------------------------
@@ -255,11 +270,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             for group in optimizer.param_groups:
                 group["lr"] = peak_lr * lr_at(step, total_steps, warmup, cfg.train.schedule)
             epoch, passes, step_examples = next(plan)
-            batches = [collate([data.train.tokens[i] for i in p], pad_id, device) for p in passes]
+            batches = [collate([data.train.tokens[i] for i in p], pad_id, device) for p, _ in passes]
             label_tokens = sum(example_labels[i] for i in step_examples)  # normalise by the whole global step's labels
             step_loss = 0.0
-            for p, batch in zip(passes, batches):
-                if teacher is not None and not sequence_distill:
+            for (p, real), batch in zip(passes, batches):
+                if topk is not None:
+                    loss = cached_distill_sum_loss(model, batch, topk.rows(p), cfg.distill) / label_tokens
+                elif teacher is not None and not sequence_distill:
                     loss = distill_sum_loss(model, teacher, batch, cfg.distill) / label_tokens
                 elif task == "dpo":
                     loss = dpo_sum_loss(model, batch, _reference(model, batch, ref_train, p), cfg.dpo) / label_tokens
@@ -267,7 +284,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                     loss = class_sum_loss(model, batch) / label_tokens
                 else:
                     loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
-                loss.backward()
+                if not real:  # an FSDP filler pass: joins the collectives, counts nothing
+                    loss = loss * 0.0
+                (loss * distributed.grad_scale(ddp)).backward()
                 step_loss += float(loss.detach())
             distributed.all_reduce_grads(trainable, ddp)
             step_loss = distributed.sum_float(step_loss, ddp)
@@ -282,7 +301,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             progress["train_seconds"] += time.perf_counter() - t0
             progress["tokens"] += sum(lengths[i] for i in step_examples)
             progress["examples"] += len(step_examples)
-            local_examples += sum(b.input_ids.shape[0] for b in batches)
+            local_examples += sum(len(p) for p, real in passes if real)
             progress["step"] = step + 1
             if step == 0:
                 progress["first_step_seconds"] = progress["train_seconds"]
@@ -306,16 +325,19 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                 log(f"step {step + 1}: " + _metrics_line(record))
                 if _improves(cfg.train.select_best, record, progress["best"]):
                     progress["best"] = {"step": step + 1, "value": record[cfg.train.select_best]}
+                    weights = distributed.full_weights(model)  # a collective under FSDP
                     if ddp.main:
-                        checkpoint.save_best(run_dir, model, record)
+                        checkpoint.save_best(run_dir, weights, record)
             if (step + 1) % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
                 record_metrics(record)
             due = cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0
             due = due or (cfg.train.save_each_epoch and (step + 1) % steps_per_epoch == 0)
             stopping = distributed.any_true(stop.requested, ddp)
-            if (due or stopping) and not last and ddp.main:
-                checkpoint.save_or_warn(run_dir, model, optimizer, {**progress, "eval_loss": record.get("eval_loss"),
-                                        "fingerprint": fingerprint}, cfg.train.keep_checkpoints, log)
+            if (due or stopping) and not last:
+                weights, optimizer_state = distributed.full_weights(model), distributed.full_optimizer_state(optimizer)
+                if ddp.main:
+                    checkpoint.save_or_warn(run_dir, weights, optimizer_state, {**progress, "eval_loss": record.get("eval_loss"),
+                                            "fingerprint": fingerprint}, cfg.train.keep_checkpoints, log)
             if stopping and not last:
                 bar.close()
                 trackers.close()
@@ -338,12 +360,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     if after:
         record_metrics({"step": total_steps, **after})
     trackers.close()
-    if not ddp.main:  # the other ranks are done: rank 0 generates, saves and reports
+    tuned_outputs = sample_outputs(model)
+    drift = forgetting.compare_to_base(model, base_general) if base_general and joins_forwards else None
+    full_state = distributed.full_state_dict(model) if ddp.fsdp else None  # gathered (every rank) for rank 0 to save
+    if not ddp.main:  # the other ranks are done: rank 0 saves and reports
         distributed.finish(ddp)
         return RunResult(run_dir, {"after": after, "rank": ddp.rank})
-    tuned_outputs = sample_outputs(model)
-    drift = forgetting.compare_to_base(model, base_general) if base_general else None
-    publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d, cfg.method, task))
+    publish_dir(run_dir / "final", lambda d: method.save(model, tokenizer, d, cfg.method, task, full_state))
     rows = build_rows([user_text(data.val.examples[i]) for i in sample_idx],
                       [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
     tokens_seen, train_seconds = progress["tokens"], progress["train_seconds"]
@@ -451,8 +474,10 @@ def _auto_resume_dir(cfg: Config) -> Path | None:
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
 
 
 def _non_finite(step: int, loss: float, grad_norm: float, policy: str, run_dir: Path, log) -> None:

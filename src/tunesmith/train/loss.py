@@ -68,7 +68,42 @@ def split_model(model):
     head = inner.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
-    return getattr(inner, inner.base_model_prefix), head.weight
+    return getattr(inner, inner.base_model_prefix), head
+
+
+def hidden_and_head(model, input_ids: torch.Tensor):
+    """(final hidden states, output head weight), or None when the model's own forward must run (see split_model).
+    Under FSDP the root module's forward must run (it gathers the embeddings, final norm and head), so the
+    whole model runs with its head on the last position only and the backbone's output is captured."""
+    parts = split_model(model)
+    if parts is None:
+        return None
+    backbone, head = parts
+    if not _is_fsdp(model):
+        return backbone(input_ids=input_ids, use_cache=False).last_hidden_state, head.weight
+    captured = {}
+
+    def keep(module, args, out) -> None:  # returns None: the output itself is left alone
+        captured["hidden"] = _first(out)
+
+    hook = backbone.register_forward_hook(keep)
+    try:
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured["hidden"], head.weight  # the root's weights stay gathered until its backward
+
+
+def _first(out) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,12 +116,12 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def label_logits(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, V) logits at the positions whose next token is trained, and those N targets."""
     mask, targets = label_positions(labels)
-    parts = split_model(model)
+    parts = hidden_and_head(model, input_ids)
     if parts is None:
         logits = model(input_ids=input_ids, use_cache=False).logits[:, -input_ids.shape[1]:-1][mask]
     else:
-        backbone, weight = parts
-        logits = backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1][mask] @ weight.T
+        hidden, weight = parts
+        logits = hidden[:, :-1][mask] @ weight.T
     return logits.float(), targets
 
 
@@ -96,11 +131,10 @@ def sum_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, with_accuracy
     Batches are right-padded and passed without an attention mask: with causal attention no real
     token can see a pad to its right, so the result is exact and SDPA takes its fast causal path.
     """
-    parts = split_model(model)
+    parts = hidden_and_head(model, input_ids)
     if parts is None:
         return reference_sum_loss(model, input_ids, labels, with_accuracy)
-    backbone, weight = parts
-    hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden, weight = parts
     mask, targets = label_positions(labels)
     h = hidden[:, :-1][mask]
     if with_accuracy or not torch.is_grad_enabled():
