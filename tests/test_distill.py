@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from tunesmith.config import DistillConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.train.distill import distill_terms
+from tunesmith.train.distill import distill_terms, sparse_distill_terms
 from tunesmith.train.loop import train
 from test_train import tiny_cfg
 
@@ -24,6 +24,20 @@ def test_loss_at_t1_alpha0_is_the_kl_by_hand():
     t2 = DistillConfig(alpha=0, temperature=2)
     soft = (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum() * 4
     assert torch.allclose(distill_terms(s, t, y, t2), soft, atol=1e-5)
+
+
+def test_top_k_loss_with_every_token_is_the_full_loss_and_renormalises_otherwise():
+    torch.manual_seed(0)
+    s, t = torch.randn(7, 11), torch.randn(7, 11)
+    y = torch.randint(0, 11, (7,))
+    cfg = DistillConfig(alpha=0.3, temperature=2)
+    top = t.topk(11, dim=-1)
+    assert torch.allclose(sparse_distill_terms(s, top.indices, top.values, y, cfg), distill_terms(s, t, y, cfg), atol=1e-5)
+    top3 = t.topk(3, dim=-1)  # k=3: teacher renormalised over its 3 ids, student log-probs over all 11 at those ids
+    p_t = F.softmax(top3.values / 2, -1)
+    log_s = F.log_softmax(s / 2, -1).gather(-1, top3.indices)
+    by_hand = 0.3 * F.cross_entropy(s, y, reduction="sum") + 0.7 * 4 * (p_t * (p_t.log() - log_s)).sum()
+    assert torch.allclose(sparse_distill_terms(s, top3.indices, top3.values, y, cfg), by_hand, atol=1e-5)
 
 
 @pytest.fixture
@@ -58,3 +72,25 @@ def test_classification_distillation(tmp_path, tiny_bert_dir, sentiment_file):
     s = train(cls_cfg(tmp_path, tiny_bert_dir, sentiment_file, "method.name=lora", "output.name=s",
                       f"distill.teacher={teacher}")).summary
     assert "eval_accuracy" in s["teacher"] and s["after"]["eval_loss"] < s["before"]["eval_loss"]
+
+
+def test_top_k_cache_matches_on_the_fly_distillation(tmp_path, tiny_model_dir, instruction_file, teacher_run):
+    """With k = the whole (tiny) vocabulary, distilling from the cache follows the on-the-fly run's loss curve
+    (up to the cache's float16 logits); the cache is built once and reused on resume-like reruns."""
+    import json
+
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    common = ["method.r=4", "train.max_steps=6", "data.val_size=8", "eval.samples=0", f"distill.teacher={teacher_run}",
+              "distill.alpha=0.2"]
+    fly = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "output.name=fly")).run_dir
+    cached = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "output.name=cached",
+                            f"distill.top_k={vocab}")).run_dir
+    rows = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    for a, b in zip(rows(fly), rows(cached)):
+        assert abs(a["loss"] - b["loss"]) < 2e-3, (a, b)
+    assert json.loads((cached / "teacher_topk" / "done.json").read_text())["k"] == vocab
+    small = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "output.name=k4", "distill.top_k=4")).summary
+    assert small["after"]["eval_loss"] < small["before"]["eval_loss"]
+    assert (tmp_path / "runs" / "k4" / "teacher_topk" / "ids.npy").stat().st_size < 8 * 4 * 10_000

@@ -6,14 +6,27 @@
 on the same batch; only labelled positions go through the vocabulary head, for student and teacher
 alike. Classification distils class logits the same way. `distill.mode: sequence` instead replaces
 every training response with the teacher's greedy answer to its prompt (tokenizers may differ).
+
+`distill.top_k: K` runs the teacher once over the training split before training and keeps, per
+response token, only its K largest logits and their token ids, in memory-mapped files in the run
+directory (K x 6 bytes per token; never the full vocabulary). The teacher is then freed, and every
+epoch distils against the cache: the teacher's distribution renormalised over its top K, the
+student's log-probabilities (over the full vocabulary) at those K ids.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
 from tunesmith.train.loss import label_logits
+
+TOPK_VERSION = 1
 
 
 def distill_terms(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, cfg) -> torch.Tensor:
@@ -40,6 +53,73 @@ def distill_sum_loss(model, teacher, batch, cfg) -> torch.Tensor:
     if teach.shape[-1] != student.shape[-1]:
         raise TunesmithError(f"teacher vocabulary ({teach.shape[-1]}) differs from the student's ({student.shape[-1]})")
     return distill_terms(student, teach, targets, cfg)
+
+
+def sparse_distill_terms(student: torch.Tensor, top_ids: torch.Tensor, top_logits: torch.Tensor, targets: torch.Tensor,
+                         cfg) -> torch.Tensor:
+    """distill_terms (forward KL) against a teacher known only by its top-k logits, renormalised over those k."""
+    t = cfg.temperature
+    log_s = F.log_softmax(student / t, -1).gather(-1, top_ids)
+    log_t = F.log_softmax(top_logits / t, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum()
+    ce = F.cross_entropy(student, targets, reduction="sum")
+    return cfg.alpha * ce + (1 - cfg.alpha) * t * t * kl
+
+
+@dataclass
+class TopKCache:
+    """Per training example, its response tokens' teacher top-k (ids, logits): rows offsets[i]:offsets[i+1]."""
+    offsets: np.ndarray
+    ids: np.ndarray  # (label tokens, k) int32, memory-mapped
+    logits: np.ndarray  # (label tokens, k) float16, memory-mapped
+
+    def rows(self, examples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of these examples in order (the order label_logits returns a batch's positions in)."""
+        spans = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in examples]
+        at = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+        return torch.from_numpy(self.ids[at].astype(np.int64)), torch.from_numpy(self.logits[at].astype(np.float32))
+
+
+def cached_distill_sum_loss(model, batch, cached: tuple[torch.Tensor, torch.Tensor], cfg) -> torch.Tensor:
+    student, targets = label_logits(model, batch.input_ids, batch.labels)
+    top_ids, top_logits = (x.to(student.device) for x in cached)
+    return sparse_distill_terms(student, top_ids, top_logits, targets, cfg)
+
+
+def teacher_topk(teacher, tokens: list, k: int, folder: Path, pad_id: int, device, batch_tokens: int, log) -> TopKCache:
+    """Build (or reuse, when complete and matching) the teacher's top-k cache for these training examples."""
+    from tunesmith.data.batching import collate
+
+    counts = np.array([int((t.labels[1:] != -100).sum()) for t in tokens], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    shape, key = (int(offsets[-1]), k), {"version": TOPK_VERSION, "k": k, "examples": len(tokens), "tokens": int(offsets[-1])}
+    done = folder / "done.json"
+    if done.exists() and json.loads(done.read_text()) == key:
+        log(f"distill.top_k={k}: the teacher's top-{k} logits from {folder} ({shape[0]:,} response tokens)")
+        return TopKCache(offsets, np.load(folder / "ids.npy", mmap_mode="r"), np.load(folder / "logits.npy", mmap_mode="r"))
+    folder.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.int32, shape=shape)
+    logits = np.lib.format.open_memmap(folder / "logits.npy", mode="w+", dtype=np.float16, shape=shape)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].input_ids))  # similar lengths share a pass
+    log(f"distill.top_k={k}: one teacher pass over {len(tokens)} training examples ({shape[0]:,} response tokens, "
+        f"{shape[0] * k * 6 / 2**20:.0f} MiB on disk)")
+    teacher.eval()
+    start = 0
+    with torch.no_grad():
+        while start < len(order):
+            longest = len(tokens[order[min(start + 63, len(order) - 1)]].input_ids)
+            group = order[start:start + max(1, min(64, batch_tokens // max(longest, 1)))]
+            batch = collate([tokens[i] for i in group], pad_id, device)
+            top = label_logits(teacher, batch.input_ids, batch.labels)[0].topk(k, dim=-1)
+            at = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in group])
+            ids[at] = top.indices.cpu().numpy().astype(np.int32)
+            logits[at] = top.values.cpu().numpy().astype(np.float16)
+            start += len(group)
+    ids.flush()
+    logits.flush()
+    done.write_text(json.dumps(key))
+    return TopKCache(offsets, np.load(folder / "ids.npy", mmap_mode="r"), np.load(folder / "logits.npy", mmap_mode="r"))
 
 
 def check_tokenizers(student_tok, teacher_tok, mode: str) -> None:
