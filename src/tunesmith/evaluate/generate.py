@@ -25,8 +25,9 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), batch_size: int = 8,
+def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), batch_size: int = 16,
              add_special_tokens: bool = False) -> list[Generation]:
+    """Answers in the order of `prompts`; batches are formed from prompts of similar length (less padding)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -34,10 +35,14 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
     torch.manual_seed(sampling.seed)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out: list[Generation] = []
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    out: dict[int, Generation] = {}
     try:
-        for s in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=add_special_tokens).to(device)
             kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, eos_token_id=eos, use_cache=True,
                           pad_token_id=tokenizer.pad_token_id, no_repeat_ngram_size=sampling.no_repeat_ngram_size or None)
             if sampling.do_sample:
@@ -45,14 +50,14 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
             else:
                 kwargs.update(temperature=None, top_k=None, top_p=None)
             seqs = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
-            for row in seqs.tolist():
-                n = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+            for i, row in zip(idx, seqs.tolist()):
+                n = next((j + 1 for j, t in enumerate(row) if t in eos), None)
                 used = row[:n] if n else row
-                out.append(Generation(tokenizer.decode(used, skip_special_tokens=True).strip(), len(used), n is not None))
+                out[i] = Generation(tokenizer.decode(used, skip_special_tokens=True).strip(), len(used), n is not None)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return out
+    return [out[i] for i in range(len(prompts))]
 
 
 def eos_ids(tokenizer, model) -> list[int]:
