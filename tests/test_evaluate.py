@@ -57,3 +57,21 @@ def test_eval_of_a_classifier(tmp_path, tiny_bert_dir, sentiment_file, capsys):
     ev = json.loads((run / "evaluation.json").read_text())
     assert ev["task"] == "classification" and "eval_f1" in ev["metrics"]["tuned"]
     assert ev["metrics"]["majority class"]["eval_accuracy"] > 0.3
+
+
+def test_batched_generation_keeps_the_prompt_order_and_matches_one_at_a_time(tiny_model_dir):
+    """Prompts are batched by length internally; answers come back in input order, equal to one-by-one greedy.
+    Beam search (eval.num_beams) returns one answer per prompt too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.evaluate.generate import Sampling, generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["a b c d e f g h", "x", "def f(): return 1", "the cat", "one two three four five six seven eight nine"]
+    sampling = Sampling(max_new_tokens=6)
+    together = generate(model, tok, prompts, sampling, batch_size=2)
+    alone = [generate(model, tok, [p], sampling)[0] for p in prompts]
+    assert [g.text for g in together] == [g.text for g in alone]
+    beams = generate(model, tok, prompts, Sampling(max_new_tokens=6, num_beams=3), batch_size=2)
+    assert len(beams) == len(prompts) and all(g.new_tokens <= 6 for g in beams)

@@ -102,6 +102,7 @@ class EvalConfig(Section):
     max_examples: int = Field(64, ge=1, description="Held-out examples used for the loss.")
     samples: int = Field(4, ge=0, description="Held-out examples shown side by side (base vs tuned vs reference) at the end.")
     max_new_tokens: int = Field(64, ge=1, description="Generation length cap for the side-by-side table.")
+    num_beams: int = Field(1, ge=1, le=16, description="Beam search width for evaluation outputs (side-by-side table, `tunesmith eval`); 1 = greedy. Wider beams cost proportionally more generation time.")
 
 
 class DpoConfig(Section):

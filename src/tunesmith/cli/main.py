@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--runs", nargs="*", default=[], help="other run directories to put side by side")
     ev.add_argument("--show", type=int, default=8, help="examples in the side-by-side table")
     ev.add_argument("--max-new-tokens", type=int, help="generation cap (default: the run's eval.max_new_tokens)")
+    ev.add_argument("--num-beams", type=int, help="beam search width (default: the run's eval.num_beams; 1 = greedy)")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="merge and save as a Hugging Face model, a verified GGUF (+ Ollama Modelfile), or the adapter")
@@ -252,7 +253,8 @@ def cmd_eval(args) -> int:
     from tunesmith.evaluate.evaluation import evaluate_run
 
     run = Path(args.run)
-    evaluate_run(run, args.data, args.n, not args.no_base, tuple(Path(r) for r in args.runs), args.show, args.max_new_tokens)
+    evaluate_run(run, args.data, args.n, not args.no_base, tuple(Path(r) for r in args.runs), args.show, args.max_new_tokens,
+                 num_beams=args.num_beams)
     print(f"report: {run / 'report.html'}")
     return 0
 

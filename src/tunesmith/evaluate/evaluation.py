@@ -33,7 +33,8 @@ from tunesmith.train.rundir import write_json_atomic
 
 
 def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_base: bool = True,
-                 other_runs: tuple[Path, ...] = (), show: int = 8, max_new_tokens: int | None = None, log=print) -> dict:
+                 other_runs: tuple[Path, ...] = (), show: int = 8, max_new_tokens: int | None = None, log=print,
+                 num_beams: int | None = None) -> dict:
     if not (run_dir / "final").is_dir():
         raise TunesmithError(f"{run_dir} has no final model (is it a finished tunesmith run?)")
     cfg = load_config(str(run_dir / "config.yaml"))
@@ -52,7 +53,8 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     if examples[0].label is not None:
         result = _classification(models, examples, tokenizer, cfg, dtype, device, log)
     else:
-        result = _generation(models, examples, tokenizer, cfg, dtype, device, show, max_new_tokens or cfg.eval.max_new_tokens, log)
+        sampling = Sampling(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, num_beams=num_beams or cfg.eval.num_beams)
+        result = _generation(models, examples, tokenizer, cfg, dtype, device, show, sampling, log)
     result.update({"data": data_path or "validation split", "examples": len(examples)})
     write_json_atomic(run_dir / "evaluation.json", result)
     write_report(run_dir)
@@ -69,11 +71,10 @@ def _load(path: Path, dtype, device):
     return merge_adapter(load_model(path, dtype, device).eval())  # generation as fast as a merged model
 
 
-def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int, max_new_tokens: int, log) -> dict:
+def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int, sampling: Sampling, log) -> dict:
     rendered = [render(ex, cfg.data.template, tokenizer, False, cfg.data.system_prompt) for ex in examples]
     prompts = [r.prompt for r in rendered]
     references = [ex.references or [r.reference] for ex, r in zip(examples, rendered)]
-    sampling = Sampling(max_new_tokens=max_new_tokens)
     outputs, metrics, speed = {}, {}, {}
     base_general = drift = None
     for name, path in models.items():

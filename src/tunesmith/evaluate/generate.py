@@ -14,6 +14,7 @@ class Sampling:
     top_k: int = 50
     top_p: float = 1.0
     no_repeat_ngram_size: int = 0
+    num_beams: int = 1  # beam search (with do_sample False); 1 = greedy
     seed: int = 0
 
 
@@ -49,6 +50,8 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
                 kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
             else:
                 kwargs.update(temperature=None, top_k=None, top_p=None)
+                if sampling.num_beams > 1:
+                    kwargs.update(num_beams=sampling.num_beams, early_stopping=True)
             seqs = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
             for i, row in zip(idx, seqs.tolist()):
                 n = next((j + 1 for j, t in enumerate(row) if t in eos), None)

@@ -157,7 +157,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     n_val = len(data.val.rendered)
     sample_idx = sorted({i * n_val // cfg.eval.samples for i in range(cfg.eval.samples)}) if n_val else []  # spread out
     samples = [data.val.rendered[i] for i in sample_idx]
-    sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
+    sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams)
 
     if task == "dpo":  # the reference = the model before training: its log-probs on the held-out pairs now
         ref_val = reference_logprobs(model, val_tokens, pad_id)
