@@ -4,6 +4,8 @@
   tutorial        HF Trainer + PEFT LoRA (r32/a32/dropout 0.05 on q,k,v,o), pad to longest, labels = input_ids,
                   batch 4 x accumulation 2 (the classic tutorial recipe)
   trl             TRL SFTTrainer + the same LoRA, prompt/completion data -> completion-only loss, padding-free
+  tunesmith_2proc the same as tunesmith on 2 single-threaded data-parallel processes (--nproc 2, 4 examples each);
+                  peak RSS reported as 2 x the larger process
   tunesmith_full  tunesmith full fine-tuning (embeddings trained too, as in tutorial_full), lr 5e-5
   tutorial_full   the tutorial recipe with full fine-tuning, lr 5e-5
 
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -26,8 +29,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 
-def run_tunesmith(model_dir, train_rows, eval_rows, steps, full):
-    from tunesmith.config import load_config
+def run_tunesmith(model_dir, train_rows, eval_rows, steps, full, processes=1):
+    import resource
+    import subprocess
+
+    from tunesmith.config import dump_yaml, load_config
     from tunesmith.models import load_model
     from tunesmith.train.loop import train
 
@@ -39,13 +45,22 @@ def run_tunesmith(model_dir, train_rows, eval_rows, steps, full):
               ["method.name=lora", f"method.r={common.LORA['r']}", f"method.alpha={common.LORA['alpha']}",
                f"method.target_modules={common.LORA['targets']}", f"train.lr={common.LR}"])
     cfg = load_config(None, [f"model.name={model_dir}", f"data.path={tmp}/train.jsonl", f"data.val_path={tmp}/val.jsonl",
-                             f"data.max_length={common.MAX_LEN}", f"train.max_steps={steps}", "train.micro_batch_size=8",
-                             "train.grad_accum=1", "train.warmup=0", "train.schedule=linear", "eval.max_examples=1",
+                             f"data.max_length={common.MAX_LEN}", f"train.max_steps={steps}",
+                             f"train.micro_batch_size={8 // processes}", "train.grad_accum=1", "train.warmup=0", "train.schedule=linear", "eval.max_examples=1",
                              "eval.samples=0", f"output.dir={tmp}", "output.name=run", *method])
-    result = train(cfg)
-    rss = common.maxrss_mib()
-    model = load_model(result.run_dir / "final", torch.float32)
-    return result.summary["loop_seconds"], rss, model
+    if processes == 1:
+        result = train(cfg)
+        seconds, rss, run_dir = result.summary["loop_seconds"], common.maxrss_mib(), result.run_dir
+    else:
+        path = Path(tmp) / "run.yaml"
+        path.write_text(dump_yaml(cfg))
+        subprocess.run([sys.executable, "-m", "tunesmith.cli.main", "train", str(path), "--nproc", str(processes)],
+                       check=True, stdout=subprocess.DEVNULL)
+        run_dir = Path(tmp) / "run"
+        seconds = json.loads((run_dir / "eval.json").read_text())["loop_seconds"]
+        rss = processes * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker x N
+    model = load_model(run_dir / "final", torch.float32)
+    return seconds, rss, model
 
 
 def _hf_tutorial(model_dir, train_rows, steps, full):
@@ -100,7 +115,7 @@ def main():
     train_rows, eval_rows = common.select_rows(tok, data_file, steps)
     full = name.endswith("_full")
     if name.startswith("tunesmith"):
-        seconds, rss, model = run_tunesmith(model_dir, train_rows, eval_rows, steps, full)
+        seconds, rss, model = run_tunesmith(model_dir, train_rows, eval_rows, steps, full, 2 if name.endswith("_2proc") else 1)
     elif name.startswith("tutorial"):
         seconds, rss, model = _hf_tutorial(model_dir, train_rows, steps, full)
     elif name == "trl":

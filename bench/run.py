@@ -21,7 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "instruct_mix" / "train.jsonl"
-PAIRS = [("tunesmith", "tutorial"), ("tunesmith", "trl"), ("tunesmith_full", "tutorial_full")]
+PAIRS = [("tunesmith", "tutorial"), ("tunesmith", "trl"), ("tunesmith_2proc", "tutorial"), ("tunesmith_2proc", "trl"),
+         ("tunesmith_2proc", "tunesmith"), ("tunesmith_full", "tutorial_full")]
 
 
 def matmul_peak_gflops(seconds: float = 3.0) -> float:
