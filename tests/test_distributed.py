@@ -19,12 +19,11 @@ def rows(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file, capsys):
-    common = ["train.max_steps=6", "train.threads=1", "data.val_size=8", "eval.every_steps=3", "eval.samples=0"]
-    one = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.micro_batch_size=4", "train.grad_accum=2",
-                   "output.name=one")
-    two = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.micro_batch_size=4", "train.grad_accum=1",
-                   "output.name=two")
+def run_one_and_two(tmp_path, model_dir, data_file, common: list, two_extra: list, keys: tuple) -> None:
+    """Run `common` on 1 process (grad_accum 2) as runs/one and on 2 processes (grad_accum 1, + `two_extra`) as
+    runs/two -- the same global batch -- and check their metrics rows agree on `keys` to 1e-5."""
+    one = tiny_cfg(tmp_path, model_dir, data_file, *common, "train.grad_accum=2", "output.name=one")
+    two = tiny_cfg(tmp_path, model_dir, data_file, *common, "train.grad_accum=1", "output.name=two", *two_extra)
     for cfg in (one, two):
         (tmp_path / f"{cfg.output.name}.yaml").write_text(dump_yaml(cfg))
     assert main(["train", str(tmp_path / "one.yaml")]) == 0
@@ -32,9 +31,15 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file, cap
     a, b = rows(tmp_path / "runs" / "one"), rows(tmp_path / "runs" / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
-        for key in ("loss", "eval_loss", "tokens"):
+        for key in keys:
             if key in x:
                 assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+
+
+def test_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file, capsys):
+    common = ["train.max_steps=6", "train.threads=1", "data.val_size=8", "eval.every_steps=3", "eval.samples=0",
+              "train.micro_batch_size=4"]
+    run_one_and_two(tmp_path, tiny_model_dir, instruction_file, common, [], ("loss", "eval_loss", "tokens"))
     s = json.loads((tmp_path / "runs" / "two" / "eval.json").read_text())
     assert s["processes"] == 2 and s["global_batch"] == 8
     assert sum(s["examples_per_rank"]) == s["examples"] == 48 and min(s["examples_per_rank"]) > 0
@@ -71,19 +76,8 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file
 
     common = ["train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.every_steps=2", "eval.samples=2",
               "train.micro_batch_size=4", "train.batch_tokens=40"]
-    one = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=2", "output.name=one")
-    two = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=1", "output.name=two",
-                   "train.distributed=fsdp")
-    for cfg in (one, two):
-        (tmp_path / f"{cfg.output.name}.yaml").write_text(dump_yaml(cfg))
-    assert main(["train", str(tmp_path / "one.yaml")]) == 0
-    assert main(["train", str(tmp_path / "two.yaml"), "--nproc", "2"]) == 0
-    a, b = rows(tmp_path / "runs" / "one"), rows(tmp_path / "runs" / "two")
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b):
-        for key in ("loss", "eval_loss", "grad_norm"):
-            if key in x:
-                assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+    run_one_and_two(tmp_path, tiny_model_dir, instruction_file, common, ["train.distributed=fsdp"],
+                    ("loss", "eval_loss", "grad_norm"))
     s = json.loads((tmp_path / "runs" / "two" / "eval.json").read_text())
     assert sum(s["examples_per_rank"]) == s["examples"] == 32
     ref, got = (load_file(tmp_path / "runs" / n / "final" / "adapter_model.safetensors") for n in ("one", "two"))

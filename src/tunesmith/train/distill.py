@@ -88,7 +88,7 @@ def cached_distill_sum_loss(model, batch, cached: tuple[torch.Tensor, torch.Tens
 
 def teacher_topk(teacher, tokens: list, k: int, folder: Path, pad_id: int, device, batch_tokens: int, log) -> TopKCache:
     """Build (or reuse, when complete and matching) the teacher's top-k cache for these training examples."""
-    from tunesmith.data.batching import collate
+    from tunesmith.data.batching import collate, split_passes
 
     counts = np.array([int((t.labels[1:] != -100).sum()) for t in tokens], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -101,21 +101,18 @@ def teacher_topk(teacher, tokens: list, k: int, folder: Path, pad_id: int, devic
     done.unlink(missing_ok=True)
     ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.int32, shape=shape)
     logits = np.lib.format.open_memmap(folder / "logits.npy", mode="w+", dtype=np.float16, shape=shape)
-    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].input_ids))  # similar lengths share a pass
+    lengths = [len(t.input_ids) for t in tokens]
+    passes = split_passes(sorted(range(len(tokens)), key=lengths.__getitem__), lengths, 64, batch_tokens)
     log(f"distill.top_k={k}: one teacher pass over {len(tokens)} training examples ({shape[0]:,} response tokens, "
         f"{shape[0] * k * 6 / 2**20:.0f} MiB on disk)")
     teacher.eval()
-    start = 0
     with torch.no_grad():
-        while start < len(order):
-            longest = len(tokens[order[min(start + 63, len(order) - 1)]].input_ids)
-            group = order[start:start + max(1, min(64, batch_tokens // max(longest, 1)))]
+        for group in passes:  # similar lengths share a pass, within the token budget
             batch = collate([tokens[i] for i in group], pad_id, device)
             top = label_logits(teacher, batch.input_ids, batch.labels)[0].topk(k, dim=-1)
             at = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in group])
             ids[at] = top.indices.cpu().numpy().astype(np.int32)
             logits[at] = top.values.cpu().numpy().astype(np.float16)
-            start += len(group)
     ids.flush()
     logits.flush()
     done.write_text(json.dumps(key))

@@ -59,7 +59,7 @@ def shard_model(model: torch.nn.Module, d: Dist) -> None:
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     block_types = tuple(getattr(inner, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in block_types and type(m).__name__ != "BertEmbeddings"]
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types]
     for block in blocks:
         fully_shard(block)
     fully_shard(model)
@@ -101,7 +101,7 @@ def set_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Non
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """optimizer.state_dict() with sharded state tensors gathered to full ones (collective under FSDP)."""
     state = optimizer.state_dict()
-    state["state"] = {i: {k: _full(v) if _is_dtensor(v) else v for k, v in s.items()} for i, s in state["state"].items()}
+    state["state"] = {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}
     return state
 
 
@@ -130,11 +130,13 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" or (isinstance(t, torch.nn.Parameter) and type(t.data).__name__ == "DTensor")
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)  # FSDP2's sharded parameters are DTensors too
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _like(value: torch.Tensor, p) -> torch.Tensor:

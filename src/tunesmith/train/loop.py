@@ -284,10 +284,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                     loss = class_sum_loss(model, batch) / label_tokens
                 else:
                     loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
-                if not real:  # an FSDP filler pass: joins the collectives, counts nothing
-                    loss = loss * 0.0
-                (loss * distributed.grad_scale(ddp)).backward()
-                step_loss += float(loss.detach())
+                # FSDP: x world undoes its average over ranks; a filler pass joins the collectives, counts nothing
+                (loss * (distributed.grad_scale(ddp) if real else 0.0)).backward()
+                step_loss += float(loss.detach()) if real else 0.0
             distributed.all_reduce_grads(trainable, ddp)
             step_loss = distributed.sum_float(step_loss, ddp)
             grad_norm = _grad_norm(trainable, cfg.train.max_grad_norm)

@@ -84,7 +84,7 @@ def hidden_and_head(model, input_ids: torch.Tensor):
     captured = {}
 
     def keep(module, args, out) -> None:  # returns None: the output itself is left alone
-        captured["hidden"] = _first(out)
+        captured["hidden"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     hook = backbone.register_forward_hook(keep)
     try:
@@ -92,12 +92,6 @@ def hidden_and_head(model, input_ids: torch.Tensor):
     finally:
         hook.remove()
     return captured["hidden"], head.weight  # the root's weights stay gathered until its backward
-
-
-def _first(out) -> torch.Tensor:
-    if torch.is_tensor(out):
-        return out
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def _is_fsdp(model) -> bool:
