@@ -1,6 +1,6 @@
 """What each speed lever buys: cumulative variants of one LoRA training step, each in a fresh process.
 
-    .venv/bin/python bench/levers.py [--data FILE] [--steps 10]
+    .venv/bin/python bench/levers.py [--data FILE] [--template chat] [--steps 10] [--levels 5,6]
 
 Variants (each adds one lever to the previous):
   0 baseline     stock peft LoRA (dropout 0.05), batches in random order padded to the longest with an
@@ -10,6 +10,7 @@ Variants (each adds one lever to the previous):
   3 no-dropout   LoRA dropout 0 (no mask RNG)
   4 merged-lora  one-GEMM LoRA layer on the merged weight
   5 heap         glibc keeps freed memory (no page faults in steady state)
+  6 shared-prefix  a prefix common to every row of a pass (system prompt, fixed instruction) runs once
 Same rows, same LoRA (r16/a32, all linear layers), micro-batch 8, fp32. Reports real tokens/s over
 the steps after the first two (warm-up) and the peak RSS.
 """
@@ -24,10 +25,10 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ["baseline", "grouping", "head", "no-dropout", "merged-lora", "heap"]
+VARIANTS = ["baseline", "grouping", "head", "no-dropout", "merged-lora", "heap", "shared-prefix"]
 
 
-def one(level: int, data: str, steps: int) -> dict:
+def one(level: int, data: str, template: str, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
@@ -37,16 +38,19 @@ def one(level: int, data: str, steps: int) -> dict:
     from tunesmith.data.batching import collate, effective_length, epoch_plan
     from tunesmith.methods import lora
     from tunesmith.models import load_model, load_tokenizer, resolve_model_dir
+    from tunesmith.train import loss as loss_mod
     from tunesmith.train.loss import sum_loss
     from tunesmith.train.machine import configure_threads, keep_heap_memory
 
     configure_threads(None)
     if level >= 5:
         keep_heap_memory()
+    if level < 6:
+        loss_mod.MIN_SHARED_PREFIX = 1 << 30
     torch.manual_seed(0)
     model_dir = resolve_model_dir("smollm2-135m-instruct")
     tok = load_tokenizer(model_dir)
-    prepared = prepare(DataConfig(path=data, max_length=512, val_size=0), tok)
+    prepared = prepare(DataConfig(path=data, template=template, max_length=512, val_size=0), tok)
     examples = prepared.train.tokens
     model = load_model(model_dir, torch.float32)
     dropout = 0.0 if level >= 3 else 0.05
@@ -90,26 +94,29 @@ def one(level: int, data: str, steps: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="builtin:docstrings")
+    ap.add_argument("--template", default="chat")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--levels", default=",".join(str(i) for i in range(len(VARIANTS))), help="comma-separated subset")
     ap.add_argument("--level", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.level is not None:
-        print("RESULT " + json.dumps(one(a.level, a.data, a.steps)), flush=True)
+        print("RESULT " + json.dumps(one(a.level, a.data, a.template, a.steps)), flush=True)
         return
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), TRANSFORMERS_VERBOSITY="error")
     rows = []
-    for level in range(len(VARIANTS)):
-        p = subprocess.run([sys.executable, __file__, "--data", a.data, "--steps", str(a.steps), "--level", str(level)],
+    for level in [int(x) for x in a.levels.split(",")]:
+        p = subprocess.run([sys.executable, __file__, "--data", a.data, "--template", a.template, "--steps", str(a.steps),
+                            "--level", str(level)],
                            capture_output=True, text=True, env=env)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
             raise SystemExit(p.stderr[-3000:])
         rows.append(json.loads(line[-1][7:]))
-        print(f"{level} {rows[-1]['variant']:<12} {rows[-1]['real_tok_s']:>7.1f} tok/s  rss {rows[-1]['peak_rss_mib']} MiB", flush=True)
+        print(f"{level} {rows[-1]['variant']:<13} {rows[-1]['real_tok_s']:>7.1f} tok/s  rss {rows[-1]['peak_rss_mib']} MiB", flush=True)
     print("\n| lever (cumulative) | real tok/s | vs previous | vs baseline | peak RSS MiB |\n|---|---|---|---|---|")
     for i, r in enumerate(rows):
         prev = rows[i - 1]["real_tok_s"] if i else r["real_tok_s"]
-        print(f"| {i} {r['variant']} | {r['real_tok_s']:.1f} | {r['real_tok_s'] / prev:.2f}x | "
+        print(f"| {VARIANTS.index(r['variant'])} {r['variant']} | {r['real_tok_s']:.1f} | {r['real_tok_s'] / prev:.2f}x | "
               f"{r['real_tok_s'] / rows[0]['real_tok_s']:.2f}x | {r['peak_rss_mib']} |")
 
 

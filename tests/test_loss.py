@@ -169,3 +169,33 @@ def test_token_budget_does_not_change_the_step_gradient():
         grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
     assert len(split_passes(list(range(6)), lengths, 6, 40)) > 1
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_shared_prompt_prefix_gives_the_same_loss_and_gradients():
+    """Rows that start with the same 20 tokens: the prefix runs once, loss and LoRA gradients are unchanged."""
+    model = lora.apply(make_tiny_llama(120), MethodConfig(r=4, alpha=8))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    exs = _examples(120, [30, 41, 26])
+    for t in exs[1:]:
+        t.input_ids[:20] = exs[0].input_ids[:20]
+    batch = collate(exs, pad_id=2)
+    assert loss_mod.shared_prefix_length(batch.input_ids) == 20
+    ours = sum_loss(model, batch.input_ids, batch.labels)
+    ours.backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ref = reference_sum_loss(model, batch.input_ids, batch.labels)
+    ref.backward()
+    assert abs(float(ours) - float(ref)) < 1e-5 * float(ref)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(g_ours[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_shared_prefix_length_leaves_one_token_and_needs_two_rows():
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    assert loss_mod.shared_prefix_length(ids) == 2
+    assert loss_mod.shared_prefix_length(ids[:1]) == 0
+    assert loss_mod.shared_prefix_length(torch.tensor([[5, 6], [4, 6]])) == 0

@@ -5,6 +5,11 @@ vocabulary head runs only on positions that have a label. `LinearCrossEntropy` c
 loss and its gradients chunk by chunk in the forward pass (softmax - one-hot, then two
 matmuls), so logits are never stored for backward: less memory and one softmax pass.
 `reference_loss` is the plain transformers computation; tests check both agree.
+
+Rows of a pass that start with the same tokens (a system prompt, a fixed instruction) share that
+prefix's computation: it runs once as one row, its keys/values are repeated for every row, and the
+rows run on from there (`shared_prefix_length`); gradients flow back through the repeat, so the
+result is the same as running every row in full.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch.nn.functional as F
 
 IGNORE = -100
 CHUNK = 128  # label positions per head chunk: 128 x 49k vocab x 4 bytes = 25 MB, under glibc's mmap ceiling
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth the second forward call
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -80,7 +86,7 @@ def hidden_and_head(model, input_ids: torch.Tensor):
         return None
     backbone, head = parts
     if not _is_fsdp(model):
-        return backbone(input_ids=input_ids, use_cache=False).last_hidden_state, head.weight
+        return _backbone_hidden(backbone, input_ids), head.weight
     captured = {}
 
     def keep(module, args, out) -> None:  # returns None: the output itself is left alone
@@ -92,6 +98,29 @@ def hidden_and_head(model, input_ids: torch.Tensor):
     finally:
         hook.remove()
     return captured["hidden"], head.weight  # the root's weights stay gathered until its backward
+
+
+def shared_prefix_length(input_ids: torch.Tensor) -> int:
+    """How many leading tokens every row has in common (at most width - 1: one token must follow)."""
+    if input_ids.shape[0] < 2:
+        return 0
+    differs = (input_ids != input_ids[:1]).any(0).nonzero()
+    return min(int(differs[0]) if len(differs) else input_ids.shape[1], input_ids.shape[1] - 1)
+
+
+def _backbone_hidden(backbone, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of every row; a prefix common to all rows is computed once (module docstring)."""
+    prefix = shared_prefix_length(input_ids)
+    if prefix < MIN_SHARED_PREFIX or getattr(backbone, "is_gradient_checkpointing", False):
+        return backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+    from transformers import DynamicCache
+
+    rows = input_ids.shape[0]
+    cache = DynamicCache(config=backbone.config)
+    head = backbone(input_ids=input_ids[:1, :prefix], past_key_values=cache, use_cache=True).last_hidden_state
+    cache.batch_repeat_interleave(rows)
+    tail = backbone(input_ids=input_ids[:, prefix:], past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([head.expand(rows, -1, -1), tail], dim=1)
 
 
 def _is_fsdp(model) -> bool:
