@@ -53,3 +53,25 @@ def test_every_recipe_validates_and_opens_with_its_command():
 def test_config_docs_are_current():
     docs = Path(__file__).parents[1] / "docs" / "config.md"
     assert docs.read_text() == config_reference(), "run: tunesmith config docs > docs/config.md"
+
+
+def test_deepspeed_config_passes_through_but_not_the_keys_tunesmith_sets(tmp_path):
+    import json
+
+    from tunesmith.config import check_combinations
+    from tunesmith.train.zero import engine_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000, "overlap_comm": True}}))
+    cfg = load_config(None, ["train.distributed=deepspeed", f"train.deepspeed_config={user}", "train.micro_batch_size=4",
+                             "train.grad_accum=2", "train.zero_stage=1"])
+    ds = engine_config(cfg.train, world=3)
+    assert ds["zero_optimization"] == {"reduce_bucket_size": 1000, "overlap_comm": True, "stage": 1}
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 1.0
+    user.write_text(json.dumps({"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(TunesmithError, match="remove optimizer"):
+        engine_config(cfg.train, world=3)
+    with pytest.raises(TunesmithError, match="zero_stage"):
+        load_config(None, ["train.distributed=deepspeed", "train.zero_stage=3"])
+    with pytest.raises(TunesmithError, match="qlora"):
+        check_combinations(load_config(None, ["train.distributed=deepspeed", "method.name=qlora"]))

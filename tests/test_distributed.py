@@ -108,3 +108,51 @@ def test_fsdp_full_finetune_checkpoint_resumes_on_one_process(tmp_path, tiny_mod
     resumed = load_file(run / "final" / "model.safetensors")
     assert reference.keys() == resumed.keys()
     assert all((reference[k] - resumed[k]).abs().max() < 1e-5 for k in reference)
+
+
+def test_deepspeed_zero2_two_processes_match_one_and_resume_on_one(tmp_path, tiny_model_dir, instruction_file):
+    """DeepSpeed ZeRO-2 LoRA on 2 processes == 1 plain process (loss, grad norm, held-out loss, adapter), with a token
+    budget that gives the ranks unequal pass counts; its consolidated step-2 checkpoint continues on 1 process without
+    DeepSpeed to the same final adapter (the AdamW moments were gathered from the partitions)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tunesmith.train.loop import train
+
+    common = ["train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.every_steps=2", "eval.samples=0",
+              "train.micro_batch_size=4", "train.batch_tokens=40", "train.save_every_steps=2"]
+    run_one_and_two(tmp_path, tiny_model_dir, instruction_file, common, ["train.distributed=deepspeed"],
+                    ("loss", "eval_loss", "grad_norm"))
+    run = tmp_path / "runs" / "two"
+    ref, got = (load_file(tmp_path / "runs" / n / "final" / "adapter_model.safetensors") for n in ("one", "two"))
+    assert ref.keys() == got.keys() and all((ref[k] - got[k]).abs().max() < 1e-5 for k in ref)
+    assert "DeepSpeed ZeRO stage 2" in (run / "train.log").read_text()
+    shutil.rmtree(run / "final")
+    one = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=2", "output.name=two")
+    assert train(one, resume=run).summary["resumed_from"] == 2
+    resumed = load_file(run / "final" / "adapter_model.safetensors")
+    assert all((ref[k] - resumed[k]).abs().max() < 1e-5 for k in ref)
+
+
+def test_a_one_process_checkpoint_resumes_under_deepspeed_zero1(tmp_path, tiny_model_dir, instruction_file):
+    """A plain run stopped after step 2 continues on 2 processes with ZeRO-1 (its optimizer state scattered into the
+    partitions) to the same final adapter as the uninterrupted plain run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ["train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.samples=0", "train.micro_batch_size=4",
+              "train.save_every_steps=2", "output.name=run"]
+    one = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=2")
+    (tmp_path / "one.yaml").write_text(dump_yaml(one))
+    assert main(["train", str(tmp_path / "one.yaml")]) == 0
+    run = tmp_path / "runs" / "run"
+    reference = load_file(run / "final" / "adapter_model.safetensors")
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-0000004", ignore_errors=True)
+    assert main(["train", "--resume", str(run), "train.grad_accum=1", "train.distributed=deepspeed", "train.zero_stage=1",
+                 "--nproc", "2"]) == 0
+    assert "DeepSpeed ZeRO stage 1" in (run / "train.log").read_text()
+    resumed = load_file(run / "final" / "adapter_model.safetensors")
+    assert all((reference[k] - resumed[k]).abs().max() < 1e-5 for k in reference)

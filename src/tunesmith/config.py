@@ -93,7 +93,9 @@ class TrainConfig(Section):
     log_every_steps: int = Field(1, ge=1, description="Append a line to metrics.jsonl every N optimizer steps.")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads; unset = the cores this process may use.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward: much less memory for long sequences / big batches, ~30% more compute. Off by default.")
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes (`--nproc`, torchrun): `ddp` keeps a full model copy per process and sums gradients; `fsdp` (PyTorch FSDP2) shards weights, gradients and optimizer state across processes, each decoder block gathered only while it computes -- for models that do not fit one device. Checkpoints are consolidated either way, so a run can resume on another process count or backend. See docs/scaling.md.")
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="With several processes (`--nproc`, torchrun): `ddp` keeps a full model copy per process and sums gradients; `fsdp` (PyTorch FSDP2) shards weights, gradients and optimizer state across processes, each decoder block gathered only while it computes -- for models that do not fit one device; `deepspeed` runs DeepSpeed ZeRO (stage `zero_stage`, your `deepspeed_config` passed through; needs `pip install deepspeed`). Checkpoints are consolidated for all three, so a run can resume on another process count or backend. See docs/scaling.md.")
+    zero_stage: Literal[1, 2] = Field(2, description="`distributed=deepspeed`: ZeRO stage 1 (optimizer state partitioned across processes) or 2 (also gradients). For sharded weights (stage 3's job) use `distributed=fsdp`.")
+    deepspeed_config: Optional[str] = Field(None, description="`distributed=deepspeed`: a DeepSpeed JSON config whose settings are passed through (e.g. `zero_optimization` bucket sizes, `overlap_comm`, `offload_optimizer`); the batch sizes, accumulation, clipping, optimizer and schedule are tunesmith's (`train.*`) and may not be set there.")
 
 
 class EvalConfig(Section):
@@ -223,6 +225,12 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
         why = WHY_NOT.get(cfg.method.name, "not built") if task == "classification" else "not verified with preference pairs"
         raise TunesmithError(f"method.name={cfg.method.name} is not supported for task={task} "
                              f"({why}); use one of {', '.join(SUPPORTED_METHODS[task])}")
+    if cfg.train.distributed == "deepspeed" and (cfg.method.name in ("qlora", "lora-int8") or cfg.train.optimizer != "adamw"
+                                                 or cfg.train.on_nonfinite == "skip"):
+        raise TunesmithError("train.distributed=deepspeed runs with train.optimizer=adamw, train.on_nonfinite=stop and a method whose "
+                             "weights are not quantized (not qlora / lora-int8); use train.distributed=ddp for those")
+    if cfg.train.distributed != "deepspeed" and cfg.train.deepspeed_config:
+        raise TunesmithError("train.deepspeed_config is only read with train.distributed=deepspeed")
     if cfg.train.distributed == "fsdp" and cfg.method.name not in FSDP_METHODS:
         raise TunesmithError(f"train.distributed=fsdp does not support method.name={cfg.method.name} "
                              f"(quantized and virtual-token weights cannot be sharded as DTensors); use one of "

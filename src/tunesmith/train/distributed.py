@@ -14,7 +14,7 @@ state, and a block's weights are all-gathered only while it runs. Every forward 
 collective, so every rank runs the same number of passes (a rank short of examples runs a filler
 pass whose loss counts zero), scores the whole held-out split, and joins generation. Checkpoints
 hold full (consolidated) tensors in the single-process format, so any run resumes on any process
-count and either backend.
+count and any backend. `train.distributed=deepspeed` (DeepSpeed ZeRO stage 1/2) is in train/zero.py.
 """
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ class Dist:
     world: int = 1
     local_world: int = 1
     fsdp: bool = False  # weights sharded across ranks: every forward is a collective
+    zero: bool = False  # DeepSpeed ZeRO (train/zero.py): its engine reduces the gradients during backward
+
+    @property
+    def lockstep(self) -> bool:
+        """Every rank must run the same number of forward/backward passes per step (their collectives pair up)."""
+        return self.fsdp or self.zero
 
     @property
     def main(self) -> bool:
@@ -47,7 +53,8 @@ def setup(device: torch.device, backend: str = "ddp") -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world)), backend == "fsdp")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world)), backend == "fsdp",
+                backend == "deepspeed")
 
 
 def shard_model(model: torch.nn.Module, d: Dist) -> None:
@@ -66,16 +73,17 @@ def shard_model(model: torch.nn.Module, d: Dist) -> None:
 
 
 def grad_scale(d: Dist) -> float:
-    """Factor on the loss before backward: FSDP averages the ranks' gradients, DDP here sums them."""
-    return float(d.world) if d.fsdp else 1.0
+    """Factor on the loss before backward: FSDP and DeepSpeed average the ranks' gradients, DDP here sums them."""
+    return float(d.world) if d.lockstep else 1.0
 
 
 def equal_passes(step_examples: list[int], d: Dist, split) -> list[tuple[list[int], bool]]:
     """This rank's forward passes of a step as (examples, real). Under FSDP every rank must run as many passes
-    as the busiest rank: the missing ones repeat an example of the step and are marked not real (loss x 0)."""
+    as the busiest rank (DeepSpeed ZeRO too): the missing ones repeat an example of the step and are marked not
+    real (loss x 0)."""
     mine = shard(step_examples, d)
     passes = [(p, True) for p in (split(mine) if mine else [])]
-    if d.fsdp:
+    if d.lockstep:
         most = max(len(split(step_examples[r::d.world])) if step_examples[r::d.world] else 0 for r in range(d.world))
         passes += [([step_examples[0]], False)] * (most - len(passes))
     return passes
@@ -99,7 +107,11 @@ def set_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Non
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with sharded state tensors gathered to full ones (collective under FSDP)."""
+    """optimizer.state_dict() with sharded state tensors gathered to full ones (collective under FSDP and ZeRO)."""
+    from tunesmith.train import zero
+
+    if zero.is_zero_optimizer(optimizer):
+        return zero.full_optimizer_state(optimizer)
     state = optimizer.state_dict()
     state["state"] = {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}
     return state
@@ -107,6 +119,10 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full-tensor optimizer state; states of sharded parameters are sharded the same way."""
+    from tunesmith.train import zero
+
+    if zero.is_zero_optimizer(optimizer):
+        return zero.load_optimizer_state(optimizer, state)
     optimizer.load_state_dict(state)
     for p, s in optimizer.state.items():
         if _is_dtensor(p):
@@ -152,7 +168,7 @@ def shard(step_examples: list[int], d: Dist) -> list[int]:
 
 
 def all_reduce_grads(params: list[torch.Tensor], d: Dist) -> None:
-    if not d.active or d.fsdp:  # FSDP reduce-scatters the gradients during backward
+    if not d.active or d.lockstep:  # FSDP and ZeRO reduce(-scatter) the gradients during backward
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])

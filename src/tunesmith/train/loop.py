@@ -38,7 +38,7 @@ from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
 from tunesmith.train.distill import cached_distill_sum_loss, check_tokenizers, distill_sum_loss, teacher_answers, teacher_topk
 from tunesmith.train.preference import dpo_sum_loss, pair_logprobs, preference_metrics, reference_logprobs
-from tunesmith.train import distributed
+from tunesmith.train import distributed, zero
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, truncate_metrics
@@ -222,6 +222,11 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     warmup = warmup_steps(cfg.train.warmup, total_steps)
     peak_lr = cfg.train.lr or method.DEFAULT_LR
     optimizer = make_optimizer(cfg.train.optimizer, trainable, peak_lr, cfg.train.weight_decay, log)
+    engine = None  # DeepSpeed ZeRO: its engine runs backward and the optimizer step (train/zero.py)
+    if ddp.zero:
+        engine, optimizer = zero.wrap(model, optimizer, cfg.train, ddp.world)
+        log(f"DeepSpeed ZeRO stage {cfg.train.zero_stage}: optimizer state"
+            + (" and gradients" if cfg.train.zero_stage == 2 else "") + f" partitioned over {ddp.world} processes")
     log(f"plan: {total_steps} steps x {micro * accum} examples ({total_steps / steps_per_epoch:.2f} epochs), "
         f"peak lr {peak_lr:g}, {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None,
@@ -284,14 +289,21 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                     loss = class_sum_loss(model, batch) / label_tokens
                 else:
                     loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
-                # FSDP: x world undoes its average over ranks; a filler pass joins the collectives, counts nothing
-                (loss * (distributed.grad_scale(ddp) if real else 0.0)).backward()
+                # FSDP, ZeRO: x world undoes their average over ranks; a filler pass joins the collectives, counts nothing
+                scaled = loss * (distributed.grad_scale(ddp) if real else 0.0)
+                if engine is not None:
+                    zero.backward(engine, scaled, last_pass=batch is batches[-1])
+                else:
+                    scaled.backward()
                 step_loss += float(loss.detach()) if real else 0.0
             distributed.all_reduce_grads(trainable, ddp)
             step_loss = distributed.sum_float(step_loss, ddp)
-            grad_norm = _grad_norm(trainable, cfg.train.max_grad_norm)
+            if engine is not None:  # ZeRO clips and steps each rank's partition; a non-finite loss stops before it
+                grad_norm = zero.step(engine) if math.isfinite(step_loss) else float("nan")
+            else:
+                grad_norm = _grad_norm(trainable, cfg.train.max_grad_norm)
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if finite:
+            if finite and engine is None:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not finite:
