@@ -215,7 +215,7 @@ WHY_NOT = {"prompt-tuning": "virtual tokens in front of an encoder's [CLS] posit
 FSDP_METHODS = ("full", "lora", "ia3", "adapters", "bitfit")
 SELECTABLE_METRICS = {"causal": ("eval_loss", "eval_ppl", "eval_token_accuracy"),
                       "classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall"),
-                      "dpo": ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy")}
+                      "dpo": ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy", "eval_seq_logp_accuracy")}
 
 
 def check_combinations(cfg: Config, task: Optional[str] = None) -> None:

@@ -396,7 +396,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     if rows:
         log(format_table(rows, ["base", "tuned"]))
     if before and after and task == "dpo":
-        log(f"held-out pairs: log-prob preference accuracy {before['eval_logp_accuracy']:.3f} -> {after['eval_logp_accuracy']:.3f}; "
+        log(f"held-out pairs: preference accuracy by log-prob {before['eval_seq_logp_accuracy']:.3f} -> "
+            f"{after['eval_seq_logp_accuracy']:.3f}, per token {before['eval_logp_accuracy']:.3f} -> {after['eval_logp_accuracy']:.3f}; "
             f"reward accuracy {after['eval_reward_accuracy']:.3f}, margin {after['eval_reward_margin']:.3f}")
     elif before and after and task == "classification":
         log(f"held-out: accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, macro-F1 "
@@ -454,7 +455,8 @@ def max_positions(model_dir: Path) -> int | None:
 def _metrics_line(m: dict) -> str:
     if "eval_reward_accuracy" in m:
         return (f"preference loss {m['eval_loss']:.4f}, reward accuracy {m['eval_reward_accuracy']:.3f}, margin "
-                f"{m['eval_reward_margin']:.3f}, log-prob accuracy {m['eval_logp_accuracy']:.3f}")
+                f"{m['eval_reward_margin']:.3f}, log-prob accuracy {m['eval_seq_logp_accuracy']:.3f} "
+                f"(per token {m['eval_logp_accuracy']:.3f})")
     if "eval_accuracy" in m:
         return f"accuracy {m['eval_accuracy']:.3f}, macro-F1 {m['eval_f1']:.3f}, loss {m['eval_loss']:.4f}"
     return f"held-out loss {m.get('eval_loss', float('nan')):.4f}, token accuracy {m.get('eval_token_accuracy', float('nan')):.3f}"

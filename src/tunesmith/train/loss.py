@@ -108,6 +108,13 @@ def shared_prefix_length(input_ids: torch.Tensor) -> int:
     return min(int(differs[0]) if len(differs) else input_ids.shape[1], input_ids.shape[1] - 1)
 
 
+def can_share_prefix(model) -> bool:
+    """Whether hidden_and_head computes a prefix common to a pass's rows once (not under FSDP, where every rank must
+    run the same forwards, nor with gradient checkpointing, or when the model's own forward must run)."""
+    parts = split_model(model)
+    return parts is not None and not _is_fsdp(model) and not getattr(parts[0], "is_gradient_checkpointing", False)
+
+
 def _backbone_hidden(backbone, input_ids: torch.Tensor) -> torch.Tensor:
     """Final hidden states of every row; a prefix common to all rows is computed once (module docstring)."""
     prefix = shared_prefix_length(input_ids)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.batching import collate
 from tunesmith.data.render import Tokenized
-from tunesmith.train.loss import label_logits, label_positions
+from tunesmith.train.loss import IGNORE, MIN_SHARED_PREFIX, can_share_prefix, label_logits, label_positions, shared_prefix_length
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -31,9 +31,23 @@ def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs of a batch's pairs. The two answers of a pair share their prompt: when the model
+    allows it (train/loss.py), each pair runs as its own 2-row pass so that prompt is computed once, not twice."""
+    half = batch.input_ids.shape[0] // 2
+    pairs = [_pair_rows(batch, i, half) for i in range(half)]
+    if half > 1 and can_share_prefix(model) and all(shared_prefix_length(ids) >= MIN_SHARED_PREFIX for ids, _ in pairs):
+        logp = torch.stack([sequence_logprobs(model, ids, labels) for ids, labels in pairs])  # (pairs, 2)
+        return logp[:, 0], logp[:, 1]
     logp = sequence_logprobs(model, batch.input_ids, batch.labels)
-    half = logp.shape[0] // 2
     return logp[:half], logp[half:]
+
+
+def _pair_rows(batch, i: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair i's chosen and rejected rows, cut after the last trained label of the two."""
+    labels = batch.labels[[i, half + i]]
+    trained = (labels != IGNORE).any(0).nonzero()
+    width = int(trained[-1]) + 1 if len(trained) else labels.shape[1]
+    return batch.input_ids[[i, half + i], :width], labels[:, :width]
 
 
 def dpo_losses(pol_c, pol_r, ref_c, ref_r, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
@@ -68,8 +82,10 @@ def dpo_sum_loss(model, batch, ref: torch.Tensor, cfg) -> torch.Tensor:
 
 @torch.no_grad()
 def preference_metrics(model, pairs: list[Tokenized], ref: torch.Tensor, pad_id: int, cfg) -> dict:
-    """Held-out DPO loss, rewards, reward margin and accuracy (margin > 0, ties count half), plus the
-    preference accuracy of the policy's own length-normalised log-probs (comparable with the base)."""
+    """Held-out DPO loss, rewards, reward margin and accuracy (margin > 0, ties count half), plus two preference
+    accuracies of the policy on its own, comparable with the base model's: the chosen answer has the higher
+    log-prob (`eval_seq_logp_accuracy`, the sequence likelihood DPO's reward is built on) or the higher log-prob
+    per token (`eval_logp_accuracy`, blind to answer length)."""
     if not pairs:
         return {}
     now = reference_logprobs(model, pairs, pad_id)
@@ -82,4 +98,5 @@ def preference_metrics(model, pairs: list[Tokenized], ref: torch.Tensor, pad_id:
     return {"eval_loss": round(float(loss.mean()), 5), "eval_reward_chosen": round(float(rc.mean()), 5),
             "eval_reward_rejected": round(float(rr.mean()), 5), "eval_reward_margin": round(float(margin.mean()), 5),
             "eval_reward_accuracy": round(float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()), 5),
-            "eval_logp_accuracy": round(float((logp_pref > 0).double().mean()), 5), "eval_pairs": len(pairs)}
+            "eval_logp_accuracy": round(float((logp_pref > 0).double().mean()), 5),
+            "eval_seq_logp_accuracy": round(float((now[:, 0] > now[:, 1]).double().mean()), 5), "eval_pairs": len(pairs)}
