@@ -46,7 +46,7 @@ def one(level: int, data: str, template: str, steps: int) -> dict:
     if level >= 5:
         keep_heap_memory()
     if level < 6:
-        loss_mod.MIN_SHARED_PREFIX = 1 << 30
+        loss_mod.MIN_SHARED_TOKENS = 1 << 30
     torch.manual_seed(0)
     model_dir = resolve_model_dir("smollm2-135m-instruct")
     tok = load_tokenizer(model_dir)

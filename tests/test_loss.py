@@ -172,17 +172,22 @@ def test_token_budget_does_not_change_the_step_gradient():
 
 
 def test_shared_prompt_prefix_gives_the_same_loss_and_gradients():
-    """Rows that start with the same 20 tokens: the prefix runs once, loss and LoRA gradients are unchanged."""
+    """Rows that start with the same 50 tokens: the prefix runs once (a second, shorter backbone call), and the loss
+    and LoRA gradients are those of the full computation."""
     model = lora.apply(make_tiny_llama(120), MethodConfig(r=4, alpha=8))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
-    exs = _examples(120, [30, 41, 26])
+    exs = _examples(120, [110, 121, 106, 115])
     for t in exs[1:]:
-        t.input_ids[:20] = exs[0].input_ids[:20]
+        t.input_ids[:50] = exs[0].input_ids[:50]
     batch = collate(exs, pad_id=2)
-    assert loss_mod.shared_prefix_length(batch.input_ids) == 20
+    assert loss_mod.shared_prefix_length(batch.input_ids) == 50
+    calls = []
+    hook = model.get_base_model().model.register_forward_hook(lambda m, a, k, out: calls.append(1), with_kwargs=True)
     ours = sum_loss(model, batch.input_ids, batch.labels)
+    hook.remove()
+    assert len(calls) == 2  # prefix, then the rows
     ours.backward()
     g_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()

@@ -49,33 +49,6 @@ def test_dpo_loss_and_gradients_match_a_plain_implementation(tiny_model_dir):
         assert torch.allclose(g1, g2, atol=1e-5), kind
 
 
-def test_pairs_share_their_prompt_with_the_same_logprobs_and_gradients(tiny_model_dir):
-    """Each pair's two answers run as one 2-row pass with the prompt computed once: same log-probs and gradients
-    as the whole batch in one pass (which shares nothing: the pairs' prompts differ)."""
-    from transformers import AutoModelForCausalLM
-
-    from tunesmith.data.batching import Batch
-    from tunesmith.train import preference
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    prompts = torch.randint(3, 200, (3, 20))
-    answers = torch.randint(3, 200, (6, 9))
-    ids = torch.cat([prompts.repeat(2, 1), answers], 1)  # chosen rows of pairs 0-2, then their rejected rows
-    labels = ids.clone()
-    labels[:, :20] = -100
-    labels[4, 25:] = -100  # a shorter rejected answer (trailing tokens untrained)
-    batch = Batch(ids, labels, int(ids.numel()), int((labels != -100).sum()))
-    weight = model.model.layers[0].self_attn.q_proj.weight
-    shared = preference.pair_logprobs(model, batch)
-    g_shared = torch.autograd.grad((shared[0] - 2 * shared[1]).sum(), weight)[0]
-    assert [preference.shared_prefix_length(p) for p, _ in (preference._pair_rows(batch, i, 3) for i in range(3))] == [20] * 3
-    plain = plain_logprobs(model, ids, labels)
-    g_plain = torch.autograd.grad((plain[:3] - 2 * plain[3:]).sum(), weight)[0]
-    assert torch.allclose(shared[0], plain[:3], atol=1e-4) and torch.allclose(shared[1], plain[3:], atol=1e-4)
-    assert torch.allclose(g_shared, g_plain, atol=1e-5, rtol=1e-4)
-
-
 @pytest.fixture
 def pairs_file(tmp_path):
     rows = [{"prompt": f"Is {i} a nice number?", "chosen": f"Yes, {i} is a fine number.", "rejected": "No. Go away."}

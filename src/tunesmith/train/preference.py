@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.batching import collate
 from tunesmith.data.render import Tokenized
-from tunesmith.train.loss import IGNORE, MIN_SHARED_PREFIX, can_share_prefix, label_logits, label_positions, shared_prefix_length
+from tunesmith.train.loss import label_logits, label_positions
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -31,23 +31,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) log-probs of a batch's pairs. The two answers of a pair share their prompt: when the model
-    allows it (train/loss.py), each pair runs as its own 2-row pass so that prompt is computed once, not twice."""
-    half = batch.input_ids.shape[0] // 2
-    pairs = [_pair_rows(batch, i, half) for i in range(half)]
-    if half > 1 and can_share_prefix(model) and all(shared_prefix_length(ids) >= MIN_SHARED_PREFIX for ids, _ in pairs):
-        logp = torch.stack([sequence_logprobs(model, ids, labels) for ids, labels in pairs])  # (pairs, 2)
-        return logp[:, 0], logp[:, 1]
     logp = sequence_logprobs(model, batch.input_ids, batch.labels)
+    half = logp.shape[0] // 2
     return logp[:half], logp[half:]
-
-
-def _pair_rows(batch, i: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pair i's chosen and rejected rows, cut after the last trained label of the two."""
-    labels = batch.labels[[i, half + i]]
-    trained = (labels != IGNORE).any(0).nonzero()
-    width = int(trained[-1]) + 1 if len(trained) else labels.shape[1]
-    return batch.input_ids[[i, half + i], :width], labels[:, :width]
 
 
 def dpo_losses(pol_c, pol_r, ref_c, ref_r, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
