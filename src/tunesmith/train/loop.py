@@ -77,6 +77,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     log = RunLog(enabled=ddp.main)  # rank 0 alone writes logs and files
     log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads, "
         f"{str(dtype).replace('torch.', '')}" + (f", {ddp.world} processes ({cfg.train.distributed})" if ddp.active else ""))
+    if cfg.train.distributed != "ddp" and not ddp.active:
+        log(f"train.distributed={cfg.train.distributed} takes effect with several processes (--nproc N); one process trains as is")
 
     # -- 2. tokenizer and data ---------------------------------------------------------------
     model_dir = resolve_model_dir(cfg.model.name)
