@@ -38,23 +38,31 @@ def test_linear_cross_entropy_matches_autograd(monkeypatch):
     assert torch.allclose(ours, ref) and torch.allclose(gh, h.grad) and torch.allclose(gw, w.grad)
 
 
-def test_fast_path_equals_reference_with_lora_and_padding():
-    model = make_tiny_llama(120)
-    model = lora.apply(model, MethodConfig(r=4, alpha=8))
+def _lora_model():
+    model = lora.apply(make_tiny_llama(120), MethodConfig(r=4, alpha=8))
     for n, p in model.named_parameters():  # make B non-zero so the adapter matters
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
-    batch = collate(_examples(120, [9, 17, 12]), pad_id=2)
-    ours = sum_loss(model, batch.input_ids, batch.labels)
+    return model
+
+
+def _assert_equals_reference(model, batch, ours, rel: float) -> None:
+    """`ours` (sum_loss on `batch`, not yet backpropagated) and its adapter gradients equal the plain computation's."""
     ours.backward()
     g_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     ref = reference_sum_loss(model, batch.input_ids, batch.labels)
     ref.backward()
-    assert abs(float(ours) - float(ref)) < 1e-4 * float(ref)
+    assert abs(float(ours) - float(ref)) < rel * float(ref)
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(g_ours[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_fast_path_equals_reference_with_lora_and_padding():
+    model = _lora_model()
+    batch = collate(_examples(120, [9, 17, 12]), pad_id=2)
+    _assert_equals_reference(model, batch, sum_loss(model, batch.input_ids, batch.labels), 1e-4)
 
 
 def test_right_padding_without_mask_is_exact():
@@ -174,10 +182,7 @@ def test_token_budget_does_not_change_the_step_gradient():
 def test_shared_prompt_prefix_gives_the_same_loss_and_gradients():
     """Rows that start with the same 50 tokens: the prefix runs once (a second, shorter backbone call), and the loss
     and LoRA gradients are those of the full computation."""
-    model = lora.apply(make_tiny_llama(120), MethodConfig(r=4, alpha=8))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    model = _lora_model()
     exs = _examples(120, [110, 121, 106, 115])
     for t in exs[1:]:
         t.input_ids[:50] = exs[0].input_ids[:50]
@@ -188,15 +193,7 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients():
     ours = sum_loss(model, batch.input_ids, batch.labels)
     hook.remove()
     assert len(calls) == 2  # prefix, then the rows
-    ours.backward()
-    g_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    ref = reference_sum_loss(model, batch.input_ids, batch.labels)
-    ref.backward()
-    assert abs(float(ours) - float(ref)) < 1e-5 * float(ref)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(g_ours[n], p.grad, atol=1e-6, rtol=1e-4), n
+    _assert_equals_reference(model, batch, ours, 1e-5)
 
 
 def test_shared_prefix_length_leaves_one_token_and_needs_two_rows():

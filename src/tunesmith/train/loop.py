@@ -30,7 +30,7 @@ from tunesmith.evaluate.generate import Generation, Sampling, generate
 from tunesmith.evaluate.classification import classification_metrics, predicted_labels
 from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.report import write_report
-from tunesmith.evaluate.side_by_side import build_rows, format_table, mean_score
+from tunesmith.evaluate.side_by_side import build_rows, format_table
 from tunesmith.methods import get_method, parameter_report, quantization
 from tunesmith.models import load_model, load_tokenizer, merge_adapter, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train import checkpoint
@@ -41,7 +41,7 @@ from tunesmith.train.preference import dpo_sum_loss, pair_logprobs, preference_m
 from tunesmith.train import distributed, zero
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
-from tunesmith.train.runlog import RunLog, append_jsonl, truncate_metrics
+from tunesmith.train.runlog import RunLog, append_jsonl, metrics_line, result_lines, truncate_metrics
 from tunesmith.train.plan import estimate, matmul_gflops
 from tunesmith.train.trackers import Trackers, check_installed
 from tunesmith.train.schedule import budget_steps, lr_at, make_optimizer, plan_steps, warmup_steps
@@ -201,7 +201,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     before = baseline["before"]
     teacher_metrics = evaluate(teacher) if teacher is not None else None
     if teacher_metrics:
-        log("teacher on the held-out split: " + _metrics_line(teacher_metrics))
+        log("teacher on the held-out split: " + metrics_line(teacher_metrics))
     topk = None
     if teacher is not None and cfg.distill.top_k:  # one teacher pass now (rank 0 writes), then the teacher is freed
         build = lambda: teacher_topk(teacher, data.train.tokens, cfg.distill.top_k, run_dir / "teacher_topk", pad_id,
@@ -211,7 +211,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         distributed.from_main(None, ddp)  # the others wait for the files, then map them
         topk, teacher = build(), None
     if before:
-        log("held-out before training: " + _metrics_line(before))
+        log("held-out before training: " + metrics_line(before))
 
     # -- 5. optimizer, schedule, resume point --------------------------------------------------
     budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
@@ -335,7 +335,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             if evaluating and not last:
                 record.update(evaluate(model))
                 progress["evals"].append(record)
-                log(f"step {step + 1}: " + _metrics_line(record))
+                log(f"step {step + 1}: " + metrics_line(record))
                 if _improves(cfg.train.select_best, record, progress["best"]):
                     progress["best"] = {"step": step + 1, "value": record[cfg.train.select_best]}
                     weights = distributed.full_weights(model)  # a collective under FSDP
@@ -397,23 +397,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     write_report(run_dir)
     if rows:
         log(format_table(rows, ["base", "tuned"]))
-    if before and after and task == "dpo":
-        log(f"held-out pairs: preference accuracy by log-prob {before['eval_seq_logp_accuracy']:.3f} -> "
-            f"{after['eval_seq_logp_accuracy']:.3f}, per token {before['eval_logp_accuracy']:.3f} -> {after['eval_logp_accuracy']:.3f}; "
-            f"reward accuracy {after['eval_reward_accuracy']:.3f}, margin {after['eval_reward_margin']:.3f}")
-    elif before and after and task == "classification":
-        log(f"held-out: accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, macro-F1 "
-            f"{before['eval_f1']:.3f} -> {after['eval_f1']:.3f}, loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
-    elif before and after:
-        log(f"held-out loss on responses: {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
-            f"(perplexity {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f}); "
-            f"token accuracy {before['eval_token_accuracy']:.3f} -> {after['eval_token_accuracy']:.3f}")
-    if rows and task != "classification":
-        log(f"side-by-side mean ROUGE-L: base {mean_score(rows, 'base'):.1f} -> tuned {mean_score(rows, 'tuned'):.1f}")
-    if drift:
-        log(f"forgetting check on {drift['texts']} general texts: perplexity {drift['base_ppl']:.2f} -> {drift['tuned_ppl']:.2f} "
-            f"({drift['ppl_change_pct']:+.1f}%), mean KL(base||tuned) {drift['mean_kl']:.3f} nats/token"
-            + (" -- DRIFTED beyond the limits" if drift["drifted"] else " -- within limits"))
+    for line in result_lines(task, before, after, rows, drift):
+        log(line)
     log(f"trained {total_steps} steps ({summary['epochs']:.2f} epochs) on {tokens_seen:,} tokens in {train_seconds:.0f} s "
         f"({summary['tok_s']:.0f} tok/s)" + (f" within the {cfg.train.max_minutes:g}-minute budget" if budget else "")
         + f"; total {summary['wall_seconds']:.0f} s")
@@ -452,16 +437,6 @@ def max_positions(model_dir: Path) -> int | None:
             base = json.loads((model_dir / marker).read_text())["base_model_name_or_path"]
             return max_positions(resolve_model_dir(base))
     return getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
-
-
-def _metrics_line(m: dict) -> str:
-    if "eval_reward_accuracy" in m:
-        return (f"preference loss {m['eval_loss']:.4f}, reward accuracy {m['eval_reward_accuracy']:.3f}, margin "
-                f"{m['eval_reward_margin']:.3f}, log-prob accuracy {m['eval_seq_logp_accuracy']:.3f} "
-                f"(per token {m['eval_logp_accuracy']:.3f})")
-    if "eval_accuracy" in m:
-        return f"accuracy {m['eval_accuracy']:.3f}, macro-F1 {m['eval_f1']:.3f}, loss {m['eval_loss']:.4f}"
-    return f"held-out loss {m.get('eval_loss', float('nan')):.4f}, token accuracy {m.get('eval_token_accuracy', float('nan')):.3f}"
 
 
 def _improves(metric: str | None, record: dict, best: dict | None) -> bool:

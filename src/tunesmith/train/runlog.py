@@ -55,3 +55,40 @@ def read_metrics(path: Path) -> list[dict]:
         except ValueError:
             continue
     return rows
+
+
+def metrics_line(m: dict) -> str:
+    """One line of held-out metrics, whichever task produced them."""
+    if "eval_reward_accuracy" in m:
+        return (f"preference loss {m['eval_loss']:.4f}, reward accuracy {m['eval_reward_accuracy']:.3f}, margin "
+                f"{m['eval_reward_margin']:.3f}, log-prob accuracy {m['eval_seq_logp_accuracy']:.3f} "
+                f"(per token {m['eval_logp_accuracy']:.3f})")
+    if "eval_accuracy" in m:
+        return f"accuracy {m['eval_accuracy']:.3f}, macro-F1 {m['eval_f1']:.3f}, loss {m['eval_loss']:.4f}"
+    return f"held-out loss {m.get('eval_loss', float('nan')):.4f}, token accuracy {m.get('eval_token_accuracy', float('nan')):.3f}"
+
+
+def result_lines(task: str, before: dict, after: dict, rows: list, drift: dict | None) -> list[str]:
+    """What a finished run reports: held-out before -> after, the side-by-side score, the forgetting check."""
+    from tunesmith.evaluate.side_by_side import mean_score
+
+    lines = []
+    if before and after and task == "dpo":
+        lines.append(f"held-out pairs: preference accuracy by log-prob {before['eval_seq_logp_accuracy']:.3f} -> "
+                     f"{after['eval_seq_logp_accuracy']:.3f}, per token {before['eval_logp_accuracy']:.3f} -> "
+                     f"{after['eval_logp_accuracy']:.3f}; reward accuracy {after['eval_reward_accuracy']:.3f}, "
+                     f"margin {after['eval_reward_margin']:.3f}")
+    elif before and after and task == "classification":
+        lines.append(f"held-out: accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, macro-F1 "
+                     f"{before['eval_f1']:.3f} -> {after['eval_f1']:.3f}, loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
+    elif before and after:
+        lines.append(f"held-out loss on responses: {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
+                     f"(perplexity {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f}); "
+                     f"token accuracy {before['eval_token_accuracy']:.3f} -> {after['eval_token_accuracy']:.3f}")
+    if rows and task != "classification":
+        lines.append(f"side-by-side mean ROUGE-L: base {mean_score(rows, 'base'):.1f} -> tuned {mean_score(rows, 'tuned'):.1f}")
+    if drift:
+        lines.append(f"forgetting check on {drift['texts']} general texts: perplexity {drift['base_ppl']:.2f} -> "
+                     f"{drift['tuned_ppl']:.2f} ({drift['ppl_change_pct']:+.1f}%), mean KL(base||tuned) "
+                     f"{drift['mean_kl']:.3f} nats/token" + (" -- DRIFTED beyond the limits" if drift["drifted"] else " -- within limits"))
+    return lines
