@@ -105,11 +105,10 @@ def test_collate_drops_tail_after_last_label():
     assert b.input_ids.shape == (1, 8) and b.label_tokens == 4
 
 
-def test_merged_lora_layer_matches_stock_peft():
-    """Our one-GEMM LoRA layer computes what peft's layer computes: loss and every adapter gradient."""
+def _merged_and_stock_lora():
+    """The same LoRA model twice: with our merged layer and with peft's stock layer (B non-zero)."""
     from peft import LoraConfig, get_peft_model
 
-    batch = collate(_examples(120, [9, 14]), pad_id=2)
     ours = lora.apply(make_tiny_llama(120), MethodConfig(r=4, alpha=8))
     stock = get_peft_model(make_tiny_llama(120), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                             target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -121,6 +120,13 @@ def test_merged_lora_layer_matches_stock_peft():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
         p2.data.copy_(p.data)
+    return ours, stock
+
+
+def test_merged_lora_layer_matches_stock_peft():
+    """Our one-GEMM LoRA layer computes what peft's layer computes: loss and every adapter gradient."""
+    batch = collate(_examples(120, [9, 14]), pad_id=2)
+    ours, stock = _merged_and_stock_lora()
     results = []
     for model in (ours, stock):
         loss = reference_sum_loss(model, batch.input_ids, batch.labels)
@@ -129,6 +135,45 @@ def test_merged_lora_layer_matches_stock_peft():
     assert abs(results[0][0] - results[1][0]) < 1e-5 * results[1][0]
     for n, g in results[0][1].items():
         assert torch.allclose(g, results[1][1][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_kept_merged_weight_follows_every_update():
+    """The merged weight kept between updates is rebuilt after fused AdamW steps (which leave the tensors'
+    version counters alone), after weights are loaded, and not used when keeping is off."""
+    from tunesmith.train.distributed import full_weights, set_weights
+
+    ours, stock = _merged_and_stock_lora()
+    first = full_weights(ours)
+    batch = collate(_examples(120, [9, 14, 6]), pad_id=2)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True) for m in (ours, stock)]
+
+    def losses(backward: bool) -> list[float]:
+        out = []
+        for model in (ours, stock):
+            with torch.set_grad_enabled(backward):
+                loss = reference_sum_loss(model, batch.input_ids, batch.labels)
+            if backward:
+                loss.backward()
+            out.append(float(loss))
+        return out
+
+    for _ in range(3):
+        a, b = losses(backward=False)  # an eval forward between updates builds (and keeps) the merged weight
+        assert abs(a - b) < 1e-5 * b
+        a, b = losses(backward=True)
+        assert abs(a - b) < 1e-5 * b
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    kept = [m for m in ours.modules() if isinstance(m, lora.MergedLoraLinear)]
+    assert all(m._merged is not None for m in kept)
+    set_weights(ours, first)
+    set_weights(stock, first)
+    a, b = losses(backward=False)
+    assert abs(a - b) < 1e-5 * b
+    lora.keep_merged(ours, False)
+    a, b = losses(backward=True)
+    assert abs(a - b) < 1e-5 * b and all(m._merged is None for m in kept)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -3,10 +3,17 @@
 Speed: peft computes `W x + s * B(A(x))`, i.e. per adapted layer two extra small GEMMs plus a
 multiply and an add over the whole output in forward, and more elementwise work in backward —
 about a fifth of a CPU step on SmolLM2. `MergedLoraLinear` computes the same function with one
-GEMM each way on the merged weight `W + s B A` (built per step, r*in*out flops: small next to
-tokens*in*out). It plugs in through peft's custom-module hook, so the adapter's parameters,
-saving and loading are plain peft. It is used when dropout is 0 and DoRA is off; otherwise the
-stock peft layer runs.
+GEMM each way on the merged weight `W + s B A`. It plugs in through peft's custom-module hook, so
+the adapter's parameters, saving and loading are plain peft. It is used when dropout is 0 and DoRA
+is off; otherwise the stock peft layer runs.
+
+The merged weight is built once per weight update and kept (one extra copy of the adapted weights):
+a step of several forward passes, the backward passes and token-by-token generation all reuse it.
+It is rebuilt when any optimizer steps (torch's global step hook bumps `weights_changed`; fused
+AdamW updates in place without bumping the tensors' version counters), or when W, A, B or the
+scaling change in any other visible way (version counter, storage, dtype). Code that writes the
+weights behind autograd's back (`p.data.copy_`) must call `weights_changed()`. Under FSDP, whose
+point is not holding whole weights, `keep_merged(model, False)` builds it per call instead.
 """
 from __future__ import annotations
 
@@ -17,38 +24,60 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # A high rate for short CPU budgets: with rank 16 on every linear layer the default 60-step docstring
 # run goes from held-out loss 4.05 to 3.26 at 1e-3. Not yet compared systematically against other rates.
 DEFAULT_LR = 1e-3
 
 
+_generation = 0  # bumped on every weight update; a kept merged weight from an older generation is rebuilt
+
+
+def weights_changed(*_hook_args) -> None:
+    global _generation
+    _generation += 1
+
+
+register_optimizer_step_post_hook(weights_changed)
+
+
+def keep_merged(model, keep: bool) -> None:
+    """Keep each merged weight between updates (default) or build it on every call (less memory)."""
+    for module in model.modules():
+        if isinstance(module, MergedLoraLinear):
+            module.keep_merged, module._merged = keep, None
+
+
 class _MergedLoraFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        merged = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, merged):
+        """`merged` is `W + s B A` when the caller keeps one, else None (built here and in backward)."""
+        built = merged if merged is not None else torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, merged)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
-        return F.linear(x, merged, bias)
+        return F.linear(x, built, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
+        x, weight, lora_a, lora_b, merged = ctx.saved_tensors
         s = ctx.scaling
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ torch.addmm(weight, lora_b, lora_a, alpha=s)).view_as(x)
+            grad_x = (g2 @ (merged if merged is not None else torch.addmm(weight, lora_b, lora_a, alpha=s))).view_as(x)
         grad_a = (g2 @ lora_b).T.mm(x2).mul_(s) if ctx.needs_input_grad[3] else None
         grad_b = g2.T.mm(x2 @ lora_a.T).mul_(s) if ctx.needs_input_grad[4] else None
         grad_w = g2.T.mm(x2) if ctx.needs_input_grad[1] else None
         grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 class MergedLoraLinear(PeftLoraLinear):
     """peft's LoRA Linear with a one-GEMM forward/backward in the common training case."""
+
+    keep_merged, _merged = True, None  # _merged: (key, W + s B A)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self.active_adapters
@@ -57,8 +86,21 @@ class MergedLoraLinear(PeftLoraLinear):
                 or x.dtype != self.lora_A[active[0]].weight.dtype):
             return super().forward(x, *args, **kwargs)
         name, base = active[0], self.get_base_layer()
-        return _MergedLoraFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                         self.scaling[name])
+        weight, lora_a, lora_b, scaling = base.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        return _MergedLoraFunction.apply(x, weight, base.bias, lora_a, lora_b, scaling,
+                                         self._kept_merged(weight, lora_a, lora_b, scaling))
+
+    def _kept_merged(self, weight, lora_a, lora_b, scaling) -> torch.Tensor | None:
+        """The kept `W + s B A`, rebuilt (a new tensor: backward may still hold the old one) when stale."""
+        if not self.keep_merged or weight.requires_grad:  # W trains too: nothing to keep between updates
+            return None
+        key = (_generation, scaling, weight.dtype, weight.device,
+               *((t.data_ptr(), t._version) for t in (weight, lora_a, lora_b)))
+        if self._merged is None or self._merged[0] != key:
+            self._merged = None  # free the stale copy before building the new one
+            with torch.no_grad():
+                self._merged = (key, torch.addmm(weight, lora_b, lora_a, alpha=scaling))
+        return self._merged[1]
 
 
 def apply(model, cfg, task: str = "causal", merged: bool = True):

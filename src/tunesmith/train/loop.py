@@ -31,7 +31,7 @@ from tunesmith.evaluate.classification import classification_metrics, predicted_
 from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows, format_table
-from tunesmith.methods import get_method, parameter_report, quantization
+from tunesmith.methods import get_method, lora, parameter_report, quantization
 from tunesmith.models import load_model, load_tokenizer, merge_adapter, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
@@ -114,6 +114,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if ddp.fsdp:  # weights, gradients and optimizer state sharded across the processes
         distributed.shard_model(model, ddp)
+        lora.keep_merged(model, False)  # nor whole merged LoRA weights kept between updates
     trainable = [p for p in model.parameters() if p.requires_grad]
     joins_forwards = ddp.main or ddp.fsdp  # rank-0-only forwards (generation, ...) need every rank under FSDP
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
