@@ -20,7 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if sys.argv[1].startswith("tunesmith"):  # tunesmith's own thread policy (its CLI sets the same)
+    from tunesmith.openmp_env import set_openmp_defaults
+
+    set_openmp_defaults()
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the issue measured the tutorial and TRL recipes
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402

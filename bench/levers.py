@@ -12,6 +12,7 @@ Variants (each adds one lever to the previous):
   5 heap         glibc keeps freed memory (no page faults in steady state)
   6 shared-prefix  a prefix common to every row of a pass (system prompt, fixed instruction) runs once
   7 kept-merged  the merged LoRA weight built once per update, not in every forward and backward call
+  8 short-spin   OpenMP threads spin briefly before sleeping (GOMP_SPINCOUNT=1000; levels 0-7 wait passively)
 Same rows, same LoRA (r16/a32, all linear layers), micro-batch 8, fp32. Reports real tokens/s over
 the steps after the first two (warm-up) and the peak RSS.
 """
@@ -26,10 +27,10 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ["baseline", "grouping", "head", "no-dropout", "merged-lora", "heap", "shared-prefix", "kept-merged"]
+VARIANTS = ["baseline", "grouping", "head", "no-dropout", "merged-lora", "heap", "shared-prefix", "kept-merged", "short-spin"]
 
 
-def one(level: int, data: str, template: str, steps: int) -> dict:
+def one(level: int, data: str, template: str, steps: int, min_shared: int | None) -> dict:
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
@@ -48,6 +49,8 @@ def one(level: int, data: str, template: str, steps: int) -> dict:
         keep_heap_memory()
     if level < 6:
         loss_mod.MIN_SHARED_TOKENS = 1 << 30
+    elif min_shared is not None:
+        loss_mod.MIN_SHARED_TOKENS = min_shared
     torch.manual_seed(0)
     model_dir = resolve_model_dir("smollm2-135m-instruct")
     tok = load_tokenizer(model_dir)
@@ -100,17 +103,19 @@ def main():
     ap.add_argument("--template", default="chat")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--levels", default=",".join(str(i) for i in range(len(VARIANTS))), help="comma-separated subset")
+    ap.add_argument("--min-shared", type=int, help="override train/loss.py's MIN_SHARED_TOKENS (levels >= 6)")
     ap.add_argument("--level", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.level is not None:
-        print("RESULT " + json.dumps(one(a.level, a.data, a.template, a.steps)), flush=True)
+        print("RESULT " + json.dumps(one(a.level, a.data, a.template, a.steps, a.min_shared)), flush=True)
         return
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), TRANSFORMERS_VERBOSITY="error")
     rows = []
     for level in [int(x) for x in a.levels.split(",")]:
+        level_env = dict(env, GOMP_SPINCOUNT="1000") if level >= 8 else env
         p = subprocess.run([sys.executable, __file__, "--data", a.data, "--template", a.template, "--steps", str(a.steps),
-                            "--level", str(level)],
-                           capture_output=True, text=True, env=env)
+                            "--level", str(level)] + ([] if a.min_shared is None else ["--min-shared", str(a.min_shared)]),
+                           capture_output=True, text=True, env=level_env)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
             raise SystemExit(p.stderr[-3000:])

@@ -75,7 +75,7 @@ class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed) when `max_steps` is unset.")
     max_minutes: Optional[float] = Field(None, gt=0, description="Wall-clock budget for the training loop (model loading and the before/after evaluation are not counted): the step count and so the warm-up/decay schedule are planned from the measured step time and re-planned as it runs; stops at the budget, `max_steps` or `epochs`, whichever comes first, then evaluates and saves as usual.")
     lr: Optional[float] = Field(None, gt=0, description="Peak learning rate; unset = the method's tuned default (LoRA 1e-3, full 5e-5).")
-    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass, at most (see batch_tokens).")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass, at most (see batch_tokens). DPO runs each pair as a pass of its own (its two answers share the prompt's computation), so there it only sets the step size with grad_accum.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum examples).")
     batch_tokens: Optional[int] = Field(1024, ge=16, description="Padded tokens per forward pass, at most: each step's length-grouped examples are split into passes within this budget, which bounds activation memory (an example longer than the budget gets its own pass). Unset = no token cap.")
     warmup: float = Field(0.05, ge=0, description="Warm-up: share of steps (<1) or a step count (>=1).")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 
-# Before torch (and its OpenMP runtime) loads: wait passively so a busy neighbour core does not
-# stall every parallel region, and never reach for the hub for bundled or local models.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from tunesmith.openmp_env import set_openmp_defaults  # noqa: E402
+
+# Before torch (and its OpenMP runtime) loads: threads spin only briefly when waiting, so a busy
+# neighbour core does not stall every parallel region; never reach for the hub for bundled or local models.
+set_openmp_defaults()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -250,8 +250,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     example_labels = [1 if t.label is not None or t.rejected is not None else int((t.labels[1:] != IGNORE).sum())
                       for t in data.train.tokens]
 
+    per_pass = 1 if task == "dpo" else micro  # a DPO pair alone in its pass: its answers share the prompt's compute
+
     def split(examples: list[int]) -> list[list[int]]:
-        return split_passes(examples, lengths, micro, cfg.train.batch_tokens)
+        return split_passes(examples, lengths, per_pass, cfg.train.batch_tokens)
 
     def step_plan():
         """(epoch, this rank's forward passes, the global step's examples) for every optimizer step."""

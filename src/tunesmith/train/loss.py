@@ -18,10 +18,11 @@ import torch.nn.functional as F
 
 IGNORE = -100
 CHUNK = 128  # label positions per head chunk: 128 x 49k vocab x 4 bytes = 25 MB, under glibc's mmap ceiling
-# The prefix runs as a second forward call, which costs a fixed amount per call (with the merged LoRA layer, building
-# W + sBA for every layer: ~0.3 s on SmolLM2 here, about 65 tokens' worth of compute), so a pass shares its prefix only
-# when that saves at least this many token computations ((rows - 1) x prefix length).
-MIN_SHARED_TOKENS = 128
+# The prefix runs as a second forward call, which costs a fixed amount per call (launches, the key/value copies), so a
+# pass shares its prefix only when that saves at least this many token computations ((rows - 1) x prefix length).
+# It was 128 while every call rebuilt the merged LoRA weights; with them kept, 32 and 128 measure the same on the
+# instruction mix, and 0 and 32 the same on DPO pairs (docs/performance.md).
+MIN_SHARED_TOKENS = 32
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -1,8 +1,8 @@
 """Machine setup for training on CPUs: threads and the memory allocator.
 
-Threads: as many as cores this process may use, with passive OpenMP waiting. With spinning
-waits (the OpenMP default) a busy neighbour on one of two cores made steps 5-8x slower here;
-OMP_WAIT_POLICY must be set before torch loads OpenMP, so the CLI sets it at import time.
+Threads: as many as cores this process may use, waiting with a short spin (tunesmith/openmp_env.py:
+long spinning waits made steps 1.5-8x slower with a busy neighbour core, passive waits cost 10-25 %
+on an idle machine). It must be set before torch loads OpenMP, so the CLI sets it at import time.
 
 Allocator: glibc serves blocks above a (dynamic, at most 32 MB) threshold with fresh mmaps and
 gives freed heap memory back to the OS, so every training step page-faults its activation
