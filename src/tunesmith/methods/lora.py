@@ -46,7 +46,7 @@ def keep_merged(model, keep: bool) -> None:
     """Keep each merged weight between updates (default) or build it on every call (less memory)."""
     for module in model.modules():
         if isinstance(module, MergedLoraLinear):
-            module.keep_merged, module._merged = keep, None
+            module.keeps_merged, module._merged = keep, None
 
 
 class _MergedLoraFunction(torch.autograd.Function):
@@ -77,7 +77,7 @@ class _MergedLoraFunction(torch.autograd.Function):
 class MergedLoraLinear(PeftLoraLinear):
     """peft's LoRA Linear with a one-GEMM forward/backward in the common training case."""
 
-    keep_merged, _merged = True, None  # _merged: (key, W + s B A)
+    keeps_merged, _merged = True, None  # _merged: (key, W + s B A)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self.active_adapters
@@ -92,7 +92,7 @@ class MergedLoraLinear(PeftLoraLinear):
 
     def _kept_merged(self, weight, lora_a, lora_b, scaling) -> torch.Tensor | None:
         """The kept `W + s B A`, rebuilt (a new tensor: backward may still hold the old one) when stale."""
-        if not self.keep_merged or weight.requires_grad:  # W trains too: nothing to keep between updates
+        if not self.keeps_merged or weight.requires_grad:  # W trains too: nothing to keep between updates
             return None
         key = (_generation, scaling, weight.dtype, weight.device,
                *((t.data_ptr(), t._version) for t in (weight, lora_a, lora_b)))
