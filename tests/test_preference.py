@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.train.preference import dpo_losses, sequence_logprobs
+from tunesmith.train.preference import dpo_losses, dpo_sum_loss, sequence_logprobs
 from tunesmith.train.loop import train
 from conftest import write_jsonl
 from test_train import tiny_cfg
@@ -47,6 +47,26 @@ def test_dpo_loss_and_gradients_match_a_plain_implementation(tiny_model_dir):
         g2 = torch.autograd.grad(manual, model.model.layers[0].mlp.up_proj.weight, retain_graph=True)[0]
         assert torch.allclose(loss, manual, atol=1e-5), kind
         assert torch.allclose(g1, g2, atol=1e-5), kind
+
+
+def test_sft_weight_adds_the_chosen_answers_per_token_nll(tiny_model_dir):
+    from types import SimpleNamespace
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 200, (4, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[0, 8:] = -100  # chosen answers of 3 and 7 tokens
+    ref = torch.randn(2, 2, dtype=torch.float64)
+    batch = SimpleNamespace(input_ids=ids, labels=labels)
+    cfg = SimpleNamespace(beta=0.2, loss="sigmoid", label_smoothing=0.0, sft_weight=0.7)
+    plain = plain_logprobs(model, ids, labels)
+    dpo = dpo_losses(plain[:2], plain[2:], ref[:, 0].float(), ref[:, 1].float(), 0.2).sum()
+    nll_per_token = -plain[:2] / torch.tensor([3.0, 7.0])
+    assert torch.allclose(dpo_sum_loss(model, batch, ref, cfg), dpo + 0.7 * nll_per_token.sum(), atol=1e-5)
+    assert torch.allclose(dpo_sum_loss(model, batch, ref, SimpleNamespace(**{**vars(cfg), "sft_weight": 0.0})), dpo, atol=1e-5)
 
 
 @pytest.fixture

@@ -111,6 +111,7 @@ class DpoConfig(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer).")
     loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="`sigmoid` (DPO), `ipo`, or `hinge`.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels (conservative DPO).")
+    sft_weight: float = Field(0.0, ge=0, description="Adds this weight x the chosen answer's mean per-token negative log-likelihood to each pair's loss (RPO, TRL's `rpo_alpha`): keeps the chosen answers likely while DPO separates the pair. 0 = plain DPO; e.g. 1.0.")
 
 
 class DistillConfig(Section):

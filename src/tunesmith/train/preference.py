@@ -10,6 +10,9 @@ memory and gives exactly what an on-the-fly frozen reference would.
     sigmoid (DPO):  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)     (eps = label smoothing)
     ipo:            (h - 1 / (2 beta))^2
     hinge:          max(0, 1 - beta h)
+
+`dpo.sft_weight` w > 0 adds w x the chosen answer's mean per-token negative log-likelihood to each pair's
+loss (RPO; TRL's `rpo_alpha`): DPO alone lowers both answers' likelihoods, the term keeps the chosen one up.
 """
 from __future__ import annotations
 
@@ -63,7 +66,11 @@ def dpo_sum_loss(model, batch, ref: torch.Tensor, cfg) -> torch.Tensor:
     """Summed loss over the batch's pairs (normalise by the step's pair count outside); `ref` rows match the batch."""
     pol_c, pol_r = pair_logprobs(model, batch)
     ref = ref.to(pol_c.device, pol_c.dtype)
-    return dpo_losses(pol_c, pol_r, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing).sum()
+    loss = dpo_losses(pol_c, pol_r, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
+    if cfg.sft_weight:
+        chosen_tokens = (batch.labels[:len(pol_c)] != -100).sum(1).clamp(min=1)
+        loss = loss - cfg.sft_weight * pol_c / chosen_tokens
+    return loss.sum()
 
 
 @torch.no_grad()
