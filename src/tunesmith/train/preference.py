@@ -49,8 +49,9 @@ def dpo_losses(pol_c, pol_r, ref_c, ref_r, beta: float, kind: str = "sigmoid", l
 
 
 @torch.no_grad()
-def reference_logprobs(model, pairs: list[Tokenized], pad_id: int, batch_size: int = 8) -> torch.Tensor:
-    """(n, 2): log-probs of (chosen, rejected) for every pair under the model as it is now."""
+def reference_logprobs(model, pairs: list[Tokenized], pad_id: int, batch_size: int = 1) -> torch.Tensor:
+    """(n, 2): log-probs of (chosen, rejected) for every pair under the model as it is now. One pair per pass
+    by default, as in training: its two answers share the prompt's computation and nothing is padded."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
