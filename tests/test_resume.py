@@ -240,6 +240,9 @@ def test_plan_and_the_preflight_memory_check(tmp_path, tiny_model_dir, instructi
     assert main(["plan", *args]) == 0
     out = capsys.readouterr().out
     assert "activations" in out and "fits" in out and "time estimate" in out
+    assert "max_minutes" not in out
+    assert main(["plan", *args, "train.max_steps=null", "train.epochs=1000", "train.max_minutes=0.01"]) == 0
+    assert "train.max_minutes stops it after ~1 s" in capsys.readouterr().out
     monkeypatch.setattr(plan, "available_memory", lambda: 0.1 * plan.GiB)
     assert main(["plan", *args]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out

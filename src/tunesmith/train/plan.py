@@ -41,6 +41,7 @@ class Plan:
     flops_per_token: float
     matmul_gflops: float
     seconds: float
+    budget_seconds: float | None = None  # train.max_minutes
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -59,6 +60,9 @@ class Plan:
         if self.matmul_gflops:
             lines.append(f"time estimate: {self.tokens:,} tokens x {self.flops_per_token / 1e9:.2f} GFLOP/token at "
                          f"{STEP_EFFICIENCY:.0%} of {self.matmul_gflops:.0f} GFLOP/s measured -> {_duration(self.seconds)}")
+            if self.budget_seconds and self.seconds > self.budget_seconds:
+                lines.append(f"  train.max_minutes stops it after {_duration(self.budget_seconds)}: "
+                             f"~{self.budget_seconds / self.seconds:.0%} of those tokens")
         if not self.fits:
             lines.append("to make it fit: " + "; ".join(self.suggestions))
         return "\n".join(lines)
@@ -127,7 +131,8 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
     tokens = int(total_steps * examples_per_step * mean_len)
     fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full")
     seconds = tokens * fpt / (matmul_gflops * 1e9 * STEP_EFFICIENCY) if matmul_gflops else 0.0
-    plan = Plan(parts, available_memory(), tokens, fpt, matmul_gflops or 0.0, seconds)
+    budget_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
+    plan = Plan(parts, available_memory(), tokens, fpt, matmul_gflops or 0.0, seconds, budget_seconds)
     plan.suggestions = _suggestions(cfg, pass_tokens)
     return plan
 
