@@ -19,16 +19,22 @@ def plain_logprobs(model, ids, labels):
     return (logp * (tgt != -100)).sum(-1)
 
 
-def test_dpo_loss_and_gradients_match_a_plain_implementation(tiny_model_dir):
+def tiny_model_and_pairs(tiny_model_dir, seed: int, short_row: int, short_end: int):
+    """A tiny model and 2 random pairs (chosen rows 0-1, rejected rows 2-3): prompt = the first 5 tokens,
+    row `short_row` ends its answer at `short_end`; random reference log-probs."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ids = torch.randint(3, 200, (4, 12))
     labels = ids.clone()
     labels[:, :5] = -100
-    labels[1, 9:] = -100
-    ref = torch.randn(2, 2, dtype=torch.float64)
+    labels[short_row, short_end:] = -100
+    return model, ids, labels, torch.randn(2, 2, dtype=torch.float64)
+
+
+def test_dpo_loss_and_gradients_match_a_plain_implementation(tiny_model_dir):
+    model, ids, labels, ref = tiny_model_and_pairs(tiny_model_dir, seed=0, short_row=1, short_end=9)
     beta = 0.3
     ours = sequence_logprobs(model, ids, labels)
     plain = plain_logprobs(model, ids, labels)
@@ -51,15 +57,8 @@ def test_dpo_loss_and_gradients_match_a_plain_implementation(tiny_model_dir):
 
 def test_sft_weight_adds_the_chosen_answers_per_token_nll(tiny_model_dir):
     from types import SimpleNamespace
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(1)
-    ids = torch.randint(3, 200, (4, 12))
-    labels = ids.clone()
-    labels[:, :5] = -100
-    labels[0, 8:] = -100  # chosen answers of 3 and 7 tokens
-    ref = torch.randn(2, 2, dtype=torch.float64)
+    model, ids, labels, ref = tiny_model_and_pairs(tiny_model_dir, seed=1, short_row=0, short_end=8)  # chosen: 3 and 7 tokens
     batch = SimpleNamespace(input_ids=ids, labels=labels)
     cfg = SimpleNamespace(beta=0.2, loss="sigmoid", label_smoothing=0.0, sft_weight=0.7)
     plain = plain_logprobs(model, ids, labels)
