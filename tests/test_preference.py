@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.train.preference import dpo_losses, dpo_sum_loss, sequence_logprobs
+from tunesmith.evaluate.evaluation import _paired_counts, evaluate_run
 from tunesmith.train.loop import train
 from conftest import write_jsonl
 from test_train import tiny_cfg
@@ -84,6 +85,15 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path, tiny_model_dir, pairs_
     assert s["before"]["eval_reward_accuracy"] == 0.5 and s["before"]["eval_reward_margin"] == 0  # policy == reference
     assert s["after"]["eval_reward_accuracy"] > 0.9 and s["after"]["eval_reward_margin"] > 0
     assert s["after"]["eval_logp_accuracy"] >= s["before"]["eval_logp_accuracy"]
+    # `tunesmith eval` of the run on the same held-out pairs: base and tuned scored side by side give the
+    # numbers training logged before and after (the base is the DPO reference)
+    ev = evaluate_run(res.run_dir, n=10_000, log=lambda *_: None)
+    base, tuned = ev["metrics"]["base"], ev["metrics"]["tuned"]
+    for k in ("eval_reward_accuracy", "eval_reward_margin", "eval_loss", "eval_logp_accuracy", "eval_seq_logp_accuracy"):
+        assert tuned[k] == pytest.approx(s["after"][k], rel=5e-3, abs=1e-3), k  # merged weights: ~1e-3 apart
+    assert base["eval_logp_accuracy"] == pytest.approx(s["before"]["eval_logp_accuracy"])
+    for k, counts in ev["against_base"].items():
+        assert counts["won"] - counts["lost"] == round((tuned[k] - base[k]) * tuned["eval_pairs"]), k
 
 
 def test_dpo_after_sft_starts_from_the_tuned_run(tmp_path, tiny_model_dir, instruction_file, pairs_file):
@@ -103,3 +113,13 @@ def test_dpo_step_loss_is_the_mean_over_pairs(tmp_path, tiny_model_dir, pairs_fi
     first = json.loads((tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()[1])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-3), first
     assert s["task"] == "dpo"
+
+
+def test_sign_test_p_values_by_hand():
+    both = torch.tensor([True, False])
+    assert _paired_counts(both, both) == {"won": 0, "lost": 0, "p_value": 1.0}
+    base, tuned = torch.zeros(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool)
+    assert _paired_counts(base, tuned) == {"won": 8, "lost": 0, "p_value": round(2 / 2 ** 8, 4)}
+    tuned[:2] = False  # 6 won, 0 lost; then one pair only the base gets right: 6 / 1, p = 2 * (1 + 7) / 128
+    base[0] = True
+    assert _paired_counts(base, tuned) == {"won": 6, "lost": 1, "p_value": 0.125}

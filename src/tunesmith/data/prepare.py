@@ -100,7 +100,7 @@ def tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_leng
     return Split([examples[i] for i in keep], [rendered[i] for i in keep], [toks[i] for i in keep])
 
 
-def _tokenize_pairs(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter) -> Split:
+def tokenize_pairs(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter) -> Split:
     """Each pair as two conversations (prompt + chosen, prompt + rejected), trained on the response only;
     a pair is kept when both sides fit (or are truncated with a response token left)."""
     def as_sft(ex: Example, response: str) -> Example:
@@ -164,8 +164,8 @@ def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool)
         val = Split(*tokenize_classification(val_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", val_counts))
         counts["label_counts"] = {"train": _label_counts(train, labels), "val": _label_counts(val, labels)}
     elif fmt == "preference":
-        train = _tokenize_pairs(train_ex, cfg, tokenizer, max_length, train_counts)
-        val = _tokenize_pairs(val_ex, cfg, tokenizer, max_length, val_counts)
+        train = tokenize_pairs(train_ex, cfg, tokenizer, max_length, train_counts)
+        val = tokenize_pairs(val_ex, cfg, tokenizer, max_length, val_counts)
     else:
         train = tokenize_split(train_ex, cfg, tokenizer, max_length, train_counts)
         val = tokenize_split(val_ex, cfg, tokenizer, max_length, val_counts)

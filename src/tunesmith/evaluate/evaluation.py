@@ -4,11 +4,14 @@ scored against the dataset's references -- never against another model's outputs
 Generative tasks: greedy, batched, KV-cached generation; ROUGE-1/2/L/Lsum, BLEU, chrF, METEOR,
 exact match, the share of outputs that end on their own, generation tokens/s; a side-by-side
 table with per-example ROUGE-L; the forgetting check against the base. Classification:
-accuracy, macro precision/recall/F1 and the majority-class baseline. Writes evaluation.json and
-rewrites report.html in the run directory.
+accuracy, macro precision/recall/F1 and the majority-class baseline. Preference pairs (prompt /
+chosen / rejected, what a DPO run trains on): each model's preference accuracies, its DPO rewards
+against the base, and how many pairs the tuned model gets right that the base got wrong and the
+reverse (with an exact sign-test p-value). Writes evaluation.json and rewrites report.html in the run directory.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +21,7 @@ import torch
 from tunesmith.config import load_config
 from tunesmith.data import prepare
 from tunesmith.data.classify import tokenize_classification
-from tunesmith.data.prepare import load_examples
+from tunesmith.data.prepare import load_examples, tokenize_pairs
 from tunesmith.data.render import render
 from tunesmith.data.shapes import user_text
 from tunesmith.errors import TunesmithError
@@ -29,6 +32,7 @@ from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
 from tunesmith.models import load_model, merge_adapter, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from tunesmith.train.preference import preference_scores, reference_logprobs
 from tunesmith.train.rundir import write_json_atomic
 
 
@@ -50,7 +54,9 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     if not examples:
         raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
     log(f"evaluating {', '.join(models)} on {len(examples)} examples from {data_path or 'the run validation split'}")
-    if examples[0].label is not None:
+    if examples[0].rejected is not None:
+        result = _preference(models, examples, tokenizer, cfg, dtype, device, log)
+    elif examples[0].label is not None:
         result = _classification(models, examples, tokenizer, cfg, dtype, device, log)
     else:
         sampling = Sampling(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, num_beams=num_beams or cfg.eval.num_beams)
@@ -116,3 +122,40 @@ def _classification(models: dict, examples, tokenizer, cfg, dtype, device, log) 
     f1_majority = (2 * majority / (1 + majority)) / len(counts)
     metrics["majority class"] = {"eval_accuracy": round(majority, 5), "eval_f1": round(f1_majority, 5)}
     return {"task": "classification", "metrics": metrics}
+
+
+def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
+    pairs = tokenize_pairs(examples, cfg.data, tokenizer, cfg.data.max_length, Counter()).tokens
+    logps = {}
+    for name, path in models.items():
+        model = _load(path, dtype, device)
+        logps[name] = reference_logprobs(model, pairs, tokenizer.pad_token_id)
+        del model
+    base = logps.get("base")
+    metrics = {name: preference_scores(lp, pairs, cfg.dpo, None if name == "base" else base) for name, lp in logps.items()}
+    for name, m in metrics.items():
+        log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
+    result = {"task": "dpo", "metrics": metrics}
+    if base is not None:
+        result["against_base"] = {k: _paired_counts(_right(base, pairs, per_token), _right(logps["tuned"], pairs, per_token))
+                                  for k, per_token in (("eval_seq_logp_accuracy", False), ("eval_logp_accuracy", True))}
+        log("tuned against base, pairs won / lost: " + ", ".join(
+            f"{k} {v['won']} / {v['lost']} (sign test p = {v['p_value']})" for k, v in result["against_base"].items()))
+    return result
+
+
+def _right(logp: torch.Tensor, pairs, per_token: bool) -> torch.Tensor:
+    """Per pair: does the model give the chosen answer the higher log-prob (in total, or per token)?"""
+    if per_token:
+        lengths = torch.tensor([[float((t.labels != -100).sum()), float((t.rejected.labels != -100).sum())] for t in pairs])
+        logp = logp / lengths.clamp(min=1)
+    return logp[:, 0] > logp[:, 1]
+
+
+def _paired_counts(base_right: torch.Tensor, tuned_right: torch.Tensor) -> dict:
+    """Pairs only the tuned model gets right (won) and only the base gets right (lost), with the exact two-sided
+    sign-test p-value of that split (McNemar's exact test): the pairs both get right or wrong say nothing."""
+    won, lost = int((tuned_right & ~base_right).sum()), int((base_right & ~tuned_right).sum())
+    n, k = won + lost, min(won, lost)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"won": won, "lost": lost, "p_value": round(p, 4)}

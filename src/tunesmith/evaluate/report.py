@@ -81,11 +81,11 @@ def _metrics_table(summary: dict, evaluation: dict | None) -> str:
     rows = []
     before, after = summary.get("before") or {}, summary.get("after") or {}
     for k in after:
-        if k in before and isinstance(after[k], (int, float)) and not k.endswith(("_tokens", "_examples")):
+        if k in before and isinstance(after[k], (int, float)) and not k.endswith(("_tokens", "_examples", "_pairs")):
             rows.append((f"held-out {k.removeprefix('eval_')}", before[k], after[k], k in LOWER_IS_BETTER))
     gen = (evaluation or {}).get("metrics") or {}
     for k, v in (gen.get("tuned") or {}).items():
-        if k in (gen.get("base") or {}):
+        if k in (gen.get("base") or {}) and not k.endswith("_pairs"):
             rows.append((f"{k} ({evaluation.get('examples', '?')} examples)", gen["base"][k], v, False))
     out = ["<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>"]
     for name, b, t, lower in rows:
@@ -188,6 +188,9 @@ def _metrics_plot(summary: dict, evaluation: dict | None, path: Path) -> Path | 
     for k in ("eval_accuracy", "eval_f1", "eval_token_accuracy"):
         if k in after and k in before:
             pairs[k.removeprefix("eval_")] = (100 * before[k], 100 * after[k])
+    for k in ("eval_seq_logp_accuracy", "eval_logp_accuracy"):  # preference pairs (`tunesmith eval` of a DPO run)
+        if k in gen.get("tuned", {}) and k in gen.get("base", {}):
+            pairs[k.removeprefix("eval_")] = (100 * gen["base"][k], 100 * gen["tuned"][k])
     if not pairs:
         return None
     plt = _pyplot()

@@ -76,21 +76,29 @@ def dpo_sum_loss(model, batch, ref: torch.Tensor, cfg) -> torch.Tensor:
 
 @torch.no_grad()
 def preference_metrics(model, pairs: list[Tokenized], ref: torch.Tensor, pad_id: int, cfg) -> dict:
-    """Held-out DPO loss, rewards, reward margin and accuracy (margin > 0, ties count half), plus two preference
-    accuracies of the policy on its own, comparable with the base model's: the chosen answer has the higher
-    log-prob (`eval_seq_logp_accuracy`, the sequence likelihood DPO's reward is built on) or the higher log-prob
-    per token (`eval_logp_accuracy`, blind to answer length)."""
+    """Held-out DPO loss, rewards, reward margin and accuracy of `model` against the reference log-probs `ref`,
+    plus its two accuracies on its own (see `preference_scores`)."""
     if not pairs:
         return {}
-    now = reference_logprobs(model, pairs, pad_id)
+    return preference_scores(reference_logprobs(model, pairs, pad_id), pairs, cfg, ref)
+
+
+def preference_scores(now: torch.Tensor, pairs: list[Tokenized], cfg, ref: torch.Tensor | None = None) -> dict:
+    """From (n, 2) log-probs of (chosen, rejected): two preference accuracies of the model on its own, comparable
+    between the base and a tuned model -- the chosen answer has the higher log-prob (`eval_seq_logp_accuracy`, the
+    sequence likelihood DPO's reward is built on) or the higher log-prob per token (`eval_logp_accuracy`, blind
+    to answer length). With the reference log-probs `ref`: the DPO loss, rewards, reward margin and reward accuracy
+    (margin > 0, ties count half)."""
     chosen_len = torch.tensor([float((t.labels != -100).sum()) for t in pairs])
     rejected_len = torch.tensor([float((t.rejected.labels != -100).sum()) for t in pairs])
-    rc, rr = cfg.beta * (now[:, 0] - ref[:, 0]), cfg.beta * (now[:, 1] - ref[:, 1])
-    margin = rc - rr
-    loss = dpo_losses(now[:, 0], now[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
     logp_pref = now[:, 0] / chosen_len.clamp(min=1) - now[:, 1] / rejected_len.clamp(min=1)
-    return {"eval_loss": round(float(loss.mean()), 5), "eval_reward_chosen": round(float(rc.mean()), 5),
-            "eval_reward_rejected": round(float(rr.mean()), 5), "eval_reward_margin": round(float(margin.mean()), 5),
-            "eval_reward_accuracy": round(float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()), 5),
-            "eval_logp_accuracy": round(float((logp_pref > 0).double().mean()), 5),
+    out = {}
+    if ref is not None:
+        rc, rr = cfg.beta * (now[:, 0] - ref[:, 0]), cfg.beta * (now[:, 1] - ref[:, 1])
+        margin = rc - rr
+        loss = dpo_losses(now[:, 0], now[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
+        out = {"eval_loss": round(float(loss.mean()), 5), "eval_reward_chosen": round(float(rc.mean()), 5),
+               "eval_reward_rejected": round(float(rr.mean()), 5), "eval_reward_margin": round(float(margin.mean()), 5),
+               "eval_reward_accuracy": round(float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()), 5)}
+    return {**out, "eval_logp_accuracy": round(float((logp_pref > 0).double().mean()), 5),
             "eval_seq_logp_accuracy": round(float((now[:, 0] > now[:, 1]).double().mean()), 5), "eval_pairs": len(pairs)}
