@@ -32,7 +32,7 @@ from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
 from tunesmith.models import load_model, merge_adapter, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
-from tunesmith.train.preference import preference_scores, reference_logprobs
+from tunesmith.train.preference import preference_scores, prefers_chosen, reference_logprobs
 from tunesmith.train.rundir import write_json_atomic
 
 
@@ -137,19 +137,12 @@ def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> d
         log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
     result = {"task": "dpo", "metrics": metrics}
     if base is not None:
-        result["against_base"] = {k: _paired_counts(_right(base, pairs, per_token), _right(logps["tuned"], pairs, per_token))
+        tuned = logps["tuned"]
+        result["against_base"] = {k: _paired_counts(prefers_chosen(base, pairs, per_token), prefers_chosen(tuned, pairs, per_token))
                                   for k, per_token in (("eval_seq_logp_accuracy", False), ("eval_logp_accuracy", True))}
         log("tuned against base, pairs won / lost: " + ", ".join(
             f"{k} {v['won']} / {v['lost']} (sign test p = {v['p_value']})" for k, v in result["against_base"].items()))
     return result
-
-
-def _right(logp: torch.Tensor, pairs, per_token: bool) -> torch.Tensor:
-    """Per pair: does the model give the chosen answer the higher log-prob (in total, or per token)?"""
-    if per_token:
-        lengths = torch.tensor([[float((t.labels != -100).sum()), float((t.rejected.labels != -100).sum())] for t in pairs])
-        logp = logp / lengths.clamp(min=1)
-    return logp[:, 0] > logp[:, 1]
 
 
 def _paired_counts(base_right: torch.Tensor, tuned_right: torch.Tensor) -> dict:

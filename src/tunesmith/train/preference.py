@@ -89,9 +89,6 @@ def preference_scores(now: torch.Tensor, pairs: list[Tokenized], cfg, ref: torch
     sequence likelihood DPO's reward is built on) or the higher log-prob per token (`eval_logp_accuracy`, blind
     to answer length). With the reference log-probs `ref`: the DPO loss, rewards, reward margin and reward accuracy
     (margin > 0, ties count half)."""
-    chosen_len = torch.tensor([float((t.labels != -100).sum()) for t in pairs])
-    rejected_len = torch.tensor([float((t.rejected.labels != -100).sum()) for t in pairs])
-    logp_pref = now[:, 0] / chosen_len.clamp(min=1) - now[:, 1] / rejected_len.clamp(min=1)
     out = {}
     if ref is not None:
         rc, rr = cfg.beta * (now[:, 0] - ref[:, 0]), cfg.beta * (now[:, 1] - ref[:, 1])
@@ -100,5 +97,15 @@ def preference_scores(now: torch.Tensor, pairs: list[Tokenized], cfg, ref: torch
         out = {"eval_loss": round(float(loss.mean()), 5), "eval_reward_chosen": round(float(rc.mean()), 5),
                "eval_reward_rejected": round(float(rr.mean()), 5), "eval_reward_margin": round(float(margin.mean()), 5),
                "eval_reward_accuracy": round(float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()), 5)}
-    return {**out, "eval_logp_accuracy": round(float((logp_pref > 0).double().mean()), 5),
-            "eval_seq_logp_accuracy": round(float((now[:, 0] > now[:, 1]).double().mean()), 5), "eval_pairs": len(pairs)}
+    return {**out, "eval_logp_accuracy": round(float(prefers_chosen(now, pairs, True).double().mean()), 5),
+            "eval_seq_logp_accuracy": round(float(prefers_chosen(now, pairs, False).double().mean()), 5), "eval_pairs": len(pairs)}
+
+
+def prefers_chosen(logp: torch.Tensor, pairs: list[Tokenized], per_token: bool) -> torch.Tensor:
+    """Per pair, from (n, 2) log-probs of (chosen, rejected): does the chosen answer have the higher log-prob, in
+    total or per token (blind to answer length)?"""
+    if per_token:
+        lengths = torch.tensor([[float((t.labels != -100).sum()), float((t.rejected.labels != -100).sum())] for t in pairs],
+                               dtype=logp.dtype)
+        logp = logp / lengths.clamp(min=1)
+    return logp[:, 0] > logp[:, 1]
