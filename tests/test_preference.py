@@ -89,6 +89,7 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path, tiny_model_dir, pairs_
     # numbers training logged before and after (the base is the DPO reference)
     ev = evaluate_run(res.run_dir, n=10_000, log=lambda *_: None)
     base, tuned = ev["metrics"]["base"], ev["metrics"]["tuned"]
+    assert ev["examples"] == tuned["eval_pairs"] == s["after"]["eval_pairs"]
     for k in ("eval_reward_accuracy", "eval_reward_margin", "eval_loss", "eval_logp_accuracy", "eval_seq_logp_accuracy"):
         assert tuned[k] == pytest.approx(s["after"][k], rel=5e-3, abs=1e-3), k  # merged weights: ~1e-3 apart
     assert base["eval_logp_accuracy"] == pytest.approx(s["before"]["eval_logp_accuracy"])

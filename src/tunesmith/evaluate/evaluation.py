@@ -61,7 +61,7 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     else:
         sampling = Sampling(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, num_beams=num_beams or cfg.eval.num_beams)
         result = _generation(models, examples, tokenizer, cfg, dtype, device, show, sampling, log)
-    result.update({"data": data_path or "validation split", "examples": len(examples)})
+    result = {"data": data_path or "validation split", "examples": len(examples), **result}
     write_json_atomic(run_dir / "evaluation.json", result)
     write_report(run_dir)
     return result
@@ -135,7 +135,7 @@ def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> d
     metrics = {name: preference_scores(lp, pairs, cfg.dpo, None if name == "base" else base) for name, lp in logps.items()}
     for name, m in metrics.items():
         log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
-    result = {"task": "dpo", "metrics": metrics}
+    result = {"task": "dpo", "metrics": metrics, "examples": len(pairs)}  # the pairs that fit data.max_length
     if base is not None:
         tuned = logps["tuned"]
         result["against_base"] = {k: _paired_counts(prefers_chosen(base, pairs, per_token), prefers_chosen(tuned, pairs, per_token))
