@@ -7,11 +7,11 @@ table with per-example ROUGE-L; the forgetting check against the base. Classific
 accuracy, macro precision/recall/F1 and the majority-class baseline. Preference pairs (prompt /
 chosen / rejected, what a DPO run trains on): each model's preference accuracies, its DPO rewards
 against the base, and how many pairs the tuned model gets right that the base got wrong and the
-reverse (with an exact sign-test p-value). Writes evaluation.json and rewrites report.html in the run directory.
+reverse (with an exact sign-test p-value). Writes evaluation.json and rewrites report.html in the
+run directory.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -148,7 +148,8 @@ def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> d
 def _paired_counts(base_right: torch.Tensor, tuned_right: torch.Tensor) -> dict:
     """Pairs only the tuned model gets right (won) and only the base gets right (lost), with the exact two-sided
     sign-test p-value of that split (McNemar's exact test): the pairs both get right or wrong say nothing."""
+    from scipy.stats import binomtest  # scipy comes with scikit-learn
+
     won, lost = int((tuned_right & ~base_right).sum()), int((base_right & ~tuned_right).sum())
-    n, k = won + lost, min(won, lost)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    p = binomtest(won, won + lost).pvalue if won + lost else 1.0
     return {"won": won, "lost": lost, "p_value": round(p, 4)}
