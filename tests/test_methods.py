@@ -114,3 +114,24 @@ def test_before_training_metrics_are_the_base_models_for_every_method(tmp_path, 
         befores[name] = train(cfg).summary["before"]["eval_loss"]
     assert befores["prompt-tuning"] == pytest.approx(befores["lora"], abs=1e-4)
     assert befores["prefix-tuning"] == pytest.approx(befores["lora"], abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["full", "lora", "qlora"])
+def test_frozen_first_blocks_train_nothing_and_backward_stops_above_them(wide_tiny_model_dir, name):
+    _, _, model = build(name, wide_tiny_model_dir, freeze_layers=1)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if ".layers.0." in n], trainable
+    assert [n for n in trainable if ".layers.1." in n], trainable
+    blocks = model.get_base_model().model.layers if name != "full" else model.model.layers
+    seen = {}
+    blocks[0].register_forward_hook(lambda mod, inp, out: seen.update(first=(out[0] if isinstance(out, tuple) else out).requires_grad))
+    model.train()(input_ids=torch.tensor([[1, 5, 9, 20]]), labels=torch.tensor([[1, 5, 9, 20]])).loss.backward()
+    assert seen == {"first": False}  # no graph below the first trained block: backward skips it
+
+
+def test_freeze_layers_errors_name_the_key(wide_tiny_model_dir):
+    with pytest.raises(TunesmithError, match="freeze_layers=2 leaves no block for LoRA: this model has 2 blocks"):
+        build("lora", wide_tiny_model_dir, freeze_layers=2)
+    from tunesmith.config import check_combinations, load_config
+    with pytest.raises(TunesmithError, match="method.freeze_layers is not built for method.name=ia3"):
+        check_combinations(load_config(None, ["method.name=ia3", "method.freeze_layers=1"]))

@@ -67,7 +67,7 @@ class MethodConfig(Section):
     adapter_size: int = Field(64, ge=1, description="`adapters`: bottleneck width.")
     adapter_style: Literal["pfeiffer", "houlsby"] = Field("pfeiffer", description="`adapters`: after the feed-forward block only (pfeiffer), or after attention and feed-forward (houlsby).")
     freeze_embeddings: bool = Field(True, description="`full` only: keep the (tied) embeddings frozen.")
-    freeze_layers: int = Field(0, ge=0, description="`full` only: freeze the first N transformer blocks.")
+    freeze_layers: int = Field(0, ge=0, description="`full` and the LoRA family: the first N transformer blocks stay frozen (full fine-tuning trains none of their weights, LoRA puts no adapters there), so backward stops above them: less compute per token and less drift from the base.")
 
 
 class TrainConfig(Section):
@@ -214,6 +214,7 @@ WHY_NOT = {"prompt-tuning": "virtual tokens in front of an encoder's [CLS] posit
            "qlora": "bitsandbytes' CPU 4-bit backward fails on BERT-style encoders here (in-place op on a view of a leaf)",
            "lora-int8": "not verified with a classification head yet"}
 FSDP_METHODS = ("full", "lora", "ia3", "adapters", "bitfit")
+FREEZE_LAYER_METHODS = ("full", "lora", "qlora", "lora-int8")
 SELECTABLE_METRICS = {"causal": ("eval_loss", "eval_ppl", "eval_token_accuracy"),
                       "classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall"),
                       "dpo": ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy", "eval_seq_logp_accuracy")}
@@ -236,6 +237,9 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
         raise TunesmithError(f"train.distributed=fsdp does not support method.name={cfg.method.name} "
                              f"(quantized and virtual-token weights cannot be sharded as DTensors); use one of "
                              f"{', '.join(FSDP_METHODS)}, or train.distributed=ddp")
+    if cfg.method.freeze_layers and cfg.method.name not in FREEZE_LAYER_METHODS:
+        raise TunesmithError(f"method.freeze_layers is not built for method.name={cfg.method.name}; use one of "
+                             f"{', '.join(FREEZE_LAYER_METHODS)}, or method.freeze_layers=0")
     if cfg.distill.top_k and (cfg.distill.kl == "reverse" or cfg.distill.mode == "sequence" or task == "classification"):
         raise TunesmithError("distill.top_k caches vocabulary logits for forward-KL logit distillation: it does not combine with "
                              "distill.kl=reverse, distill.mode=sequence or classification (whose few class logits are used whole)")

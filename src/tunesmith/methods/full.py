@@ -10,12 +10,12 @@ def apply(model, cfg, task: str = "causal"):
         # with tied embeddings this also freezes the output head (the same tensor)
         model.get_input_embeddings().requires_grad_(False)
     if cfg.freeze_layers:
-        for block in _blocks(model)[: cfg.freeze_layers]:
+        for block in transformer_blocks(model)[: cfg.freeze_layers]:
             block.requires_grad_(False)
     return model
 
 
-def _blocks(model):
+def transformer_blocks(model):
     backbone = getattr(model, model.base_model_prefix, model)
     return list(getattr(backbone, "layers", None) or getattr(getattr(backbone, "encoder", None), "layer", []))
 

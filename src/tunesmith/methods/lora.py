@@ -26,6 +26,9 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tunesmith.errors import TunesmithError
+from tunesmith.methods.full import transformer_blocks
+
 # A high rate for short CPU budgets: with rank 16 on every linear layer the default 60-step docstring
 # run goes from held-out loss 4.05 to 3.26 at 1e-3. Not yet compared systematically against other rates.
 DEFAULT_LR = 1e-3
@@ -105,12 +108,30 @@ class MergedLoraLinear(PeftLoraLinear):
 
 def apply(model, cfg, task: str = "causal", merged: bool = True):
     """`merged=False` keeps peft's own layers (needed on quantized bases, whose layers subclass Linear)."""
-    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules=cfg.target_modules or "all-linear", use_rslora=cfg.rslora,
-                        use_dora=cfg.dora, task_type=peft_task(task))
+    target_modules, layers = adapted_modules(model, cfg)
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target_modules,
+                        layers_to_transform=layers, use_rslora=cfg.rslora, use_dora=cfg.dora, task_type=peft_task(task))
     if merged:
         config._register_custom_module({torch.nn.Linear: MergedLoraLinear})
     return get_peft_model(model, config)
+
+
+def adapted_modules(model, cfg) -> tuple:
+    """LoRA's target_modules and layers_to_transform: every linear layer of every block (`all-linear`) unless
+    `method.freeze_layers` leaves the first N blocks without adapters."""
+    target = cfg.target_modules or "all-linear"
+    if not cfg.freeze_layers:
+        return target, None
+    blocks = transformer_blocks(model)
+    if cfg.freeze_layers >= len(blocks):
+        raise TunesmithError(f"method.freeze_layers={cfg.freeze_layers} leaves no block for LoRA: this model has {len(blocks)} "
+                             f"blocks; use 0 .. {len(blocks) - 1}")
+    if target != "all-linear":
+        return target, list(range(cfg.freeze_layers, len(blocks)))
+    names = {id(m): name for name, m in model.named_modules()}
+    # peft takes no layer list with "all-linear", so name the linear layers of the kept blocks
+    return [f"{names[id(b)]}.{sub}" for b in blocks[cfg.freeze_layers:]
+            for sub, m in b.named_modules() if isinstance(m, torch.nn.Linear)], None
 
 
 def peft_task(task: str) -> str:
