@@ -251,3 +251,19 @@ def test_plan_and_the_preflight_memory_check(tmp_path, tiny_model_dir, instructi
     assert "would not fit in memory" in err and "train.gradient_checkpointing=true" in err and "--force" in err
     assert not (tmp_path / "runs").exists()
     assert main(["train", *args, "--force"]) == 0
+
+
+def test_plan_counts_frozen_first_blocks_as_forward_only():
+    from transformers import LlamaConfig
+
+    from tunesmith.train.plan import flops_per_token
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    for full, mult in ((True, 3), (False, 2)):
+        f = [flops_per_token(cfg, 32, 0.5, full, frozen) for frozen in range(5)]
+        saved = [a - b for a, b in zip(f, f[1:])]
+        assert saved[0] > 0 and all(s == pytest.approx(saved[0]) for s in saved)  # each frozen block saves its backward
+        block_forward = saved[0] / (mult - 1)
+        assert f[0] == pytest.approx(mult * (4 * block_forward + 2 * 64 * 100 * 0.5))
+        assert f[4] == pytest.approx(4 * block_forward + mult * 2 * 64 * 100 * 0.5)

@@ -80,19 +80,21 @@ def activation_bytes_per_token_layer(config, bytes_per_el: int, lora: bool) -> f
     return elements * bytes_per_el * (LORA_ACTIVATION_SCALE if lora else FULL_ACTIVATION_SCALE)
 
 
-def flops_per_token(config, seq_len: float, trained_share: float, full: bool) -> float:
+def flops_per_token(config, seq_len: float, trained_share: float, full: bool, frozen_blocks: int = 0) -> float:
     """Model FLOPs per real token for one training step: matmuls of the blocks (forward 2N, backward 2N for
     input grads, +2N weight grads when training all weights), attention scores, and the vocabulary head on the
-    positions that carry a label (the only ones the loss needs)."""
+    positions that carry a label (the only ones the loss needs). The first `frozen_blocks` blocks
+    (`method.freeze_layers`) only run forward: backward stops above them."""
     d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", heads)
     head_dim = d // heads
-    block = layers * (d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * inter)
-    per_pass = 2 * block + 2 * layers * seq_len * d  # causal attention QK^T and AV, halved for the mask
+    block = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * inter
+    block_forward = 2 * block + 2 * seq_len * d  # causal attention QK^T and AV, halved for the mask
     head = 2 * d * config.vocab_size * trained_share
     mult = 3 if full else 2
-    return mult * (per_pass + head)
+    frozen = min(frozen_blocks, layers)
+    return mult * ((layers - frozen) * block_forward + head) + frozen * block_forward
 
 
 def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, matmul_gflops: float | None = None) -> Plan:
@@ -105,15 +107,15 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
     max_len = train["length_max"]
     budget = cfg.train.batch_tokens or cfg.train.micro_batch_size * max_len
     pass_tokens = min(cfg.train.micro_batch_size * max_len, max(budget, max_len))
-    layers = config.num_hidden_layers
+    trained_layers = config.num_hidden_layers - min(cfg.method.freeze_layers, config.num_hidden_layers)  # frozen ones save no activations
     quantized = cfg.method.name in ("qlora", "lora-int8")
     per_layer = activation_bytes_per_token_layer(config, el, cfg.method.name != "full")
     if quantized:
         per_layer *= QUANTIZED_ACTIVATION_SCALE / LORA_ACTIVATION_SCALE
     if cfg.train.gradient_checkpointing:
-        acts = pass_tokens * (layers * CHECKPOINTED_PER_LAYER * config.hidden_size * el + per_layer)
+        acts = pass_tokens * (trained_layers * CHECKPOINTED_PER_LAYER * config.hidden_size * el + per_layer)
     else:
-        acts = pass_tokens * layers * per_layer
+        acts = pass_tokens * trained_layers * per_layer
     head = min(pass_tokens, HEAD_CHUNK) * config.vocab_size * 4 * 3  # logits, softmax, grad of one chunk
     parts = {
         "process baseline": BASELINE_BYTES,
@@ -129,7 +131,7 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
     examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     mean_len = train["tokens"] / max(1, train["kept"])
     tokens = int(total_steps * examples_per_step * mean_len)
-    fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full")
+    fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full", cfg.method.freeze_layers)
     seconds = tokens * fpt / (matmul_gflops * 1e9 * STEP_EFFICIENCY) if matmul_gflops else 0.0
     budget_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     plan = Plan(parts, available_memory(), tokens, fpt, matmul_gflops or 0.0, seconds, budget_seconds)
