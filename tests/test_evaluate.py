@@ -57,6 +57,14 @@ def test_eval_of_a_classifier(tmp_path, tiny_bert_dir, sentiment_file, capsys):
     ev = json.loads((run / "evaluation.json").read_text())
     assert ev["task"] == "classification" and "eval_f1" in ev["metrics"]["tuned"]
     assert ev["metrics"]["majority class"]["eval_accuracy"] > 0.3
+    # a second evaluation keeps the first: each one is numbered under evaluations/, evaluation.json is the latest
+    assert main(["eval", str(run), "--data", str(sentiment_file), "-n", "20", "--no-base"]) == 0
+    kept = sorted((run / "evaluations").iterdir())
+    stem = f"{sentiment_file.parent.name}-{sentiment_file.stem}"
+    assert [k.name for k in kept] == [f"001-{stem}-40.json", f"002-{stem}-20.json"]
+    assert json.loads(kept[0].read_text()) == ev
+    assert json.loads(kept[1].read_text()) == json.loads((run / "evaluation.json").read_text())
+    assert json.loads(kept[1].read_text())["examples"] == 20
 
 
 def test_batched_generation_keeps_the_prompt_order_and_matches_one_at_a_time(tiny_model_dir):

@@ -7,11 +7,12 @@ table with per-example ROUGE-L; the forgetting check against the base. Classific
 accuracy, macro precision/recall/F1 and the majority-class baseline. Preference pairs (prompt /
 chosen / rejected, what a DPO run trains on): each model's preference accuracies, its DPO rewards
 against the base, and how many pairs the tuned model gets right that the base got wrong and the
-reverse (with an exact sign-test p-value). Writes evaluation.json and rewrites report.html in the
-run directory.
+reverse (with an exact sign-test p-value). Each evaluation is kept in the run directory's
+`evaluations/` (numbered, never overwritten); evaluation.json holds the latest, which report.html shows.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -62,9 +63,22 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
         sampling = Sampling(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, num_beams=num_beams or cfg.eval.num_beams)
         result = _generation(models, examples, tokenizer, cfg, dtype, device, show, sampling, log)
     result = {"data": data_path or "validation split", "examples": len(examples), **result}
+    kept = _next_evaluation_path(run_dir, data_path, len(examples))
+    write_json_atomic(kept, result)  # every evaluation is kept; evaluation.json is the latest, the report's source
     write_json_atomic(run_dir / "evaluation.json", result)
     write_report(run_dir)
+    log(f"saved: {kept} (and as {run_dir / 'evaluation.json'}, the latest)")
     return result
+
+
+def _next_evaluation_path(run_dir: Path, data_path: str | None, n: int) -> Path:
+    """`evaluations/NNN-<data folder>-<file>-<n>.json`, numbered in the order they were made; never an existing file."""
+    folder = run_dir / "evaluations"
+    folder.mkdir(exist_ok=True)
+    data = Path(data_path) if data_path else None
+    what = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data.parent.name}-{data.stem}" if data else "validation").strip("_.")
+    number = 1 + max((int(q.name[:3]) for q in folder.glob("[0-9][0-9][0-9]-*.json")), default=0)
+    return folder / f"{number:03d}-{what}-{n}.json"
 
 
 def _eval_examples(cfg, tokenizer, data_path):
