@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from conftest import write_jsonl
+
 pytestmark = pytest.mark.slow
 
 
@@ -47,3 +49,29 @@ def test_plain_peft_loads_tunesmith_adapter_on_smollm2(tmp_path):
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["tldr", "kjv", "sentiment"])
+def test_task_recipes_train_on_a_users_file_of_the_same_shape(recipe, tmp_path):
+    """Each recipe's header names the fields a user's file needs; a file with only those fields trains and evaluates."""
+    rows = {
+        "tldr": [{"document": f"We study problem {i}. Our method improves results on benchmarks by a margin.",
+                  "summary": f"A method for problem {i}."} for i in range(16)],
+        "kjv": [{"instruction": "Rewrite in old style.", "input": f"You went to city {i}.",
+                 "output": f"Thou wentest unto city {i}."} for i in range(16)],
+        "sentiment": [{"text": f"Thing {i} is {'great' if i % 2 else 'awful'}.", "label": "good" if i % 2 else "bad"}
+                      for i in range(24)],
+    }[recipe]
+    data = write_jsonl(tmp_path / "mine.jsonl", rows)
+    p = run_cli("train", recipe, f"data.path={data}", "data.val_size=4", "train.max_steps=1", "train.max_minutes=null",
+                "eval.max_examples=4", "eval.samples=1", "eval.max_new_tokens=8", "output.name=mine", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "runs" / "mine"
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["steps"] == 1 and summary["task"] == ("classification" if recipe == "sentiment" else "causal")
+    if recipe == "sentiment":  # the head is built for the user's labels, not the recipe's
+        assert "classification into 2 labels: bad" in p.stdout + p.stderr
+    e = run_cli("eval", str(run), "--data", str(data), "-n", "4", "--no-base", "--max-new-tokens", "8", cwd=tmp_path)
+    assert e.returncode == 0, e.stderr[-3000:]
+    metrics = json.loads((run / "evaluation.json").read_text())["metrics"]["tuned"]
+    assert ("eval_accuracy" if recipe == "sentiment" else "rougeL") in metrics

@@ -107,7 +107,8 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
     max_len = train["length_max"]
     budget = cfg.train.batch_tokens or cfg.train.micro_batch_size * max_len
     pass_tokens = min(cfg.train.micro_batch_size * max_len, max(budget, max_len))
-    trained_layers = config.num_hidden_layers - min(cfg.method.freeze_layers, config.num_hidden_layers)  # frozen ones save no activations
+    frozen = min(cfg.method.freeze_layers, config.num_hidden_layers)
+    trained_layers = config.num_hidden_layers - frozen  # frozen blocks save no activations
     quantized = cfg.method.name in ("qlora", "lora-int8")
     per_layer = activation_bytes_per_token_layer(config, el, cfg.method.name != "full")
     if quantized:
@@ -131,7 +132,7 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
     examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     mean_len = train["tokens"] / max(1, train["kept"])
     tokens = int(total_steps * examples_per_step * mean_len)
-    fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full", cfg.method.freeze_layers)
+    fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full", frozen)
     seconds = tokens * fpt / (matmul_gflops * 1e9 * STEP_EFFICIENCY) if matmul_gflops else 0.0
     budget_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     plan = Plan(parts, available_memory(), tokens, fpt, matmul_gflops or 0.0, seconds, budget_seconds)
