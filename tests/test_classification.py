@@ -62,3 +62,30 @@ def test_prompt_tuning_for_classification_is_refused(tmp_path, tiny_bert_dir, se
     with pytest.raises(TunesmithError, match="method.name=prompt-tuning is not supported for task=classification"):
         train(cls_cfg(tmp_path, tiny_bert_dir, sentiment_file, "method.name=prompt-tuning"))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_causal_lm_base_classifies_by_its_last_token(tmp_path, tiny_tokenizer, sentiment_file, method):
+    """A decoder (Llama-style) base gets a head on its last real token. Its config names no pad token (as many
+    base models' do not): training sets the tokenizer's, so a padded batch predicts what one row at a time does."""
+    from conftest import make_tiny_llama
+    model_dir = tmp_path / "tiny-llama-no-pad"
+    base = make_tiny_llama(len(tiny_tokenizer))
+    base.config.pad_token_id = None
+    base.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    cfg = cls_cfg(tmp_path, model_dir, sentiment_file, f"method.name={method}", "train.max_steps=60")
+    cfg.train.lr = 3e-3 if method == "full" else 1e-2
+    res = train(cfg)
+    s = res.summary
+    assert s["task"] == "classification" and s["after"]["eval_accuracy"] > 0.45, s["after"]
+    model = load_model(res.run_dir / "final", torch.float32, torch.device("cpu"))
+    assert type(model).__name__.endswith("ForSequenceClassification") or hasattr(model, "get_base_model")
+    from tunesmith.data import prepare
+    from tunesmith.evaluate.classification import predict
+    val = prepare(cfg.data, tiny_tokenizer).val.tokens[:30]
+    assert len({len(t.input_ids) for t in val}) > 1  # rows of different lengths: the batch is padded
+    batched, _ = predict(model, val, tiny_tokenizer.pad_token_id, batch_size=30)
+    single = [predict(model, [t], tiny_tokenizer.pad_token_id)[0][0] for t in val]
+    assert batched == single
+    assert sum(p == t.label for p, t in zip(batched, val)) / len(val) == pytest.approx(s["after"]["eval_accuracy"], abs=1e-5)

@@ -174,6 +174,9 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.devic
         kw.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
                   ignore_mismatched_sizes=True)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, **kw)
+        if model.config.pad_token_id is None:
+            # a decoder's head reads the last token that is not padding, found by this id (as training pads)
+            model.config.pad_token_id = load_tokenizer(model_dir).pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
     return model if quantization is not None else model.to(device)
