@@ -2,6 +2,7 @@
 against references, the forgetting check, and the HTML report."""
 import json
 
+import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
@@ -65,6 +66,30 @@ def test_eval_of_a_classifier(tmp_path, tiny_bert_dir, sentiment_file, capsys):
     assert json.loads(kept[0].read_text()) == ev
     assert json.loads(kept[1].read_text()) == json.loads((run / "evaluation.json").read_text())
     assert json.loads(kept[1].read_text())["examples"] == 20
+
+
+def test_eval_of_classifiers_keeps_predictions_and_pairs_the_runs(tmp_path, tiny_bert_dir, tiny_model_dir, sentiment_file):
+    """Predicted labels are kept per example; `--runs` adds, per other run (here a decoder beside the encoder),
+    the examples only one of the two gets right and the sign-test p-value of that split."""
+    from scipy.stats import binomtest
+
+    from test_classification import cls_cfg
+
+    enc = train(cls_cfg(tmp_path / "a", tiny_bert_dir, sentiment_file, "method.name=full", "train.lr=1e-3")).run_dir
+    dec = train(cls_cfg(tmp_path / "b", tiny_model_dir, sentiment_file, "method.name=lora", "train.max_steps=5")).run_dir
+    assert main(["eval", str(enc), "--data", str(sentiment_file), "-n", "60", "--no-base", "--runs", str(dec)]) == 0
+    ev = json.loads((enc / "evaluation.json").read_text())
+    gold = ev["references"]
+    assert len(gold) == 60 and set(gold) == {"negative", "neutral", "positive"}
+    for name in ("tuned", dec.name):
+        assert len(ev["outputs"][name]) == 60
+        right = sum(o == g for o, g in zip(ev["outputs"][name], gold))
+        assert right / 60 == pytest.approx(ev["metrics"][name]["eval_accuracy"], abs=1e-5)
+    won = sum(t == g != o for t, o, g in zip(ev["outputs"]["tuned"], ev["outputs"][dec.name], gold))
+    lost = sum(o == g != t for t, o, g in zip(ev["outputs"]["tuned"], ev["outputs"][dec.name], gold))
+    paired = ev["tuned_against"][dec.name]
+    assert (paired["won"], paired["lost"]) == (won, lost) and won + lost > 0
+    assert paired["p_value"] == round(binomtest(won, won + lost).pvalue, 4)
 
 
 def test_batched_generation_keeps_the_prompt_order_and_matches_one_at_a_time(tiny_model_dir):

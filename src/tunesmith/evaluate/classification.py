@@ -32,11 +32,15 @@ def classification_metrics(model, examples: list[Tokenized], pad_id: int) -> dic
     if not examples:
         return {}
     preds, total = predict(model, examples, pad_id)
-    gold = [t.label for t in examples]
+    return scores(preds, [t.label for t in examples], total)
+
+
+def scores(preds: list[int], gold: list[int], total_loss: float) -> dict:
+    """Loss per example, accuracy and macro precision / recall / F1 of predicted against gold class ids."""
     p, r, f, _ = precision_recall_fscore_support(gold, preds, average="macro", zero_division=0)
-    return {"eval_loss": round(total / len(examples), 5), "eval_accuracy": round(sum(a == b for a, b in zip(preds, gold)) / len(gold), 5),
+    return {"eval_loss": round(total_loss / len(gold), 5), "eval_accuracy": round(sum(a == b for a, b in zip(preds, gold)) / len(gold), 5),
             "eval_precision": round(float(p), 5), "eval_recall": round(float(r), 5), "eval_f1": round(float(f), 5),
-            "eval_examples": len(examples)}
+            "eval_examples": len(gold)}
 
 
 def predicted_labels(model, examples: list[Tokenized], pad_id: int, labels: list[str]):

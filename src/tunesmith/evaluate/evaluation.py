@@ -27,7 +27,7 @@ from tunesmith.data.render import render
 from tunesmith.data.shapes import user_text
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
-from tunesmith.evaluate.classification import classification_metrics
+from tunesmith.evaluate.classification import predict, scores
 from tunesmith.evaluate.generate import Sampling, generate
 from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
 from tunesmith.evaluate.report import write_report
@@ -58,7 +58,7 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     if examples[0].rejected is not None:
         result = _preference(models, examples, tokenizer, cfg, dtype, device, log)
     elif examples[0].label is not None:
-        result = _classification(models, examples, tokenizer, cfg, dtype, device, log)
+        result = _classification(models, examples, cfg, dtype, device, log)
     else:
         sampling = Sampling(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, num_beams=num_beams or cfg.eval.num_beams)
         result = _generation(models, examples, tokenizer, cfg, dtype, device, show, sampling, log)
@@ -121,21 +121,32 @@ def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int
             "outputs": {n: [g.text for g in gens] for n, gens in outputs.items()}, "references": references}
 
 
-def _classification(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
-    metrics = {}
+def _classification(models: dict, examples, cfg, dtype, device, log) -> dict:
+    metrics, outputs, right = {}, {}, {}
     for name, path in models.items():
         if name == "base":
             continue  # a fresh head on the base is chance by construction; the majority class is the baseline
         model = _load(path, dtype, device)
+        own_tokenizer = load_tokenizer(path)  # `--runs` may name a run on another base (an encoder beside a decoder)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        _, _, tokens = tokenize_classification(examples, labels, tokenizer, cfg.data.max_length, True, Counter())
-        metrics[name] = classification_metrics(model, tokens, tokenizer.pad_token_id)
+        _, _, tokens = tokenize_classification(examples, labels, own_tokenizer, cfg.data.max_length, True, Counter())
+        preds, total = predict(model, tokens, own_tokenizer.pad_token_id)
+        metrics[name] = scores(preds, [t.label for t in tokens], total)
+        outputs[name] = [labels[p] for p in preds]
+        right[name] = torch.tensor([o == ex.label for o, ex in zip(outputs[name], examples)])
         log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics[name].items()))
+        del model
     counts = Counter(ex.label for ex in examples)
     majority = counts.most_common(1)[0][1] / len(examples)
     f1_majority = (2 * majority / (1 + majority)) / len(counts)
     metrics["majority class"] = {"eval_accuracy": round(majority, 5), "eval_f1": round(f1_majority, 5)}
-    return {"task": "classification", "metrics": metrics}
+    result = {"task": "classification", "metrics": metrics, "outputs": outputs, "references": [ex.label for ex in examples]}
+    others = [name for name in right if name != "tuned"]
+    if others:  # the same examples for every model, so a paired test separates smaller differences than two accuracies
+        result["tuned_against"] = {name: _paired_counts(right[name], right["tuned"]) for name in others}
+        log("tuned against the other runs, examples won / lost: " + ", ".join(
+            f"{k} {v['won']} / {v['lost']} (sign test p = {v['p_value']})" for k, v in result["tuned_against"].items()))
+    return result
 
 
 def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
@@ -160,8 +171,9 @@ def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> d
 
 
 def _paired_counts(base_right: torch.Tensor, tuned_right: torch.Tensor) -> dict:
-    """Pairs only the tuned model gets right (won) and only the base gets right (lost), with the exact two-sided
-    sign-test p-value of that split (McNemar's exact test): the pairs both get right or wrong say nothing."""
+    """Items (pairs, examples) only the tuned model gets right (won) and only the other (the base) gets right (lost),
+    with the exact two-sided sign-test p-value of that split (McNemar's exact test): the items both get right or
+    wrong say nothing."""
     from scipy.stats import binomtest  # scipy comes with scikit-learn
 
     won, lost = int((tuned_right & ~base_right).sum()), int((base_right & ~tuned_right).sum())
