@@ -4,6 +4,7 @@ import json
 
 import pytest
 import sacrebleu
+import torch
 from rouge_score import rouge_scorer
 
 from tunesmith.cli.main import main
@@ -90,6 +91,31 @@ def test_eval_of_classifiers_keeps_predictions_and_pairs_the_runs(tmp_path, tiny
     paired = ev["tuned_against"][dec.name]
     assert (paired["won"], paired["lost"]) == (won, lost) and won + lost > 0
     assert paired["p_value"] == round(binomtest(won, won + lost).pvalue, 4)
+
+
+def test_eval_prompts_each_generation_run_with_its_own_template(tmp_path, tiny_model_dir, instruction_file):
+    """`--runs` beside a chat-template run: a run trained on a text template is prompted with that template."""
+    from tunesmith.data.prepare import load_examples
+    from tunesmith.data.render import render
+    from tunesmith.evaluate.evaluation import _load
+    from tunesmith.evaluate.generate import Sampling, generate
+    from tunesmith.models import load_tokenizer
+
+    chat = train(tiny_cfg(tmp_path / "a", tiny_model_dir, instruction_file, "data.template=chat")).run_dir
+    text = train(tiny_cfg(tmp_path / "b", tiny_model_dir, instruction_file, "data.template=alpaca")).run_dir
+    assert main(["eval", str(chat), "--data", str(instruction_file), "-n", "6", "--no-base", "--runs", str(text),
+                 "--max-new-tokens", "8"]) == 0
+    kept = json.loads((chat / "evaluation.json").read_text())["outputs"][text.name]
+    examples = load_examples(tiny_cfg(tmp_path, tiny_model_dir, instruction_file).data, str(instruction_file))[1]
+    examples = examples[:: len(examples) // 6][:6]
+    model, tok = _load(text / "final", torch.float32, torch.device("cpu")), load_tokenizer(text / "final")
+
+    def outputs(template):
+        prompts = [render(ex, template, tok, False, None).prompt for ex in examples]
+        return [g.text for g in generate(model, tok, prompts, Sampling(max_new_tokens=8), add_special_tokens=template != "chat")]
+
+    assert kept == outputs("alpaca")
+    assert kept != outputs("chat")  # the prompt the first run's template would have given changes the answers
 
 
 def test_batched_generation_keeps_the_prompt_order_and_matches_one_at_a_time(tiny_model_dir):

@@ -93,14 +93,18 @@ def _load(path: Path, dtype, device):
 
 def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int, sampling: Sampling, log) -> dict:
     rendered = [render(ex, cfg.data.template, tokenizer, False, cfg.data.system_prompt) for ex in examples]
-    prompts = [r.prompt for r in rendered]
     references = [ex.references or [r.reference] for ex, r in zip(examples, rendered)]
     outputs, metrics, speed = {}, {}, {}
     base_general = drift = None
     for name, path in models.items():
         model = _load(path, dtype, device)
+        # each `--runs` run is prompted as it was trained: its own template, system prompt and tokenizer
+        own_cfg = cfg if name in ("base", "tuned") else load_config(str(path.parent / "config.yaml"))
+        own_tokenizer = tokenizer if name in ("base", "tuned") else load_tokenizer(path)
+        prompts = [render(ex, own_cfg.data.template, own_tokenizer, False, own_cfg.data.system_prompt).prompt
+                   for ex in examples]
         t0 = time.perf_counter()
-        gens = generate(model, tokenizer, prompts, sampling, add_special_tokens=cfg.data.template != "chat")
+        gens = generate(model, own_tokenizer, prompts, sampling, add_special_tokens=own_cfg.data.template != "chat")
         secs = time.perf_counter() - t0
         outputs[name] = gens
         metrics[name] = {**generation_metrics([g.text for g in gens], references),
