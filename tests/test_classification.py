@@ -44,7 +44,17 @@ def test_select_best_finishes_with_the_best_weights(tmp_path, tiny_bert_dir, sen
     s = train(cfg).summary
     best = max(e["eval_accuracy"] for e in s["evals"])
     assert s["after"]["eval_accuracy"] >= best
+    assert s["best"]["value"] == s["after"]["eval_accuracy"]  # eval.json names the weights the run finished with
     assert (s["run_dir"] and json.loads((tmp_path / "runs" / "t" / "best" / "metrics.json").read_text())["eval_accuracy"] == best)
+
+
+def test_select_best_names_the_last_step_when_its_weights_are_the_best(tmp_path, tiny_bert_dir, sentiment_file):
+    """A small constant rate lowers the held-out loss at every evaluation, so the end weights are kept and named."""
+    cfg = cls_cfg(tmp_path, tiny_bert_dir, sentiment_file, "method.name=full", "train.lr=1e-4", "eval.every_steps=4",
+                  "train.select_best=eval_loss", "train.schedule=constant")
+    s = train(cfg).summary
+    assert s["after"]["eval_loss"] < min(e["eval_loss"] for e in s["evals"])
+    assert s["best"] == {"step": s["steps"], "value": s["after"]["eval_loss"]}
 
 
 def test_unseen_validation_label_is_an_error(tmp_path, tiny_bert_dir, sentiment_file):

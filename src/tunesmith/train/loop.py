@@ -373,6 +373,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         log(f"train.select_best: finishing with step {best['step']}'s weights "
             f"({cfg.train.select_best} {best['value']:.4f}; the last step had {after.get(cfg.train.select_best, float('nan')):.4f})")
         after = evaluate(model)
+    elif best:  # the last step's weights beat every earlier evaluation: they are the best, and the ones kept
+        best = {"step": total_steps, "value": after[cfg.train.select_best]}
     if after:
         record_metrics({"step": total_steps, **after})
     trackers.close()
