@@ -135,3 +135,22 @@ def test_freeze_layers_errors_name_the_key(wide_tiny_model_dir):
     from tunesmith.config import check_combinations, load_config
     with pytest.raises(TunesmithError, match="method.freeze_layers is not built for method.name=ia3"):
         check_combinations(load_config(None, ["method.name=ia3", "method.freeze_layers=1"]))
+
+
+def test_loraplus_trains_the_b_matrices_at_the_ratio(tmp_path, tiny_model_dir, instruction_file):
+    """One AdamW step moves every weight with a gradient by about its rate (the first step is rate x sign of the
+    gradient), and LoRA's B starts at zero: after it the largest |B| is the B matrices' rate."""
+    from safetensors.torch import load_file
+
+    from tunesmith.config import check_combinations, load_config
+
+    def largest_b(*extra):
+        run = train(tiny_cfg(tmp_path / str(len(extra)), tiny_model_dir, instruction_file, "method.name=lora",
+                             "train.max_steps=1", "train.lr=1e-3", *extra)).run_dir
+        weights = load_file(run / "final" / "adapter_model.safetensors")
+        return max(float(w.abs().max()) for k, w in weights.items() if "lora_B" in k)
+
+    assert largest_b() == pytest.approx(1e-3, rel=1e-3)
+    assert largest_b("method.loraplus_lr_ratio=8") == pytest.approx(8e-3, rel=1e-3)
+    with pytest.raises(TunesmithError, match="method.loraplus_lr_ratio sets the rate of LoRA's B matrices"):
+        check_combinations(load_config(None, ["method.name=ia3", "method.loraplus_lr_ratio=4"]))

@@ -58,6 +58,7 @@ class MethodConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout. 0 by default: on CPU the dropout masks cost ~6% of a step for no gain on short runs.")
     target_modules: Union[Literal["all-linear"], list[str], None] = Field(None, description="Modules to adapt (LoRA family, IA3); default: LoRA every linear layer of the blocks (`all-linear`), IA3 peft's per-architecture choice.")
     rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    loraplus_lr_ratio: Optional[float] = Field(None, gt=0, description="LoRA+ (`lora`, `qlora`, `lora-int8`): the B matrices learn at this multiple of `train.lr`, the A matrices at `train.lr` (the LoRA+ paper suggests 16 with a lower `train.lr`). Unset = one rate for both.")
     dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower per step.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="`qlora`: 4-bit data type of the frozen base.")
     double_quant: bool = Field(True, description="`qlora`: also quantize the quantization constants (saves ~0.4 bit/param).")
@@ -215,6 +216,7 @@ WHY_NOT = {"prompt-tuning": "virtual tokens in front of an encoder's [CLS] posit
            "lora-int8": "not verified with a classification head yet"}
 FSDP_METHODS = ("full", "lora", "ia3", "adapters", "bitfit")
 FREEZE_LAYER_METHODS = ("full", "lora", "qlora", "lora-int8")
+LORA_METHODS = ("lora", "qlora", "lora-int8")
 SELECTABLE_METRICS = {"causal": ("eval_loss", "eval_ppl", "eval_token_accuracy"),
                       "classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall"),
                       "dpo": ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy", "eval_seq_logp_accuracy")}
@@ -237,6 +239,9 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
         raise TunesmithError(f"train.distributed=fsdp does not support method.name={cfg.method.name} "
                              f"(quantized and virtual-token weights cannot be sharded as DTensors); use one of "
                              f"{', '.join(FSDP_METHODS)}, or train.distributed=ddp")
+    if cfg.method.loraplus_lr_ratio and (cfg.method.name not in LORA_METHODS or cfg.train.distributed == "deepspeed"):
+        raise TunesmithError(f"method.loraplus_lr_ratio sets the rate of LoRA's B matrices: it needs method.name one of "
+                             f"{', '.join(LORA_METHODS)} (not {cfg.method.name}) and not train.distributed=deepspeed")
     if cfg.method.freeze_layers and cfg.method.name not in FREEZE_LAYER_METHODS:
         raise TunesmithError(f"method.freeze_layers is not built for method.name={cfg.method.name}; use one of "
                              f"{', '.join(FREEZE_LAYER_METHODS)}, or method.freeze_layers=0")

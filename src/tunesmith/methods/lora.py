@@ -116,6 +116,14 @@ def apply(model, cfg, task: str = "causal", merged: bool = True):
     return get_peft_model(model, config)
 
 
+def param_groups(model, ratio: float) -> list[dict]:
+    """LoRA+: the trainable weights in two optimizer groups, the B matrices' rate `ratio` x the rest's. The loop
+    sets each group's rate to its `lr_scale` x the scheduled rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if "lora_B" not in n], "lr_scale": 1.0},
+            {"params": [p for n, p in named if "lora_B" in n], "lr_scale": ratio}]
+
+
 def adapted_modules(model, cfg) -> tuple:
     """LoRA's target_modules and layers_to_transform: every linear layer of every block (`all-linear`) unless
     `method.freeze_layers` leaves the first N blocks without adapters."""

@@ -224,14 +224,16 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             f"re-planned from the measured pace as training runs")
     warmup = warmup_steps(cfg.train.warmup, total_steps)
     peak_lr = cfg.train.lr or method.DEFAULT_LR
-    optimizer = make_optimizer(cfg.train.optimizer, trainable, peak_lr, cfg.train.weight_decay, log)
+    groups = lora.param_groups(model, cfg.method.loraplus_lr_ratio) if cfg.method.loraplus_lr_ratio else trainable
+    optimizer = make_optimizer(cfg.train.optimizer, groups, peak_lr, cfg.train.weight_decay, log)
     engine = None  # DeepSpeed ZeRO: its engine runs backward and the optimizer step (train/zero.py)
     if ddp.zero:
         engine, optimizer = zero.wrap(model, optimizer, cfg.train, ddp.world)
         log(f"DeepSpeed ZeRO stage {cfg.train.zero_stage}: optimizer state"
             + (" and gradients" if cfg.train.zero_stage == 2 else "") + f" partitioned over {ddp.world} processes")
     log(f"plan: {total_steps} steps x {micro * accum} examples ({total_steps / steps_per_epoch:.2f} epochs), "
-        f"peak lr {peak_lr:g}, {cfg.train.schedule} schedule, {warmup} warm-up steps")
+        f"peak lr {peak_lr:g}" + (f" (LoRA B matrices {peak_lr * cfg.method.loraplus_lr_ratio:g})" if cfg.method.loraplus_lr_ratio else "")
+        + f", {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None,
                 "first_step_seconds": 0.0, "planned_steps": total_steps, "global_batch": global_batch}
     if ckpt:
@@ -278,7 +280,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             step += 1
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = peak_lr * lr_at(step, total_steps, warmup, cfg.train.schedule)
+                group["lr"] = group.get("lr_scale", 1.0) * peak_lr * lr_at(step, total_steps, warmup, cfg.train.schedule)
             epoch, passes, step_examples = next(plan)
             batches = [collate([data.train.tokens[i] for i in p], pad_id, device) for p, _ in passes]
             label_tokens = sum(example_labels[i] for i in step_examples)  # normalise by the whole global step's labels
