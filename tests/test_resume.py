@@ -127,6 +127,19 @@ def test_resume_refuses_changed_data_unless_forced(tmp_path, tiny_model_dir, ins
     assert train(cfg, resume=run, force_resume=True).summary["resumed_from"] == 2
 
 
+@pytest.mark.parametrize("before, after", [(None, 4.0), (4.0, None), (4.0, 8.0)])
+def test_resume_refuses_a_changed_loraplus_ratio(tmp_path, tiny_model_dir, instruction_file, before, after):
+    cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, "loraplus", "train.max_steps=4",
+                     f"method.loraplus_lr_ratio={before or 'null'}")
+    run = train(cfg).run_dir
+    import shutil
+    shutil.rmtree(run / "final")
+    changed = cfg.model_copy(update={"method": cfg.method.model_copy(update={"loraplus_lr_ratio": after})})
+    with pytest.raises(TunesmithError, match="loraplus_lr_ratio changed"):
+        train(changed, resume=run)
+    assert train(cfg, resume=run).summary["resumed_from"] == 2
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):
     real, calls = checkpoint.save_file, []
 

@@ -132,8 +132,14 @@ def restore(ckpt: Checkpoint, model, optimizer) -> None:
     if missing or any(n not in params for n in weights):
         raise TunesmithError(f"checkpoint {ckpt.path} does not match this model's trainable parameters "
                              f"(e.g. {(missing or [n for n in weights if n not in params])[0]}); was the method changed?")
-    set_weights(model, weights)
     state = torch.load(ckpt.path / "state.pt", weights_only=False)  # our own file, checksum-verified
+    saved_scales = [g.get("lr_scale", 1.0) for g in state["optimizer"]["param_groups"]]
+    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+    if saved_scales != scales:  # load_state_dict would fail on the count, or keep the old rates without a word
+        raise TunesmithError(f"checkpoint {ckpt.path} was trained with learning-rate scales {saved_scales} per parameter "
+                             f"group, this launch has {scales}; was method.loraplus_lr_ratio changed? Resume with the "
+                             f"run's own setting")
+    set_weights(model, weights)
     load_optimizer_state(optimizer, state["optimizer"])
     rng = state["rng"]
     random.setstate(rng["python"])
