@@ -93,6 +93,7 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="A NaN/inf loss or gradient: `stop` the run (the last checkpoint stays), or `skip` that step's update and go on.")
     log_every_steps: int = Field(1, ge=1, description="Append a line to metrics.jsonl every N optimizer steps.")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads; unset = the cores this process may use.")
+    neftune_noise_alpha: Optional[float] = Field(None, gt=0, description="NEFTune: uniform noise of scale alpha / sqrt(length x width) on the input embeddings while training (not in evaluation or generation), as TRL's `neftune_noise_alpha`; the paper used 5-15. Unset = off. Generation tasks and classifiers; not DPO.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward: much less memory for long sequences / big batches, ~30% more compute. Off by default.")
     distributed: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="With several processes (`--nproc`, torchrun): `ddp` keeps a full model copy per process and sums gradients; `fsdp` (PyTorch FSDP2) shards weights, gradients and optimizer state across processes, each decoder block gathered only while it computes -- for models that do not fit one device; `deepspeed` runs DeepSpeed ZeRO (stage `zero_stage`, your `deepspeed_config` passed through; needs `pip install deepspeed`). Checkpoints are consolidated for all three, so a run can resume on another process count or backend. See docs/scaling.md.")
     zero_stage: Literal[1, 2] = Field(2, description="`distributed=deepspeed`: ZeRO stage 1 (optimizer state partitioned across processes) or 2 (also gradients). For sharded weights (stage 3's job) use `distributed=fsdp`.")
@@ -242,6 +243,9 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
     if cfg.method.loraplus_lr_ratio and (cfg.method.name not in LORA_METHODS or cfg.train.distributed == "deepspeed"):
         raise TunesmithError(f"method.loraplus_lr_ratio sets the rate of LoRA's B matrices: it needs method.name one of "
                              f"{', '.join(LORA_METHODS)} (not {cfg.method.name}) and not train.distributed=deepspeed")
+    if cfg.train.neftune_noise_alpha and task == "dpo":
+        raise TunesmithError("train.neftune_noise_alpha is for supervised fine-tuning and classifiers: with task=dpo the "
+                             "reference model's log-probs would be computed on noisy embeddings too; unset it")
     if cfg.method.freeze_layers and cfg.method.name not in FREEZE_LAYER_METHODS:
         raise TunesmithError(f"method.freeze_layers is not built for method.name={cfg.method.name}; use one of "
                              f"{', '.join(FREEZE_LAYER_METHODS)}, or method.freeze_layers=0")

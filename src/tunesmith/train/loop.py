@@ -38,7 +38,7 @@ from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
 from tunesmith.train.distill import cached_distill_sum_loss, check_tokenizers, distill_sum_loss, teacher_answers, teacher_topk
 from tunesmith.train.preference import dpo_sum_loss, pair_logprobs, preference_metrics, reference_logprobs
-from tunesmith.train import distributed, zero
+from tunesmith.train import distributed, neftune, zero
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, metrics_line, result_lines, truncate_metrics
@@ -269,6 +269,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     plan = step_plan()
     for _ in range(progress["step"]):  # fast-forward to the checkpoint: the same order, no tensors built
         next(plan)
+    remove_noise = neftune.add_noise(model, cfg.train.neftune_noise_alpha) if cfg.train.neftune_noise_alpha else None
     model.train()
     local_examples = 0  # examples this rank trained on (the sharding test counts them)
     t_loop = time.perf_counter()
@@ -365,6 +366,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                                           f"checkpoint written", command)
     bar.close()
     loop_seconds = time.perf_counter() - t_loop
+    if remove_noise:
+        remove_noise()
 
     # -- 7. after training: metrics, side-by-side, save ---------------------------------------
     after = evaluate(model)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.train import neftune
+
 IGNORE = -100
 CHUNK = 128  # label positions per head chunk: 128 x 49k vocab x 4 bytes = 25 MB, under glibc's mmap ceiling
 # The prefix runs as a second forward call, which costs a fixed amount per call (launches, the key/value copies), so a
@@ -115,7 +117,8 @@ def shared_prefix_length(input_ids: torch.Tensor) -> int:
 def _backbone_hidden(backbone, input_ids: torch.Tensor) -> torch.Tensor:
     """Final hidden states of every row; a prefix common to all rows is computed once (module docstring)."""
     prefix = shared_prefix_length(input_ids)
-    if (input_ids.shape[0] - 1) * prefix < MIN_SHARED_TOKENS or getattr(backbone, "is_gradient_checkpointing", False):
+    if ((input_ids.shape[0] - 1) * prefix < MIN_SHARED_TOKENS or getattr(backbone, "is_gradient_checkpointing", False)
+            or neftune.is_on(backbone)):
         return backbone(input_ids=input_ids, use_cache=False).last_hidden_state
     from transformers import DynamicCache
 
