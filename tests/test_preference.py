@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tunesmith.train.preference import dpo_losses, dpo_sum_loss, sequence_logprobs
 from tunesmith.evaluate.evaluation import _paired_counts, evaluate_run
 from tunesmith.train.loop import train
+from tunesmith.errors import TunesmithError
 from conftest import write_jsonl
 from test_train import tiny_cfg
 
@@ -95,6 +96,22 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path, tiny_model_dir, pairs_
     assert base["eval_logp_accuracy"] == pytest.approx(s["before"]["eval_logp_accuracy"])
     for k, counts in ev["against_base"].items():
         assert counts["won"] - counts["lost"] == round((tuned[k] - base[k]) * tuned["eval_pairs"]), k
+
+
+def test_preference_eval_scores_other_runs_and_refuses_one_with_another_tokenizer(tmp_path, tiny_model_dir, pairs_file):
+    import shutil
+    from transformers import AutoTokenizer
+
+    run = train(tiny_cfg(tmp_path, tiny_model_dir, pairs_file, "train.max_steps=3", "output.name=dpo")).run_dir
+    same = shutil.copytree(run, tmp_path / "runs" / "same")
+    ev = evaluate_run(run, n=10_000, other_runs=(same,), with_base=False, log=lambda *_: None)
+    assert ev["metrics"]["same"] == ev["metrics"]["tuned"]
+    other = shutil.copytree(run, tmp_path / "runs" / "other")
+    tok = AutoTokenizer.from_pretrained(other / "final")
+    tok.add_tokens(["<brand-new-token>"])
+    tok.save_pretrained(other / "final")
+    with pytest.raises(TunesmithError, match="--runs .*other: its tokenizer differs"):
+        evaluate_run(run, n=10_000, other_runs=(other,), with_base=False, log=lambda *_: None)
 
 
 def test_dpo_after_sft_starts_from_the_tuned_run(tmp_path, tiny_model_dir, instruction_file, pairs_file):

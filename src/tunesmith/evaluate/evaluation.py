@@ -154,6 +154,10 @@ def _classification(models: dict, examples, cfg, dtype, device, log) -> dict:
 
 
 def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
+    for name, path in models.items():  # the pairs are tokenized once and scored against the tuned run's base
+        if name not in ("base", "tuned") and load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+            raise TunesmithError(f"--runs {path.parent}: its tokenizer differs from {cfg.model.name}'s; preference pairs are "
+                                 f"compared on one tokenization against one reference model, so evaluate that run on its own")
     pairs = tokenize_pairs(examples, cfg.data, tokenizer, cfg.data.max_length, Counter()).tokens
     logps = {}
     for name, path in models.items():
