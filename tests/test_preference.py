@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.train.preference import dpo_losses, dpo_sum_loss, sequence_logprobs
+from tunesmith.train.preference import dpo_losses, dpo_sum_loss, reference_free_losses, sequence_logprobs
 from tunesmith.evaluate.evaluation import _paired_counts, evaluate_run
 from tunesmith.train.loop import train
 from tunesmith.errors import TunesmithError
@@ -70,6 +70,35 @@ def test_sft_weight_adds_the_chosen_answers_per_token_nll(tiny_model_dir):
     assert torch.allclose(dpo_sum_loss(model, batch, ref, SimpleNamespace(**{**vars(cfg), "sft_weight": 0.0})), dpo, atol=1e-5)
 
 
+def test_simpo_and_orpo_losses_and_gradients_match_the_papers_formulas(tiny_model_dir):
+    from types import SimpleNamespace
+
+    model, ids, labels, _ = tiny_model_and_pairs(tiny_model_dir, seed=2, short_row=3, short_end=8)  # rejected: 7 and 3 tokens
+    ours = sequence_logprobs(model, ids, labels)
+    plain = plain_logprobs(model, ids, labels)
+    n = torch.tensor([7.0, 7.0, 7.0, 3.0])  # trained tokens per row
+    mean = plain / n
+    weight = model.model.layers[0].mlp.up_proj.weight
+    for kind, beta in (("simpo", 2.0), ("orpo", 0.3)):
+        loss = reference_free_losses(ours[:2], ours[2:], n[:2], n[2:], beta, kind, gamma=0.5).sum()
+        if kind == "simpo":
+            manual = -torch.log(torch.sigmoid(beta * (mean[:2] - mean[2:]) - 0.5)).sum()
+        else:  # odds = p / (1 - p) of p = the geometric-mean token probability
+            p = mean.exp()
+            ratio = torch.log(p[:2] / (1 - p[:2])) - torch.log(p[2:] / (1 - p[2:]))
+            manual = (-mean[:2] - beta * torch.log(torch.sigmoid(ratio))).sum()
+        g1 = torch.autograd.grad(loss, weight, retain_graph=True)[0]
+        g2 = torch.autograd.grad(manual, weight, retain_graph=True)[0]
+        assert torch.allclose(loss, manual, atol=1e-5), kind
+        assert torch.allclose(g1, g2, atol=1e-5), kind
+        cfg = SimpleNamespace(beta=beta, loss=kind, simpo_gamma=0.5, sft_weight=0.0, label_smoothing=0.0)
+        batch = SimpleNamespace(input_ids=ids, labels=labels)
+        assert torch.allclose(dpo_sum_loss(model, batch, None, cfg), manual, atol=1e-5), kind  # counts from the labels
+    # an answer the model is certain of (mean log-prob 0): the odds are huge, not infinite
+    certain = reference_free_losses(torch.zeros(1), torch.full((1,), -3.0), torch.ones(1), torch.ones(1), 0.1, "orpo")
+    assert torch.isfinite(certain).all()
+
+
 @pytest.fixture
 def pairs_file(tmp_path):
     rows = [{"prompt": f"Is {i} a nice number?", "chosen": f"Yes, {i} is a fine number.", "rejected": "No. Go away."}
@@ -112,6 +141,32 @@ def test_preference_eval_scores_other_runs_and_refuses_one_with_another_tokenize
     tok.save_pretrained(other / "final")
     with pytest.raises(TunesmithError, match="--runs .*other: its tokenizer differs"):
         evaluate_run(run, n=10_000, other_runs=(other,), with_base=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_reference_free_losses_train_without_a_reference_pass(tmp_path, tiny_model_dir, pairs_file, monkeypatch, kind):
+    from tunesmith.train import loop
+
+    def no_reference(*a, **kw):
+        raise AssertionError("a reference-free loss computed reference log-probs")
+
+    monkeypatch.setattr(loop, "_reference", no_reference)
+    monkeypatch.setattr(loop, "reference_logprobs", no_reference)
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, pairs_file, "train.max_steps=12", f"dpo.loss={kind}", "dpo.sft_weight=0"))
+    before, after = res.summary["before"], res.summary["after"]
+    assert after["eval_loss"] < before["eval_loss"]
+    assert after["eval_logp_accuracy"] > 0.9 >= before["eval_logp_accuracy"]  # the chosen answer now likelier per token
+    assert after["eval_reward_accuracy"] == after["eval_logp_accuracy"]  # the reward is beta x the mean log-prob
+    ev = evaluate_run(res.run_dir, n=10_000, log=lambda *_: None)
+    assert ev["metrics"]["tuned"]["eval_loss"] == pytest.approx(after["eval_loss"], rel=5e-3)
+    assert ev["metrics"]["base"]["eval_loss"] == pytest.approx(before["eval_loss"], rel=5e-3)
+
+
+def test_orpo_refuses_an_extra_sft_weight():
+    from tunesmith.config import load_config
+
+    with pytest.raises(TunesmithError, match="orpo already has"):
+        load_config(None, ["dpo.loss=orpo", "dpo.sft_weight=1"])
 
 
 def test_dpo_after_sft_starts_from_the_tuned_run(tmp_path, tiny_model_dir, instruction_file, pairs_file):

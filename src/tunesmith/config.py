@@ -110,8 +110,9 @@ class EvalConfig(Section):
 
 
 class DpoConfig(Section):
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (higher = stay closer).")
-    loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="`sigmoid` (DPO), `ipo`, or `hinge`.")
+    beta: Optional[float] = Field(None, gt=0, description="DPO/IPO/hinge: strength of the pull towards the reference model (higher = stay closer); SimPO: the scale of its length-normalised reward; ORPO: the weight of the odds-ratio term next to the chosen answer's NLL. Unset = 0.1, or 2.0 for SimPO (the papers' and TRL's defaults).")
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = Field("sigmoid", description="`sigmoid` (DPO), `ipo`, `hinge`; or the reference-free `simpo` (SimPO: mean per-token log-probs, a target margin `simpo_gamma`) and `orpo` (ORPO: NLL of the chosen answer + beta x an odds-ratio term): no reference pass, so each step is cheaper.")
+    simpo_gamma: float = Field(0.5, ge=0, description="`loss: simpo`: the target reward margin gamma (TRL's `simpo_gamma`).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels (conservative DPO).")
     sft_weight: float = Field(0.0, ge=0, description="Adds this weight x the chosen answer's mean per-token negative log-likelihood to each pair's loss (RPO, TRL's `rpo_alpha`): keeps the chosen answers likely while DPO separates the pair. 0 = plain DPO; e.g. 1.0.")
 
@@ -243,6 +244,9 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
     if cfg.method.loraplus_lr_ratio and (cfg.method.name not in LORA_METHODS or cfg.train.distributed == "deepspeed"):
         raise TunesmithError(f"method.loraplus_lr_ratio sets the rate of LoRA's B matrices: it needs method.name one of "
                              f"{', '.join(LORA_METHODS)} (not {cfg.method.name}) and not train.distributed=deepspeed")
+    if cfg.dpo.loss == "orpo" and cfg.dpo.sft_weight:
+        raise TunesmithError("dpo.sft_weight adds an NLL term on the chosen answer, which dpo.loss=orpo already has "
+                             "(dpo.beta weighs the odds-ratio term against it); set dpo.sft_weight=0")
     if cfg.train.neftune_noise_alpha and task == "dpo":
         raise TunesmithError("train.neftune_noise_alpha is for supervised fine-tuning and classifiers: with task=dpo the "
                              "reference model's log-probs would be computed on noisy embeddings too; unset it")

@@ -37,7 +37,7 @@ from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
 from tunesmith.train.distill import cached_distill_sum_loss, check_tokenizers, distill_sum_loss, teacher_answers, teacher_topk
-from tunesmith.train.preference import dpo_sum_loss, pair_logprobs, preference_metrics, reference_logprobs
+from tunesmith.train.preference import REFERENCE_FREE, dpo_sum_loss, pair_logprobs, preference_metrics, reference_logprobs
 from tunesmith.train import distributed, neftune, zero
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
@@ -162,11 +162,14 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     samples = [data.val.rendered[i] for i in sample_idx]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams)
 
-    if task == "dpo":  # the reference = the model before training: its log-probs on the held-out pairs now
+    reference_free = task == "dpo" and cfg.dpo.loss in REFERENCE_FREE  # simpo, orpo: no reference model
+    if task == "dpo" and not reference_free:  # the reference = the model before training: its held-out log-probs now
         ref_val = reference_logprobs(model, val_tokens, pad_id)
         # with an adapter the reference is the same model with the adapter off (computed per step); otherwise
         # the training pairs' reference log-probs are computed here, once
         ref_train = None if hasattr(model, "disable_adapter") else reference_logprobs(model, data.train.tokens, pad_id)
+    elif reference_free:
+        ref_val = ref_train = None
 
     def evaluate(model) -> dict:
         if task == "dpo":
@@ -292,7 +295,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                 elif teacher is not None and not sequence_distill:
                     loss = distill_sum_loss(model, teacher, batch, cfg.distill) / label_tokens
                 elif task == "dpo":
-                    loss = dpo_sum_loss(model, batch, _reference(model, batch, ref_train, p), cfg.dpo) / label_tokens
+                    ref = None if reference_free else _reference(model, batch, ref_train, p)
+                    loss = dpo_sum_loss(model, batch, ref, cfg.dpo) / label_tokens
                 elif task == "classification":
                     loss = class_sum_loss(model, batch) / label_tokens
                 else:

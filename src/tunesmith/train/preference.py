@@ -1,4 +1,4 @@
-"""Preference tuning (DPO, with IPO and hinge variants) on prompt/chosen/rejected pairs.
+"""Preference tuning (DPO, with IPO and hinge variants; SimPO and ORPO) on prompt/chosen/rejected pairs.
 
 A batch holds the chosen rows then the rejected rows (data/batching.py). The policy's log-prob of a
 response is the sum over its trained tokens. The reference model is the model as it was before
@@ -13,6 +13,13 @@ memory and gives exactly what an on-the-fly frozen reference would.
 
 `dpo.sft_weight` w > 0 adds w x the chosen answer's mean per-token negative log-likelihood to each pair's
 loss (RPO; TRL's `rpo_alpha`): DPO alone lowers both answers' likelihoods, the term keeps the chosen one up.
+
+Two losses need no reference model (no reference pass, so a step costs less); with a = an answer's mean
+per-token log-prob (its log-prob / its trained tokens):
+
+    simpo (SimPO, Meng et al. 2024):  -log sigma(beta (a_chosen - a_rejected) - gamma)
+    orpo (ORPO, Hong et al. 2024):    -a_chosen - beta log sigma(log odds(chosen) - log odds(rejected)),
+                                      log odds = a - log(1 - exp(a))
 """
 from __future__ import annotations
 
@@ -48,6 +55,33 @@ def dpo_losses(pol_c, pol_r, ref_c, ref_r, beta: float, kind: str = "sigmoid", l
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
+REFERENCE_FREE = ("simpo", "orpo")
+DEFAULT_BETA = {"simpo": 2.0}  # every other loss: 0.1
+
+
+def beta_of(cfg) -> float:
+    return cfg.beta if cfg.beta is not None else DEFAULT_BETA.get(cfg.loss, 0.1)
+
+
+def reference_free_losses(pol_c, pol_r, len_c, len_r, beta: float, kind: str, gamma: float = 0.0) -> torch.Tensor:
+    """Per pair, from the summed log-probs and trained-token counts of (chosen, rejected) (module docstring)."""
+    mean_c, mean_r = pol_c / len_c, pol_r / len_r
+    if kind == "simpo":
+        return -F.logsigmoid(beta * (mean_c - mean_r) - gamma)
+
+    def log_odds(a):  # log(p / (1 - p)) of p = exp(a); expm1 keeps 1 - p exact for p near 0
+        return a - torch.log(-torch.expm1(a.clamp(max=-1e-6)))
+
+    return -mean_c - beta * F.logsigmoid(log_odds(mean_c) - log_odds(mean_r))
+
+
+def pair_losses(pol_c, pol_r, ref, len_c, len_r, cfg) -> torch.Tensor:
+    """Per pair, the configured preference loss (`ref`: (n, 2) reference log-probs; None for the reference-free ones)."""
+    if cfg.loss in REFERENCE_FREE:
+        return reference_free_losses(pol_c, pol_r, len_c, len_r, beta_of(cfg), cfg.loss, cfg.simpo_gamma)
+    return dpo_losses(pol_c, pol_r, ref[:, 0], ref[:, 1], beta_of(cfg), cfg.loss, cfg.label_smoothing)
+
+
 @torch.no_grad()
 def reference_logprobs(model, pairs: list[Tokenized], pad_id: int, batch_size: int = 1) -> torch.Tensor:
     """(n, 2): log-probs of (chosen, rejected) for every pair under the model as it is now. One pair per pass
@@ -63,14 +97,16 @@ def reference_logprobs(model, pairs: list[Tokenized], pad_id: int, batch_size: i
     return out
 
 
-def dpo_sum_loss(model, batch, ref: torch.Tensor, cfg) -> torch.Tensor:
-    """Summed loss over the batch's pairs (normalise by the step's pair count outside); `ref` rows match the batch."""
+def dpo_sum_loss(model, batch, ref: torch.Tensor | None, cfg) -> torch.Tensor:
+    """Summed loss over the batch's pairs (normalise by the step's pair count outside); `ref` rows match the batch
+    (None for the reference-free losses)."""
     pol_c, pol_r = pair_logprobs(model, batch)
-    ref = ref.to(pol_c.device, pol_c.dtype)
-    loss = dpo_losses(pol_c, pol_r, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
+    tokens = (batch.labels != -100).sum(1).clamp(min=1).to(pol_c.dtype)
+    len_c, len_r = tokens[:len(pol_c)], tokens[len(pol_c):]
+    ref = ref.to(pol_c.device, pol_c.dtype) if ref is not None else None
+    loss = pair_losses(pol_c, pol_r, ref, len_c, len_r, cfg)
     if cfg.sft_weight:
-        chosen_tokens = (batch.labels[:len(pol_c)] != -100).sum(1).clamp(min=1)
-        loss = loss - cfg.sft_weight * pol_c / chosen_tokens
+        loss = loss - cfg.sft_weight * pol_c / len_c
     return loss.sum()
 
 
@@ -88,12 +124,18 @@ def preference_scores(now: torch.Tensor, pairs: list[Tokenized], cfg, ref: torch
     between the base and a tuned model -- the chosen answer has the higher log-prob (`eval_seq_logp_accuracy`, the
     sequence likelihood DPO's reward is built on) or the higher log-prob per token (`eval_logp_accuracy`, blind
     to answer length). With the reference log-probs `ref`: the DPO loss, rewards, reward margin and reward accuracy
-    (margin > 0, ties count half)."""
+    (margin > 0, ties count half). The reference-free losses have those without `ref`: their reward is beta x the
+    answer's mean per-token log-prob."""
     out = {}
-    if ref is not None:
-        rc, rr = cfg.beta * (now[:, 0] - ref[:, 0]), cfg.beta * (now[:, 1] - ref[:, 1])
+    lengths = _answer_lengths(pairs, now.dtype)
+    if ref is not None or cfg.loss in REFERENCE_FREE:
+        beta = beta_of(cfg)
+        if cfg.loss in REFERENCE_FREE:
+            rc, rr = beta * now[:, 0] / lengths[:, 0], beta * now[:, 1] / lengths[:, 1]
+        else:
+            rc, rr = beta * (now[:, 0] - ref[:, 0]), beta * (now[:, 1] - ref[:, 1])
         margin = rc - rr
-        loss = dpo_losses(now[:, 0], now[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
+        loss = pair_losses(now[:, 0], now[:, 1], ref, lengths[:, 0], lengths[:, 1], cfg)
         out = {"eval_loss": round(float(loss.mean()), 5), "eval_reward_chosen": round(float(rc.mean()), 5),
                "eval_reward_rejected": round(float(rr.mean()), 5), "eval_reward_margin": round(float(margin.mean()), 5),
                "eval_reward_accuracy": round(float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()), 5)}
@@ -105,7 +147,11 @@ def prefers_chosen(logp: torch.Tensor, pairs: list[Tokenized], per_token: bool) 
     """Per pair, from (n, 2) log-probs of (chosen, rejected): does the chosen answer have the higher log-prob, in
     total or per token (blind to answer length)?"""
     if per_token:
-        lengths = torch.tensor([[float((t.labels != -100).sum()), float((t.rejected.labels != -100).sum())] for t in pairs],
-                               dtype=logp.dtype)
-        logp = logp / lengths.clamp(min=1)
+        logp = logp / _answer_lengths(pairs, logp.dtype)
     return logp[:, 0] > logp[:, 1]
+
+
+def _answer_lengths(pairs: list[Tokenized], dtype) -> torch.Tensor:
+    """(n, 2) trained tokens of (chosen, rejected), at least 1."""
+    return torch.tensor([[float((t.labels != -100).sum()), float((t.rejected.labels != -100).sum())] for t in pairs],
+                        dtype=dtype).clamp(min=1)
