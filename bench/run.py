@@ -11,6 +11,7 @@ Compare ratios within one run, never absolute numbers across runs: the machine m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -95,6 +96,8 @@ def main():
 
         data = str(cached_path())
     names = a.configs.split(",")
+    if "trl" in names and importlib.util.find_spec("trl") is None:  # checked now, not after the other configs ran
+        raise SystemExit("config trl needs TRL: .venv/bin/pip install -e '.[bench]' (or leave trl out of --configs)")
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
