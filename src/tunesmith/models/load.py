@@ -222,3 +222,14 @@ def merge_adapter(model):
     if hasattr(model, "merge_and_unload") and not model.active_peft_config.is_prompt_learning:
         return model.merge_and_unload()
     return model
+
+
+def max_positions(model_dir: Path) -> int | None:
+    """The context length of `model_dir`'s architecture (a tuned run: its base model's); None if it names none."""
+    from transformers import AutoConfig
+
+    for marker in ("adapter_config.json", "tunesmith_method.json"):  # a tuned run: its base model's context
+        if (model_dir / marker).exists() and not (model_dir / "config.json").exists():
+            base = json.loads((model_dir / marker).read_text())["base_model_name_or_path"]
+            return max_positions(resolve_model_dir(base))
+    return getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)

@@ -32,7 +32,7 @@ from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows, format_table
 from tunesmith.methods import get_method, lora, parameter_report, quantization
-from tunesmith.models import load_model, load_tokenizer, merge_adapter, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
+from tunesmith.models import load_model, load_tokenizer, max_positions, merge_adapter, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
@@ -163,13 +163,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams)
 
     reference_free = task == "dpo" and cfg.dpo.loss in REFERENCE_FREE  # simpo, orpo: no reference model
+    ref_val = ref_train = None
     if task == "dpo" and not reference_free:  # the reference = the model before training: its held-out log-probs now
         ref_val = reference_logprobs(model, val_tokens, pad_id)
         # with an adapter the reference is the same model with the adapter off (computed per step); otherwise
         # the training pairs' reference log-probs are computed here, once
-        ref_train = None if hasattr(model, "disable_adapter") else reference_logprobs(model, data.train.tokens, pad_id)
-    elif reference_free:
-        ref_val = ref_train = None
+        if not hasattr(model, "disable_adapter"):
+            ref_train = reference_logprobs(model, data.train.tokens, pad_id)
 
     def evaluate(model) -> dict:
         if task == "dpo":
@@ -441,16 +441,6 @@ def _reference(model, batch, ref_train, pass_examples) -> torch.Tensor:
         return ref_train[pass_examples]
     with torch.no_grad(), model.disable_adapter():
         return torch.stack(pair_logprobs(model, batch), dim=1)
-
-
-def max_positions(model_dir: Path) -> int | None:
-    from transformers import AutoConfig
-
-    for marker in ("adapter_config.json", "tunesmith_method.json"):  # a tuned run: its base model's context
-        if (model_dir / marker).exists() and not (model_dir / "config.json").exists():
-            base = json.loads((model_dir / marker).read_text())["base_model_name_or_path"]
-            return max_positions(resolve_model_dir(base))
-    return getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
 
 
 def _improves(metric: str | None, record: dict, best: dict | None) -> bool:
