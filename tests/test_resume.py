@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunesmith.config import dump_yaml
+from tunesmith.config import dump_yaml, read_yaml
 from tunesmith.errors import TunesmithError
 from tunesmith.train import checkpoint
 from tunesmith.train.loop import train
@@ -138,6 +138,22 @@ def test_resume_refuses_a_changed_loraplus_ratio(tmp_path, tiny_model_dir, instr
     with pytest.raises(TunesmithError, match="loraplus_lr_ratio changed"):
         train(changed, resume=run)
     assert train(cfg, resume=run).summary["resumed_from"] == 2
+
+
+def test_resume_names_the_settings_that_changed(tmp_path, tiny_model_dir, instruction_file, capsys):
+    cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, "changed", "train.max_steps=4")
+    run = train(cfg).run_dir
+    import shutil
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"neftune_noise_alpha": 5.0})})
+    train(changed, resume=run)
+    line = "resuming with changed settings (config.yaml now has the new ones): train.neftune_noise_alpha: None -> 5.0"
+    assert line in capsys.readouterr().out and line in (run / "train.log").read_text()
+    assert read_yaml(run / "config.yaml")["train"]["neftune_noise_alpha"] == 5.0
+    shutil.rmtree(run / "final")
+    train(changed, resume=run)  # the same settings again: nothing to say
+    assert "changed settings" not in capsys.readouterr().out
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):

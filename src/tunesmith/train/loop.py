@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tunesmith.config import Config, check_combinations, dump_yaml
+from tunesmith.config import Config, changed_settings, check_combinations, dump_yaml, read_yaml
 from tunesmith.data import prepare
 from tunesmith.data.render import IGNORE
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
@@ -144,6 +144,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     if ddp.main:
         if not resuming:
             create_run_dir(run_dir, cfg.output.overwrite)
+        elif changed := changed_settings(read_yaml(run_dir / "config.yaml"), cfg.model_dump(mode="json")):
+            log("resuming with changed settings (config.yaml now has the new ones): " + "; ".join(changed))
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
         log.attach(run_dir / "train.log")
     trackers = Trackers(cfg.train.report_to if ddp.main else [], run_dir, cfg.model_dump(), resumed=resuming)
