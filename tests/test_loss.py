@@ -137,6 +137,36 @@ def test_merged_lora_layer_matches_stock_peft():
         assert torch.allclose(g, results[1][1][n], atol=1e-6, rtol=1e-4), n
 
 
+def test_merged_lora_layer_on_a_bfloat16_base_keeps_float32_adapters(monkeypatch):
+    """A bfloat16 base (fast on CPUs with AMX) with peft's float32 adapters takes the one-GEMM path too (it used to fall
+    back to peft's layer over the dtype mismatch): the adapters and their gradients stay float32 and match peft's layer
+    to bfloat16 precision."""
+    from peft import LoraConfig, get_peft_model
+
+    calls = []
+    real = lora._MergedLoraFunction.apply
+    monkeypatch.setattr(lora._MergedLoraFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    ours = lora.apply(make_tiny_llama(120).to(torch.bfloat16), MethodConfig(r=4, alpha=8))
+    stock = get_peft_model(make_tiny_llama(120).to(torch.bfloat16), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    for (n, p), (_, p2) in zip(ours.named_parameters(), stock.named_parameters()):
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+        p2.data.copy_(p.data)
+    batch = collate(_examples(120, [9, 14]), pad_id=2)
+    results = []
+    for model in (ours, stock):
+        loss = reference_sum_loss(model, batch.input_ids, batch.labels)
+        loss.backward()
+        results.append((float(loss), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert calls, "the bfloat16 base fell back to peft's layer"
+    assert abs(results[0][0] - results[1][0]) < 0.02 * results[1][0]
+    for n, g in results[0][1].items():
+        assert g.dtype == torch.float32, n
+        assert F.cosine_similarity(g.flatten(), results[1][1][n].flatten(), dim=0) > 0.99, n
+
+
 def test_kept_merged_weight_follows_every_update():
     """The merged weight kept between updates is rebuilt after fused AdamW steps (which leave the tensors'
     version counters alone), after weights are loaded, and not used when keeping is off."""

@@ -5,7 +5,8 @@ multiply and an add over the whole output in forward, and more elementwise work 
 about a fifth of a CPU step on SmolLM2. `MergedLoraLinear` computes the same function with one
 GEMM each way on the merged weight `W + s B A`. It plugs in through peft's custom-module hook, so
 the adapter's parameters, saving and loading are plain peft. It is used when dropout is 0 and DoRA
-is off; otherwise the stock peft layer runs.
+is off; otherwise the stock peft layer runs. On a bfloat16 base, peft's float32 adapter is computed in bfloat16
+(gradients returned in float32).
 
 The merged weight is built once per weight update and kept (one extra copy of the adapted weights):
 a step of several forward passes, the backward passes and token-by-token generation all reuse it.
@@ -55,23 +56,25 @@ def keep_merged(model, keep: bool) -> None:
 class _MergedLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, merged):
-        """`merged` is `W + s B A` when the caller keeps one, else None (built here and in backward)."""
-        built = merged if merged is not None else torch.addmm(weight, lora_b, lora_a, alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, merged)
-        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        """`merged` is `W + s B A` when the caller keeps one, else None (built here and in backward). The adapter may
+        be kept in float32 on a bfloat16 base: it is then computed in the base's dtype and its gradients returned in its own."""
+        a, b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+        built = merged if merged is not None else torch.addmm(weight, b, a, alpha=scaling)
+        ctx.save_for_backward(x, weight, a, b, merged)
+        ctx.scaling, ctx.has_bias, ctx.adapter_dtype = scaling, bias is not None, lora_a.dtype
         return F.linear(x, built, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_a, lora_b, merged = ctx.saved_tensors
-        s = ctx.scaling
+        s, dtype = ctx.scaling, ctx.adapter_dtype
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (g2 @ (merged if merged is not None else torch.addmm(weight, lora_b, lora_a, alpha=s))).view_as(x)
-        grad_a = (g2 @ lora_b).T.mm(x2).mul_(s) if ctx.needs_input_grad[3] else None
-        grad_b = g2.T.mm(x2 @ lora_a.T).mul_(s) if ctx.needs_input_grad[4] else None
+        grad_a = (g2 @ lora_b).T.mm(x2).mul_(s).to(dtype) if ctx.needs_input_grad[3] else None
+        grad_b = g2.T.mm(x2 @ lora_a.T).mul_(s).to(dtype) if ctx.needs_input_grad[4] else None
         grad_w = g2.T.mm(x2) if ctx.needs_input_grad[1] else None
         grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
@@ -86,7 +89,7 @@ class MergedLoraLinear(PeftLoraLinear):
         active = self.active_adapters
         if (self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] in self.lora_variant
                 or active[0] not in self.lora_A or not isinstance(self.lora_dropout[active[0]], torch.nn.Identity)
-                or x.dtype != self.lora_A[active[0]].weight.dtype):
+                or x.dtype != self.get_base_layer().weight.dtype):
             return super().forward(x, *args, **kwargs)
         name, base = active[0], self.get_base_layer()
         weight, lora_a, lora_b, scaling = base.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
@@ -102,7 +105,7 @@ class MergedLoraLinear(PeftLoraLinear):
         if self._merged is None or self._merged[0] != key:
             self._merged = None  # free the stale copy before building the new one
             with torch.no_grad():
-                self._merged = (key, torch.addmm(weight, lora_b, lora_a, alpha=scaling))
+                self._merged = (key, torch.addmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scaling))
         return self._merged[1]
 
 

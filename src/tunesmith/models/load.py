@@ -53,9 +53,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    # bf16 on CPUs without AMX is ~0.55x fp32 matmul speed (measured); use it only with AMX tiles
-    amx = getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if amx else torch.float32
+    # CPU: float32. bfloat16 is opt-in (model.dtype=bfloat16): without AMX its matmuls run at ~0.55x fp32; with AMX a
+    # LoRA step runs 1.35x faster at the same loss (docs/performance.md), but full fine-tuning's small updates would be
+    # rounded away in bf16 weights and a trained head (classifiers) is kept in the base's dtype.
+    return torch.float32
 
 
 def resolve_model_dir(name: str) -> Path:
