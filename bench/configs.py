@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 if sys.argv[1].startswith("tunesmith"):  # tunesmith's own thread policy (its CLI sets the same)
-    from tunesmith.openmp_env import set_openmp_defaults
+    from tunesmith.native_env import set_native_defaults
 
-    set_openmp_defaults()
+    set_native_defaults()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the issue measured the tutorial and TRL recipes
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

@@ -74,6 +74,23 @@ def test_cli_bad_config_is_one_line_and_exit_2(capsys):
     assert err.startswith("error: unknown config key 'train.lrr'") and err.count("\n") == 1
 
 
+def test_cli_sets_native_library_defaults_and_the_users_own_win():
+    """oneDNN's kernel cache (bfloat16 training recompiled kernels once 1024 shapes were seen) and OpenMP's wait policy
+    are set by the CLI before torch loads; a value already in the environment is kept."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os; import tunesmith.cli.main; "
+             "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['GOMP_SPINCOUNT'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["16384", "1000"]
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "64"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["64", "1000"]
+
+
 def test_cli_generate_from_run(tmp_path, tiny_model_dir, instruction_file, capsys):
     res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.max_steps=2"))
     capsys.readouterr()

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 
-from tunesmith.openmp_env import set_openmp_defaults  # noqa: E402
+from tunesmith.native_env import set_native_defaults  # noqa: E402
 
-# Before torch (and its OpenMP runtime) loads: threads spin only briefly when waiting, so a busy
-# neighbour core does not stall every parallel region; never reach for the hub for bundled or local models.
-set_openmp_defaults()
+# Before torch (and its OpenMP runtime) loads: threads spin only briefly when waiting, so a busy neighbour core does
+# not stall every parallel region; oneDNN keeps enough bfloat16 kernels for training's many shapes (native_env.py).
+# Never reach for the hub for bundled or local models.
+set_native_defaults()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,6 +1,6 @@
 """Machine setup for training on CPUs: threads and the memory allocator.
 
-Threads: as many as cores this process may use, waiting with a short spin (tunesmith/openmp_env.py:
+Threads: as many as cores this process may use, waiting with a short spin (tunesmith/native_env.py:
 long spinning waits made steps 1.5-8x slower with a busy neighbour core, passive waits cost 10-25 %
 on an idle machine). It must be set before torch loads OpenMP, so the CLI sets it at import time.
 
