@@ -34,6 +34,31 @@ def test_train_lowers_heldout_loss_and_writes_the_run(tmp_path, tiny_model_dir, 
     assert len(s["side_by_side"]) == 2
 
 
+def test_auto_dtype_on_a_cpu_with_amx_is_bfloat16_only_for_causal_lora_outside_fsdp_and_deepspeed(monkeypatch):
+    from tunesmith.models import load as load_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: True)
+    assert load_module.pick_dtype("auto", cpu, "lora", "causal", "ddp") == torch.bfloat16
+    for method, task, distributed in [("full", "causal", "ddp"), ("bitfit", "causal", "ddp"), ("qlora", "causal", "ddp"),
+                                      ("lora", "classification", "ddp"), ("lora", "dpo", "ddp"), ("lora", "auto", "ddp"),
+                                      ("lora", "causal", "fsdp"), ("lora", "causal", "deepspeed")]:
+        assert load_module.pick_dtype("auto", cpu, method, task, distributed) == torch.float32, (method, task, distributed)
+    assert load_module.pick_dtype("float32", cpu, "lora", "causal") == torch.float32
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: False)
+    assert load_module.pick_dtype("auto", cpu, "lora", "causal", "ddp") == torch.float32
+
+
+def test_a_bfloat16_lora_run_learns_and_saves_float32_adapters(tmp_path, tiny_model_dir, instruction_file):
+    from safetensors.torch import load_file
+
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "model.dtype=bfloat16"))
+    assert res.summary["after"]["eval_loss"] < res.summary["before"]["eval_loss"]
+    assert "method: lora, bfloat16 weights" in (res.run_dir / "train.log").read_text()
+    saved = load_file(res.run_dir / "final" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+
+
 def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, instruction_file):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.max_steps=1")
     train(cfg)

@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field("smollm2-135m-instruct", description="Bundled short name (`smollm2-135m-instruct`, `minilm-l6`), a local HF folder, a local `.gguf` file, a tunesmith run dir, or a hub id (needs network).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight/compute dtype. `auto`: bfloat16 on GPUs that support it, else float32. On a CPU with AMX, `bfloat16` makes LoRA 1.3x faster over a 12-minute run (adapters stay float32; docs/performance.md).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight/compute dtype. `auto`: bfloat16 on GPUs that support it; on a CPU with AMX, bfloat16 for causal LoRA outside FSDP/DeepSpeed (adapters stay float32; 1.3x tokens/s over a 12-minute run at the same quality, docs/performance.md); else float32. The train log's `method:` line names the dtype chosen.")
 
 
 class DataConfig(Section):

@@ -44,7 +44,6 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
         raise TunesmithError(f"{run_dir} has no final model (is it a finished tunesmith run?)")
     cfg = load_config(str(run_dir / "config.yaml"))
     device = torch.device(pick_device())
-    dtype = pick_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(run_dir / "final")
     models = {"tuned": run_dir / "final"}
     models.update({p.name: p / "final" for p in other_runs})
@@ -55,9 +54,11 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     if not examples:
         raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
     log(f"evaluating {', '.join(models)} on {len(examples)} examples from {data_path or 'the run validation split'}")
-    if examples[0].rejected is not None:
+    task = "dpo" if examples[0].rejected is not None else "classification" if examples[0].label is not None else "causal"
+    dtype = pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)  # as the run trained
+    if task == "dpo":
         result = _preference(models, examples, tokenizer, cfg, dtype, device, log)
-    elif examples[0].label is not None:
+    elif task == "classification":
         result = _classification(models, examples, cfg, dtype, device, log)
     else:
         sampling = Sampling(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, num_beams=num_beams or cfg.eval.num_beams)

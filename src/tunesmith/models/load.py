@@ -48,15 +48,27 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, method: str | None = None, task: str = "causal",
+               distributed: str = "ddp") -> torch.dtype:
+    """`model.dtype` for a run of `method`. `auto`: bfloat16 on GPUs that support it; on a CPU, bfloat16 for causal
+    LoRA when the CPU has AMX (the base is frozen, peft keeps the adapters float32: 1.31x tokens/s over a 12-minute
+    run at the same quality, docs/performance.md), else float32. Not for full fine-tuning or BitFit (updates below
+    bfloat16's resolution would be rounded away), classifiers (the trained head keeps the base's dtype), other
+    methods (not measured) or sharded runs (FSDP / DeepSpeed would shard a mix of dtypes); without AMX bfloat16
+    matmuls run at ~0.55x float32."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    # CPU: float32. bfloat16 is opt-in (model.dtype=bfloat16): without AMX its matmuls run at ~0.55x fp32; with AMX a
-    # LoRA step runs 1.35x faster at the same loss (docs/performance.md), but full fine-tuning's small updates would be
-    # rounded away in bf16 weights and a trained head (classifiers) is kept in the base's dtype.
+    if method == "lora" and task == "causal" and distributed == "ddp" and cpu_has_amx():
+        return torch.bfloat16
     return torch.float32
+
+
+def cpu_has_amx() -> bool:
+    """AMX tiles (Intel Sapphire Rapids and later): bfloat16 matmuls ~7x float32's here."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.13; absent means no
+    return bool(probe and probe())
 
 
 def resolve_model_dir(name: str) -> Path:

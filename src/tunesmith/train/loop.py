@@ -68,15 +68,14 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     ddp = distributed.setup(device, cfg.train.distributed)  # one process, or this rank of a torchrun launch
     threads = configure_threads(cfg.train.threads or (max(1, available_cores() // ddp.local_world) if ddp.active else None))
     keep_heap_memory()
-    dtype = pick_dtype(cfg.model.dtype, device)
     seed_everything(cfg.train.seed)
     auto = _auto_resume_dir(cfg)
     run_dir = distributed.from_main((resume or auto or choose_run_dir(
         cfg.output.dir, cfg.output.name, cfg.recipe, cfg.output.overwrite)) if ddp.main else None, ddp)
     resuming = run_dir in (resume, auto)
     log = RunLog(enabled=ddp.main)  # rank 0 alone writes logs and files
-    log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads, "
-        f"{str(dtype).replace('torch.', '')}" + (f", {ddp.world} processes ({cfg.train.distributed})" if ddp.active else ""))
+    log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads"
+        + (f", {ddp.world} processes ({cfg.train.distributed})" if ddp.active else ""))
     if cfg.train.distributed != "ddp" and not ddp.active:
         log(f"train.distributed={cfg.train.distributed} takes effect with several processes (--nproc N); one process trains as is")
 
@@ -88,6 +87,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     st = data.stats
     task = resolve_task(cfg.task, data.format)
     check_combinations(cfg, task)
+    dtype = pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)
     log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
         f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "
         f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
@@ -108,7 +108,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         model.name_or_path = str(model_dir)  # a new adapter then names that run as its base
     model = method.apply(model, cfg.method, task)
     params = parameter_report(model)
-    log(f"method: {cfg.method.name} | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
+    log(f"method: {cfg.method.name}, {str(dtype).replace('torch.', '')} weights | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
     if cfg.train.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

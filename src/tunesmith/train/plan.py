@@ -190,7 +190,8 @@ def plan_config(cfg) -> Plan:
     """`tunesmith plan`: load the model, data and method as `train` would, then estimate."""
     from tunesmith.data import prepare
     from tunesmith.methods import get_method, parameter_report, quantization
-    from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+    from tunesmith.models import load_model, load_tokenizer, max_positions, pick_device, pick_dtype, resolve_model_dir
+    from tunesmith.train.loop import resolve_task
     from tunesmith.train.machine import configure_threads
     from tunesmith.train.schedule import plan_steps
 
@@ -198,9 +199,10 @@ def plan_config(cfg) -> Plan:
     device = pick_device()
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
-    method, dtype = get_method(cfg.method.name), pick_dtype(cfg.model.dtype, device)
+    data = prepare(cfg.data, tokenizer, max_positions(model_dir))
+    task = resolve_task(cfg.task, data.format)
+    method, dtype = get_method(cfg.method.name), pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)
     model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
-    data = prepare(cfg.data, tokenizer, getattr(model.config, "max_position_embeddings", None))
     model = method.apply(model, cfg.method)
     _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])
     return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, matmul_gflops())
