@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,29 @@ def test_resume_names_the_settings_that_changed(tmp_path, tiny_model_dir, instru
     shutil.rmtree(run / "final")
     train(changed, resume=run)  # the same settings again: nothing to say
     assert "changed settings" not in capsys.readouterr().out
+
+
+def test_resume_says_when_auto_dtype_resolves_differently(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):
+    """model.dtype auto picks bfloat16 for LoRA on an AMX CPU: a run resumed on another machine says it changes dtype."""
+    import shutil
+
+    from tunesmith.models import load as load_module
+
+    cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, "moved", "train.max_steps=4")
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: False)
+    run = train(cfg).run_dir
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: True)
+    train(cfg, resume=run)
+    out, log = capsys.readouterr().out, (run / "train.log").read_text()
+    line = re.search(r"note: this run trained in float32 up to step \d+ and goes on in bfloat16 \(model.dtype=auto\); "
+                     r"set model.dtype=float32 to keep it", out)
+    assert line and line.group(0) in log
+    shutil.rmtree(run / "final")
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: False)
+    train(cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "float32"})}), resume=run)
+    assert "goes on in" not in capsys.readouterr().out  # the checkpoint's own dtype: nothing to say
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):

@@ -240,10 +240,14 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         f"peak lr {peak_lr:g}" + (f" (LoRA B matrices {peak_lr * cfg.method.loraplus_lr_ratio:g})" if cfg.method.loraplus_lr_ratio else "")
         + f", {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None,
-                "first_step_seconds": 0.0, "planned_steps": total_steps, "global_batch": global_batch}
+                "first_step_seconds": 0.0, "planned_steps": total_steps, "global_batch": global_batch,
+                "dtype": str(dtype).replace("torch.", "")}
     if ckpt:
+        if ckpt.progress.get("dtype", progress["dtype"]) != progress["dtype"]:  # model.dtype auto on another machine/backend
+            log(f"note: this run trained in {ckpt.progress['dtype']} up to step {ckpt.step} and goes on in {progress['dtype']} "
+                f"(model.dtype={cfg.model.dtype}); set model.dtype={ckpt.progress['dtype']} to keep it")
         checkpoint.restore(ckpt, model, optimizer)
-        progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items()})
+        progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items() if k != "dtype"})
         total_steps = progress["planned_steps"] if budget else total_steps
         if progress["global_batch"] != global_batch:
             raise TunesmithError(f"{ckpt.path} was trained with a global batch of {progress['global_batch']} examples; this launch "
