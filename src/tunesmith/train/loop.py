@@ -88,6 +88,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     task = resolve_task(cfg.task, data.format)
     check_combinations(cfg, task)
     dtype = pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)
+    dtype_name = str(dtype).removeprefix("torch.")
     log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
         f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "
         f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
@@ -108,7 +109,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         model.name_or_path = str(model_dir)  # a new adapter then names that run as its base
     model = method.apply(model, cfg.method, task)
     params = parameter_report(model)
-    log(f"method: {cfg.method.name}, {str(dtype).replace('torch.', '')} weights | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
+    log(f"method: {cfg.method.name}, {dtype_name} weights | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
     if cfg.train.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -241,11 +242,12 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         + f", {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None,
                 "first_step_seconds": 0.0, "planned_steps": total_steps, "global_batch": global_batch,
-                "dtype": str(dtype).replace("torch.", "")}
+                "dtype": dtype_name}
     if ckpt:
-        if ckpt.progress.get("dtype", progress["dtype"]) != progress["dtype"]:  # model.dtype auto on another machine/backend
-            log(f"note: this run trained in {ckpt.progress['dtype']} up to step {ckpt.step} and goes on in {progress['dtype']} "
-                f"(model.dtype={cfg.model.dtype}); set model.dtype={ckpt.progress['dtype']} to keep it")
+        trained_in = ckpt.progress.get("dtype", dtype_name)
+        if trained_in != dtype_name:  # model.dtype auto resolved differently on another machine or backend
+            log(f"note: this run trained in {trained_in} up to step {ckpt.step} and goes on in {dtype_name} "
+                f"(model.dtype={cfg.model.dtype}); set model.dtype={trained_in} to keep it")
         checkpoint.restore(ckpt, model, optimizer)
         progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items() if k != "dtype"})
         total_steps = progress["planned_steps"] if budget else total_steps
