@@ -294,6 +294,9 @@ def test_plan_and_the_preflight_memory_check(tmp_path, tiny_model_dir, instructi
     out = capsys.readouterr().out
     assert "activations" in out and "fits" in out and "time estimate" in out
     assert "max_minutes" not in out
+    for dtype in ("float32", "bfloat16"):  # bf16: LoRA's fp32 adapters on a bf16 base, timed with bf16 matmuls
+        assert main(["plan", *args, f"model.dtype={dtype}"]) == 0
+        assert f"GFLOP/s measured in {dtype} ->" in capsys.readouterr().out
     assert main(["plan", *args, "train.max_steps=null", "train.epochs=1000", "train.max_minutes=0.01"]) == 0
     assert "train.max_minutes stops it after ~1 s" in capsys.readouterr().out
     monkeypatch.setattr(plan, "available_memory", lambda: 0.1 * plan.GiB)
@@ -304,6 +307,18 @@ def test_plan_and_the_preflight_memory_check(tmp_path, tiny_model_dir, instructi
     assert "would not fit in memory" in err and "train.gradient_checkpointing=true" in err and "--force" in err
     assert not (tmp_path / "runs").exists()
     assert main(["train", *args, "--force"]) == 0
+
+
+def test_plan_times_the_matmuls_in_the_dtype_most_weights_are_in():
+    import torch
+
+    from tunesmith.train.plan import matmul_dtype
+
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.Linear(16, 4))
+    assert matmul_dtype(model) == torch.float32
+    model[0].to(torch.bfloat16)  # 1600 bf16 weights against 68 fp32 (as a bf16 base with fp32 adapters)
+    assert matmul_dtype(model) == torch.bfloat16
+    assert matmul_dtype(model.to(torch.float16)) == torch.float32  # no measured step efficiency: float32's
 
 
 def test_plan_counts_frozen_first_blocks_as_forward_only():

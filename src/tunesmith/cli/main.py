@@ -246,7 +246,8 @@ def cmd_plan(args) -> int:
     plan = plan_config(load_config(config, overrides))
     if args.json:
         print(json.dumps({"parts": plan.parts, "total": plan.total, "available": plan.available, "fits": plan.fits,
-                          "tokens": plan.tokens, "seconds": plan.seconds, "matmul_gflops": plan.matmul_gflops}, indent=1))
+                          "tokens": plan.tokens, "seconds": plan.seconds, "matmul_gflops": plan.matmul_gflops,
+                          "matmul_dtype": str(plan.dtype).removeprefix("torch.")}, indent=1))
     else:
         print(plan.describe())
     return 0 if plan.fits else 1

@@ -42,7 +42,7 @@ from tunesmith.train import distributed, neftune, zero
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, metrics_line, result_lines, truncate_metrics
-from tunesmith.train.plan import estimate, matmul_gflops
+from tunesmith.train.plan import estimate, matmul_dtype, matmul_gflops
 from tunesmith.train.trackers import Trackers, check_installed
 from tunesmith.train.schedule import budget_steps, lr_at, make_optimizer, plan_steps, warmup_steps
 
@@ -224,7 +224,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     if budget:  # a first plan from this machine's measured matmul speed; re-planned from real steps below
         step_cap = total_steps
-        guess = estimate(cfg, model, params["trainable"], st, total_steps, matmul_gflops(0.5)).seconds / total_steps
+        guess = estimate(cfg, model, params["trainable"], st, total_steps, matmul_gflops(0.5, matmul_dtype(model))).seconds / total_steps
         total_steps = max(1, min(step_cap, int(budget / guess)))
         log(f"time budget {cfg.train.max_minutes:g} min: first plan {total_steps} steps (~{guess:.1f} s/step estimated), "
             f"re-planned from the measured pace as training runs")

@@ -11,8 +11,9 @@ inputs and outputs, rotary copies, the three MLP projections and the SwiGLU prod
 against measured peaks (docs/performance.md); with gradient checkpointing only each block's input is kept,
 plus one block's activations during its recomputation.
 
-Time = model FLOPs of the planned tokens / (measured matmul throughput x the share of it a training
-step reaches, 0.55 on CPU here: see docs/performance.md).
+Time = model FLOPs of the planned tokens / (matmul throughput measured in the weights' dtype x the share
+of it a training step reaches: 0.55 in float32, 0.09 in bfloat16 on a CPU with AMX, where the matmuls run
+~7x faster than float32's but the rest of the step does not; see docs/performance.md).
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ import torch
 
 GiB = 1024 ** 3
 BASELINE_BYTES = 0.55 * GiB   # measured: python + torch + transformers + tokenizers after import, CPU
-STEP_EFFICIENCY = 0.55        # achieved share of matmul peak in a training step (bench run 2: MFU 58-62 %)
+# achieved share of the matmul peak in a training step, by weight dtype. float32: bench run 2, MFU 58-62 %.
+# bfloat16: the TL;DR recipe's 527 tok/s x 0.38 GFLOP/token = 200 of 2270 GFLOP/s (AMX host, session 15).
+STEP_EFFICIENCY = {torch.float32: 0.55, torch.bfloat16: 0.09}
 HEAD_CHUNK = 128              # rows of the fused vocabulary head (train/loss.py)
 LORA_ACTIVATION_SCALE = 1.19  # measured / modelled bytes per token (docs/performance.md)
 QUANTIZED_ACTIVATION_SCALE = 2.07  # qlora / lora-int8: peft's unmerged LoRA layers and bitsandbytes keep more per token
@@ -41,6 +44,7 @@ class Plan:
     flops_per_token: float
     matmul_gflops: float
     seconds: float
+    dtype: torch.dtype = torch.float32   # of the weights: the matmuls' dtype
     budget_seconds: float | None = None  # train.max_minutes
     suggestions: list[str] = field(default_factory=list)
 
@@ -59,7 +63,8 @@ class Plan:
                      f" -> {'fits' if self.fits else 'DOES NOT FIT'}")
         if self.matmul_gflops:
             lines.append(f"time estimate: {self.tokens:,} tokens x {self.flops_per_token / 1e9:.2f} GFLOP/token at "
-                         f"{STEP_EFFICIENCY:.0%} of {self.matmul_gflops:.0f} GFLOP/s measured -> {_duration(self.seconds)}")
+                         f"{STEP_EFFICIENCY[self.dtype]:.0%} of {self.matmul_gflops:.0f} GFLOP/s measured in "
+                         f"{str(self.dtype).removeprefix('torch.')} -> {_duration(self.seconds)}")
             if self.budget_seconds and self.seconds > self.budget_seconds:
                 lines.append(f"  train.max_minutes stops it after {_duration(self.budget_seconds)}: "
                              f"~{self.budget_seconds / self.seconds:.0%} of those tokens")
@@ -97,8 +102,20 @@ def flops_per_token(config, seq_len: float, trained_share: float, full: bool, fr
     return mult * ((layers - frozen) * block_forward + head) + frozen * block_forward
 
 
+def matmul_dtype(model) -> torch.dtype:
+    """The dtype most of the model's floating-point weights are in (a bf16 base with fp32 adapters is bf16;
+    QLoRA's packed weights compute in their float32 dtype): the dtype `matmul_gflops` should measure."""
+    count: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    dtype = max(count, key=count.get, default=torch.float32)
+    return dtype if dtype in STEP_EFFICIENCY else torch.float32
+
+
 def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, matmul_gflops: float | None = None) -> Plan:
-    """Without `matmul_gflops` (as in `train`'s own pre-flight check) the time is not estimated."""
+    """Without `matmul_gflops` (as in `train`'s own pre-flight check) the time is not estimated; with it, it
+    must have been measured in `matmul_dtype(model)`."""
     config = model.config
     el = next(model.parameters()).element_size()
     n_params = sum(p.numel() for p in model.parameters())
@@ -133,9 +150,10 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
     mean_len = train["tokens"] / max(1, train["kept"])
     tokens = int(total_steps * examples_per_step * mean_len)
     fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full", frozen)
-    seconds = tokens * fpt / (matmul_gflops * 1e9 * STEP_EFFICIENCY) if matmul_gflops else 0.0
+    dtype = matmul_dtype(model)
+    seconds = tokens * fpt / (matmul_gflops * 1e9 * STEP_EFFICIENCY[dtype]) if matmul_gflops else 0.0
     budget_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
-    plan = Plan(parts, available_memory(), tokens, fpt, matmul_gflops or 0.0, seconds, budget_seconds)
+    plan = Plan(parts, available_memory(), tokens, fpt, matmul_gflops or 0.0, seconds, dtype, budget_seconds)
     plan.suggestions = _suggestions(cfg, pass_tokens)
     return plan
 
@@ -166,9 +184,9 @@ def available_memory() -> float:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def matmul_gflops(seconds: float = 1.0) -> float:
-    """fp32 matmul throughput of this machine now, on an MLP-like shape."""
-    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+def matmul_gflops(seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """Matmul throughput of this machine now in `dtype`, on an MLP-like shape."""
+    a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
     for _ in range(3):
         a @ b
     n, t = 0, time.perf_counter()
@@ -205,4 +223,5 @@ def plan_config(cfg) -> Plan:
     model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
     model = method.apply(model, cfg.method)
     _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])
-    return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, matmul_gflops())
+    return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps,
+                    matmul_gflops(dtype=matmul_dtype(model)))
