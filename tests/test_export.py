@@ -44,10 +44,11 @@ def test_gguf_export_is_verified_by_loading_it_back(tuned_run, tmp_path, kind):
     assert main(["export", str(tuned_run), "--format", "gguf", *args, "--out", str(tmp_path / "g")]) == 0
     check = json.loads((tmp_path / "g" / "verification.json").read_text())
     assert check["dtype"] == kind
+    assert check["passed"]
     if kind == "f32":
-        assert check["passed"] and check["max_logit_diff"] < 1e-4
+        assert check["max_logit_diff"] < 1e-4
     else:
-        assert check["max_logit_diff"] < 0.5
+        assert check["max_logit_diff"] < 0.5 and check["mean_kl"] < 0.02
     (gguf_file,) = (tmp_path / "g").glob("*.gguf")
     import gguf
     r = gguf.GGUFReader(gguf_file)
@@ -57,6 +58,28 @@ def test_gguf_export_is_verified_by_loading_it_back(tuned_run, tmp_path, kind):
     modelfile = (tmp_path / "g" / "Modelfile").read_text()
     assert f"FROM ./{gguf_file.name}" in modelfile
     assert "{{ .Prompt }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_gguf_verification_fails_for_a_file_that_is_not_the_model(tuned_run, tmp_path, monkeypatch, capsys):
+    from tunesmith.export import gguf_file, run
+    from tunesmith.export.hf import merged_model
+
+    model, tokenizer = merged_model(tuned_run / "final")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30)  # confident next-token distributions, as a trained model has
+    path = tmp_path / "m-q8_0.gguf"
+    gguf_file.write_gguf(model, tokenizer, path, "q8_0")
+    good = gguf_file.verify(model, tokenizer, path, "q8_0")
+    with torch.no_grad():  # as if the file had mapped gate and up to each other's names in every block
+        for layer in model.model.layers:
+            gate = layer.mlp.gate_proj.weight.clone()
+            layer.mlp.gate_proj.weight.copy_(layer.mlp.up_proj.weight)
+            layer.mlp.up_proj.weight.copy_(gate)
+    bad = gguf_file.verify(model, tokenizer, path, "q8_0")
+    assert good["passed"] and not bad["passed"], (good, bad)
+    monkeypatch.setattr(run, "verify", lambda *a: bad)  # the CLI refuses to call such a file an export
+    assert main(["export", str(tuned_run), "--format", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "bad")]) == 2
+    assert "do not deploy" in capsys.readouterr().err and (tmp_path / "bad" / "verification.json").exists()
 
 
 def test_adapter_export_has_a_card(tuned_run, tmp_path):

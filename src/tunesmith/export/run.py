@@ -43,11 +43,16 @@ def export_run(run_dir: Path, fmt: str, dtype: str = "f32", quant: str | None = 
             check = verify(model, tokenizer, tmp / name, kind)
             write_json_atomic(tmp / "verification.json", check)
             (tmp / "Modelfile").write_text(modelfile(name, tokenizer, cfg.data.template))
-            log(f"verification ({check['criterion']}): max logit difference {check['max_logit_diff']}, "
-                f"greedy continuations equal {sum(check['same_greedy_continuation'])}/{len(check['same_greedy_continuation'])}"
+            log(f"verification ({check['criterion']}): max logit difference {check['max_logit_diff']}, mean KL "
+                f"{check['mean_kl']:.4f} nats, same top token {check['same_top_token']:.0%}, greedy continuations equal "
+                f"{sum(check['same_greedy_continuation'])}/{len(check['same_greedy_continuation'])}"
                 f" -> {'passed' if check['passed'] else 'FAILED'}")
 
         publish_dir(out, write)
+        check = json.loads((out / "verification.json").read_text())
+        if not check["passed"]:
+            raise TunesmithError(f"{out / name} does not reproduce the model ({check['criterion']} failed: "
+                                 f"{json.dumps(check)}); the files are kept in {out} to inspect, do not deploy them")
         log(f"run it with Ollama: cd {out} && ollama create {run_dir.name.lower()} -f Modelfile && ollama run {run_dir.name.lower()}")
         log(f"or llama.cpp: llama-cli -m {out / name} -cnv")
     log(f"exported: {out}")
