@@ -20,7 +20,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.side_by_side import mean_score
 from tunesmith.train.rundir import write_text_atomic
 
-COLUMNS = ["method", "task metric", "held-out loss", "trainable params", "saved MB", "wall s", "tok/s", "peak RSS GB"]
+COLUMNS = ["method", "weights", "task metric", "held-out loss", "trainable params", "saved MB", "wall s", "tok/s", "peak RSS GB"]
 
 
 def rebuild(out: Path) -> list[dict]:
@@ -69,7 +69,7 @@ def _row(method: str, run: Path, wall: float, peak: float) -> dict:
         metric, base = mean_score(s["side_by_side"], "tuned"), mean_score(s["side_by_side"], "base")
     else:
         metric = base = None
-    return {"method": method, "task metric": metric, "base metric": base,
+    return {"method": method, "weights": s.get("dtype"), "task metric": metric, "base metric": base,
             "held-out loss": (s.get("after") or {}).get("eval_loss"), "base loss": (s.get("before") or {}).get("eval_loss"),
             "trainable params": s["params"]["trainable"], "saved MB": _size(run / "final") / 1e6, "wall s": wall,
             "tok/s": s["tok_s"], "peak RSS GB": peak / 2 ** 30, "classification": "eval_accuracy" in after}
@@ -93,7 +93,9 @@ def to_markdown(rows: list[dict]) -> str:
     base = next((r for r in rows if "base loss" in r), None)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     if base:
-        lines.append(f"| untrained base | {_fmt(base['base metric'])} | {_fmt(base['base loss'])} | 0 | - | - | - | - |")
+        untrained = {"method": "untrained base", "task metric": base["base metric"], "held-out loss": base["base loss"],
+                     "trainable params": 0}
+        lines.append("| " + " | ".join(_fmt(untrained.get(c)) for c in COLUMNS) + " |")
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 2))

@@ -406,7 +406,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                       [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
     tokens_seen, train_seconds = progress["tokens"], progress["train_seconds"]
     summary = {
-        "run_dir": str(run_dir), "task": task, "method": cfg.method.name, "best": best, "model": cfg.model.name, "params": params,
+        "run_dir": str(run_dir), "task": task, "method": cfg.method.name, "dtype": dtype_name, "best": best, "model": cfg.model.name, "params": params,
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
