@@ -75,3 +75,18 @@ def test_deepspeed_config_passes_through_but_not_the_keys_tunesmith_sets(tmp_pat
         load_config(None, ["train.distributed=deepspeed", "train.zero_stage=3"])
     with pytest.raises(TunesmithError, match="qlora"):
         check_combinations(load_config(None, ["train.distributed=deepspeed", "method.name=qlora"]))
+
+
+def test_recipes_and_config_show_from_the_cli(capsys):
+    import yaml
+
+    from tunesmith.cli.main import main
+
+    assert main(["recipes"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert sorted(listed) == sorted(list_recipes())
+    assert main(["config", "show", "tldr", "train.lr=5e-4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["lr"] == 5e-4 and shown["method"]["freeze_layers"] == 10  # the recipe's, then the override
+    assert main(["config", "show", "tldr", "train.lrr=5e-4"]) == 2
+    assert "unknown config key 'train.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
