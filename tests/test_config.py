@@ -90,3 +90,9 @@ def test_recipes_and_config_show_from_the_cli(capsys):
     assert shown["train"]["lr"] == 5e-4 and shown["method"]["freeze_layers"] == 10  # the recipe's, then the override
     assert main(["config", "show", "tldr", "train.lrr=5e-4"]) == 2
     assert "unknown config key 'train.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
+
+
+def test_a_bare_no_is_the_value_no_not_false(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML 1.1 reads no as false
+    (tmp_path / "r.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(str(tmp_path / "r.yaml"), []).train.mixed_precision == "no"

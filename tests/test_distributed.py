@@ -8,8 +8,9 @@ from tunesmith.train.distributed import Dist, shard
 from test_train import tiny_cfg
 
 # Every run here compares numbers across process counts and backends to 1e-5: float32 throughout (auto would pick
-# bfloat16 for LoRA alone or under DDP on a CPU with AMX, and float32 under FSDP / DeepSpeed).
-FLOAT32 = "model.dtype=float32"
+# bfloat16 for LoRA, and bfloat16 matmuls for full fine-tuning, alone or under DDP on a CPU with AMX, and float32
+# under FSDP / DeepSpeed).
+FLOAT32 = ["model.dtype=float32", "train.mixed_precision=no"]
 
 
 def test_shards_cover_each_step_once():
@@ -41,7 +42,7 @@ def run_one_and_two(tmp_path, model_dir, data_file, common: list, two_extra: lis
 
 
 def test_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file, capsys):
-    common = [FLOAT32, "train.max_steps=6", "train.threads=1", "data.val_size=8", "eval.every_steps=3", "eval.samples=0",
+    common = [*FLOAT32, "train.max_steps=6", "train.threads=1", "data.val_size=8", "eval.every_steps=3", "eval.samples=0",
               "train.micro_batch_size=4"]
     run_one_and_two(tmp_path, tiny_model_dir, instruction_file, common, [], ("loss", "eval_loss", "tokens"))
     s = json.loads((tmp_path / "runs" / "two" / "eval.json").read_text())
@@ -58,7 +59,7 @@ def test_a_run_started_on_two_processes_resumes_on_one(tmp_path, tiny_model_dir,
 
     from tunesmith.train.loop import train
 
-    common = [FLOAT32, "train.max_steps=6", "train.threads=1", "data.val_size=8", "eval.samples=0", "train.micro_batch_size=4",
+    common = [*FLOAT32, "train.max_steps=6", "train.threads=1", "data.val_size=8", "eval.samples=0", "train.micro_batch_size=4",
               "train.save_every_steps=2"]
     two = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=1", "output.name=two")
     (tmp_path / "two.yaml").write_text(dump_yaml(two))
@@ -78,7 +79,7 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file
     token budget per pass gives the ranks different numbers of passes (filler passes must count nothing)."""
     from safetensors.torch import load_file
 
-    common = [FLOAT32, "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.every_steps=2", "eval.samples=2",
+    common = [*FLOAT32, "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.every_steps=2", "eval.samples=2",
               "train.micro_batch_size=4", "train.batch_tokens=40"]
     run_one_and_two(tmp_path, tiny_model_dir, instruction_file, common, ["train.distributed=fsdp"],
                     ("loss", "eval_loss", "grad_norm"))
@@ -98,7 +99,7 @@ def test_fsdp_full_finetune_checkpoint_resumes_on_one_process(tmp_path, tiny_mod
 
     from tunesmith.train.loop import train
 
-    common = [FLOAT32, "method.name=full", "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.samples=0",
+    common = [*FLOAT32, "method.name=full", "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.samples=0",
               "train.micro_batch_size=4", "train.save_every_steps=2", "output.name=run"]
     two = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=1", "train.distributed=fsdp")
     (tmp_path / "two.yaml").write_text(dump_yaml(two))
@@ -124,7 +125,7 @@ def test_deepspeed_zero2_two_processes_match_one_and_resume_on_one(tmp_path, tin
 
     from tunesmith.train.loop import train
 
-    common = [FLOAT32, "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.every_steps=2", "eval.samples=0",
+    common = [*FLOAT32, "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.every_steps=2", "eval.samples=0",
               "train.micro_batch_size=4", "train.batch_tokens=40", "train.save_every_steps=2"]
     run_one_and_two(tmp_path, tiny_model_dir, instruction_file, common, ["train.distributed=deepspeed"],
                     ("loss", "eval_loss", "grad_norm"))
@@ -146,7 +147,7 @@ def test_a_one_process_checkpoint_resumes_under_deepspeed_zero1(tmp_path, tiny_m
 
     from safetensors.torch import load_file
 
-    common = [FLOAT32, "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.samples=0", "train.micro_batch_size=4",
+    common = [*FLOAT32, "train.max_steps=4", "train.threads=1", "data.val_size=8", "eval.samples=0", "train.micro_batch_size=4",
               "train.save_every_steps=2", "output.name=run"]
     one = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *common, "train.grad_accum=2")
     (tmp_path / "one.yaml").write_text(dump_yaml(one))

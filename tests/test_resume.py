@@ -180,6 +180,22 @@ def test_resume_says_when_auto_dtype_resolves_differently(tmp_path, tiny_model_d
     assert "goes on in" not in capsys.readouterr().out  # the checkpoint's own dtype: nothing to say
 
 
+def test_resume_says_when_auto_mixed_precision_resolves_differently(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):
+    import shutil
+
+    from tunesmith.models import load as load_module
+
+    cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, "moved-full", "train.max_steps=4", "method.name=full")
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: True)
+    run = train(cfg).run_dir
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: False)
+    train(cfg, resume=run)
+    assert re.search(r"note: this run trained in float32 weights with bfloat16 matmuls up to step \d+ and goes on in "
+                     r"float32 \(train.mixed_precision=auto\); set train.mixed_precision=bf16 to keep it", capsys.readouterr().out)
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):
     real, calls = checkpoint.save_file, []
 

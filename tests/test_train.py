@@ -49,6 +49,42 @@ def test_auto_dtype_on_a_cpu_with_amx_is_bfloat16_only_for_causal_lora_outside_f
     assert load_module.pick_dtype("auto", cpu, "lora", "causal", "ddp") == torch.float32
 
 
+def test_full_fine_tuning_keeps_float32_weights_and_gets_bfloat16_matmuls_where_they_are_fast(monkeypatch):
+    from tunesmith.models import load as load_module
+
+    cpu, gpu, bf16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for device in (cpu, gpu):  # on a GPU too: bfloat16 weights would round full fine-tuning's updates away
+        for method in ("full", "bitfit"):
+            assert load_module.pick_dtype("auto", device, method, "causal") == fp32
+            assert load_module.pick_autocast("auto", fp32, device, method, "causal", "ddp") == bf16
+    assert load_module.pick_dtype("auto", gpu, "lora", "causal") == bf16
+    for method, task, distributed in [("lora", "causal", "ddp"), ("full", "classification", "ddp"), ("full", "dpo", "ddp"),
+                                      ("full", "causal", "fsdp"), ("full", "causal", "deepspeed")]:
+        assert load_module.pick_autocast("auto", fp32, cpu, method, task, distributed) is None, (method, task, distributed)
+    assert load_module.pick_autocast("auto", bf16, cpu, "full", "causal", "ddp") is None  # only over float32 weights
+    assert load_module.pick_autocast("no", fp32, cpu, "full", "causal", "ddp") is None
+    assert load_module.pick_autocast("bf16", fp32, cpu, "ia3", "dpo", "ddp") == bf16  # asked for: any method
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: False)
+    assert load_module.pick_autocast("auto", fp32, cpu, "full", "causal", "ddp") is None
+
+
+def test_bfloat16_matmuls_over_float32_weights_learn_and_save_float32(tmp_path, tiny_model_dir, instruction_file):
+    from safetensors.torch import load_file
+
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "method.name=full", "train.lr=1e-3",
+                         "train.mixed_precision=bf16"))
+    assert res.summary["after"]["eval_loss"] < res.summary["before"]["eval_loss"]
+    assert res.summary["mixed_precision"] == "bf16" and res.summary["dtype"] == "float32"
+    assert "method: full, float32 weights, bfloat16 matmuls (autocast) |" in (res.run_dir / "train.log").read_text()
+    saved = load_file(res.run_dir / "final" / "model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    for bad in (["model.dtype=bfloat16"], ["train.distributed=fsdp"]):
+        with pytest.raises(TunesmithError, match="train.mixed_precision=bf16 runs matmuls in bfloat16 over float32"):
+            train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.mixed_precision=bf16", *bad))
+
+
 def test_a_bfloat16_lora_run_learns_and_saves_float32_adapters(tmp_path, tiny_model_dir, instruction_file):
     from safetensors.torch import load_file
 

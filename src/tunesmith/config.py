@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunesmith.errors import TunesmithError
 
@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field("smollm2-135m-instruct", description="Bundled short name (`smollm2-135m-instruct`, `minilm-l6`), a local HF folder, a local `.gguf` file, a tunesmith run dir, or a hub id (needs network).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight/compute dtype. `auto`: bfloat16 on GPUs that support it; on a CPU with AMX, bfloat16 for causal LoRA outside FSDP/DeepSpeed (adapters stay float32; 1.3x tokens/s over a 12-minute run at the same quality, docs/performance.md); else float32. The train log's `method:` line names the dtype chosen.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype. `auto`: float32 for full fine-tuning and BitFit (their updates need it; `train.mixed_precision` gives them bfloat16 matmuls); for other methods bfloat16 on GPUs that support it, and on a CPU with AMX for causal LoRA outside FSDP/DeepSpeed (adapters stay float32; 1.3x tokens/s over a 12-minute run at the same quality, docs/performance.md); else float32. The train log's `method:` line names the dtype chosen.")
 
 
 class DataConfig(Section):
@@ -94,10 +94,16 @@ class TrainConfig(Section):
     log_every_steps: int = Field(1, ge=1, description="Append a line to metrics.jsonl every N optimizer steps.")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads; unset = the cores this process may use.")
     neftune_noise_alpha: Optional[float] = Field(None, gt=0, description="NEFTune: uniform noise of scale alpha / sqrt(length x width) on the input embeddings while training (not in evaluation or generation), as TRL's `neftune_noise_alpha`; the paper used 5-15. Unset = off. Generation tasks and classifiers; not DPO.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="`bf16`: training forward passes run their matmuls in bfloat16 under autocast over float32 weights (gradients, optimizer state and saved weights stay float32; held-out evaluation runs in the weights' dtype). `auto`: on for full fine-tuning and BitFit of causal LMs under DDP or one process, on a device with fast bfloat16 (a GPU that supports it, a CPU with AMX): their updates are too small for bfloat16 weights (`model.dtype: auto` keeps them float32), while autocast still gains speed (docs/performance.md); off elsewhere. Not with FSDP / DeepSpeed or bfloat16/float16 weights. The log's `method:` line says when it is on.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward: much less memory for long sequences / big batches, ~30% more compute. Off by default.")
     distributed: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="With several processes (`--nproc`, torchrun): `ddp` keeps a full model copy per process and sums gradients; `fsdp` (PyTorch FSDP2) shards weights, gradients and optimizer state across processes, each decoder block gathered only while it computes -- for models that do not fit one device; `deepspeed` runs DeepSpeed ZeRO (stage `zero_stage`, your `deepspeed_config` passed through; needs `pip install deepspeed`). Checkpoints are consolidated for all three, so a run can resume on another process count or backend. See docs/scaling.md.")
     zero_stage: Literal[1, 2] = Field(2, description="`distributed=deepspeed`: ZeRO stage 1 (optimizer state partitioned across processes) or 2 (also gradients). For sharded weights (stage 3's job) use `distributed=fsdp`.")
     deepspeed_config: Optional[str] = Field(None, description="`distributed=deepspeed`: a DeepSpeed JSON config whose settings are passed through (e.g. `zero_optimization` bucket sizes, `overlap_comm`, `offload_optimizer`); the batch sizes, accumulation, clipping, optimizer and schedule are tunesmith's (`train.*`) and may not be set there.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):  # YAML reads a bare `no` (mixed_precision: no, train.mixed_precision=no) as false
+        return "no" if value is False else value
 
 
 class EvalConfig(Section):
@@ -235,6 +241,10 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
                                                  or cfg.train.on_nonfinite == "skip"):
         raise TunesmithError("train.distributed=deepspeed runs with train.optimizer=adamw, train.on_nonfinite=stop and a method whose "
                              "weights are not quantized (not qlora / lora-int8); use train.distributed=ddp for those")
+    if cfg.train.mixed_precision == "bf16" and (cfg.train.distributed != "ddp" or cfg.model.dtype in ("bfloat16", "float16")):
+        raise TunesmithError(f"train.mixed_precision=bf16 runs matmuls in bfloat16 over float32 weights, not built for "
+                             f"model.dtype={cfg.model.dtype} with train.distributed={cfg.train.distributed}: set "
+                             f"model.dtype=float32 (or auto) and train.distributed=ddp, or train.mixed_precision=no")
     if cfg.train.distributed != "deepspeed" and cfg.train.deepspeed_config:
         raise TunesmithError("train.deepspeed_config is only read with train.distributed=deepspeed")
     if cfg.train.distributed == "fsdp" and cfg.method.name not in FSDP_METHODS:

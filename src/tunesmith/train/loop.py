@@ -32,7 +32,8 @@ from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows, format_table
 from tunesmith.methods import get_method, lora, parameter_report, quantization
-from tunesmith.models import load_model, load_tokenizer, max_positions, merge_adapter, model_fingerprint, pick_device, pick_dtype, resolve_model_dir
+from tunesmith.models import (load_model, load_tokenizer, max_positions, merge_adapter, model_fingerprint, pick_autocast, pick_device,
+                              pick_dtype, resolve_model_dir)
 from tunesmith.train import checkpoint
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
@@ -89,6 +90,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     check_combinations(cfg, task)
     dtype = pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)
     dtype_name = str(dtype).removeprefix("torch.")
+    amp = pick_autocast(cfg.train.mixed_precision, dtype, device, cfg.method.name, task, cfg.train.distributed)
+
+    def mixed_precision():  # the context of every training forward pass (and of what it is compared with)
+        return torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
     log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
         f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "
         f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
@@ -109,7 +114,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         model.name_or_path = str(model_dir)  # a new adapter then names that run as its base
     model = method.apply(model, cfg.method, task)
     params = parameter_report(model)
-    log(f"method: {cfg.method.name}, {dtype_name} weights | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
+    log(f"method: {cfg.method.name}, {dtype_name} weights" + (", bfloat16 matmuls (autocast)" if amp else "")
+        + f" | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
     if cfg.train.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -172,7 +178,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         # with an adapter the reference is the same model with the adapter off (computed per step); otherwise
         # the training pairs' reference log-probs are computed here, once
         if not hasattr(model, "disable_adapter"):
-            ref_train = reference_logprobs(model, data.train.tokens, pad_id)
+            with mixed_precision():  # as the policy's log-probs are computed in training
+                ref_train = reference_logprobs(model, data.train.tokens, pad_id)
 
     def evaluate(model) -> dict:
         if task == "dpo":
@@ -242,14 +249,18 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         + f", {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None,
                 "first_step_seconds": 0.0, "planned_steps": total_steps, "global_batch": global_batch,
-                "dtype": dtype_name}
-    if ckpt:
-        trained_in = ckpt.progress.get("dtype", dtype_name)
-        if trained_in != dtype_name:  # model.dtype auto resolved differently on another machine or backend
-            log(f"note: this run trained in {trained_in} up to step {ckpt.step} and goes on in {dtype_name} "
-                f"(model.dtype={cfg.model.dtype}); set model.dtype={trained_in} to keep it")
+                "dtype": dtype_name, "autocast": amp is not None}
+    if ckpt:  # auto may resolve differently on another machine or backend: say so, and how to keep the old way
+        then = {"model.dtype": ckpt.progress.get("dtype", dtype_name),
+                "train.mixed_precision": "bf16" if ckpt.progress.get("autocast", amp is not None) else "no"}
+        now = {"model.dtype": dtype_name, "train.mixed_precision": "bf16" if amp else "no"}
+        changed = [k for k in then if then[k] != now[k]]
+        if changed:
+            log(f"note: this run trained in {_precision(then)} up to step {ckpt.step} and goes on in {_precision(now)} ("
+                + ", ".join(f"{k}={cfg.model.dtype if k == 'model.dtype' else cfg.train.mixed_precision}" for k in changed)
+                + "); set " + " ".join(f"{k}={then[k]}" for k in changed) + " to keep it")
         checkpoint.restore(ckpt, model, optimizer)
-        progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items() if k != "dtype"})
+        progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items() if k not in ("dtype", "autocast")})
         total_steps = progress["planned_steps"] if budget else total_steps
         if progress["global_batch"] != global_batch:
             raise TunesmithError(f"{ckpt.path} was trained with a global batch of {progress['global_batch']} examples; this launch "
@@ -298,17 +309,18 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             label_tokens = sum(example_labels[i] for i in step_examples)  # normalise by the whole global step's labels
             step_loss = 0.0
             for (p, real), batch in zip(passes, batches):
-                if topk is not None:
-                    loss = cached_distill_sum_loss(model, batch, topk.rows(p), cfg.distill) / label_tokens
-                elif teacher is not None and not sequence_distill:
-                    loss = distill_sum_loss(model, teacher, batch, cfg.distill) / label_tokens
-                elif task == "dpo":
-                    ref = None if reference_free else _reference(model, batch, ref_train, p)
-                    loss = dpo_sum_loss(model, batch, ref, cfg.dpo) / label_tokens
-                elif task == "classification":
-                    loss = class_sum_loss(model, batch) / label_tokens
-                else:
-                    loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
+                with mixed_precision():
+                    if topk is not None:
+                        loss = cached_distill_sum_loss(model, batch, topk.rows(p), cfg.distill) / label_tokens
+                    elif teacher is not None and not sequence_distill:
+                        loss = distill_sum_loss(model, teacher, batch, cfg.distill) / label_tokens
+                    elif task == "dpo":
+                        ref = None if reference_free else _reference(model, batch, ref_train, p)
+                        loss = dpo_sum_loss(model, batch, ref, cfg.dpo) / label_tokens
+                    elif task == "classification":
+                        loss = class_sum_loss(model, batch) / label_tokens
+                    else:
+                        loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
                 # FSDP, ZeRO: x world undoes their average over ranks; a filler pass joins the collectives, counts nothing
                 scaled = loss * (distributed.grad_scale(ddp) if real else 0.0)
                 if engine is not None:
@@ -406,7 +418,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                       [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
     tokens_seen, train_seconds = progress["tokens"], progress["train_seconds"]
     summary = {
-        "run_dir": str(run_dir), "task": task, "method": cfg.method.name, "dtype": dtype_name, "best": best, "model": cfg.model.name, "params": params,
+        "run_dir": str(run_dir), "task": task, "method": cfg.method.name, "dtype": dtype_name,
+        "mixed_precision": "bf16" if amp else None, "best": best, "model": cfg.model.name, "params": params,
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
@@ -463,6 +476,12 @@ def _improves(metric: str | None, record: dict, best: dict | None) -> bool:
 def _as_base(model):
     """The model without its adapter (peft methods), for measuring the base in place."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def _precision(settings: dict) -> str:
+    """'float32', or 'float32 weights with bfloat16 matmuls' (train.mixed_precision)."""
+    dtype = settings["model.dtype"]
+    return f"{dtype} weights with bfloat16 matmuls" if settings["train.mixed_precision"] == "bf16" else dtype
 
 
 def _auto_resume_dir(cfg: Config) -> Path | None:
