@@ -94,6 +94,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
 
     def mixed_precision():  # the context of every training forward pass (and of what it is compared with)
         return torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+
     log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
         f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "
         f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
@@ -254,11 +255,12 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         then = {"model.dtype": ckpt.progress.get("dtype", dtype_name),
                 "train.mixed_precision": "bf16" if ckpt.progress.get("autocast", amp is not None) else "no"}
         now = {"model.dtype": dtype_name, "train.mixed_precision": "bf16" if amp else "no"}
+        asked = {"model.dtype": cfg.model.dtype, "train.mixed_precision": cfg.train.mixed_precision}
         changed = [k for k in then if then[k] != now[k]]
         if changed:
             log(f"note: this run trained in {_precision(then)} up to step {ckpt.step} and goes on in {_precision(now)} ("
-                + ", ".join(f"{k}={cfg.model.dtype if k == 'model.dtype' else cfg.train.mixed_precision}" for k in changed)
-                + "); set " + " ".join(f"{k}={then[k]}" for k in changed) + " to keep it")
+                + ", ".join(f"{k}={asked[k]}" for k in changed) + "); set "
+                + " ".join(f"{k}={then[k]}" for k in changed) + " to keep it")
         checkpoint.restore(ckpt, model, optimizer)
         progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items() if k not in ("dtype", "autocast")})
         total_steps = progress["planned_steps"] if budget else total_steps
