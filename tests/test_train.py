@@ -73,6 +73,9 @@ def test_full_fine_tuning_keeps_float32_weights_and_gets_bfloat16_matmuls_where_
 def test_bfloat16_matmuls_over_float32_weights_learn_and_save_float32(tmp_path, tiny_model_dir, instruction_file):
     from safetensors.torch import load_file
 
+    lora = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.mixed_precision=bf16", "model.dtype=float32",
+                          "output.name=lora"))
+    assert lora.summary["after"]["eval_loss"] < lora.summary["before"]["eval_loss"]  # peft's layer under autocast
     res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "method.name=full", "train.lr=1e-3",
                          "train.mixed_precision=bf16"))
     assert res.summary["after"]["eval_loss"] < res.summary["before"]["eval_loss"]

@@ -5,7 +5,7 @@ multiply and an add over the whole output in forward, and more elementwise work 
 about a fifth of a CPU step on SmolLM2. `MergedLoraLinear` computes the same function with one
 GEMM each way on the merged weight `W + s B A`. It plugs in through peft's custom-module hook, so
 the adapter's parameters, saving and loading are plain peft. It is used when dropout is 0 and DoRA
-is off; otherwise the stock peft layer runs. On a bfloat16 base, peft's float32 adapter is computed in bfloat16
+is off and autocast is not (`train.mixed_precision`); otherwise the stock peft layer runs. On a bfloat16 base, peft's float32 adapter is computed in bfloat16
 (gradients returned in float32).
 
 The merged weight is built once per weight update and kept (one extra copy of the adapted weights):
@@ -89,7 +89,7 @@ class MergedLoraLinear(PeftLoraLinear):
         active = self.active_adapters
         if (self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] in self.lora_variant
                 or active[0] not in self.lora_A or not isinstance(self.lora_dropout[active[0]], torch.nn.Identity)
-                or x.dtype != self.get_base_layer().weight.dtype):
+                or x.dtype != self.get_base_layer().weight.dtype or torch.is_autocast_enabled(x.device.type)):
             return super().forward(x, *args, **kwargs)
         name, base = active[0], self.get_base_layer()
         weight, lora_a, lora_b, scaling = base.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
