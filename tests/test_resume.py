@@ -157,6 +157,21 @@ def test_resume_names_the_settings_that_changed(tmp_path, tiny_model_dir, instru
     assert "changed settings" not in capsys.readouterr().out
 
 
+def _train_then_resume_on_another_cpu(cfg, monkeypatch, capsys, amx_first: bool):
+    """Train `cfg` on a CPU with (or without) AMX, then resume it on one without (or with): the resume's output."""
+    import shutil
+
+    from tunesmith.models import load as load_module
+
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: amx_first)
+    run = train(cfg).run_dir
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: not amx_first)
+    train(cfg, resume=run)
+    return run, capsys.readouterr().out
+
+
 def test_resume_says_when_auto_dtype_resolves_differently(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):
     """model.dtype auto picks bfloat16 for LoRA on an AMX CPU: a run resumed on another machine says it changes dtype."""
     import shutil
@@ -164,13 +179,8 @@ def test_resume_says_when_auto_dtype_resolves_differently(tmp_path, tiny_model_d
     from tunesmith.models import load as load_module
 
     cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, "moved", "train.max_steps=4")
-    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: False)
-    run = train(cfg).run_dir
-    shutil.rmtree(run / "final")
-    capsys.readouterr()
-    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: True)
-    train(cfg, resume=run)
-    out, log = capsys.readouterr().out, (run / "train.log").read_text()
+    run, out = _train_then_resume_on_another_cpu(cfg, monkeypatch, capsys, amx_first=False)
+    log = (run / "train.log").read_text()
     line = re.search(r"note: this run trained in float32 up to step \d+ and goes on in bfloat16 \(model.dtype=auto\); "
                      r"set model.dtype=float32 to keep it", out)
     assert line and line.group(0) in log
@@ -181,19 +191,10 @@ def test_resume_says_when_auto_dtype_resolves_differently(tmp_path, tiny_model_d
 
 
 def test_resume_says_when_auto_mixed_precision_resolves_differently(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):
-    import shutil
-
-    from tunesmith.models import load as load_module
-
     cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, "moved-full", "train.max_steps=4", "method.name=full")
-    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: True)
-    run = train(cfg).run_dir
-    shutil.rmtree(run / "final")
-    capsys.readouterr()
-    monkeypatch.setattr(load_module, "cpu_has_amx", lambda: False)
-    train(cfg, resume=run)
+    _, out = _train_then_resume_on_another_cpu(cfg, monkeypatch, capsys, amx_first=True)
     assert re.search(r"note: this run trained in float32 weights with bfloat16 matmuls up to step \d+ and goes on in "
-                     r"float32 \(train.mixed_precision=auto\); set train.mixed_precision=bf16 to keep it", capsys.readouterr().out)
+                     r"float32 \(train.mixed_precision=auto\); set train.mixed_precision=bf16 to keep it", out)
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(tmp_path, tiny_model_dir, instruction_file, monkeypatch, capsys):

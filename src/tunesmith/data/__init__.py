@@ -1,4 +1,5 @@
 """Data: read files, detect and validate the record shape, render, mask, tokenize, split, batch."""
 from tunesmith.data.prepare import PreparedData, prepare
+from tunesmith.data.shapes import resolve_task
 
-__all__ = ["PreparedData", "prepare"]
+__all__ = ["PreparedData", "prepare", "resolve_task"]

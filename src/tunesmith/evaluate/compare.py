@@ -69,7 +69,10 @@ def _row(method: str, run: Path, wall: float, peak: float) -> dict:
         metric, base = mean_score(s["side_by_side"], "tuned"), mean_score(s["side_by_side"], "base")
     else:
         metric = base = None
-    return {"method": method, "weights": (s.get("dtype") or "") + (", bfloat16 matmuls" if s.get("mixed_precision") else "") or None, "task metric": metric, "base metric": base,
+    weights = s.get("dtype")  # and ", bfloat16 matmuls" under train.mixed_precision
+    if weights and s.get("mixed_precision"):
+        weights += ", bfloat16 matmuls"
+    return {"method": method, "weights": weights, "task metric": metric, "base metric": base,
             "held-out loss": (s.get("after") or {}).get("eval_loss"), "base loss": (s.get("before") or {}).get("eval_loss"),
             "trainable params": s["params"]["trainable"], "saved MB": _size(run / "final") / 1e6, "wall s": wall,
             "tok/s": s["tok_s"], "peak RSS GB": peak / 2 ** 30, "classification": "eval_accuracy" in after}

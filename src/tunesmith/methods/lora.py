@@ -4,9 +4,9 @@ Speed: peft computes `W x + s * B(A(x))`, i.e. per adapted layer two extra small
 multiply and an add over the whole output in forward, and more elementwise work in backward —
 about a fifth of a CPU step on SmolLM2. `MergedLoraLinear` computes the same function with one
 GEMM each way on the merged weight `W + s B A`. It plugs in through peft's custom-module hook, so
-the adapter's parameters, saving and loading are plain peft. It is used when dropout is 0 and DoRA
-is off and autocast is not (`train.mixed_precision`); otherwise the stock peft layer runs. On a bfloat16 base, peft's float32 adapter is computed in bfloat16
-(gradients returned in float32).
+the adapter's parameters, saving and loading are plain peft. It is used when dropout is 0, DoRA is off
+and autocast is not on (`train.mixed_precision`); otherwise the stock peft layer runs. On a bfloat16
+base, peft's float32 adapter is computed in bfloat16 (gradients returned in float32).
 
 The merged weight is built once per weight update and kept (one extra copy of the adapted weights):
 a step of several forward passes, the backward passes and token-by-token generation all reuse it.

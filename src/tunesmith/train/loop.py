@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from tunesmith.config import Config, changed_settings, check_combinations, dump_yaml, read_yaml
-from tunesmith.data import prepare
+from tunesmith.data import prepare, resolve_task
 from tunesmith.data.render import IGNORE
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
 from tunesmith.data.shapes import user_text
@@ -32,9 +32,8 @@ from tunesmith.evaluate.heldout import heldout_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows, format_table
 from tunesmith.methods import get_method, lora, parameter_report, quantization
-from tunesmith.models import (load_model, load_tokenizer, max_positions, merge_adapter, model_fingerprint, pick_autocast, pick_device,
-                              pick_dtype, resolve_model_dir)
-from tunesmith.train import checkpoint
+from tunesmith.models import load_model, load_tokenizer, max_positions, merge_adapter, model_fingerprint, pick_device, resolve_model_dir
+from tunesmith.train import checkpoint, precision as run_precision
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.loss import class_sum_loss, sum_loss
 from tunesmith.train.distill import cached_distill_sum_loss, check_tokenizers, distill_sum_loss, teacher_answers, teacher_topk
@@ -43,7 +42,7 @@ from tunesmith.train import distributed, neftune, zero
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.train.runlog import RunLog, append_jsonl, metrics_line, result_lines, truncate_metrics
-from tunesmith.train.plan import estimate, matmul_dtype, matmul_gflops
+from tunesmith.train.plan import estimate
 from tunesmith.train.trackers import Trackers, check_installed
 from tunesmith.train.schedule import budget_steps, lr_at, make_optimizer, plan_steps, warmup_steps
 
@@ -88,13 +87,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     st = data.stats
     task = resolve_task(cfg.task, data.format)
     check_combinations(cfg, task)
-    dtype = pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)
-    dtype_name = str(dtype).removeprefix("torch.")
-    amp = pick_autocast(cfg.train.mixed_precision, dtype, device, cfg.method.name, task, cfg.train.distributed)
-
-    def mixed_precision():  # the context of every training forward pass (and of what it is compared with)
-        return torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-
+    precision = run_precision.choose(cfg, device, task)  # weights' dtype; bfloat16 matmuls over float32 ones
+    dtype = precision.dtype
     log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
         f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "
         f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
@@ -115,8 +109,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         model.name_or_path = str(model_dir)  # a new adapter then names that run as its base
     model = method.apply(model, cfg.method, task)
     params = parameter_report(model)
-    log(f"method: {cfg.method.name}, {dtype_name} weights" + (", bfloat16 matmuls (autocast)" if amp else "")
-        + f" | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
+    log(f"method: {cfg.method.name}, {precision.describe()} | trainable {params['trainable']:,} / {params['total']:,} parameters ({params['percent']:.2f}%)")
     if cfg.train.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -179,7 +172,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         # with an adapter the reference is the same model with the adapter off (computed per step); otherwise
         # the training pairs' reference log-probs are computed here, once
         if not hasattr(model, "disable_adapter"):
-            with mixed_precision():  # as the policy's log-probs are computed in training
+            with precision.context(device):  # as the policy's log-probs are computed in training
                 ref_train = reference_logprobs(model, data.train.tokens, pad_id)
 
     def evaluate(model) -> dict:
@@ -232,7 +225,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     if budget:  # a first plan from this machine's measured matmul speed; re-planned from real steps below
         step_cap = total_steps
-        guess = estimate(cfg, model, params["trainable"], st, total_steps, matmul_gflops(0.5, matmul_dtype(model))).seconds / total_steps
+        guess = estimate(cfg, model, params["trainable"], st, total_steps, time_it=0.5).seconds / total_steps
         total_steps = max(1, min(step_cap, int(budget / guess)))
         log(f"time budget {cfg.train.max_minutes:g} min: first plan {total_steps} steps (~{guess:.1f} s/step estimated), "
             f"re-planned from the measured pace as training runs")
@@ -250,19 +243,12 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         + f", {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = {"step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0, "evals": [], "skipped_steps": [], "best": None,
                 "first_step_seconds": 0.0, "planned_steps": total_steps, "global_batch": global_batch,
-                "dtype": dtype_name, "autocast": amp is not None}
-    if ckpt:  # auto may resolve differently on another machine or backend: say so, and how to keep the old way
-        then = {"model.dtype": ckpt.progress.get("dtype", dtype_name),
-                "train.mixed_precision": "bf16" if ckpt.progress.get("autocast", amp is not None) else "no"}
-        now = {"model.dtype": dtype_name, "train.mixed_precision": "bf16" if amp else "no"}
-        asked = {"model.dtype": cfg.model.dtype, "train.mixed_precision": cfg.train.mixed_precision}
-        changed = [k for k in then if then[k] != now[k]]
-        if changed:
-            log(f"note: this run trained in {_precision(then)} up to step {ckpt.step} and goes on in {_precision(now)} ("
-                + ", ".join(f"{k}={asked[k]}" for k in changed) + "); set "
-                + " ".join(f"{k}={then[k]}" for k in changed) + " to keep it")
+                "precision": precision.settings()}
+    if ckpt:
+        if note := run_precision.resume_note(ckpt.progress, precision, cfg, ckpt.step):
+            log(note)  # auto resolved differently on another machine or backend
         checkpoint.restore(ckpt, model, optimizer)
-        progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items() if k not in ("dtype", "autocast")})
+        progress.update({k: ckpt.progress.get(k, v) for k, v in progress.items() if k != "precision"})
         total_steps = progress["planned_steps"] if budget else total_steps
         if progress["global_batch"] != global_batch:
             raise TunesmithError(f"{ckpt.path} was trained with a global batch of {progress['global_batch']} examples; this launch "
@@ -311,7 +297,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             label_tokens = sum(example_labels[i] for i in step_examples)  # normalise by the whole global step's labels
             step_loss = 0.0
             for (p, real), batch in zip(passes, batches):
-                with mixed_precision():
+                with precision.context(device):
                     if topk is not None:
                         loss = cached_distill_sum_loss(model, batch, topk.rows(p), cfg.distill) / label_tokens
                     elif teacher is not None and not sequence_distill:
@@ -420,8 +406,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                       [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
     tokens_seen, train_seconds = progress["tokens"], progress["train_seconds"]
     summary = {
-        "run_dir": str(run_dir), "task": task, "method": cfg.method.name, "dtype": dtype_name,
-        "mixed_precision": "bf16" if amp else None, "best": best, "model": cfg.model.name, "params": params,
+        "run_dir": str(run_dir), "task": task, "method": cfg.method.name, "dtype": precision.dtype_name,
+        "mixed_precision": "bf16" if precision.autocast else None, "best": best, "model": cfg.model.name, "params": params,
         "data": data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
         "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
         "before": before, "after": after, "evals": progress["evals"], "skipped_steps": progress["skipped_steps"],
@@ -445,19 +431,6 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     return RunResult(run_dir, summary)
 
 
-DATA_TASK = {"classification": "classification", "preference": "dpo"}
-TASK_DATA = {"classification": "text + label records", "dpo": "prompt/chosen/rejected pairs", "causal": "generation data"}
-
-
-def resolve_task(task: str, data_format: str) -> str:
-    fits = DATA_TASK.get(data_format, "causal")
-    if task == "auto":
-        return fits
-    if task != fits:
-        raise TunesmithError(f"task={task} does not fit data in {data_format} format ({TASK_DATA[task]} expected)")
-    return task
-
-
 def _reference(model, batch, ref_train, pass_examples) -> torch.Tensor:
     """Reference log-probs (chosen, rejected) of this pass's pairs: precomputed, or the model with its adapter off."""
     if ref_train is not None:
@@ -478,12 +451,6 @@ def _improves(metric: str | None, record: dict, best: dict | None) -> bool:
 def _as_base(model):
     """The model without its adapter (peft methods), for measuring the base in place."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-
-
-def _precision(settings: dict) -> str:
-    """'float32', or 'float32 weights with bfloat16 matmuls' (train.mixed_precision)."""
-    dtype = settings["model.dtype"]
-    return f"{dtype} weights with bfloat16 matmuls" if settings["train.mixed_precision"] == "bf16" else dtype
 
 
 def _auto_resume_dir(cfg: Config) -> Path | None:

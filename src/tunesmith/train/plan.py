@@ -113,9 +113,9 @@ def matmul_dtype(model) -> torch.dtype:
     return dtype if dtype in STEP_EFFICIENCY else torch.float32
 
 
-def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, matmul_gflops: float | None = None) -> Plan:
-    """Without `matmul_gflops` (as in `train`'s own pre-flight check) the time is not estimated; with it, it
-    must have been measured in `matmul_dtype(model)`."""
+def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, time_it: float = 0.0) -> Plan:
+    """With `time_it` seconds, this machine's matmul throughput is measured in the weights' dtype for a time
+    estimate; without (as in `train`'s own pre-flight check) the time is not estimated."""
     config = model.config
     el = next(model.parameters()).element_size()
     n_params = sum(p.numel() for p in model.parameters())
@@ -151,9 +151,10 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, m
     tokens = int(total_steps * examples_per_step * mean_len)
     fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full", frozen)
     dtype = matmul_dtype(model)
-    seconds = tokens * fpt / (matmul_gflops * 1e9 * STEP_EFFICIENCY[dtype]) if matmul_gflops else 0.0
+    gflops = matmul_gflops(time_it, dtype) if time_it else 0.0
+    seconds = tokens * fpt / (gflops * 1e9 * STEP_EFFICIENCY[dtype]) if gflops else 0.0
     budget_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
-    plan = Plan(parts, available_memory(), tokens, fpt, matmul_gflops or 0.0, seconds, dtype, budget_seconds)
+    plan = Plan(parts, available_memory(), tokens, fpt, gflops, seconds, dtype, budget_seconds)
     plan.suggestions = _suggestions(cfg, pass_tokens)
     return plan
 
@@ -206,10 +207,9 @@ def _duration(seconds: float) -> str:
 
 def plan_config(cfg) -> Plan:
     """`tunesmith plan`: load the model, data and method as `train` would, then estimate."""
-    from tunesmith.data import prepare
+    from tunesmith.data import prepare, resolve_task
     from tunesmith.methods import get_method, parameter_report, quantization
     from tunesmith.models import load_model, load_tokenizer, max_positions, pick_device, pick_dtype, resolve_model_dir
-    from tunesmith.train.loop import resolve_task
     from tunesmith.train.machine import configure_threads
     from tunesmith.train.schedule import plan_steps
 
@@ -223,5 +223,4 @@ def plan_config(cfg) -> Plan:
     model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
     model = method.apply(model, cfg.method)
     _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])
-    return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps,
-                    matmul_gflops(dtype=matmul_dtype(model)))
+    return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, time_it=1.0)
