@@ -260,6 +260,29 @@ def test_output_resume_auto_continues_a_stopped_run(tmp_path, tiny_model_dir, in
         train(cfg)  # finished now: auto does not resume (or overwrite) a finished run
 
 
+def test_full_fine_tuning_through_bfloat16_weight_copies_resumes_exactly(tmp_path, tiny_model_dir, instruction_file):
+    """The copies are not in a checkpoint: trained ones are rebuilt from the float32 weights every step, frozen ones
+    (the embeddings) from the base, so a resumed run goes on bit for bit."""
+    import shutil
+
+    def run(name):
+        cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, name, "method.name=full", "train.lr=1e-3",
+                         "train.mixed_precision=bf16", "train.max_steps=12", "output.resume=auto")
+        return cfg, train(cfg).run_dir
+
+    _, reference = run("copies-reference")
+    cfg, stopped = run("copies-stopped")
+    shutil.rmtree(stopped / "final")
+    for p in checkpoint.all_checkpoints(stopped)[2:]:
+        shutil.rmtree(p)
+    assert train(cfg).summary["resumed_from"] == 4
+    weights = [load_file(d / "final" / "model.safetensors") for d in (reference, stopped)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    losses = [[(r["step"], r.get("loss")) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+              for d in (reference, stopped)]
+    assert losses[0] == losses[1]
+
+
 BAD_DATA = {
     "empty.jsonl": "",
     "not_json.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',

@@ -80,12 +80,48 @@ def test_bfloat16_matmuls_over_float32_weights_learn_and_save_float32(tmp_path, 
                          "train.mixed_precision=bf16"))
     assert res.summary["after"]["eval_loss"] < res.summary["before"]["eval_loss"]
     assert res.summary["mixed_precision"] == "bf16" and res.summary["dtype"] == "float32"
-    assert "method: full, float32 weights, bfloat16 matmuls (autocast) |" in (res.run_dir / "train.log").read_text()
+    log = (res.run_dir / "train.log").read_text()
+    assert "method: full, float32 weights, bfloat16 matmuls (bfloat16 copies of the weights in training passes) |" in log
     saved = load_file(res.run_dir / "final" / "model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    base = load_file(tiny_model_dir / "model.safetensors")  # the frozen embeddings: saved as they were, not rounded
+    assert torch.equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     for bad in (["model.dtype=bfloat16"], ["train.distributed=fsdp"]):
         with pytest.raises(TunesmithError, match="train.mixed_precision=bf16 runs matmuls in bfloat16 over float32"):
             train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.mixed_precision=bf16", *bad))
+
+
+def test_weight_copies_run_passes_in_bfloat16_and_sum_their_gradients_in_float32():
+    """Full fine-tuning's bfloat16 matmuls (train/precision.py): what the optimizer, evaluation and saving see stays
+    float32; each pass's bfloat16 gradient is summed in float32; the copies follow the optimizer's updates."""
+    import copy
+
+    from tunesmith.train.precision import WeightCopies
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    model[0].weight.requires_grad_(False)
+    frozen, weights = model[0].weight.detach().clone(), model[1].weight.data
+    xs = [torch.randn(4, 8) for _ in range(3)]
+    low = copy.deepcopy(model).bfloat16()  # the straightforward computation: each pass in bfloat16, summed in float32
+    expected = torch.zeros_like(model[1].weight)
+    for x in xs:
+        low.zero_grad()
+        low(x.bfloat16()).sum().backward()
+        expected += low[1].weight.grad.float()
+    copies = WeightCopies(model)
+    with copies.swapped_in():
+        assert model[1].weight.dtype == torch.bfloat16 and model[0].weight.dtype == torch.bfloat16
+        for x in xs:
+            model(x.bfloat16()).sum().backward()
+    assert model[1].weight.data_ptr() == weights.data_ptr() and model[1].weight.grad.dtype == torch.float32
+    assert torch.equal(model[1].weight.grad, expected)
+    assert model[0].weight.grad is None and torch.equal(model[0].weight, frozen)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()  # float32 update
+    with pytest.raises(RuntimeError, match="boom"), copies.swapped_in():
+        assert torch.equal(model[1].weight, weights.bfloat16())  # the copy follows the update
+        raise RuntimeError("boom")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # restored after an error too
 
 
 def test_a_bfloat16_lora_run_learns_and_saves_float32_adapters(tmp_path, tiny_model_dir, instruction_file):

@@ -74,9 +74,9 @@ def pick_dtype(name: str, device: torch.device, method: str | None = None, task:
 
 def pick_autocast(setting: str, weights: torch.dtype, device: torch.device, method: str | None = None,
                   task: str = "causal", distributed: str = "ddp") -> torch.dtype | None:
-    """`train.mixed_precision`: the dtype training forward passes run their matmuls in under autocast, or None.
-    Only over float32 weights. `auto`: bfloat16 for full fine-tuning and BitFit of causal LMs under DDP on a device
-    with fast bfloat16 (King James recipe, AMX CPU: 377 vs 346 tokens/s over 20 steps, held-out 1.2238 vs 1.2234)."""
+    """`train.mixed_precision`: the dtype training passes run their matmuls in over float32 weights, or None
+    (train/precision.py: how). `auto`: bfloat16 for full fine-tuning and BitFit of causal LMs under DDP on a device
+    with fast bfloat16 (full fine-tuning on an AMX CPU: 1.3x float32's tokens/s, docs/performance.md)."""
     if weights != torch.float32 or setting == "no":
         return None
     if setting == "bf16":

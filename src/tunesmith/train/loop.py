@@ -117,6 +117,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         distributed.shard_model(model, ddp)
         lora.keep_merged(model, False)  # nor whole merged LoRA weights kept between updates
     trainable = [p for p in model.parameters() if p.requires_grad]
+    copies = run_precision.WeightCopies(model) if precision.weight_copies else None  # bfloat16 ones for training passes
+
+    def training_passes():  # where a step's forward and backward passes run
+        return copies.swapped_in() if copies else contextlib.nullcontext()
     joins_forwards = ddp.main or ddp.fsdp  # rank-0-only forwards (generation, ...) need every rank under FSDP
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     teacher = None
@@ -172,7 +176,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
         # with an adapter the reference is the same model with the adapter off (computed per step); otherwise
         # the training pairs' reference log-probs are computed here, once
         if not hasattr(model, "disable_adapter"):
-            with precision.context(device):  # as the policy's log-probs are computed in training
+            with precision.context(device), training_passes():  # as the policy's log-probs are computed in training
                 ref_train = reference_logprobs(model, data.train.tokens, pad_id)
 
     def evaluate(model) -> dict:
@@ -296,26 +300,27 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             batches = [collate([data.train.tokens[i] for i in p], pad_id, device) for p, _ in passes]
             label_tokens = sum(example_labels[i] for i in step_examples)  # normalise by the whole global step's labels
             step_loss = 0.0
-            for (p, real), batch in zip(passes, batches):
-                with precision.context(device):
-                    if topk is not None:
-                        loss = cached_distill_sum_loss(model, batch, topk.rows(p), cfg.distill) / label_tokens
-                    elif teacher is not None and not sequence_distill:
-                        loss = distill_sum_loss(model, teacher, batch, cfg.distill) / label_tokens
-                    elif task == "dpo":
-                        ref = None if reference_free else _reference(model, batch, ref_train, p)
-                        loss = dpo_sum_loss(model, batch, ref, cfg.dpo) / label_tokens
-                    elif task == "classification":
-                        loss = class_sum_loss(model, batch) / label_tokens
+            with training_passes():  # on bfloat16 copies of the weights, when the run uses them
+                for (p, real), batch in zip(passes, batches):
+                    with precision.context(device):
+                        if topk is not None:
+                            loss = cached_distill_sum_loss(model, batch, topk.rows(p), cfg.distill) / label_tokens
+                        elif teacher is not None and not sequence_distill:
+                            loss = distill_sum_loss(model, teacher, batch, cfg.distill) / label_tokens
+                        elif task == "dpo":
+                            ref = None if reference_free else _reference(model, batch, ref_train, p)
+                            loss = dpo_sum_loss(model, batch, ref, cfg.dpo) / label_tokens
+                        elif task == "classification":
+                            loss = class_sum_loss(model, batch) / label_tokens
+                        else:
+                            loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
+                    # FSDP, ZeRO: x world undoes their average over ranks; a filler pass joins the collectives, counts nothing
+                    scaled = loss * (distributed.grad_scale(ddp) if real else 0.0)
+                    if engine is not None:
+                        zero.backward(engine, scaled, last_pass=batch is batches[-1])
                     else:
-                        loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
-                # FSDP, ZeRO: x world undoes their average over ranks; a filler pass joins the collectives, counts nothing
-                scaled = loss * (distributed.grad_scale(ddp) if real else 0.0)
-                if engine is not None:
-                    zero.backward(engine, scaled, last_pass=batch is batches[-1])
-                else:
-                    scaled.backward()
-                step_loss += float(loss.detach()) if real else 0.0
+                        scaled.backward()
+                    step_loss += float(loss.detach()) if real else 0.0
             distributed.all_reduce_grads(trainable, ddp)
             step_loss = distributed.sum_float(step_loss, ddp)
             if engine is not None:  # ZeRO clips and steps each rank's partition; a non-finite loss stops before it

@@ -1,13 +1,24 @@
 """The precision a run trains in: the weights' dtype (`model.dtype`) and, over float32 weights, bfloat16 matmuls
-under autocast (`train.mixed_precision`). Both have `auto` values that depend on the machine and the method
+(`train.mixed_precision`). Both have `auto` values that depend on the machine and the method
 (models/load.py: `pick_dtype`, `pick_autocast`), so checkpoints record what a run trained in and a resume on
 another machine or backend says when it changes and how to keep the old way.
+
+bfloat16 matmuls over float32 weights come two ways. Full fine-tuning and BitFit train through bfloat16 copies of
+the weights (`WeightCopies`): the copies are refreshed from the float32 weights once per optimizer step, swapped in
+for the step's forward and backward passes, and each pass's bfloat16 gradients are summed into float32 ones; the
+optimizer, evaluation and saving see only the float32 weights (as mixed precision with master weights on GPUs).
+Autocast instead casts every weight again in every pass, which on a 2-core CPU cost half of what its bfloat16
+matmuls saved (docs/performance.md). The other methods (adapters, whose layers keep their own merged weights) run
+under autocast.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from tunesmith.models.load import FULL_WEIGHT_METHODS
 
 from tunesmith.models import pick_autocast, pick_dtype
 
@@ -15,7 +26,8 @@ from tunesmith.models import pick_autocast, pick_dtype
 @dataclass(frozen=True)
 class Precision:
     dtype: torch.dtype                 # of the weights
-    autocast: torch.dtype | None       # of the matmuls in training forward passes, when not the weights'
+    autocast: torch.dtype | None       # of the matmuls in training passes, when not the weights'
+    weight_copies: bool = False        # through bfloat16 copies of the weights (full, BitFit), not torch.autocast
 
     @property
     def dtype_name(self) -> str:
@@ -23,11 +35,13 @@ class Precision:
 
     def describe(self) -> str:
         """For the log's `method:` line."""
-        return f"{self.dtype_name} weights" + (", bfloat16 matmuls (autocast)" if self.autocast else "")
+        how = "bfloat16 copies of the weights in training passes" if self.weight_copies else "autocast"
+        return f"{self.dtype_name} weights" + (f", bfloat16 matmuls ({how})" if self.autocast else "")
 
     def context(self, device: torch.device):
-        """Where training forward passes (and what they are compared with) run."""
-        return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+        """Where training forward passes (and what they are compared with) run under autocast."""
+        on = self.autocast is not None and not self.weight_copies
+        return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=on)
 
     def settings(self) -> dict:
         """As config values, the form a checkpoint records."""
@@ -36,8 +50,44 @@ class Precision:
 
 def choose(cfg, device: torch.device, task: str) -> Precision:
     dtype = pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)
-    return Precision(dtype, pick_autocast(cfg.train.mixed_precision, dtype, device, cfg.method.name, task,
-                                          cfg.train.distributed))
+    low = pick_autocast(cfg.train.mixed_precision, dtype, device, cfg.method.name, task, cfg.train.distributed)
+    return Precision(dtype, low, low is not None and cfg.method.name in FULL_WEIGHT_METHODS)
+
+
+class WeightCopies:
+    """bfloat16 copies of a model's floating-point weights, swapped in for a step's training passes (module
+    docstring). Frozen weights are cast once; trained ones again before each step, after the optimizer changed them."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+        self.params = [p for p in model.parameters() if p.is_floating_point()]
+        self.full = [p.data for p in self.params]
+        self.low = [p.data.to(dtype) for p in self.params]
+        self.summed: dict[torch.nn.Parameter, torch.Tensor] = {}
+        for p in self.params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._sum_in_float32)
+
+    def _sum_in_float32(self, p: torch.nn.Parameter) -> None:
+        if p in self.summed:
+            self.summed[p].add_(p.grad)
+        else:
+            self.summed[p] = p.grad.to(torch.float32)
+        p.grad = None
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The step's passes run on the copies; afterwards the weights are float32 again with float32 gradients."""
+        for p, full, low in zip(self.params, self.full, self.low):
+            if p.requires_grad:
+                low.copy_(full)
+            p.data = low
+        try:
+            yield
+        finally:
+            for p, full in zip(self.params, self.full):
+                p.data = full
+                if p in self.summed:
+                    p.grad = self.summed.pop(p)
 
 
 def resume_note(progress: dict, now: Precision, cfg, step: int) -> str | None:
