@@ -76,7 +76,7 @@ def pick_autocast(setting: str, weights: torch.dtype, device: torch.device, meth
                   task: str = "causal", distributed: str = "ddp") -> torch.dtype | None:
     """`train.mixed_precision`: the dtype training passes run their matmuls in over float32 weights, or None
     (train/precision.py: how). `auto`: bfloat16 for full fine-tuning and BitFit of causal LMs under DDP on a device
-    with fast bfloat16 (full fine-tuning on an AMX CPU: 1.3x float32's tokens/s, docs/performance.md)."""
+    with fast bfloat16 (full fine-tuning on an AMX CPU: 1.1-1.3x float32's tokens/s, docs/performance.md)."""
     if weights != torch.float32 or setting == "no":
         return None
     if setting == "bf16":
