@@ -91,6 +91,19 @@ def test_bfloat16_matmuls_over_float32_weights_learn_and_save_float32(tmp_path, 
             train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.mixed_precision=bf16", *bad))
 
 
+def test_default_pass_token_budget_doubles_where_passes_compute_in_bfloat16():
+    from tunesmith.train.precision import Precision, set_pass_tokens
+
+    fp32, bf16 = torch.float32, torch.bfloat16
+    for precision, overrides, expected in [(Precision(fp32, None), [], 1024), (Precision(bf16, None), [], 2048),
+                                           (Precision(fp32, bf16, weight_copies=True), [], 2048),
+                                           (Precision(fp32, bf16), [], 1024),  # autocast: float32 activations remain
+                                           (Precision(bf16, None), ["train.batch_tokens=1024"], 1024),  # as asked
+                                           (Precision(bf16, None), ["train.batch_tokens=null"], None)]:
+        cfg = load_config(None, overrides)
+        assert set_pass_tokens(cfg, precision) == expected == cfg.train.batch_tokens, (precision, overrides)
+
+
 def test_weight_copies_run_passes_in_bfloat16_and_sum_their_gradients_in_float32():
     """Full fine-tuning's bfloat16 matmuls (train/precision.py): what the optimizer, evaluation and saving see stays
     float32; each pass's bfloat16 gradient is summed in float32; the copies follow the optimizer's updates."""

@@ -88,6 +88,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     task = resolve_task(cfg.task, data.format)
     check_combinations(cfg, task)
     precision = run_precision.choose(cfg, device, task)  # weights' dtype; bfloat16 matmuls over float32 ones
+    run_precision.set_pass_tokens(cfg, precision)  # bfloat16 activations: twice the default tokens per pass
     dtype = precision.dtype
     log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
         f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "

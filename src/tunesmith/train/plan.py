@@ -209,8 +209,9 @@ def plan_config(cfg) -> Plan:
     """`tunesmith plan`: load the model, data and method as `train` would, then estimate."""
     from tunesmith.data import prepare, resolve_task
     from tunesmith.methods import get_method, parameter_report, quantization
-    from tunesmith.models import load_model, load_tokenizer, max_positions, pick_device, pick_dtype, resolve_model_dir
+    from tunesmith.models import load_model, load_tokenizer, max_positions, pick_device, resolve_model_dir
     from tunesmith.train.machine import configure_threads
+    from tunesmith.train.precision import choose, set_pass_tokens
     from tunesmith.train.schedule import plan_steps
 
     configure_threads(cfg.train.threads)
@@ -219,7 +220,9 @@ def plan_config(cfg) -> Plan:
     tokenizer = load_tokenizer(model_dir)
     data = prepare(cfg.data, tokenizer, max_positions(model_dir))
     task = resolve_task(cfg.task, data.format)
-    method, dtype = get_method(cfg.method.name), pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)
+    run_precision = choose(cfg, device, task)
+    set_pass_tokens(cfg, run_precision)  # as `train` does
+    method, dtype = get_method(cfg.method.name), run_precision.dtype
     model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
     model = method.apply(model, cfg.method)
     _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])

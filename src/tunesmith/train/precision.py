@@ -54,6 +54,18 @@ def choose(cfg, device: torch.device, task: str) -> Precision:
     return Precision(dtype, low, low is not None and cfg.method.name in FULL_WEIGHT_METHODS)
 
 
+def set_pass_tokens(cfg, precision: Precision) -> int | None:
+    """`train.batch_tokens` when set; its default (1024) was measured for float32 activations, so where the training
+    passes compute in bfloat16 (bfloat16 weights, or the weight copies: half the bytes per activation) it doubles.
+    The same bytes per pass, and on an AMX CPU 2048 ran 1.14x, 1.06x and 0.99x 1024's tokens/s in three LoRA pairs and
+    1.06x for full fine-tuning, 4096 slower than 2048 (docs/performance.md); float32 had measured 1024 best. Recorded
+    in the config, so the run's config.yaml says it."""
+    bfloat16_passes = precision.dtype == torch.bfloat16 or precision.weight_copies
+    if bfloat16_passes and cfg.train.batch_tokens and "batch_tokens" not in cfg.train.model_fields_set:
+        cfg.train.batch_tokens = 2 * cfg.train.batch_tokens
+    return cfg.train.batch_tokens
+
+
 class WeightCopies:
     """bfloat16 copies of a model's floating-point weights, swapped in for a step's training passes (module
     docstring). Frozen weights are cast once; trained ones again before each step, after the optimizer changed them."""
