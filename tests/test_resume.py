@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunesmith.config import dump_yaml, read_yaml
+from tunesmith.config import dump_yaml, load_config, read_yaml
 from tunesmith.errors import TunesmithError
 from tunesmith.train import checkpoint
 from tunesmith.train.loop import train
@@ -359,6 +359,23 @@ def test_plan_times_the_matmuls_in_the_dtype_most_weights_are_in():
     model[0].to(torch.bfloat16)  # 1600 bf16 weights against 68 fp32 (as a bf16 base with fp32 adapters)
     assert matmul_dtype(model) == torch.bfloat16
     assert matmul_dtype(model.to(torch.float16)) == torch.float32  # no measured step efficiency: float32's
+
+
+def test_plan_times_full_fine_tunings_weight_copies_in_bfloat16(tiny_model_dir, monkeypatch):
+    import torch
+
+    from tunesmith.models import load_model
+    from tunesmith.train import plan
+
+    timed = []
+    monkeypatch.setattr(plan, "matmul_gflops", lambda seconds, dtype: timed.append(dtype) or 100.0)
+    model = load_model(tiny_model_dir, torch.float32)
+    stats = {"train": {"length_max": 64, "tokens": 6400, "kept": 100, "label_share": 0.5}, "val": {"tokens": 640}}
+    cfg = load_config(None, ["method.name=full"])
+    assert plan.estimate(cfg, model, 1, stats, 10, time_it=0.1).dtype == torch.float32
+    copies = plan.estimate(cfg, model, 1, stats, 10, time_it=0.1, matmuls=torch.bfloat16)
+    assert copies.dtype == torch.bfloat16 and timed == [torch.float32, torch.bfloat16]
+    assert "measured in bfloat16" in copies.describe()
 
 
 def test_plan_counts_frozen_first_blocks_as_forward_only():

@@ -230,7 +230,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     if budget:  # a first plan from this machine's measured matmul speed; re-planned from real steps below
         step_cap = total_steps
-        guess = estimate(cfg, model, params["trainable"], st, total_steps, time_it=0.5).seconds / total_steps
+        guess = estimate(cfg, model, params["trainable"], st, total_steps, time_it=0.5,
+                         matmuls=precision.matmuls).seconds / total_steps
         total_steps = max(1, min(step_cap, int(budget / guess)))
         log(f"time budget {cfg.train.max_minutes:g} min: first plan {total_steps} steps (~{guess:.1f} s/step estimated), "
             f"re-planned from the measured pace as training runs")

@@ -113,9 +113,11 @@ def matmul_dtype(model) -> torch.dtype:
     return dtype if dtype in STEP_EFFICIENCY else torch.float32
 
 
-def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, time_it: float = 0.0) -> Plan:
-    """With `time_it` seconds, this machine's matmul throughput is measured in the weights' dtype for a time
-    estimate; without (as in `train`'s own pre-flight check) the time is not estimated."""
+def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, time_it: float = 0.0,
+             matmuls: torch.dtype | None = None) -> Plan:
+    """With `time_it` seconds, this machine's matmul throughput is measured in the training matmuls' dtype (`matmuls`:
+    bfloat16 for full fine-tuning's weight copies; by default the weights' dtype) for a time estimate; without (as in
+    `train`'s own pre-flight check) the time is not estimated."""
     config = model.config
     el = next(model.parameters()).element_size()
     n_params = sum(p.numel() for p in model.parameters())
@@ -150,7 +152,7 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, t
     mean_len = train["tokens"] / max(1, train["kept"])
     tokens = int(total_steps * examples_per_step * mean_len)
     fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full", frozen)
-    dtype = matmul_dtype(model)
+    dtype = matmuls or matmul_dtype(model)
     gflops = matmul_gflops(time_it, dtype) if time_it else 0.0
     seconds = tokens * fpt / (gflops * 1e9 * STEP_EFFICIENCY[dtype]) if gflops else 0.0
     budget_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
@@ -226,4 +228,5 @@ def plan_config(cfg) -> Plan:
     model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
     model = method.apply(model, cfg.method)
     _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])
-    return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, time_it=1.0)
+    return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, time_it=1.0,
+                    matmuls=run_precision.matmuls)

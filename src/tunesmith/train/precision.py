@@ -33,6 +33,11 @@ class Precision:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    @property
+    def matmuls(self) -> torch.dtype | None:
+        """The training matmuls' dtype where it is not the weights' and not mixed: bfloat16 through the copies."""
+        return self.autocast if self.weight_copies else None
+
     def describe(self) -> str:
         """For the log's `method:` line."""
         how = "bfloat16 copies of the weights in training passes" if self.weight_copies else "autocast"
