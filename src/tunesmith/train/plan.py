@@ -222,11 +222,11 @@ def plan_config(cfg) -> Plan:
     tokenizer = load_tokenizer(model_dir)
     data = prepare(cfg.data, tokenizer, max_positions(model_dir))
     task = resolve_task(cfg.task, data.format)
-    run_precision = choose(cfg, device, task)
-    set_pass_tokens(cfg, run_precision)  # as `train` does
-    method, dtype = get_method(cfg.method.name), run_precision.dtype
+    precision = choose(cfg, device, task)
+    set_pass_tokens(cfg, precision)  # as `train` does
+    method, dtype = get_method(cfg.method.name), precision.dtype
     model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
     model = method.apply(model, cfg.method)
     _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])
     return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, time_it=1.0,
-                    matmuls=run_precision.matmuls)
+                    matmuls=precision.matmuls)

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunesmith.models.load import FULL_WEIGHT_METHODS
-
-from tunesmith.models import pick_autocast, pick_dtype
+from tunesmith.models.load import FULL_WEIGHT_METHODS, pick_autocast, pick_dtype
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,6 @@ class WeightCopies:
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
         self.params = [p for p in model.parameters() if p.is_floating_point()]
-        self.full = [p.data for p in self.params]
         self.low = [p.data.to(dtype) for p in self.params]
         self.summed: dict[torch.nn.Parameter, torch.Tensor] = {}
         for p in self.params:
@@ -94,15 +91,16 @@ class WeightCopies:
     @contextlib.contextmanager
     def swapped_in(self):
         """The step's passes run on the copies; afterwards the weights are float32 again with float32 gradients."""
-        for p, full, low in zip(self.params, self.full, self.low):
+        full = [p.data for p in self.params]  # the float32 weights as they are now
+        for p, weights, low in zip(self.params, full, self.low):
             if p.requires_grad:
-                low.copy_(full)
+                low.copy_(weights)
             p.data = low
         try:
             yield
         finally:
-            for p, full in zip(self.params, self.full):
-                p.data = full
+            for p, weights in zip(self.params, full):
+                p.data = weights
                 if p in self.summed:
                     p.grad = self.summed.pop(p)
 
