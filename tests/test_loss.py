@@ -1,4 +1,5 @@
 """The optimised loss path computes the same loss and gradients as the straightforward one."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -23,19 +24,32 @@ def _examples(vocab, lengths, seed=0):
     return out
 
 
-def test_linear_cross_entropy_matches_autograd(monkeypatch):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_linear_cross_entropy_matches_autograd(monkeypatch, smoothing):
     monkeypatch.setattr(loss_mod, "CHUNK", 7)  # several chunks, one ragged
     torch.manual_seed(0)
     h = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 50, (20,))
-    ours = LinearCrossEntropy.apply(h, w, t) * 0.5
+    ours = LinearCrossEntropy.apply(h, w, t, smoothing) * 0.5
     ours.backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    ref = F.cross_entropy(h @ w.T, t, reduction="sum") * 0.5
+    ref = F.cross_entropy(h @ w.T, t, reduction="sum", label_smoothing=smoothing) * 0.5
     ref.backward()
     assert torch.allclose(ours, ref) and torch.allclose(gh, h.grad) and torch.allclose(gw, w.grad)
+
+
+def test_label_smoothing_trains_on_smoothed_targets_and_evaluates_plain():
+    model = _lora_model()
+    batch = collate(_examples(120, [9, 17, 12]), pad_id=2)
+    smoothed = sum_loss(model, batch.input_ids, batch.labels, label_smoothing=0.2)
+    ref = reference_sum_loss(model, batch.input_ids, batch.labels, label_smoothing=0.2)
+    plain = reference_sum_loss(model, batch.input_ids, batch.labels)
+    assert abs(float(smoothed) - float(ref)) < 1e-4 * float(ref) and abs(float(smoothed) - float(plain)) > 1e-2
+    with torch.no_grad():  # held-out evaluation: plain cross-entropy whatever the training smoothing
+        evaluated = sum_loss(model, batch.input_ids, batch.labels, label_smoothing=0.2)
+    assert abs(float(evaluated) - float(plain)) < 1e-4 * float(plain)
 
 
 def _lora_model():

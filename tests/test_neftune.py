@@ -1,4 +1,5 @@
-"""NEFTune (`train.neftune_noise_alpha`): noisy input embeddings while training, clean ones otherwise."""
+"""NEFTune (`train.neftune_noise_alpha`): noisy input embeddings while training, clean ones otherwise. Label smoothing
+(`train.label_smoothing`), the other training-only regulariser, shares the end-to-end checks."""
 import json
 import math
 
@@ -50,18 +51,19 @@ def test_rows_with_a_shared_prefix_each_get_their_own_noise():
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("option", ["train.neftune_noise_alpha=15", "train.label_smoothing=0.1"])
 @pytest.mark.parametrize("task, method", [("causal", "lora"), ("causal", "full"), ("classification", "lora")])
 def test_training_with_noise_evaluates_clean(tmp_path, tiny_model_dir, tiny_bert_dir, instruction_file, sentiment_file,
-                                             task, method):
+                                             task, method, option):
     model, data = (tiny_model_dir, instruction_file) if task == "causal" else (tiny_bert_dir, sentiment_file)
     runs = {}
-    for name, extra in (("plain", []), ("noisy", ["train.neftune_noise_alpha=15"])):
+    for name, extra in (("plain", []), ("noisy", [option])):
         res = train(tiny_cfg(tmp_path, model, data, "train.max_steps=4", f"method.name={method}", f"output.name={name}", *extra))
         assert res.summary["task"] == task
         rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
         runs[name] = res.summary["before"], [r["loss"] for r in rows if "loss" in r]
-    assert runs["plain"][0] == runs["noisy"][0]  # the held-out split before training sees clean embeddings
-    assert runs["plain"][1][0] != runs["noisy"][1][0]  # the first step's training loss is on noisy ones
+    assert runs["plain"][0] == runs["noisy"][0]  # the held-out split before training: clean embeddings, plain CE
+    assert runs["plain"][1][0] != runs["noisy"][1][0]  # the first step's training loss: noisy / smoothed
     assert all(math.isfinite(x) for x in runs["noisy"][1])
 
 
@@ -70,3 +72,14 @@ def test_noise_is_refused_for_preference_tuning():
     with pytest.raises(TunesmithError, match="neftune_noise_alpha.*task=dpo"):
         check_combinations(cfg, "dpo")
     check_combinations(cfg, "causal")
+
+
+def test_label_smoothing_is_refused_where_targets_are_not_one_hot():
+    cfg = load_config(None, ["train.label_smoothing=0.1"])
+    check_combinations(cfg, "causal")
+    check_combinations(cfg, "classification")
+    with pytest.raises(TunesmithError, match="label_smoothing.*not one-hot"):
+        check_combinations(cfg, "dpo")
+    with pytest.raises(TunesmithError, match="label_smoothing.*not one-hot"):
+        check_combinations(load_config(None, ["train.label_smoothing=0.1", "distill.teacher=x"]), "causal")
+    check_combinations(load_config(None, ["train.label_smoothing=0.1", "distill.teacher=x", "distill.mode=sequence"]), "causal")

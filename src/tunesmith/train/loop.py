@@ -313,9 +313,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                             ref = None if reference_free else _reference(model, batch, ref_train, p)
                             loss = dpo_sum_loss(model, batch, ref, cfg.dpo) / label_tokens
                         elif task == "classification":
-                            loss = class_sum_loss(model, batch) / label_tokens
+                            loss = class_sum_loss(model, batch, label_smoothing=cfg.train.label_smoothing) / label_tokens
                         else:
-                            loss = sum_loss(model, batch.input_ids, batch.labels) / label_tokens
+                            loss = sum_loss(model, batch.input_ids, batch.labels,
+                                            label_smoothing=cfg.train.label_smoothing) / label_tokens
                     # FSDP, ZeRO: x world undoes their average over ranks; a filler pass joins the collectives, counts nothing
                     scaled = loss * (distributed.grad_scale(ddp) if real else 0.0)
                     if engine is not None:

@@ -28,10 +28,13 @@ MIN_SHARED_TOKENS = 32
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i); gradients computed eagerly in forward."""
+    """sum_i CE(hidden_i @ weight.T, target_i); gradients computed eagerly in forward.
+
+    With label smoothing e the target is (1 - e) one-hot + e uniform, as in F.cross_entropy(label_smoothing=e):
+    CE_i = lse_i - (1 - e) z_i[t] - e mean(z_i), gradient softmax - (1 - e) one-hot - e / V."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, smoothing=0.0):
         need_w = ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight) if need_w else None
@@ -43,8 +46,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(len(t), device=t.device)
             total += (lse - logits[rows, t]).sum()
+            if smoothing:
+                total += smoothing * (logits[rows, t] - logits.mean(-1)).sum()
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            probs[rows, t] -= 1.0                      # d(sum CE)/d logits
+            probs[rows, t] -= 1.0 - smoothing          # d(sum CE)/d logits
+            if smoothing:
+                probs -= smoothing / probs.shape[-1]
             probs = probs.to(hidden.dtype)
             grad_h[s:s + CHUNK] = probs @ weight
             if need_w:
@@ -55,7 +62,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, (grad_w * grad_out if grad_w is not None else None), None
+        return grad_h * grad_out, (grad_w * grad_out if grad_w is not None else None), None, None
 
 
 @torch.no_grad()
@@ -155,38 +162,42 @@ def label_logits(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[
     return logits.float(), targets
 
 
-def sum_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, with_accuracy: bool = False):
-    """Summed CE over trained tokens (normalise by the global label-token count outside).
+def sum_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, with_accuracy: bool = False,
+             label_smoothing: float = 0.0):
+    """Summed CE over trained tokens (normalise by the global label-token count outside). Label smoothing applies
+    to the training loss only: evaluation (no grad, or with accuracy) always reports plain cross-entropy.
 
     Batches are right-padded and passed without an attention mask: with causal attention no real
     token can see a pad to its right, so the result is exact and SDPA takes its fast causal path.
     """
+    evaluating = with_accuracy or not torch.is_grad_enabled()
+    smoothing = 0.0 if evaluating else label_smoothing
     parts = hidden_and_head(model, input_ids)
     if parts is None:
-        return reference_sum_loss(model, input_ids, labels, with_accuracy)
+        return reference_sum_loss(model, input_ids, labels, with_accuracy, smoothing)
     hidden, weight = parts
     mask, targets = label_positions(labels)
     h = hidden[:, :-1][mask]
-    if with_accuracy or not torch.is_grad_enabled():
+    if evaluating:
         total, correct = _eval_head(h, weight, targets)
         return (total, correct) if with_accuracy else total
-    return LinearCrossEntropy.apply(h, weight, targets)
+    return LinearCrossEntropy.apply(h, weight, targets, smoothing)
 
 
-def reference_sum_loss(model, input_ids, labels, with_accuracy: bool = False):
+def reference_sum_loss(model, input_ids, labels, with_accuracy: bool = False, label_smoothing: float = 0.0):
     """The straightforward path: full logits from the model, then cross-entropy."""
     logits = model(input_ids=input_ids, use_cache=False).logits
     logits = logits[:, -input_ids.shape[1]:-1].float()  # prompt tuning prepends virtual positions
     mask, targets = label_positions(labels)
     sel = logits[mask]
-    total = F.cross_entropy(sel, targets, reduction="sum")
+    total = F.cross_entropy(sel, targets, reduction="sum", label_smoothing=label_smoothing)
     if with_accuracy:
         return total, (sel.argmax(-1) == targets).sum()
     return total
 
 
-def class_sum_loss(model, batch, return_logits: bool = False):
+def class_sum_loss(model, batch, return_logits: bool = False, label_smoothing: float = 0.0):
     """Summed cross-entropy of a classification batch (normalise by the step's example count outside)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-    loss = F.cross_entropy(logits, batch.classes, reduction="sum")
+    loss = F.cross_entropy(logits, batch.classes, reduction="sum", label_smoothing=label_smoothing)
     return (loss, logits) if return_logits else loss
