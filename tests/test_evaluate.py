@@ -134,3 +134,20 @@ def test_batched_generation_keeps_the_prompt_order_and_matches_one_at_a_time(tin
     assert [g.text for g in together] == [g.text for g in alone]
     beams = generate(model, tok, prompts, Sampling(max_new_tokens=6, num_beams=3), batch_size=2)
     assert len(beams) == len(prompts) and all(g.new_tokens <= 6 for g in beams)
+
+
+def test_long_generations_show_progress_only_when_asked(tiny_model_dir, capsys):
+    """`tunesmith eval` labels a progress bar per model (619 TL;DRs take ~10 minutes on 2 cores); chat and the
+    side-by-side samples generate without one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.evaluate.generate import Sampling, generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["a b c", "x", "the cat sat", "one two", "def f():"]
+    generate(model, tok, prompts, Sampling(max_new_tokens=3), batch_size=2)
+    assert capsys.readouterr().err == ""
+    generate(model, tok, prompts, Sampling(max_new_tokens=3), batch_size=2, progress="tuned")
+    err = capsys.readouterr().err
+    assert "tuned: 100%" in err and "5/5" in err

@@ -105,7 +105,8 @@ def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int
         prompts = [render(ex, own_cfg.data.template, own_tokenizer, False, own_cfg.data.system_prompt).prompt
                    for ex in examples]
         t0 = time.perf_counter()
-        gens = generate(model, own_tokenizer, prompts, sampling, add_special_tokens=own_cfg.data.template != "chat")
+        gens = generate(model, own_tokenizer, prompts, sampling, add_special_tokens=own_cfg.data.template != "chat",
+                        progress=name)
         secs = time.perf_counter() - t0
         outputs[name] = gens
         metrics[name] = {**generation_metrics([g.text for g in gens], references),

@@ -1,9 +1,11 @@
 """Batched, left-padded, KV-cached generation (greedy by default)."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -27,8 +29,9 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), batch_size: int = 16,
-             add_special_tokens: bool = False) -> list[Generation]:
-    """Answers in the order of `prompts`; batches are formed from prompts of similar length (less padding)."""
+             add_special_tokens: bool = False, progress: str | None = None) -> list[Generation]:
+    """Answers in the order of `prompts`; batches are formed from prompts of similar length (less padding).
+    `progress`: a label for a progress bar over the prompts on stderr (long generations: eval, a teacher's answers)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -39,6 +42,8 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: dict[int, Generation] = {}
+    bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -57,7 +62,9 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
                 n = next((j + 1 for j, t in enumerate(row) if t in eos), None)
                 used = row[:n] if n else row
                 out[i] = Generation(tokenizer.decode(used, skip_special_tokens=True).strip(), len(used), n is not None)
+            bar.update(len(idx))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return [out[i] for i in range(len(prompts))]

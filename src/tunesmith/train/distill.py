@@ -135,8 +135,9 @@ def teacher_answers(teacher, tokenizer, data, cfg, n: int, log) -> None:
 
     examples, rendered = data.train.examples[:n], data.train.rendered[:n]
     log(f"distill.mode=sequence: the teacher answers {len(examples)} training prompts (greedy)")
+    bar = "teacher answers" if log.enabled else None  # one progress bar, rank 0's
     answers = generate(teacher, tokenizer, [r.prompt for r in rendered], Sampling(max_new_tokens=cfg.eval.max_new_tokens),
-                       add_special_tokens=cfg.data.template != "chat")
+                       add_special_tokens=cfg.data.template != "chat", progress=bar)
     swapped = [Example(ex.messages[:-1] + [{"role": "assistant", "content": a.text}], ex.where,
                        {**ex.fields, "output": a.text}, ex.group) for ex, a in zip(examples, answers)]
     split = tokenize_split(swapped, cfg.data, tokenizer, data.stats["max_length"], Counter())
