@@ -1,11 +1,11 @@
 """Batched, left-padded, KV-cached generation (greedy by default)."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+
+from tunesmith.train.runlog import progress_bar
 
 
 @dataclass
@@ -42,8 +42,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: dict[int, Generation] = {}
-    bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = progress_bar(len(prompts), progress, "prompt", disable=progress is None)
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]

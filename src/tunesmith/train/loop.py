@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from tunesmith.config import Config, changed_settings, check_combinations, dump_yaml, read_yaml
 from tunesmith.data import prepare, resolve_task
@@ -41,7 +40,7 @@ from tunesmith.train.preference import REFERENCE_FREE, dpo_sum_loss, pair_logpro
 from tunesmith.train import distributed, neftune, zero
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.rundir import choose_run_dir, create_run_dir, publish_dir, write_json_atomic, write_text_atomic
-from tunesmith.train.runlog import RunLog, append_jsonl, metrics_line, result_lines, truncate_metrics
+from tunesmith.train.runlog import RunLog, append_jsonl, metrics_line, progress_bar, result_lines, truncate_metrics
 from tunesmith.train.plan import estimate
 from tunesmith.train.trackers import Trackers, check_installed
 from tunesmith.train.schedule import budget_steps, lr_at, make_optimizer, plan_steps, warmup_steps
@@ -289,8 +288,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     model.train()
     local_examples = 0  # examples this rank trained on (the sharding test counts them)
     t_loop = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", unit="step", dynamic_ncols=True,
-               mininterval=1.0 if _tty() else 30.0, disable=not ddp.main)
+    bar = progress_bar(total_steps, "train", "step", disable=not ddp.main, initial=progress["step"])
     with StopRequests(log) as stop:
         step = progress["step"] - 1
         while step + 1 < total_steps:
@@ -488,8 +486,3 @@ def _non_finite(step: int, loss: float, grad_norm: float, policy: str, run_dir: 
     raise TunesmithError(f"{what} is not finite; training stopped ({kept}). Try a lower train.lr, "
                          f"train.max_grad_norm, or train.on_nonfinite=skip to skip such steps")
 
-
-def _tty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()

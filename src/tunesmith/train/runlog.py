@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from tunesmith.train.rundir import write_text_atomic
+
+
+def progress_bar(total: int, desc: str | None, unit: str, disable: bool = False, initial: int = 0) -> tqdm:
+    """A tqdm bar on stderr: redrawn every second on a terminal, a line every 30 s when stderr is a log file."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=disable,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
 class RunLog:
