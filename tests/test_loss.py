@@ -79,6 +79,23 @@ def test_fast_path_equals_reference_with_lora_and_padding():
     _assert_equals_reference(model, batch, sum_loss(model, batch.input_ids, batch.labels), 1e-4)
 
 
+def test_soft_capped_logits_take_the_model_forward():
+    """Gemma 2 caps its logits with tanh after the head: the loss must be that of its capped logits, not of h @ W.T."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, final_logit_softcapping=1.0 / 3, initializer_range=0.5,
+                       pad_token_id=2)
+    model = Gemma2ForCausalLM(cfg)
+    batch = collate(_examples(120, [9, 17]), pad_id=2)
+    assert loss_mod.split_model(model) is None
+    capped = float(reference_sum_loss(model, batch.input_ids, batch.labels))
+    assert abs(float(sum_loss(model, batch.input_ids, batch.labels)) - capped) < 1e-5 * capped
+    cfg.final_logit_softcapping = None  # the same weights, uncapped: what h @ W.T would have given
+    assert abs(float(reference_sum_loss(model, batch.input_ids, batch.labels)) - capped) > 0.05 * capped
+
+
 def test_right_padding_without_mask_is_exact():
     """Each example's loss in a padded batch (no attention mask) equals its loss alone."""
     model = make_tiny_llama(120).eval()

@@ -25,6 +25,9 @@ CHUNK = 128  # label positions per head chunk: 128 x 49k vocab x 4 bytes = 25 MB
 # It was 128 while every call rebuilt the merged LoRA weights; with them kept, 32 and 128 measure the same on the
 # instruction mix, and 0 and 32 the same on DPO pairs (docs/performance.md).
 MIN_SHARED_TOKENS = 32
+# Config fields of models whose forward changes the logits after the output head (Gemma 2's tanh soft-capping, Cohere's
+# and Granite's scale factors): hidden @ head.T is not their logits, so they take the reference path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -79,13 +82,16 @@ def _eval_head(hidden, weight, targets) -> tuple[torch.Tensor, torch.Tensor]:
 
 def split_model(model):
     """(backbone, output head weight) of a causal LM, looking through a peft wrapper; None if the head is
-    adapted or the method works on the inputs (prompt/prefix tuning: the wrapper's forward must run)."""
+    adapted, the model's forward transforms the head's logits (LOGIT_TRANSFORMS) or the method works on the inputs
+    (prompt/prefix tuning): then the model's own forward must run."""
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if any(getattr(inner.config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS):
         return None
     return getattr(inner, inner.base_model_prefix), head
 
