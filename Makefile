@@ -38,10 +38,12 @@ demo: setup
 	$(VENV)/bin/tunesmith train
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python -m pytest -q
 
 docs: setup
 	$(VENV)/bin/tunesmith config docs > docs/config.md
+	$(PY) -c "import pathlib; from tunesmith.cli.docs import with_current_matrix as w; p = pathlib.Path('docs/methods.md'); p.write_text(w(p.read_text()))"
 
 clean:
 	rm -rf $(VENV) runs

@@ -38,7 +38,7 @@ def run_tunesmith(model_dir, train_rows, eval_rows, steps, full, processes=1):
     import subprocess
 
     from tunesmith.config import dump_yaml, load_config
-    from tunesmith.models import load_model
+    from tunesmith.methods.load import load_model
     from tunesmith.train.loop import train
 
     tmp = tempfile.mkdtemp(prefix="bench-tunesmith-")

@@ -39,9 +39,10 @@ def one(level: int, data: str, template: str, steps: int, min_shared: int | None
     from tunesmith.data import prepare
     from tunesmith.data.batching import collate, effective_length, epoch_plan
     from tunesmith.methods import lora
-    from tunesmith.models import load_model, load_tokenizer, resolve_model_dir
-    from tunesmith.train import loss as loss_mod
-    from tunesmith.train.loss import sum_loss
+    from tunesmith.methods.load import load_model
+    from tunesmith.models import load_tokenizer, resolve_model_dir
+    from tunesmith.models import heads as loss_mod
+    from tunesmith.models.heads import sum_loss
     from tunesmith.train.machine import configure_threads, keep_heap_memory
 
     configure_threads(None)

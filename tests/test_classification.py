@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models import load_model
+from tunesmith.methods.load import load_model
 from tunesmith.train.loop import train
 from conftest import write_jsonl
 from test_train import tiny_cfg
@@ -31,7 +31,7 @@ def test_classifier_learns_and_reloads(tmp_path, tiny_bert_dir, sentiment_file, 
     model = load_model(res.run_dir / "final", torch.float32, torch.device("cpu"))
     assert model.config.id2label[0] == "negative"
     from tunesmith.data import prepare
-    from tunesmith.evaluate.classification import classification_metrics
+    from tunesmith.objectives.classification import classification_metrics
     from tunesmith.models import load_tokenizer
     data = prepare(cfg.data, load_tokenizer(tiny_bert_dir))
     again = classification_metrics(model, data.val.tokens[:30], 2)
@@ -92,7 +92,7 @@ def test_causal_lm_base_classifies_by_its_last_token(tmp_path, tiny_tokenizer, s
     model = load_model(res.run_dir / "final", torch.float32, torch.device("cpu"))
     assert model.config.pad_token_id == tiny_tokenizer.pad_token_id  # given on load: the base config has none
     from tunesmith.data import prepare
-    from tunesmith.evaluate.classification import predict
+    from tunesmith.objectives.classification import predict
     val = prepare(cfg.data, tiny_tokenizer).val.tokens[:30]
     assert len({len(t.input_ids) for t in val}) > 1  # rows of different lengths: the batch is padded
     batched, _ = predict(model, val, tiny_tokenizer.pad_token_id, batch_size=30)

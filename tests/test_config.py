@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.config import Config, load_config, list_recipes
-from tunesmith.docs import config_reference
+from tunesmith.cli.docs import config_reference, methods_matrix, with_current_matrix
 from tunesmith.errors import TunesmithError
 
 
@@ -53,6 +53,11 @@ def test_every_recipe_validates_and_opens_with_its_command():
 def test_config_docs_are_current():
     docs = Path(__file__).parents[1] / "docs" / "config.md"
     assert docs.read_text() == config_reference(), "run: tunesmith config docs > docs/config.md"
+
+
+def test_the_method_support_matrix_in_the_docs_is_generated_from_the_catalog():
+    docs = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    assert methods_matrix() in docs and with_current_matrix(docs) == docs, "run: make docs"
 
 
 def test_deepspeed_config_passes_through_but_not_the_keys_tunesmith_sets(tmp_path):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from tunesmith.config import DistillConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.train.distill import distill_terms, sparse_distill_terms
+from tunesmith.objectives.distill import distill_terms, sparse_distill_terms
 from tunesmith.train.loop import train
 from test_train import tiny_cfg
 

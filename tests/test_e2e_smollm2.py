@@ -37,7 +37,8 @@ def test_plain_peft_loads_tunesmith_adapter_on_smollm2(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tunesmith.config import load_config
-    from tunesmith.models import load_model, resolve_model_dir
+    from tunesmith.methods.load import load_model
+    from tunesmith.models import resolve_model_dir
     from tunesmith.train.loop import train
 
     cfg = load_config(None, ["train.max_steps=2", "eval.max_examples=4", "eval.samples=0", "data.max_examples=64",

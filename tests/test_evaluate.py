@@ -98,7 +98,7 @@ def test_eval_prompts_each_generation_run_with_its_own_template(tmp_path, tiny_m
     from tunesmith.data.prepare import load_examples
     from tunesmith.data.render import render
     from tunesmith.evaluate.evaluation import _load
-    from tunesmith.evaluate.generate import Sampling, generate
+    from tunesmith.models.generate import Sampling, generate
     from tunesmith.models import load_tokenizer
 
     chat = train(tiny_cfg(tmp_path / "a", tiny_model_dir, instruction_file, "data.template=chat")).run_dir
@@ -123,7 +123,7 @@ def test_batched_generation_keeps_the_prompt_order_and_matches_one_at_a_time(tin
     Beam search (eval.num_beams) returns one answer per prompt too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.evaluate.generate import Sampling, generate
+    from tunesmith.models.generate import Sampling, generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -141,7 +141,7 @@ def test_long_generations_show_progress_only_when_asked(tiny_model_dir, capsys):
     side-by-side samples generate without one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.evaluate.generate import Sampling, generate
+    from tunesmith.models.generate import Sampling, generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

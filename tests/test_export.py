@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tunesmith.cli.main import main
-from tunesmith.models import load_model
+from tunesmith.methods.load import load_model
 from tunesmith.train.loop import train
 from test_train import tiny_cfg
 

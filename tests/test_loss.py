@@ -7,8 +7,8 @@ from tunesmith.config import MethodConfig
 from tunesmith.data.batching import collate, epoch_plan
 from tunesmith.data.render import IGNORE, Tokenized
 from tunesmith.methods import lora
-from tunesmith.train import loss as loss_mod
-from tunesmith.train.loss import LinearCrossEntropy, reference_sum_loss, sum_loss
+from tunesmith.models import heads as loss_mod
+from tunesmith.models.heads import LinearCrossEntropy, reference_sum_loss, sum_loss
 from conftest import make_tiny_llama
 import numpy as np
 

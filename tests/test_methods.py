@@ -3,17 +3,23 @@ held-out loss at its default learning rate, and its saved output reloads to the 
 import pytest
 import torch
 
+from tunesmith.catalog import METHOD_NAMES, METHODS
 from tunesmith.config import MethodConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import get_method, quantization
-from tunesmith.models import load_model
+from tunesmith.methods.load import load_model
 from tunesmith.train.loop import train
 from test_train import tiny_cfg
 
 # what the trainable parameter names must contain, per method
 PROMISE = {"lora": "lora_", "qlora": "lora_", "lora-int8": "lora_", "ia3": "ia3_", "prompt-tuning": "prompt_encoder",
            "prefix-tuning": "prompt_encoder", "adapters": ("down", "up")}
-QUANTIZED = {"qlora", "lora-int8"}
+QUANTIZED = {name for name, spec in METHODS.items() if spec.quantized_bits}
+ON_LLAMA = [name for name in METHOD_NAMES if name != "bitfit"]  # BitFit needs bias terms, which Llama has none of
+
+
+def test_every_method_on_llama_but_full_fine_tuning_states_what_it_trains():
+    assert sorted(PROMISE) == sorted(name for name in ON_LLAMA if name != "full")
 
 
 def build(name, model_dir, **kw):
@@ -156,7 +162,7 @@ def test_loraplus_trains_the_b_matrices_at_the_ratio(tmp_path, tiny_model_dir, i
         check_combinations(load_config(None, ["method.name=ia3", "method.loraplus_lr_ratio=4"]))
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora", "lora-int8", "ia3", "prompt-tuning", "prefix-tuning", "adapters"])
+@pytest.mark.parametrize("method", ON_LLAMA)
 def test_every_method_learns_under_bfloat16_autocast(tmp_path, tiny_model_dir, instruction_file, method):
     """train.mixed_precision=bf16 over float32 weights: each method's own layers meet bfloat16 activations
     (LoRA's one-GEMM layer crashed in backward before it handed over to peft's)."""

@@ -8,8 +8,8 @@ import torch
 
 from tunesmith.config import load_config, check_combinations
 from tunesmith.errors import TunesmithError
-from tunesmith.train import loss as loss_mod
-from tunesmith.train import neftune
+from tunesmith.models import heads as loss_mod
+from tunesmith.models import neftune
 from tunesmith.train.loop import train
 from conftest import make_tiny_llama
 from test_train import tiny_cfg

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.train.preference import dpo_losses, dpo_sum_loss, reference_free_losses, sequence_logprobs
+from tunesmith.objectives.preference import dpo_losses, dpo_sum_loss, reference_free_losses, sequence_logprobs
 from tunesmith.evaluate.evaluation import _paired_counts, evaluate_run
 from tunesmith.train.loop import train
 from tunesmith.errors import TunesmithError
@@ -145,13 +145,13 @@ def test_preference_eval_scores_other_runs_and_refuses_one_with_another_tokenize
 
 @pytest.mark.parametrize("kind", ["simpo", "orpo"])
 def test_reference_free_losses_train_without_a_reference_pass(tmp_path, tiny_model_dir, pairs_file, monkeypatch, kind):
-    from tunesmith.train import loop
+    from tunesmith.objectives.preference import Preference
 
     def no_reference(*a, **kw):
         raise AssertionError("a reference-free loss computed reference log-probs")
 
-    monkeypatch.setattr(loop, "_reference", no_reference)
-    monkeypatch.setattr(loop, "reference_logprobs", no_reference)
+    monkeypatch.setattr(Preference, "pass_reference", no_reference)
+    monkeypatch.setattr(Preference, "reference_pass", no_reference)
     res = train(tiny_cfg(tmp_path, tiny_model_dir, pairs_file, "train.max_steps=12", f"dpo.loss={kind}", "dpo.sft_weight=0"))
     before, after = res.summary["before"], res.summary["after"]
     assert after["eval_loss"] < before["eval_loss"]
@@ -174,7 +174,7 @@ def test_dpo_after_sft_starts_from_the_tuned_run(tmp_path, tiny_model_dir, instr
     dpo = train(tiny_cfg(tmp_path, str(sft), pairs_file, "train.max_steps=4", "output.name=dpo", "train.lr=1e-2")).run_dir
     config = json.loads((dpo / "final" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(sft / "final")
-    from tunesmith.models import load_model
+    from tunesmith.methods.load import load_model
     model = load_model(dpo / "final", torch.float32, torch.device("cpu"))  # SFT merged, DPO adapter on top
     assert model(input_ids=torch.tensor([[1, 5, 9]])).logits.shape[-1] > 0
 

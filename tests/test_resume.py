@@ -161,7 +161,7 @@ def _train_then_resume_on_another_cpu(cfg, monkeypatch, capsys, amx_first: bool)
     """Train `cfg` on a CPU with (or without) AMX, then resume it on one without (or with): the resume's output."""
     import shutil
 
-    from tunesmith.models import load as load_module
+    from tunesmith.methods import precision as load_module
 
     monkeypatch.setattr(load_module, "cpu_has_amx", lambda: amx_first)
     run = train(cfg).run_dir
@@ -176,7 +176,7 @@ def test_resume_says_when_auto_dtype_resolves_differently(tmp_path, tiny_model_d
     """model.dtype auto picks bfloat16 for LoRA on an AMX CPU: a run resumed on another machine says it changes dtype."""
     import shutil
 
-    from tunesmith.models import load as load_module
+    from tunesmith.methods import precision as load_module
 
     cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, "moved", "train.max_steps=4")
     run, out = _train_then_resume_on_another_cpu(cfg, monkeypatch, capsys, amx_first=False)
@@ -217,16 +217,16 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(tmp
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss(tmp_path, tiny_model_dir, instruction_file, monkeypatch, policy):
-    from tunesmith.train import loop
+    from tunesmith.objectives.sft import SFT
 
-    real, calls = loop.sum_loss, []
+    real, calls = SFT.loss, []
 
     def poisoned(*a, **kw):
         calls.append(1)
         loss = real(*a, **kw)
         return loss * float("nan") if len(calls) == 5 else loss  # step 3's first pass (2 passes per step)
 
-    monkeypatch.setattr(loop, "sum_loss", poisoned)
+    monkeypatch.setattr(SFT, "loss", poisoned)
     cfg = resume_cfg(tmp_path, tiny_model_dir, instruction_file, policy, "train.max_steps=6", f"train.on_nonfinite={policy}")
     if policy == "stop":
         with pytest.raises(TunesmithError, match=r"step 3: loss nan.*not finite.*step-0000002"):
@@ -364,7 +364,7 @@ def test_plan_times_the_matmuls_in_the_dtype_most_weights_are_in():
 def test_plan_times_full_fine_tunings_weight_copies_in_bfloat16(tiny_model_dir, monkeypatch):
     import torch
 
-    from tunesmith.models import load_model
+    from tunesmith.methods.load import load_model
     from tunesmith.train import plan
 
     timed = []

@@ -9,7 +9,7 @@ import openai
 import pytest
 import uvicorn
 
-from tunesmith.evaluate.generate import Sampling
+from tunesmith.models.generate import Sampling
 from tunesmith.export.chat import chat_loop
 from tunesmith.export.serve import build_app, load_served
 from tunesmith.train.loop import train
@@ -118,7 +118,8 @@ def test_batched_answers_equal_one_by_one_answers(server):
 
 
 def test_chat_loop(tiny_model_dir):
-    from tunesmith.models import load_model, load_tokenizer
+    from tunesmith.methods.load import load_model
+    from tunesmith.models import load_tokenizer
     import torch
     model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
     lines = iter(["hello", "/system be brief", "again", "/reset", "/quit"])

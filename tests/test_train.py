@@ -35,7 +35,7 @@ def test_train_lowers_heldout_loss_and_writes_the_run(tmp_path, tiny_model_dir, 
 
 
 def test_auto_dtype_on_a_cpu_with_amx_is_bfloat16_only_for_causal_lora_outside_fsdp_and_deepspeed(monkeypatch):
-    from tunesmith.models import load as load_module
+    from tunesmith.methods import precision as load_module
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(load_module, "cpu_has_amx", lambda: True)
@@ -50,7 +50,7 @@ def test_auto_dtype_on_a_cpu_with_amx_is_bfloat16_only_for_causal_lora_outside_f
 
 
 def test_full_fine_tuning_keeps_float32_weights_and_gets_bfloat16_matmuls_where_they_are_fast(monkeypatch):
-    from tunesmith.models import load as load_module
+    from tunesmith.methods import precision as load_module
 
     cpu, gpu, bf16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
     monkeypatch.setattr(load_module, "cpu_has_amx", lambda: True)
@@ -92,7 +92,7 @@ def test_bfloat16_matmuls_over_float32_weights_learn_and_save_float32(tmp_path, 
 
 
 def test_default_pass_token_budget_doubles_where_passes_compute_in_bfloat16():
-    from tunesmith.train.precision import Precision, set_pass_tokens
+    from tunesmith.methods.precision import Precision, pass_tokens
 
     fp32, bf16 = torch.float32, torch.bfloat16
     for precision, overrides, expected in [(Precision(fp32, None), [], 1024), (Precision(bf16, None), [], 2048),
@@ -101,7 +101,7 @@ def test_default_pass_token_budget_doubles_where_passes_compute_in_bfloat16():
                                            (Precision(bf16, None), ["train.batch_tokens=1024"], 1024),  # as asked
                                            (Precision(bf16, None), ["train.batch_tokens=null"], None)]:
         cfg = load_config(None, overrides)
-        assert set_pass_tokens(cfg, precision) == expected == cfg.train.batch_tokens, (precision, overrides)
+        assert pass_tokens(cfg.train, precision) == expected, (precision, overrides)
 
 
 def test_weight_copies_run_passes_in_bfloat16_and_sum_their_gradients_in_float32():
@@ -109,7 +109,7 @@ def test_weight_copies_run_passes_in_bfloat16_and_sum_their_gradients_in_float32
     float32; each pass's bfloat16 gradient is summed in float32; the copies follow the optimizer's updates."""
     import copy
 
-    from tunesmith.train.precision import WeightCopies
+    from tunesmith.methods.precision import WeightCopies
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
@@ -160,7 +160,7 @@ def test_saved_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, instructi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.models import load_model
+    from tunesmith.methods.load import load_model
 
     res = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file))
     ids = torch.tensor([[1, 5, 9, 20, 33, 40]])
@@ -225,7 +225,7 @@ def test_trackers_write_offline(tmp_path, tiny_model_dir, instruction_file, monk
         assert "eval_loss" in ea.Tags()["scalars"]
     elif tracker == "mlflow":
         import mlflow
-        from tunesmith.train.trackers import mlflow_uri
+        from tunesmith.run.trackers import mlflow_uri
         client = mlflow.tracking.MlflowClient(mlflow_uri(run))
         (r,) = client.search_runs([client.get_experiment_by_name("tunesmith").experiment_id])
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [1, 2, 3]
@@ -235,7 +235,7 @@ def test_trackers_write_offline(tmp_path, tiny_model_dir, instruction_file, monk
 
 
 def test_missing_tracker_package_is_a_clear_error(tmp_path, tiny_model_dir, instruction_file, monkeypatch):
-    from tunesmith.train import trackers
+    from tunesmith.run import trackers
     monkeypatch.setitem(trackers.PACKAGES, "wandb", "no_such_package_xyz")
     with pytest.raises(TunesmithError, match="report_to includes wandb, but the no_such_package_xyz package is not installed"):
         train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.report_to=[wandb]"))

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tunesmith.catalog import METHOD_NAMES, METHODS, TASK_NAMES, TASKS, methods_for
 from tunesmith.errors import TunesmithError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -47,11 +48,8 @@ class DataConfig(Section):
     cache: bool = Field(True, description="Reuse tokenized data from an earlier run with the same files (path, size, mtime), tokenizer and data settings (kept under `$TUNESMITH_CACHE/data`).")
 
 
-METHOD_NAMES = ("full", "lora", "qlora", "lora-int8", "ia3", "prompt-tuning", "prefix-tuning", "adapters", "bitfit")
-
-
 class MethodConfig(Section):
-    name: Literal["full", "lora", "qlora", "lora-int8", "ia3", "prompt-tuning", "prefix-tuning", "adapters", "bitfit"] = Field(
+    name: Literal[METHOD_NAMES] = Field(
         "lora", description="Fine-tuning method; see docs/methods.md for what each trains and which combine.")
     r: int = Field(16, ge=1, description="LoRA rank (`lora`, `qlora`, `lora-int8`).")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with `rslora`).")
@@ -142,7 +140,7 @@ class OutputConfig(Section):
 
 class Config(Section):
     recipe: str = Field(DEFAULT_RECIPE, description="Name of the recipe this config came from (informational).")
-    task: Literal["auto", "causal", "classification", "dpo"] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `dpo`: preference tuning on prompt/chosen/rejected pairs (see `dpo`); `auto`: decided by the data's shape.")
+    task: Literal[("auto",) + TASK_NAMES] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `dpo`: preference tuning on prompt/chosen/rejected pairs (see `dpo`); `auto`: decided by the data's shape.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -213,32 +211,14 @@ def validate(raw: dict) -> Config:
     return cfg
 
 
-# which methods work for which task (docs/methods.md carries the same table)
-SUPPORTED_METHODS = {
-    "causal": METHOD_NAMES,
-    "classification": ("full", "lora", "ia3", "adapters", "bitfit"),
-    "dpo": ("full", "lora", "qlora", "lora-int8", "ia3", "adapters"),
-}
-WHY_NOT = {"prompt-tuning": "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector",
-           "prefix-tuning": "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector",
-           "qlora": "bitsandbytes' CPU 4-bit backward fails on BERT-style encoders here (in-place op on a view of a leaf)",
-           "lora-int8": "not verified with a classification head yet"}
-FSDP_METHODS = ("full", "lora", "ia3", "adapters", "bitfit")
-FREEZE_LAYER_METHODS = ("full", "lora", "qlora", "lora-int8")
-LORA_METHODS = ("lora", "qlora", "lora-int8")
-SELECTABLE_METRICS = {"causal": ("eval_loss", "eval_ppl", "eval_token_accuracy"),
-                      "classification": ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall"),
-                      "dpo": ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy", "eval_seq_logp_accuracy")}
-
-
 def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
     """Settings that are each valid but do not go together. `task` is the resolved task once the data is known."""
     task = task or (cfg.task if cfg.task != "auto" else None)
-    if task and cfg.method.name not in SUPPORTED_METHODS[task]:
-        why = WHY_NOT.get(cfg.method.name, "not built") if task == "classification" else "not verified with preference pairs"
+    spec = METHODS[cfg.method.name]
+    if task and task not in spec.tasks:
         raise TunesmithError(f"method.name={cfg.method.name} is not supported for task={task} "
-                             f"({why}); use one of {', '.join(SUPPORTED_METHODS[task])}")
-    if cfg.train.distributed == "deepspeed" and (cfg.method.name in ("qlora", "lora-int8") or cfg.train.optimizer != "adamw"
+                             f"({spec.why(task)}); use one of {', '.join(methods_for(task))}")
+    if cfg.train.distributed == "deepspeed" and (not spec.deepspeed or cfg.train.optimizer != "adamw"
                                                  or cfg.train.on_nonfinite == "skip"):
         raise TunesmithError("train.distributed=deepspeed runs with train.optimizer=adamw, train.on_nonfinite=stop and a method whose "
                              "weights are not quantized (not qlora / lora-int8); use train.distributed=ddp for those")
@@ -248,13 +228,14 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
                              f"model.dtype=float32 (or auto) and train.distributed=ddp, or train.mixed_precision=no")
     if cfg.train.distributed != "deepspeed" and cfg.train.deepspeed_config:
         raise TunesmithError("train.deepspeed_config is only read with train.distributed=deepspeed")
-    if cfg.train.distributed == "fsdp" and cfg.method.name not in FSDP_METHODS:
+    if cfg.train.distributed == "fsdp" and not spec.shardable:
         raise TunesmithError(f"train.distributed=fsdp does not support method.name={cfg.method.name} "
                              f"(quantized and virtual-token weights cannot be sharded as DTensors); use one of "
-                             f"{', '.join(FSDP_METHODS)}, or train.distributed=ddp")
-    if cfg.method.loraplus_lr_ratio and (cfg.method.name not in LORA_METHODS or cfg.train.distributed == "deepspeed"):
+                             f"{', '.join(n for n, m in METHODS.items() if m.shardable)}, or train.distributed=ddp")
+    if cfg.method.loraplus_lr_ratio and (not spec.lora_family or cfg.train.distributed == "deepspeed"):
         raise TunesmithError(f"method.loraplus_lr_ratio sets the rate of LoRA's B matrices: it needs method.name one of "
-                             f"{', '.join(LORA_METHODS)} (not {cfg.method.name}) and not train.distributed=deepspeed")
+                             f"{', '.join(n for n, m in METHODS.items() if m.lora_family)} (not {cfg.method.name}) and not "
+                             f"train.distributed=deepspeed")
     if cfg.dpo.loss == "orpo" and cfg.dpo.sft_weight:
         raise TunesmithError("dpo.sft_weight adds an NLL term on the chosen answer, which dpo.loss=orpo already has "
                              "(dpo.beta weighs the odds-ratio term against it); set dpo.sft_weight=0")
@@ -264,19 +245,29 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
     if cfg.train.label_smoothing and (task == "dpo" or (cfg.distill.teacher and cfg.distill.mode != "sequence")):
         raise TunesmithError("train.label_smoothing smooths the one-hot targets of supervised fine-tuning and classifiers; "
                              "DPO's and logit distillation's targets are not one-hot: unset it (or distill.mode=sequence)")
-    if cfg.method.freeze_layers and cfg.method.name not in FREEZE_LAYER_METHODS:
+    if cfg.method.freeze_layers and not spec.freeze_layers:
         raise TunesmithError(f"method.freeze_layers is not built for method.name={cfg.method.name}; use one of "
-                             f"{', '.join(FREEZE_LAYER_METHODS)}, or method.freeze_layers=0")
+                             f"{', '.join(n for n, m in METHODS.items() if m.freeze_layers)}, or method.freeze_layers=0")
     if cfg.distill.top_k and (cfg.distill.kl == "reverse" or cfg.distill.mode == "sequence" or task == "classification"):
         raise TunesmithError("distill.top_k caches vocabulary logits for forward-KL logit distillation: it does not combine with "
                              "distill.kl=reverse, distill.mode=sequence or classification (whose few class logits are used whole)")
     best = cfg.train.select_best
     if best:
-        allowed = SELECTABLE_METRICS[task] if task else tuple(dict.fromkeys(sum(SELECTABLE_METRICS.values(), ())))
+        allowed = TASKS[task].metrics if task else tuple(dict.fromkeys(m for t in TASKS.values() for m in t.metrics))
         if best not in allowed:
             raise TunesmithError(f"config key 'train.select_best' has value {best!r}; expected one of {', '.join(allowed)}")
         if not (cfg.eval.every_steps or cfg.eval.each_epoch):
             raise TunesmithError("train.select_best needs held-out evaluations during training: set eval.every_steps or eval.each_epoch=true")
+
+
+def unused_settings(cfg: Config) -> list[str]:
+    """The method.* keys this config sets away from their defaults that its method does not read (e.g. method.r=8 on
+    a full fine-tune): the run says so in its log rather than ignoring them in silence (a recipe compared across
+    methods keeps its LoRA rank)."""
+    reads = set(METHODS[cfg.method.name].settings) | {"name"}
+    defaults = MethodConfig()
+    return [f"method.{k}" for k in MethodConfig.model_fields
+            if k not in reads and getattr(cfg.method, k) != getattr(defaults, k)]
 
 
 def _explain(err: dict, raw: dict) -> str:
@@ -291,7 +282,7 @@ def _explain(err: dict, raw: dict) -> str:
         hint = _suggest(loc[-1], allowed)
         return f"unknown config key {key!r}{hint}; allowed in {'.'.join(loc[:-1]) or 'top level'}: {', '.join(allowed)}"
     field = model.model_fields.get(loc[-1]) if model else None
-    allowed = _describe_allowed(field) if field else err["msg"]
+    allowed = describe_allowed(field) if field else err["msg"]
     return f"config key {key!r} has value {value!r}: {err['msg'].lower()}; expected {allowed}"
 
 
@@ -326,7 +317,7 @@ def _lookup(raw: dict, loc: list[str]) -> Any:
     return node
 
 
-def _describe_allowed(field) -> str:
+def describe_allowed(field) -> str:
     ann = field.annotation
     text = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace("NoneType", "null")
     for c in field.metadata:

@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# `tunesmith compare`'s default: every method that trains SmolLM2 (BitFit needs biases) and is not slow on a CPU
+# (LoRA-int8's int8 matmuls)
+COMPARED_METHODS = ("full", "lora", "qlora", "ia3", "prompt-tuning", "prefix-tuning", "adapters")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models end to end.")
     sub = p.add_subparsers(metavar="COMMAND")
@@ -64,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--node-rank", type=int, default=0)
     t.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node)")
     t.add_argument("--master-port", type=int, default=29500)
+    t.set_defaults(func=cmd_train)
 
     pl = sub.add_parser("plan", help="estimate peak memory and training time before running")
     pl.add_argument("config", nargs="?", help="recipe name or YAML file (default: the default recipe)")
     pl.add_argument("overrides", nargs="*", metavar="key=value")
     pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
     pl.set_defaults(func=cmd_plan)
-    t.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="score a finished run (and the base) against references; writes report.html")
     ev.add_argument("run", help="a run directory (runs/NAME)")
@@ -96,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     cm = sub.add_parser("compare", help="train the same recipe once per method and tabulate the results")
     cm.add_argument("config", nargs="?", help="recipe name or YAML file (default: the default recipe)")
     cm.add_argument("overrides", nargs="*", metavar="key=value")
-    cm.add_argument("--methods", default="full,lora,qlora,ia3,prompt-tuning,prefix-tuning,adapters",
+    cm.add_argument("--methods", default=",".join(COMPARED_METHODS),
                     help="comma-separated method names (default: %(default)s)")
     cm.add_argument("--out", help="output folder (default: runs/compare-<recipe>-<time>)")
     cm.set_defaults(func=cmd_compare)
@@ -112,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.set_defaults(func=cmd_config_show)
     cd = csub.add_parser("docs", help="print the config reference (docs/config.md)")
     cd.set_defaults(func=cmd_config_docs)
+    cmx = csub.add_parser("methods", help="print the method support matrix (generated into docs/methods.md)")
+    cmx.set_defaults(func=cmd_config_methods)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(metavar="ACTION")
@@ -156,12 +163,13 @@ def _sampling_flags(p) -> None:
 
 
 def cmd_chat(args) -> int:
-    from tunesmith.evaluate.generate import Sampling
     from tunesmith.export.chat import chat_loop
-    from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+    from tunesmith.methods.load import load_model
+    from tunesmith.models import inference_dtype, load_tokenizer, pick_device, resolve_model_dir
+    from tunesmith.models.generate import Sampling
 
     model_dir = resolve_model_dir(args.source)
-    model = load_model(model_dir, pick_dtype("auto", pick_device())).eval()
+    model = load_model(model_dir, inference_dtype(pick_device())).eval()
     chat_loop(model, load_tokenizer(model_dir), Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
     return 0
@@ -201,13 +209,11 @@ def cmd_train(args) -> int:
             raise TunesmithError(f"--resume {resume}: not a tunesmith run directory (no config.yaml)")
         config = str(resume / "config.yaml")
     cfg = load_config(config, overrides)  # validates before anything heavy loads
-    if args.overwrite:
-        cfg.output.overwrite = True
     from tunesmith.train.interrupt import TrainingInterrupted
     from tunesmith.train.loop import train
 
     try:
-        train(cfg, resume=resume, force_resume=args.force_resume, force=args.force)
+        train(cfg, resume=resume, force_resume=args.force_resume, force=args.force, overwrite=args.overwrite)
     except TrainingInterrupted as e:
         print(f"{e}\nresume with: {e.resume_command}", file=sys.stderr)
         return 130
@@ -275,7 +281,8 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from datetime import datetime
 
-    from tunesmith.config import METHOD_NAMES, load_config
+    from tunesmith.catalog import METHOD_NAMES
+    from tunesmith.config import load_config
     from tunesmith.evaluate.compare import compare
 
     config, overrides = _split_overrides(args)
@@ -310,15 +317,20 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_config_docs(args) -> int:
-    from tunesmith.docs import config_reference
+    from tunesmith.cli.docs import config_reference
 
     print(config_reference(), end="")
     return 0
 
 
-def cmd_data_inspect(args) -> int:
-    from pathlib import Path
+def cmd_config_methods(args) -> int:
+    from tunesmith.cli.docs import methods_matrix
 
+    print(methods_matrix())
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
     from tunesmith.config import list_recipes, load_config
     from tunesmith.data.inspect import inspect_data
     from tunesmith.models import load_tokenizer, resolve_model_dir
@@ -333,12 +345,13 @@ def cmd_data_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from tunesmith.evaluate.generate import Sampling, generate
-    from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+    from tunesmith.methods.load import load_model
+    from tunesmith.models import inference_dtype, load_tokenizer, pick_device, resolve_model_dir
+    from tunesmith.models.generate import Sampling, generate
 
     model_dir = resolve_model_dir(args.run or args.model)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, pick_dtype("auto", pick_device()))
+    model = load_model(model_dir, inference_dtype(pick_device()))
     text = " ".join(args.prompt)
     if not args.raw and getattr(tokenizer, "chat_template", None):
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]

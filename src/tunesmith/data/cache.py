@@ -22,14 +22,13 @@ import numpy as np
 
 from tunesmith.config import DataConfig
 from tunesmith.data.read import expand_paths
-from tunesmith.data.render import Tokenized
+from tunesmith.data.render import PreparedData, Split, Tokenized
+from tunesmith.paths import cache_root
 
 VERSION = 3
 
 
 def cache_dir() -> Path:
-    from tunesmith.models.load import cache_root
-
     return Path(os.environ.get("TUNESMITH_DATA_CACHE") or cache_root() / "data")
 
 
@@ -62,8 +61,6 @@ def _file_stats(path: str) -> list:
 
 def load(key: str):
     """The cached PreparedData, or None."""
-    from tunesmith.data.prepare import PreparedData, Split
-
     d = cache_dir() / key
     try:
         arrays = np.load(d / "train.npz")

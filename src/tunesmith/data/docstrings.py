@@ -30,7 +30,7 @@ BUILDER_VERSION = 1
 
 def cached_path() -> Path:
     """Build once per Python version into the tunesmith cache; return the JSONL path."""
-    from tunesmith.models.load import cache_root
+    from tunesmith.paths import cache_root
 
     v = sys.version_info
     out = cache_root() / "data" / f"docstrings-py{v.major}.{v.minor}.{v.micro}-v{BUILDER_VERSION}.jsonl"

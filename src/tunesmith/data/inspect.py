@@ -11,10 +11,10 @@ from collections import Counter
 
 import numpy as np
 
+from tunesmith.catalog import SFT_FORMATS
 from tunesmith.config import Config
 from tunesmith.data.prepare import load_examples, prepare
 from tunesmith.data.render import IGNORE
-from tunesmith.data.shapes import SFT_FORMATS
 
 DIM, GREEN, BOLD, RESET = "\033[2m", "\033[32m", "\033[1m", "\033[0m"
 

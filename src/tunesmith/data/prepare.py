@@ -8,32 +8,17 @@ import hashlib
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from tunesmith.catalog import SFT_FORMATS
 from tunesmith.config import DataConfig
 from tunesmith.data import cache as data_cache
 from tunesmith.data.classify import label_names, tokenize_classification
 from tunesmith.data.read import read_records
-from tunesmith.data.render import Rendered, Tokenized, render, tokenize
-from tunesmith.data.shapes import SFT_FORMATS, Example, detect_format, map_columns, to_example
+from tunesmith.data.render import PreparedData, Split, render, tokenize
+from tunesmith.data.shapes import Example, detect_format, map_columns, to_example
 from tunesmith.errors import TunesmithError
-
-
-@dataclass
-class Split:
-    examples: list[Example]
-    rendered: list[Rendered]
-    tokens: list[Tokenized]
-
-
-@dataclass
-class PreparedData:
-    format: str
-    train: Split
-    val: Split
-    stats: dict = field(default_factory=dict)
 
 
 def load_examples(cfg: DataConfig, path) -> tuple[str, list[Example], dict]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,6 +48,23 @@ class Tokenized:
     truncated: bool = False
     label: int | None = None  # classification: the class index (labels are then all IGNORE)
     rejected: "Tokenized | None" = None  # preference pairs: this is the chosen sequence, that the rejected one
+
+
+@dataclass
+class Split:
+    examples: list[Example]
+    rendered: list[Rendered]
+    tokens: list[Tokenized]
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train/validation splits (data/prepare.py); the training split keeps only its tokens unless prepared
+    for inspection. `stats`: every count, and the data fingerprint."""
+    format: str
+    train: Split
+    val: Split
+    stats: dict = field(default_factory=dict)
 
 
 def template_text(template: str) -> str:

@@ -16,24 +16,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tunesmith.catalog import TASKS, task_of_format
 from tunesmith.data.read import Record
 from tunesmith.errors import TunesmithError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
-SFT_FORMATS = ("text", "instruction", "prompt_completion", "chat", "sharegpt")
-DATA_TASK = {"classification": "classification", "preference": "dpo"}  # the task each format trains; else causal
-TASK_DATA = {"classification": "text + label records", "dpo": "prompt/chosen/rejected pairs", "causal": "generation data"}
 
 
 def resolve_task(task: str, data_format: str) -> str:
     """`task` (auto, causal, classification, dpo) for data in `data_format`: auto follows the data."""
-    fits = DATA_TASK.get(data_format, "causal")
+    fits = task_of_format(data_format)
     if task == "auto":
         return fits
     if task != fits:
-        raise TunesmithError(f"task={task} does not fit data in {data_format} format ({TASK_DATA[task]} expected)")
+        raise TunesmithError(f"task={task} does not fit data in {data_format} format ({TASKS[task].data} expected)")
     return task
 
 # detection: first rule whose fields are all present wins

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.side_by_side import mean_score
-from tunesmith.train.rundir import write_text_atomic
+from tunesmith.run import RunDir
+from tunesmith.run.files import write_text_atomic
 
 COLUMNS = ["method", "weights", "task metric", "held-out loss", "trainable params", "saved MB", "wall s", "tok/s", "peak RSS GB"]
 
@@ -60,8 +61,9 @@ def compare(config: str | None, overrides: list[str], methods: list[str], out: P
     return rows
 
 
-def _row(method: str, run: Path, wall: float, peak: float) -> dict:
-    s = json.loads((run / "eval.json").read_text())
+def _row(method: str, run_dir: Path, wall: float, peak: float) -> dict:
+    run = RunDir(run_dir)
+    s = json.loads(run.summary.read_text())
     before, after = s.get("before") or {}, s.get("after") or {}
     if "eval_accuracy" in after:  # classification: held-out accuracy
         metric, base = 100 * after["eval_accuracy"], 100 * before.get("eval_accuracy", 0)
@@ -74,7 +76,7 @@ def _row(method: str, run: Path, wall: float, peak: float) -> dict:
         weights += ", bfloat16 matmuls"
     return {"method": method, "weights": weights, "task metric": metric, "base metric": base,
             "held-out loss": (s.get("after") or {}).get("eval_loss"), "base loss": (s.get("before") or {}).get("eval_loss"),
-            "trainable params": s["params"]["trainable"], "saved MB": _size(run / "final") / 1e6, "wall s": wall,
+            "trainable params": s["params"]["trainable"], "saved MB": _size(run.final) / 1e6, "wall s": wall,
             "tok/s": s["tok_s"], "peak RSS GB": peak / 2 ** 30, "classification": "eval_accuracy" in after}
 
 

@@ -19,46 +19,53 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.assemble import assemble
 from tunesmith.config import load_config
-from tunesmith.data import prepare
 from tunesmith.data.classify import tokenize_classification
 from tunesmith.data.prepare import load_examples, tokenize_pairs
 from tunesmith.data.render import render
-from tunesmith.data.shapes import user_text
+from tunesmith.data.shapes import resolve_task, user_text
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
-from tunesmith.evaluate.classification import predict, scores
-from tunesmith.evaluate.generate import Sampling, generate
 from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
-from tunesmith.models import load_model, merge_adapter, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
-from tunesmith.train.preference import preference_scores, prefers_chosen, reference_logprobs
-from tunesmith.train.rundir import write_json_atomic
+from tunesmith.methods.load import load_model, merge_adapter
+from tunesmith.models import load_tokenizer, pick_device
+from tunesmith.models.generate import Sampling, generate
+from tunesmith.objectives.classification import predict, scores
+from tunesmith.objectives.preference import preference_scores, prefers_chosen, reference_logprobs
+from tunesmith.run import RunDir
+from tunesmith.run.files import write_json_atomic
 
 
 def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_base: bool = True,
                  other_runs: tuple[Path, ...] = (), show: int = 8, max_new_tokens: int | None = None, log=print,
                  num_beams: int | None = None) -> dict:
-    if not (run_dir / "final").is_dir():
+    run_dir = RunDir(run_dir)
+    if not run_dir.final.is_dir():
         raise TunesmithError(f"{run_dir} has no final model (is it a finished tunesmith run?)")
-    cfg = load_config(str(run_dir / "config.yaml"))
+    cfg = load_config(str(run_dir.config))
     device = torch.device(pick_device())
-    tokenizer = load_tokenizer(run_dir / "final")
-    models = {"tuned": run_dir / "final"}
-    models.update({p.name: p / "final" for p in other_runs})
+    run = assemble(cfg, device, with_model=False)  # the run's base, data, task and precision, as it trained
+    tokenizer = load_tokenizer(run_dir.final)
+    models = {"tuned": run_dir.final}
+    models.update({p.name: RunDir(p).final for p in other_runs})
     if with_base:
-        models = {"base": resolve_model_dir(cfg.model.name), **models}
-    examples = _eval_examples(cfg, tokenizer, data_path)
+        models = {"base": run.model_dir, **models}
+    if data_path:
+        fmt, examples, _ = load_examples(cfg.data, data_path)
+        resolve_task(run.task, fmt)  # a file of another shape than the run trained on is an error naming both
+    else:
+        examples = run.data.val.examples
     examples = examples[:: max(1, len(examples) // n)][:n] if len(examples) > n else examples
     if not examples:
         raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
     log(f"evaluating {', '.join(models)} on {len(examples)} examples from {data_path or 'the run validation split'}")
-    task = "dpo" if examples[0].rejected is not None else "classification" if examples[0].label is not None else "causal"
-    dtype = pick_dtype(cfg.model.dtype, device, cfg.method.name, task, cfg.train.distributed)  # as the run trained
-    if task == "dpo":
+    dtype = run.precision.dtype  # as the run trained
+    if run.task == "dpo":
         result = _preference(models, examples, tokenizer, cfg, dtype, device, log)
-    elif task == "classification":
+    elif run.task == "classification":
         result = _classification(models, examples, cfg, dtype, device, log)
     else:
         sampling = Sampling(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, num_beams=num_beams or cfg.eval.num_beams)
@@ -66,26 +73,20 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     result = {"data": data_path or "validation split", "examples": len(examples), **result}
     kept = _next_evaluation_path(run_dir, data_path, len(examples))
     write_json_atomic(kept, result)  # every evaluation is kept; evaluation.json is the latest, the report's source
-    write_json_atomic(run_dir / "evaluation.json", result)
-    write_report(run_dir)
-    log(f"saved: {kept} (and as {run_dir / 'evaluation.json'}, the latest)")
+    write_json_atomic(run_dir.evaluation, result)
+    write_report(run_dir.path)
+    log(f"saved: {kept} (and as {run_dir.evaluation}, the latest)")
     return result
 
 
-def _next_evaluation_path(run_dir: Path, data_path: str | None, n: int) -> Path:
+def _next_evaluation_path(run_dir: RunDir, data_path: str | None, n: int) -> Path:
     """`evaluations/NNN-<data folder>-<file>-<n>.json`, numbered in the order they were made; never an existing file."""
-    folder = run_dir / "evaluations"
+    folder = run_dir.evaluations
     folder.mkdir(exist_ok=True)
     data = Path(data_path) if data_path else None
     what = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{data.parent.name}-{data.stem}" if data else "validation").strip("_.")
     number = 1 + max((int(q.name[:3]) for q in folder.glob("[0-9][0-9][0-9]-*.json")), default=0)
     return folder / f"{number:03d}-{what}-{n}.json"
-
-
-def _eval_examples(cfg, tokenizer, data_path):
-    if data_path:
-        return load_examples(cfg.data, data_path)[1]
-    return prepare(cfg.data, tokenizer).val.examples
 
 
 def _load(path: Path, dtype, device):
@@ -100,7 +101,7 @@ def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int
     for name, path in models.items():
         model = _load(path, dtype, device)
         # each `--runs` run is prompted as it was trained: its own template, system prompt and tokenizer
-        own_cfg = cfg if name in ("base", "tuned") else load_config(str(path.parent / "config.yaml"))
+        own_cfg = cfg if name in ("base", "tuned") else load_config(str(RunDir(path.parent).config))
         own_tokenizer = tokenizer if name in ("base", "tuned") else load_tokenizer(path)
         prompts = [render(ex, own_cfg.data.template, own_tokenizer, False, own_cfg.data.system_prompt).prompt
                    for ex in examples]

@@ -73,7 +73,7 @@ def ensure_wordnet() -> bool:
     follow the package's symlinks) into our cache with the `lexnames` table nltk also wants."""
     import nltk
 
-    from tunesmith.models.load import cache_root
+    from tunesmith.paths import cache_root
 
     target_root = cache_root() / "nltk_data"
     if str(target_root) not in nltk.data.path:

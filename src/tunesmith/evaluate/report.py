@@ -14,22 +14,23 @@ import os
 import platform
 from pathlib import Path
 
-from tunesmith.train.rundir import write_text_atomic
-from tunesmith.train.runlog import read_metrics
+from tunesmith.run import RunDir
+from tunesmith.run.files import read_jsonl, write_text_atomic
 
 LOWER_IS_BETTER = {"eval_loss", "eval_ppl", "loss", "ppl"}
 GOOD, BAD = "#1a7f37", "#cf222e"
 
 
 def write_report(run_dir: Path) -> Path:
-    summary = json.loads((run_dir / "eval.json").read_text())
-    evaluation = json.loads((run_dir / "evaluation.json").read_text()) if (run_dir / "evaluation.json").exists() else None
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
-    curves = _training_plot(rows, run_dir / "training.png")
-    bars = _metrics_plot(summary, evaluation, run_dir / "metrics.png")
+    run = RunDir(run_dir)
+    summary = json.loads(run.summary.read_text())
+    evaluation = json.loads(run.evaluation.read_text()) if run.evaluation.exists() else None
+    rows = read_jsonl(run.metrics)
+    config = run.config.read_text() if run.config.exists() else ""
+    curves = _training_plot(rows, run.plot("training"))
+    bars = _metrics_plot(summary, evaluation, run.plot("metrics"))
     verdict, good = _verdict(summary, evaluation)
-    parts = [f"<h1>{html.escape(run_dir.name)}</h1>",
+    parts = [f"<h1>{html.escape(run.name)}</h1>",
              f"<p class='sub'>{html.escape(summary['method'])} on {html.escape(str(summary['model']))} &middot; "
              f"task: {html.escape(summary.get('task', 'causal'))}</p>",
              f"<div class='verdict' style='border-color:{GOOD if good else BAD}'>{verdict}</div>",
@@ -47,10 +48,9 @@ def write_report(run_dir: Path) -> Path:
     if drift:
         parts += ["<h2>Forgetting check</h2>", _forgetting(drift)]
     parts += ["<h2>Run</h2>", _facts(summary), "<h2>Config</h2>", f"<pre>{html.escape(config)}</pre>"]
-    page = PAGE.format(title=html.escape(run_dir.name), body="\n".join(parts))
-    path = run_dir / "report.html"
-    write_text_atomic(path, page)
-    return path
+    page = PAGE.format(title=html.escape(run.name), body="\n".join(parts))
+    write_text_atomic(run.report, page)
+    return run.report
 
 
 def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:

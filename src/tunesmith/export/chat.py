@@ -9,7 +9,7 @@ import threading
 import torch
 from transformers import TextIteratorStreamer
 
-from tunesmith.evaluate.generate import Sampling, eos_ids
+from tunesmith.models.generate import Sampling, eos_ids
 
 
 def chat_loop(model, tokenizer, sampling: Sampling, read=input, write=sys.stdout.write) -> None:

@@ -13,27 +13,18 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.catalog import METHODS
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.partial import MARKER
-from tunesmith.models import load_model, load_tokenizer
-from tunesmith.train.rundir import publish_dir
-
-UNMERGEABLE = {"prompt-tuning", "prefix-tuning", "adapters"}
-
-
-def run_method(final: Path) -> str:
-    if (final / "adapter_config.json").exists():
-        peft_type = json.loads((final / "adapter_config.json").read_text()).get("peft_type", "LORA")
-        return {"PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}.get(peft_type, peft_type.lower())
-    if (final / MARKER).exists():
-        return json.loads((final / MARKER).read_text())["method"]
-    return "full"
+from tunesmith.methods.load import MARKER, load_model, output_method
+from tunesmith.models import load_tokenizer
+from tunesmith.run import RunDir
+from tunesmith.run.files import publish_dir
 
 
 def merged_model(final: Path, dtype: torch.dtype = torch.float32):
     """The run's model with its adapter merged in, as a plain transformers model, and its tokenizer."""
-    method = run_method(final)
-    if method in UNMERGEABLE:
+    method = output_method(final)
+    if not METHODS[method].mergeable:
         raise TunesmithError(f"a {method} run cannot be merged into the base architecture (it adds "
                              f"{'virtual tokens' if 'tuning' in method else 'bottleneck layers'}); export it with "
                              f"--format adapter, or serve/generate from the run directory directly")
@@ -60,13 +51,14 @@ def export_hf(final: Path, out: Path, dtype: torch.dtype) -> Path:
 
 
 def export_adapter(run_dir: Path, out: Path) -> Path:
-    final = run_dir / "final"
-    summary = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+    run = RunDir(run_dir)
+    final = run.final
+    summary = json.loads(run.summary.read_text()) if run.summary.exists() else {}
 
     def write(tmp: Path) -> None:
         for f in final.iterdir():
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        (tmp / "README.md").write_text(model_card(run_dir, summary))
+        (tmp / "README.md").write_text(model_card(run.path, summary))
 
     publish_dir(out, write)
     return out

@@ -13,16 +13,18 @@ from tunesmith.export.gguf_file import verify, write_gguf
 from tunesmith.export.hf import export_adapter, export_hf, merged_model
 from tunesmith.export.modelfile import modelfile
 from tunesmith.models import resolve_model_dir
-from tunesmith.train.rundir import publish_dir, write_json_atomic
+from tunesmith.run import RunDir
+from tunesmith.run.files import publish_dir, write_json_atomic
 
 
 def export_run(run_dir: Path, fmt: str, dtype: str = "f32", quant: str | None = None, out: Path | None = None,
                overwrite: bool = False, log=print) -> Path:
-    final = run_dir / "final"
+    run = RunDir(run_dir)
+    final = run.final
     if not final.is_dir():
         raise TunesmithError(f"{run_dir} has no final model (is it a finished tunesmith run?)")
     kind = quant or dtype
-    out = out or run_dir / "export" / (fmt if fmt != "gguf" else f"gguf-{kind}")
+    out = out or run.exports / (fmt if fmt != "gguf" else f"gguf-{kind}")
     if out.exists():
         if not overwrite:
             raise TunesmithError(f"{out} already exists; pass --overwrite to replace it, or --out another folder")
@@ -33,7 +35,7 @@ def export_run(run_dir: Path, fmt: str, dtype: str = "f32", quant: str | None = 
     elif fmt == "hf":
         export_hf(final, out, {"f32": torch.float32, "f16": torch.float16}[dtype])
     else:
-        cfg = load_config(str(run_dir / "config.yaml"))
+        cfg = load_config(str(run.config))
         model, tokenizer = merged_model(final)
         source = _source_gguf(cfg.model.name)
         name = f"{run_dir.name}-{kind}.gguf"

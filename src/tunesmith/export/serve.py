@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import TextIteratorStreamer
 
-from tunesmith.evaluate.generate import eos_ids
+from tunesmith.models.generate import eos_ids
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -300,12 +300,14 @@ def load_served(sources: list[str], merge: bool, log=print) -> Served:
     from peft import PeftModel
 
     from tunesmith.errors import TunesmithError
-    from tunesmith.models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+    from tunesmith.methods.load import load_model
+    from tunesmith.models import inference_dtype, load_tokenizer, pick_device, resolve_model_dir
+    from tunesmith.run import RunDir
 
     device = pick_device()
-    dtype = pick_dtype("auto", device)
+    dtype = inference_dtype(device)
     dirs = [resolve_model_dir(s) for s in sources]
-    names = [Path(s).name if (Path(s) / "final").is_dir() else s for s in sources]
+    names = [Path(s).name if RunDir(s).is_finished() else s for s in sources]
     tokenizer = load_tokenizer(dirs[0])
     adapters: dict[str, Optional[str]] = {}
     if not all((d / "adapter_config.json").exists() for d in dirs):

@@ -1,23 +1,26 @@
-"""Fine-tuning methods behind `method.name`. Each module has the same shape:
+"""Fine-tuning methods behind `method.name`, one module each (declared in tunesmith.catalog.METHODS). Each module
+has the same shape:
 
-    DEFAULT_LR                                  tuned peak learning rate for that method
     apply(model, cfg, task) -> model            make exactly the method's parameters trainable
-    save(model, tokenizer, out_dir, cfg, task, state_dict=None)  write what `models.load_model` (and, for full and
-                                                the peft methods, plain transformers/peft) can load
+    save(model, tokenizer, out_dir, cfg, task, state_dict=None)  write what `methods.load.load_model` (and, for full
+                                                and the peft methods, plain transformers/peft) can load
     quantization(cfg, dtype)                    optional: how to load the base (qlora, lora-int8)
+
+Its facts (tuned learning rate, tasks, what it exports to, ...) are its `MethodSpec` in the catalog.
 """
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
-from tunesmith.methods import adapters, bitfit, full, ia3, lora, lora_int8, prefix_tuning, prompt_tuning, qlora
-
-METHODS: dict[str, ModuleType] = {"full": full, "lora": lora, "qlora": qlora, "lora-int8": lora_int8, "ia3": ia3,
-                                  "prompt-tuning": prompt_tuning, "prefix-tuning": prefix_tuning,
-                                  "adapters": adapters, "bitfit": bitfit}
+from tunesmith.catalog import METHODS, MethodSpec
 
 
 def get_method(name: str) -> ModuleType:
+    return importlib.import_module(f"tunesmith.methods.{METHODS[name].module}")
+
+
+def spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 

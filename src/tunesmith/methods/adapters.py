@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.methods import partial
+from tunesmith.methods.load import save_trainable
 from tunesmith.methods.bitfit import classifier_head
 
-DEFAULT_LR = 1e-3
 FFN_OUT = r"(mlp\.down_proj|(?<!attention\.)output\.dense|mlp\.c_proj|mlp\.fc2)"
 ATTN_OUT = r"(self_attn\.o_proj|attention\.output\.dense|attn\.c_proj|self_attn\.out_proj)"
 
@@ -52,4 +51,4 @@ def apply(model, cfg, task: str = "causal"):
 
 
 def save(model, tokenizer, out_dir, cfg, task: str = "causal", state_dict: dict | None = None):
-    partial.save_trainable(model, tokenizer, out_dir, cfg, task, state_dict)
+    save_trainable(model, tokenizer, out_dir, cfg, task, state_dict)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from tunesmith.errors import TunesmithError
-from tunesmith.methods import partial
+from tunesmith.methods.load import save_trainable
 
-DEFAULT_LR = 5e-3
 
 
 def apply(model, cfg, task: str = "causal"):
@@ -29,4 +28,4 @@ def classifier_head(model):
 
 
 def save(model, tokenizer, out_dir, cfg, task: str = "causal", state_dict: dict | None = None):
-    partial.save_trainable(model, tokenizer, out_dir, cfg, task, state_dict)
+    save_trainable(model, tokenizer, out_dir, cfg, task, state_dict)

@@ -1,7 +1,6 @@
 """Full fine-tuning: every weight trains, except (optionally) the embeddings and the first N blocks."""
 from __future__ import annotations
 
-DEFAULT_LR = 5e-5
 
 
 def apply(model, cfg, task: str = "causal"):

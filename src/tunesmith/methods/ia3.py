@@ -6,7 +6,6 @@ from peft import IA3Config, get_peft_model
 
 from tunesmith.methods import lora
 
-DEFAULT_LR = 1e-2
 save = lora.save
 
 

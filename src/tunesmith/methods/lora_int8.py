@@ -6,7 +6,6 @@ import torch
 
 from tunesmith.methods import lora
 
-DEFAULT_LR = lora.DEFAULT_LR
 KEEP_FULL_PRECISION = ["lm_head", "classifier", "score"]  # output heads: small, and a classifier head trains
 save = lora.save
 

@@ -12,7 +12,6 @@ from peft import PrefixTuningConfig, get_peft_model
 
 from tunesmith.methods import lora
 
-DEFAULT_LR = 1e-2
 save = lora.save
 
 

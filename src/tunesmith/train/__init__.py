@@ -1,1 +1,2 @@
-"""Training: the loop (loop.py), the loss head, threads, checkpoints and the run directory."""
+"""Training: the loop (loop.py) and its machinery: processes (distributed, zero), checkpoints and progress, the
+schedule and optimizer, threads, stop requests, the memory/time plan."""

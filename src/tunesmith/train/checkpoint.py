@@ -3,7 +3,7 @@
 A checkpoint is `runs/NAME/checkpoints/step-0000040/` with
   trainable.safetensors  the trainable weights (adapter or unfrozen weights)
   state.pt               optimizer state and python/numpy/torch RNG states
-  progress.json          step, counters, metrics so far, and the fingerprint of data + base model
+  progress.json          step, counters, metrics so far, and the fingerprint of data + base model (train/progress.py)
   manifest.json          size and sha256 of the three files above (written last)
 The folder is written under a temporary name, fsynced and renamed, so a crash leaves either the
 whole checkpoint or none. Resume walks back from the newest checkpoint to the first one whose
@@ -23,8 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
+from tunesmith.run import RunDir
+from tunesmith.run.files import publish_dir
 from tunesmith.train.distributed import load_optimizer_state, set_weights
-from tunesmith.train.rundir import publish_dir
+from tunesmith.train.progress import Progress
 
 FILES = ("trainable.safetensors", "state.pt", "progress.json")
 
@@ -32,17 +34,17 @@ FILES = ("trainable.safetensors", "state.pt", "progress.json")
 @dataclass
 class Checkpoint:
     path: Path
-    progress: dict
+    progress: Progress
 
     @property
     def step(self) -> int:
-        return self.progress["step"]
+        return self.progress.step
 
 
-def save(run_dir: Path, weights: dict, optimizer_state: dict, progress: dict) -> Path:
-    """`weights`/`optimizer_state`: full tensors (distributed.full_weights / full_optimizer_state).
-    `progress` must hold "step"; it is stored as-is (counters, evals, fingerprint)."""
-    target = run_dir / "checkpoints" / f"step-{progress['step']:07d}"
+def save(run: RunDir, weights: dict, optimizer_state: dict, progress: Progress) -> Path:
+    """`weights`/`optimizer_state`: full tensors (distributed.full_weights / full_optimizer_state)."""
+    run = RunDir(run)
+    target = run.checkpoint(progress.step)
     target.parent.mkdir(exist_ok=True)
 
     def write(tmp: Path) -> None:
@@ -51,7 +53,7 @@ def save(run_dir: Path, weights: dict, optimizer_state: dict, progress: dict) ->
                     "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                    tmp / "state.pt")
-        (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
+        (tmp / "progress.json").write_text(json.dumps(progress.to_json(), indent=1))
         manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
@@ -59,17 +61,18 @@ def save(run_dir: Path, weights: dict, optimizer_state: dict, progress: dict) ->
     return target
 
 
-def save_or_warn(run_dir: Path, weights: dict, optimizer_state: dict, progress: dict, keep: int | None, log) -> None:
+def save_or_warn(run: RunDir, weights: dict, optimizer_state: dict, progress: Progress, keep: int | None, log) -> None:
     """Save; a failed save (disk full, ...) is reported and training goes on, the previous checkpoint intact."""
+    run = RunDir(run)
     try:
-        path = save(run_dir, weights, optimizer_state, progress)
+        path = save(run, weights, optimizer_state, progress)
     except OSError as e:
-        older = all_checkpoints(run_dir)
-        log(f"could not write the checkpoint at step {progress['step']}: {e.strerror or e}; "
+        older = all_checkpoints(run)
+        log(f"could not write the checkpoint at step {progress.step}: {e.strerror or e}; "
             f"{'the previous checkpoint ' + older[-1].name + ' is intact' if older else 'there is no earlier checkpoint'}; "
             f"training continues")
         return
-    removed = prune(run_dir, keep) if keep else []
+    removed = prune(run, keep) if keep else []
     log(f"checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
 
 
@@ -90,30 +93,34 @@ def problem(path: Path) -> str | None:
     return None
 
 
-def all_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / "checkpoints"
+def all_checkpoints(run: RunDir) -> list[Path]:
+    run = RunDir(run)
+    folder = run.checkpoints
     return sorted(folder.glob("step-*")) if folder.is_dir() else []
 
 
-def latest_good(run_dir: Path, log) -> Checkpoint | None:
-    for path in reversed(all_checkpoints(run_dir)):
+def latest_good(run: RunDir, log) -> Checkpoint | None:
+    run = RunDir(run)
+    for path in reversed(all_checkpoints(run)):
         why = problem(path)
         if why is None:
-            return Checkpoint(path, json.loads((path / "progress.json").read_text()))
+            return Checkpoint(path, Progress.from_json(json.loads((path / "progress.json").read_text())))
         log(f"checkpoint {path.name} is damaged ({why}); trying the one before it")
     return None
 
 
-def resume_point(run_dir: Path, fingerprint: dict, force: bool, log) -> Checkpoint:
-    """The newest good checkpoint of `run_dir`, refused if its data or base model differ from now."""
-    if not (run_dir / "config.yaml").exists():
+def resume_point(run: RunDir, fingerprint: dict, force: bool, log) -> Checkpoint:
+    """The newest good checkpoint of `run`, refused if its data or base model differ from now."""
+    run = RunDir(run)
+    run_dir = run.path
+    if not run.is_run():
         raise TunesmithError(f"{run_dir} is not a tunesmith run directory (no config.yaml)")
-    if (run_dir / "final").exists():
+    if run.final.exists():
         raise TunesmithError(f"{run_dir} already finished (final/ exists); start a new run to train further")
-    ckpt = latest_good(run_dir, log)
+    ckpt = latest_good(run, log)
     if ckpt is None:
         raise TunesmithError(f"{run_dir} has no usable checkpoint to resume from (set train.save_every_steps to write them)")
-    saved = ckpt.progress.get("fingerprint", {})
+    saved = ckpt.progress.fingerprint
     changed = [k for k in ("data", "model") if saved.get(k) != fingerprint[k]]
     if changed and not force:
         what = {"data": "the training data (files, data settings or tokenizer)", "model": "the base model"}
@@ -149,23 +156,26 @@ def restore(ckpt: Checkpoint, model, optimizer) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save_best(run_dir: Path, weights: dict, record: dict) -> None:
+def save_best(run: RunDir, weights: dict, record: dict) -> None:
     """`best/`: the trainable weights (full tensors) with the best held-out metric so far (train.select_best)."""
+    run = RunDir(run)
 
     def write(tmp: Path) -> None:
         save_file(weights, tmp / "trainable.safetensors")
         (tmp / "metrics.json").write_text(json.dumps(record, indent=1))
 
-    publish_dir(run_dir / "best", write)
+    publish_dir(run.best, write)
 
 
-def load_best(run_dir: Path, model) -> None:
-    set_weights(model, load_file(run_dir / "best" / "trainable.safetensors"))
+def load_best(run: RunDir, model) -> None:
+    run = RunDir(run)
+    set_weights(model, load_file(run.best / "trainable.safetensors"))
 
 
-def prune(run_dir: Path, keep: int) -> list[str]:
+def prune(run: RunDir, keep: int) -> list[str]:
     """Delete all but the newest `keep` checkpoints, never the one with the best held-out loss."""
-    paths = all_checkpoints(run_dir)
+    run = RunDir(run)
+    paths = all_checkpoints(run)
     best = min(((_eval_loss(p), p) for p in paths if _eval_loss(p) is not None), default=(None, None))[1]
     removed = []
     for p in paths[:-keep] if keep else paths:

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tunesmith.catalog import METHODS
+
 GiB = 1024 ** 3
 BASELINE_BYTES = 0.55 * GiB   # measured: python + torch + transformers + tokenizers after import, CPU
 # achieved share of the matmul peak in a training step, by weight dtype. float32: bench run 2, MFU 58-62 %.
 # bfloat16: the TL;DR recipe's 527 tok/s x 0.38 GFLOP/token = 200 of 2270 GFLOP/s (AMX host, session 15).
 STEP_EFFICIENCY = {torch.float32: 0.55, torch.bfloat16: 0.09}
-HEAD_CHUNK = 128              # rows of the fused vocabulary head (train/loss.py)
+HEAD_CHUNK = 128              # rows of the fused vocabulary head (models/heads.py)
 LORA_ACTIVATION_SCALE = 1.19  # measured / modelled bytes per token (docs/performance.md)
 QUANTIZED_ACTIVATION_SCALE = 2.07  # qlora / lora-int8: peft's unmerged LoRA layers and bitsandbytes keep more per token
 FULL_ACTIVATION_SCALE = 0.78
@@ -128,8 +130,9 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, t
     pass_tokens = min(cfg.train.micro_batch_size * max_len, max(budget, max_len))
     frozen = min(cfg.method.freeze_layers, config.num_hidden_layers)
     trained_layers = config.num_hidden_layers - frozen  # frozen blocks save no activations
-    quantized = cfg.method.name in ("qlora", "lora-int8")
-    per_layer = activation_bytes_per_token_layer(config, el, cfg.method.name != "full")
+    spec = METHODS[cfg.method.name]
+    quantized = spec.quantized_bits is not None
+    per_layer = activation_bytes_per_token_layer(config, el, not spec.weight_grads)
     if quantized:
         per_layer *= QUANTIZED_ACTIVATION_SCALE / LORA_ACTIVATION_SCALE
     if cfg.train.gradient_checkpointing:
@@ -147,11 +150,11 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, t
     }
     if quantized:  # bitsandbytes de-quantizes each weight to full precision for its matmul, kept for backward
         packed = sum(p.numel() for p in model.parameters() if p.dtype in (torch.uint8, torch.int8))
-        parts["de-quantized weight copies"] = packed * (8 if cfg.method.name == "qlora" else 4)
+        parts["de-quantized weight copies"] = packed * (8 if spec.quantized_bits == 4 else 4)
     examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     mean_len = train["tokens"] / max(1, train["kept"])
     tokens = int(total_steps * examples_per_step * mean_len)
-    fpt = flops_per_token(config, mean_len, train["label_share"], cfg.method.name == "full", frozen)
+    fpt = flops_per_token(config, mean_len, train["label_share"], spec.weight_grads, frozen)
     dtype = matmuls or matmul_dtype(model)
     gflops = matmul_gflops(time_it, dtype) if time_it else 0.0
     seconds = tokens * fpt / (gflops * 1e9 * STEP_EFFICIENCY[dtype]) if gflops else 0.0
@@ -170,7 +173,7 @@ def _suggestions(cfg, pass_tokens: int) -> list[str]:
         out.append(f"train.batch_tokens={max(128, pass_tokens // 2)}")
     if not cfg.train.gradient_checkpointing:
         out.append("train.gradient_checkpointing=true")
-    if cfg.method.name == "full":
+    if METHODS[cfg.method.name].weight_grads:
         out.append("method.name=lora")
     out.append(f"data.max_length={max(64, cfg.data.max_length // 2)}")
     return out
@@ -208,25 +211,15 @@ def _duration(seconds: float) -> str:
 
 
 def plan_config(cfg) -> Plan:
-    """`tunesmith plan`: load the model, data and method as `train` would, then estimate."""
-    from tunesmith.data import prepare, resolve_task
-    from tunesmith.methods import get_method, parameter_report, quantization
-    from tunesmith.models import load_model, load_tokenizer, max_positions, pick_device, resolve_model_dir
+    """`tunesmith plan`: assemble the run as `train` does (model, data, task, precision, method), then estimate."""
+    from tunesmith.assemble import assemble
+    from tunesmith.models import pick_device
     from tunesmith.train.machine import configure_threads
-    from tunesmith.train.precision import choose, set_pass_tokens
     from tunesmith.train.schedule import plan_steps
 
     configure_threads(cfg.train.threads)
-    device = pick_device()
-    model_dir = resolve_model_dir(cfg.model.name)
-    tokenizer = load_tokenizer(model_dir)
-    data = prepare(cfg.data, tokenizer, max_positions(model_dir))
-    task = resolve_task(cfg.task, data.format)
-    precision = choose(cfg, device, task)
-    set_pass_tokens(cfg, precision)  # as `train` does
-    method, dtype = get_method(cfg.method.name), precision.dtype
-    model = load_model(model_dir, dtype, device, quantization=quantization(method, cfg.method, dtype))
-    model = method.apply(model, cfg.method)
-    _, total_steps = plan_steps(cfg, data.stats["train"]["kept"])
-    return estimate(cfg, model, parameter_report(model)["trainable"], data.stats, total_steps, time_it=1.0,
-                    matmuls=precision.matmuls)
+    run = assemble(cfg, pick_device())
+    cfg = run.effective_config
+    _, total_steps = plan_steps(cfg, run.data.stats["train"]["kept"])
+    return estimate(cfg, run.model, run.params["trainable"], run.data.stats, total_steps, time_it=1.0,
+                    matmuls=run.precision.matmuls)

@@ -1,32 +1,11 @@
-"""The run directory: created once, never overwritten without being asked; files written atomically."""
+"""Files written atomically: text and JSON by rename, folders by publishing a complete temporary folder."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
-from datetime import datetime
 from pathlib import Path
-
-from tunesmith.errors import TunesmithError
-
-
-def choose_run_dir(parent: str, name: str | None, recipe: str, overwrite: bool) -> Path:
-    """Pick the run directory and refuse an existing one early (nothing is created or deleted yet)."""
-    path = Path(parent) / (name or f"{recipe}-{datetime.now():%Y%m%d-%H%M%S}")
-    if path.exists() and not overwrite:
-        raise TunesmithError(f"run directory {path} already exists; choose another output.name, or pass --overwrite to replace it")
-    return path
-
-
-def create_run_dir(path: Path, overwrite: bool) -> Path:
-    """Create it once the inputs are known to be good, so a bad config or data file leaves nothing behind."""
-    if path.exists():
-        if not overwrite:
-            raise TunesmithError(f"run directory {path} already exists; choose another output.name, or pass --overwrite to replace it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -70,3 +49,21 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (metrics.jsonl); a line torn by a crash mid-write is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

@@ -1,4 +1,5 @@
-"""Knowledge distillation: a teacher's soft targets for the student, on the response tokens.
+"""Knowledge distillation around the student's own objective (sft or classification): a teacher's soft targets for
+the student, on the response tokens (or the class logits).
 
     loss = alpha * CE(labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
@@ -12,6 +13,9 @@ response token, only its K largest logits and their token ids, in memory-mapped 
 directory (K x 6 bytes per token; never the full vocabulary). The teacher is then freed, and every
 epoch distils against the cache: the teacher's distribution renormalised over its top K, the
 student's log-probabilities (over the full vocabulary) at those K ids.
+
+The student's objective measures both models on the held-out split, shows the samples and describes the results:
+distillation changes what a step's loss is, not how the run is judged.
 """
 from __future__ import annotations
 
@@ -23,8 +27,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunesmith.data.batching import collate, split_passes
+from tunesmith.data.prepare import tokenize_split
+from tunesmith.data.render import Split, Tokenized
+from tunesmith.data.shapes import Example
 from tunesmith.errors import TunesmithError
-from tunesmith.train.loss import label_logits
+from tunesmith.methods.load import load_model, merge_adapter
+from tunesmith.models import load_tokenizer, resolve_model_dir
+from tunesmith.models.generate import Sampling, generate
+from tunesmith.models.heads import label_logits
+from tunesmith.objectives import Context, Objective
 
 TOPK_VERSION = 1
 
@@ -88,8 +100,6 @@ def cached_distill_sum_loss(model, batch, cached: tuple[torch.Tensor, torch.Tens
 
 def teacher_topk(teacher, tokens: list, k: int, folder: Path, pad_id: int, device, batch_tokens: int, log) -> TopKCache:
     """Build (or reuse, when complete and matching) the teacher's top-k cache for these training examples."""
-    from tunesmith.data.batching import collate, split_passes
-
     counts = np.array([int((t.labels[1:] != -100).sum()) for t in tokens], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     shape, key = (int(offsets[-1]), k), {"version": TOPK_VERSION, "k": k, "examples": len(tokens), "tokens": int(offsets[-1])}
@@ -125,20 +135,89 @@ def check_tokenizers(student_tok, teacher_tok, mode: str) -> None:
                              "use distill.mode=sequence to train the student on the teacher's generated answers instead")
 
 
-def teacher_answers(teacher, tokenizer, data, cfg, n: int, log) -> None:
-    """`distill.mode: sequence`: the first `n` training responses become the teacher's greedy answers (in place)."""
+def teacher_answers(teacher, tokenizer, data, cfg, n: int, log, show_progress: bool = True) -> Split:
+    """`distill.mode: sequence`: the training split with its first `n` responses replaced by the teacher's greedy
+    answers to their prompts."""
     from collections import Counter
-
-    from tunesmith.data.prepare import tokenize_split
-    from tunesmith.data.shapes import Example
-    from tunesmith.evaluate.generate import Sampling, generate
 
     examples, rendered = data.train.examples[:n], data.train.rendered[:n]
     log(f"distill.mode=sequence: the teacher answers {len(examples)} training prompts (greedy)")
-    bar = "teacher answers" if log.enabled else None  # one progress bar, rank 0's
+    bar = "teacher answers" if show_progress else None  # one progress bar, rank 0's
     answers = generate(teacher, tokenizer, [r.prompt for r in rendered], Sampling(max_new_tokens=cfg.eval.max_new_tokens),
                        add_special_tokens=cfg.data.template != "chat", progress=bar)
     swapped = [Example(ex.messages[:-1] + [{"role": "assistant", "content": a.text}], ex.where,
                        {**ex.fields, "output": a.text}, ex.group) for ex, a in zip(examples, answers)]
-    split = tokenize_split(swapped, cfg.data, tokenizer, data.stats["max_length"], Counter())
-    data.train.examples, data.train.rendered, data.train.tokens = split.examples, split.rendered, split.tokens
+    return tokenize_split(swapped, cfg.data, tokenizer, data.stats["max_length"], Counter())
+
+
+class Distill(Objective):
+    """The student's objective (`student`), with a teacher: its soft targets as the loss (`distill.mode: logits`), or
+    its answers as the training responses (`sequence`). Measuring, samples and results are the student objective's."""
+
+    def __init__(self, student: Objective, dtype: torch.dtype):
+        self.student, self.dtype = student, dtype
+        self.cfg, self.data, self.tokenizer, self.pad_id = student.cfg, student.data, student.tokenizer, student.pad_id
+        self.train, self.val = student.train, student.val
+        for name in ("task", "examples_per_pass", "measure_shards", "generates", "checks_forgetting"):
+            setattr(self, name, getattr(student, name))
+        self.settings = self.cfg.distill
+        self.sequence = self.settings.mode == "sequence"
+        self._teacher = self.topk = None
+        self.teacher_metrics: dict | None = None
+
+    @property
+    def teacher(self):
+        return self._teacher
+
+    def load(self, ctx: Context, examples_needed: int) -> None:
+        d = self.settings
+        teacher_dir = resolve_model_dir(d.teacher)
+        check_tokenizers(self.tokenizer, load_tokenizer(teacher_dir), d.mode)
+        teacher = load_model(teacher_dir, self.dtype, ctx.device, self.task, labels=self.data.stats.get("labels")).eval()
+        teacher = merge_adapter(teacher)
+        teacher.requires_grad_(False)
+        ctx.log(f"distillation from {d.teacher} ({sum(p.numel() for p in teacher.parameters()):,} parameters), "
+                f"{d.mode} mode, alpha {d.alpha}, T {d.temperature}, {d.kl} KL")
+        if self.sequence:
+            self.train = teacher_answers(teacher, self.tokenizer, self.data, self.cfg, examples_needed, ctx.log, ctx.main).tokens
+        self._teacher = teacher
+
+    def prepare(self, model, ctx: Context) -> None:
+        """The teacher on the held-out split (reported next to the student); with `distill.top_k` its one pass over the
+        training split (rank 0 writes the cache, the others wait for the files, then map them), after which the
+        teacher is freed, as it is in sequence mode, whose answers are all it was needed for."""
+        self.teacher_metrics = ctx.measure(self._teacher)
+        if self.teacher_metrics:
+            ctx.log("teacher on the held-out split: " + self.describe(self.teacher_metrics))
+        if self.settings.top_k:
+            def build():
+                return teacher_topk(self._teacher, self.train, self.settings.top_k, ctx.cache_dir, self.pad_id, ctx.device,
+                                    ctx.batch_tokens or 4096, ctx.log)
+            if ctx.main:
+                build()
+            ctx.sync()
+            self.topk, self._teacher = build(), None
+        elif self.sequence:
+            self._teacher = None
+
+    def weight(self, example: Tokenized) -> int:
+        return self.student.weight(example)
+
+    def loss(self, model, batch, examples: list[int]) -> torch.Tensor:
+        if self.sequence:  # the teacher's answers are the responses
+            return self.student.loss(model, batch, examples)
+        if self.topk is not None:
+            return cached_distill_sum_loss(model, batch, self.topk.rows(examples), self.settings)
+        return distill_sum_loss(model, self._teacher, batch, self.settings)
+
+    def measure(self, model, examples: list[Tokenized]) -> dict:
+        return self.student.measure(model, examples)
+
+    def samples(self, model, indices: list[int]) -> list:
+        return self.student.samples(model, indices)
+
+    def describe(self, metrics: dict) -> str:
+        return self.student.describe(metrics)
+
+    def results(self, before: dict, after: dict) -> list[str]:
+        return self.student.results(before, after)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunesmith.train import neftune
+from tunesmith.models import neftune
 
 IGNORE = -100
 CHUNK = 128  # label positions per head chunk: 128 x 49k vocab x 4 bytes = 25 MB, under glibc's mmap ceiling

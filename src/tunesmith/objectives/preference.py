@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from tunesmith.data.batching import collate
 from tunesmith.data.render import Tokenized
-from tunesmith.train.loss import label_logits, label_positions
+from tunesmith.models.heads import label_logits, label_positions
+from tunesmith.objectives import Context, Objective
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -155,3 +156,62 @@ def _answer_lengths(pairs: list[Tokenized], dtype) -> torch.Tensor:
     """(n, 2) trained tokens of (chosen, rejected), at least 1."""
     return torch.tensor([[float((t.labels != -100).sum()), float((t.rejected.labels != -100).sum())] for t in pairs],
                         dtype=dtype).clamp(min=1)
+
+
+class Preference(Objective):
+    """Pairs as passes of their own: a pair's two answers share the prompt's computation and nothing is padded. The
+    reference is the model before training: its held-out log-probs are taken once, before the base is measured; its
+    training log-probs once too (two floats per pair), except with an adapter, where the reference is the same model
+    with the adapter switched off, computed per pass (no second model in memory, no pass over the whole split)."""
+
+    task = "dpo"
+    examples_per_pass = 1
+
+    def __init__(self, cfg, data, tokenizer):
+        super().__init__(cfg, data, tokenizer)
+        self.reference_free = cfg.dpo.loss in REFERENCE_FREE  # simpo, orpo: no reference model
+        self.ref_val = self.ref_train = None
+
+    def prepare(self, model, ctx: Context) -> None:
+        if self.reference_free:
+            return
+        self.ref_val = self.reference_pass(model, self.val)
+        if not hasattr(model, "disable_adapter"):
+            with ctx.passes():  # as the policy's log-probs are computed in training
+                self.ref_train = self.reference_pass(model, self.train)
+
+    def reference_pass(self, model, pairs: list[Tokenized]) -> torch.Tensor:
+        return reference_logprobs(model, pairs, self.pad_id)
+
+    def weight(self, example: Tokenized) -> int:
+        return 1
+
+    def loss(self, model, batch, examples: list[int]) -> torch.Tensor:
+        ref = None if self.reference_free else self.pass_reference(model, batch, examples)
+        return dpo_sum_loss(model, batch, ref, self.cfg.dpo)
+
+    def pass_reference(self, model, batch, examples: list[int]) -> torch.Tensor:
+        """Reference log-probs (chosen, rejected) of this pass's pairs: precomputed, or the model with its adapter off."""
+        if self.ref_train is not None:
+            return self.ref_train[examples]
+        with torch.no_grad(), model.disable_adapter():
+            return torch.stack(pair_logprobs(model, batch), dim=1)
+
+    def measure(self, model, examples: list[Tokenized]) -> dict:
+        return preference_metrics(model, examples, self.ref_val, self.pad_id, self.cfg.dpo)
+
+    def describe(self, m: dict) -> str:
+        return (f"preference loss {m['eval_loss']:.4f}, reward accuracy {m['eval_reward_accuracy']:.3f}, margin "
+                f"{m['eval_reward_margin']:.3f}, log-prob accuracy {m['eval_seq_logp_accuracy']:.3f} "
+                f"(per token {m['eval_logp_accuracy']:.3f})")
+
+    def results(self, before: dict, after: dict) -> list[str]:
+        if not (before and after):
+            return []
+        return [f"held-out pairs: preference accuracy by log-prob {before['eval_seq_logp_accuracy']:.3f} -> "
+                f"{after['eval_seq_logp_accuracy']:.3f}, per token {before['eval_logp_accuracy']:.3f} -> "
+                f"{after['eval_logp_accuracy']:.3f}; reward accuracy {after['eval_reward_accuracy']:.3f}, "
+                f"margin {after['eval_reward_margin']:.3f}"]
+
+
+OBJECTIVE = Preference

@@ -18,7 +18,7 @@ def add_noise(model, alpha: float):
         return output + torch.empty_like(output).uniform_(-bound, bound)
 
     handle = embeddings.register_forward_hook(noisy)
-    embeddings.neftune_noise_alpha = alpha  # read by train.loss: every row runs whole, each with noise of its own
+    embeddings.neftune_noise_alpha = alpha  # read by models.heads: every row runs whole, each with noise of its own
 
     def remove() -> None:
         handle.remove()
@@ -28,5 +28,5 @@ def add_noise(model, alpha: float):
 
 
 def is_on(backbone) -> bool:
-    """Whether this forward adds noise (the shared-prefix shortcut in train.loss would give every row the same)."""
+    """Whether this forward adds noise (the shared-prefix shortcut in models.heads would give every row the same)."""
     return backbone.training and hasattr(backbone.get_input_embeddings(), "neftune_noise_alpha")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunesmith.train.runlog import progress_bar
+from tunesmith.run.log import progress_bar
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Tuned outputs on their base: loading whatever a run's `final/` holds, and saving the partial methods.
+
+Three kinds of output folder:
+  * a full model (full fine-tuning): a plain Hugging Face folder, loaded as any base;
+  * a peft adapter (LoRA, QLoRA, IA3, prompt/prefix tuning): `adapter_config.json` names the base folder;
+    loading puts the adapter on the full-precision base (a QLoRA adapter too);
+  * a partial method's tensors (BitFit, bottleneck adapters): `trainable.safetensors` plus `tunesmith_method.json`,
+    which names the base model, the method and its settings, so loading rebuilds the same structure on the base
+    and copies the tensors in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith.errors import TunesmithError
+from tunesmith.models import load_base_model, pick_device, resolve_model_dir
+
+MARKER = "tunesmith_method.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "auto",
+               quantization=None, labels: Optional[list[str]] = None):
+    """Any model `model.name` resolves to (models.resolve_model_dir): a base, or a tuned output rebuilt on its base."""
+    device = device or pick_device()
+    if (model_dir / ADAPTER_CONFIG).exists():
+        return _load_adapter_model(model_dir, dtype, device)
+    if (model_dir / MARKER).exists():
+        model = load_trainable(model_dir, lambda base, t, meta: load_model(
+            resolve_model_dir(base), dtype, device, t, labels=list((meta.get("id2label") or {}).values()) or None))
+        return model.to(device)
+    return load_base_model(model_dir, dtype, device, task, quantization, labels)
+
+
+def _load_adapter_model(adapter_dir: Path, dtype, device):
+    """A peft adapter on its base, de-quantized (a QLoRA adapter is applied to the full-precision base)."""
+    from peft import PeftModel
+
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base_dir = Path(config["base_model_name_or_path"])
+    if config.get("task_type") == "SEQ_CLS":
+        labels = json.loads((adapter_dir / "labels.json").read_text())
+        base = load_model(resolve_model_dir(str(base_dir)), dtype, device, "classification", labels=labels)
+    else:
+        base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
+    base = merge_adapter(base)  # the base may itself be a tuned adapter run (e.g. DPO after SFT)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def merge_adapter(model):
+    """A peft model with its adapter folded into the weights (plain and as fast as the base); models
+    whose adapter cannot be folded in (prompt/prefix tuning) and plain models come back unchanged."""
+    if hasattr(model, "merge_and_unload") and not model.active_peft_config.is_prompt_learning:
+        return model.merge_and_unload()
+    return model
+
+
+def output_method(final: Path) -> str:
+    """The method that wrote a run's `final/` folder."""
+    if (final / ADAPTER_CONFIG).exists():
+        peft_type = json.loads((final / ADAPTER_CONFIG).read_text()).get("peft_type", "LORA")
+        return {"PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}.get(peft_type, peft_type.lower())
+    if (final / MARKER).exists():
+        return json.loads((final / MARKER).read_text())["method"]
+    return "full"
+
+
+def base_of(model_dir: Path) -> Path | None:
+    """The base model folder a tuned output was trained on; None for a plain model folder."""
+    for marker in (ADAPTER_CONFIG, MARKER):
+        if (model_dir / marker).exists() and not (model_dir / "config.json").exists():
+            return resolve_model_dir(json.loads((model_dir / marker).read_text())["base_model_name_or_path"])
+    return None
+
+
+def context_length(model_dir: Path) -> int | None:
+    """The context length of `model_dir`'s architecture (a tuned output: its base model's); None if it names none."""
+    from transformers import AutoConfig
+
+    base = base_of(model_dir)
+    if base is not None:
+        return context_length(base)
+    return getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+
+
+def save_trainable(model, tokenizer, out_dir: Path, cfg, task: str, state_dict: dict | None = None) -> None:
+    weights = {n: (state_dict[n] if state_dict is not None else p).detach().cpu().contiguous()
+               for n, p in model.named_parameters() if p.requires_grad}
+    save_file(weights, Path(out_dir) / "trainable.safetensors")
+    meta = {"method": cfg.name, "base_model_name_or_path": str(model.name_or_path), "task": task,
+            "method_config": cfg.model_dump(), "num_labels": getattr(model.config, "num_labels", None),
+            "id2label": getattr(model.config, "id2label", None) if task == "classification" else None}
+    (Path(out_dir) / MARKER).write_text(json.dumps(meta, indent=1))
+    tokenizer.save_pretrained(out_dir)
+
+
+def load_trainable(out_dir: Path, load_base):
+    """`load_base(path, task, meta)` returns the base model; the method is re-applied and the tensors loaded."""
+    from tunesmith.config import MethodConfig
+    from tunesmith.methods import get_method
+
+    meta = json.loads((Path(out_dir) / MARKER).read_text())
+    model = load_base(meta["base_model_name_or_path"], meta["task"], meta)
+    model = get_method(meta["method"]).apply(model, MethodConfig(**meta["method_config"]), meta["task"])
+    weights = load_file(Path(out_dir) / "trainable.safetensors")
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise TunesmithError(f"{out_dir}: saved tensors do not fit the rebuilt model (e.g. {result.unexpected_keys[0]})")
+    return model

@@ -1,0 +1,110 @@
+"""What a training step optimises and how a run's quality is measured, one module per objective:
+
+    sft             supervised fine-tuning: cross-entropy on the response tokens
+    classification  a sequence classifier's cross-entropy; accuracy and macro-F1
+    preference      DPO, IPO, hinge, SimPO, ORPO on prompt/chosen/rejected pairs
+    distill         a teacher's soft targets (logits, or a top-k cache of them), or training on its answers
+                    (`distill.mode: sequence`), around the student's own objective
+
+Every objective has the same shape, `Objective` below. The loop (train/loop.py) keeps what is common to all of them:
+forward passes and accumulation, sharding over processes, the cadence of evaluations and checkpoints, stop requests;
+it asks the objective what a pass's loss is, what a step's loss is averaged over, and how the model does on the
+held-out split. Which objective a task trains is its `TaskSpec.objective` in tunesmith.catalog: adding one is a
+module here (with `OBJECTIVE = TheClass`) and a line there.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tunesmith.catalog import TASKS
+from tunesmith.data.render import IGNORE, PreparedData, Tokenized
+from tunesmith.models.generate import Sampling, generate
+
+
+@dataclass
+class Context:
+    """What an objective may use from the run around it while it prepares (loading a teacher, reference passes)."""
+    device: torch.device
+    log: Callable[[str], None] = print
+    main: bool = True                                   # this process writes files (rank 0 of several)
+    sync: Callable[[], None] = lambda: None             # every process waits here (after rank 0's writes)
+    passes: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # where training passes run
+    measure: Callable[[object], dict] | None = None     # held-out metrics as the loop takes them (sharded under DDP)
+    cache_dir: Path | None = None                       # a folder of the run for caches (the teacher's top-k logits)
+    batch_tokens: int | None = None                     # padded tokens per forward pass
+
+
+class Objective:
+    """The shape every objective has. `train` and `val` are the tokenized splits it trains and measures on (an
+    objective may replace the training one: sequence distillation trains on a teacher's answers)."""
+
+    task: str = "causal"
+    examples_per_pass: int | None = None  # examples in one forward pass at most; None: train.micro_batch_size
+    measure_shards: bool = False          # held-out metrics add up over shares of the split (one per process)
+    generates: bool = True                # samples are generated text, scored against references (ROUGE-L)
+    checks_forgetting: bool = False       # the run checks the tuned model on general text against the base
+
+    def __init__(self, cfg, data: PreparedData, tokenizer):
+        self.cfg, self.data, self.tokenizer = cfg, data, tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.train: list[Tokenized] = data.train.tokens
+        self.val: list[Tokenized] = data.val.tokens[: cfg.eval.max_examples]
+
+    # -- before training
+    def load(self, ctx: Context, examples_needed: int) -> None:
+        """Load what the objective needs besides the model (a teacher), before the step count is planned."""
+
+    def prepare(self, model, ctx: Context) -> None:
+        """Once the run folder exists, before the base is measured: reference log-probs, a teacher's cache."""
+
+    @property
+    def teacher(self):
+        """A teacher model whose held-out metrics the run reports next to the student's, or None."""
+        return None
+
+    # -- each step
+    def weight(self, example: Tokenized) -> int:
+        """What a step's loss is averaged over: trained tokens (here), or 1 per class label or preference pair."""
+        return int((example.labels[1:] != IGNORE).sum())
+
+    def loss(self, model, batch, examples: list[int]) -> torch.Tensor:
+        """The summed loss of one forward pass over `batch` (training examples `examples`); the loop normalises."""
+        raise NotImplementedError
+
+    # -- measuring
+    def measure(self, model, examples: list[Tokenized]) -> dict:
+        """Held-out metrics of `model` on `examples` (the `eval_*` keys metrics.jsonl and eval.json carry)."""
+        raise NotImplementedError
+
+    def samples(self, model, indices: list[int]) -> list:
+        """Outputs on these held-out examples for the side-by-side table (models.generate.Generation each)."""
+        sampling = Sampling(max_new_tokens=self.cfg.eval.max_new_tokens, num_beams=self.cfg.eval.num_beams)
+        return generate(model, self.tokenizer, [self.data.val.rendered[i].prompt for i in indices], sampling)
+
+    def describe(self, metrics: dict) -> str:
+        """One line of held-out metrics (the log's `step N:` lines)."""
+        raise NotImplementedError
+
+    def results(self, before: dict, after: dict) -> list[str]:
+        """What the finished run says about the held-out split, before -> after."""
+        return []
+
+
+def objective_for(task: str, cfg, data: PreparedData, tokenizer, dtype: torch.dtype) -> Objective:
+    """The objective a run of `task` trains (with `distill.teacher`: distillation around it)."""
+    module = importlib.import_module(f"tunesmith.objectives.{TASKS[task].objective}")
+    objective = module.OBJECTIVE(cfg, data, tokenizer)
+    if cfg.distill.teacher:
+        from tunesmith.objectives.distill import Distill
+
+        return Distill(objective, dtype)
+    return objective
+
+
+__all__ = ["Context", "Objective", "objective_for"]
