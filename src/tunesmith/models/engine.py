@@ -1,0 +1,577 @@
+"""One generation engine for evaluation, the run's samples, sequence distillation, chat, serving and RL rollouts:
+continuous batching over a KV cache of our own, with the model's own forward.
+
+What it wins over `model.generate` on padded batches (measured in bench/generate.py, docs/performance.md):
+  * requests join and leave the running batch: a finished row leaves at once (padded generate keeps computing it
+    until the longest row ends), and a new request joins without waiting for the batch to drain;
+  * a prompt is prefilled once into its slot, in chunks (`prefill_chunk` tokens per engine step), between decode
+    steps of the running rows, so streams keep flowing while a long prompt is read;
+  * a prompt prefix that an active row already holds (the n completions of one RL prompt, one system prompt in front
+    of many requests) is copied, not computed again;
+  * decode steps carry no padding: each row attends to its own length (a boolean mask), and its KV cache grows in
+    place (no concatenation per step, as DynamicCache does);
+  * rows of different LoRA adapters run in one batch (peft's mixed-adapter forward), so several runs on one base are
+    served together; a merged model or a plain base works the same way.
+
+What it keeps from the libraries: the model's forward itself (transformers: its layers, rotary embeddings, attention
+through SDPA; peft: the adapters), which is handed a `SlotCache` (a transformers Cache whose layers write each row's
+keys and values at that row's own position) and a 4D mask. Sampling follows transformers' logits processors (repetition
+penalty, no-repeat n-grams, then temperature, top-k, top-p, in that order), so greedy decoding is token-identical to
+`model.generate` (tests/test_engine.py); each request samples from a generator of its own, seeded, so its output does
+not depend on what else was in the batch.
+
+Not here: beam search and prompt/prefix tuning (virtual tokens in front of every sequence) -- models.generate keeps
+`model.generate` for those.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from tunesmith.errors import TunesmithError
+
+
+BASE = "__base__"  # Request.adapter for the base model with every adapter off (peft's name for it)
+
+
+class EngineFull(Exception):
+    """The waiting queue is full: the caller should come back later (a server answers 429 with Retry-After)."""
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1           # beam search (with do_sample False): models.generate runs model.generate for it
+    seed: int = 0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below 1e-5 are greedy (dividing logits by them overflows to inf, and softmax to NaN)."""
+        return not self.do_sample or self.temperature < 1e-5
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    adapter: str | None = None                    # a peft adapter of the model by name; None: as the model is
+    on_text: Callable[[str], None] | None = None  # streaming: called (engine thread) with each new piece of text
+    on_done: Callable[["Request"], None] | None = None
+    # results
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None              # "stop" (EOS or a stop string), "length", "cancelled", "error"
+    error: str | None = None
+    submitted: float = 0.0
+    first_token: float | None = None
+    finished_at: float | None = None
+    # engine state
+    cancelled: bool = False
+    _sent: int = 0                                # characters of `text` given to on_text
+    _generator: torch.Generator | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop generating (a client that hung up): the row leaves the batch at the next step."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values for every slot: [slots, kv heads, capacity, head dim], written at each row's own
+    positions (the engine says where, `SlotCache.plan`), returned as the slots' views up to the longest length."""
+
+    is_sliding = False
+
+    def __init__(self, cache: "SlotCache"):
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        c = self.cache
+        self.keys = key_states.new_zeros((c.slots, key_states.shape[1], c.capacity, key_states.shape[-1]))
+        self.values = value_states.new_zeros((c.slots, value_states.shape[1], c.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        kind, where, kv_len = self.cache.plan
+        if kind == "decode":  # row i of the batch is slot i, its one new token at position where[i]
+            rows = torch.arange(key_states.shape[0], device=key_states.device)
+            self.keys[rows, :, where] = key_states[:, :, 0]
+            self.values[rows, :, where] = value_states[:, :, 0]
+            n = key_states.shape[0]
+            return self.keys[:n, :, :kv_len], self.values[:n, :, :kv_len]
+        slot, start = where  # prefill: one slot, positions start .. start + chunk
+        end = start + key_states.shape[2]
+        self.keys[slot, :, start:end] = key_states[0]
+        self.values[slot, :, start:end] = value_states[0]
+        return self.keys[slot:slot + 1, :, :kv_len], self.values[slot:slot + 1, :, :kv_len]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.plan[2], 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.plan[2] if self.cache.plan else 0
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+    def grow(self, capacity: int) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = old.new_zeros((*old.shape[:2], capacity, old.shape[-1]))
+                new[:, :, :old.shape[2]] = old
+                setattr(self, name, new)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Slot `src`'s first `length` positions into slot `dst` (a finished row's place; a shared prefix)."""
+        if self.is_initialized and length:
+            self.keys[dst, :, :length] = self.keys[src, :, :length]
+            self.values[dst, :, :length] = self.values[src, :, :length]
+
+
+class SlotCache(Cache):
+    def __init__(self, num_layers: int, slots: int, capacity: int):
+        self.slots, self.capacity, self.plan = slots, capacity, None
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    def ensure(self, length: int) -> None:
+        if length > self.capacity:
+            capacity = max(length, int(self.capacity * 1.5))
+            for layer in self.layers:
+                layer.grow(capacity)
+            self.capacity = capacity
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for layer in self.layers:
+            layer.move(src, dst, length)
+
+
+@dataclass
+class _Row:
+    req: Request
+    slot: int
+    length: int = 0              # tokens in the slot's cache
+    prefilled: int = 0           # prompt tokens in the cache so far
+    next_token: int | None = None  # sampled, not yet fed
+    seen: torch.Tensor | None = None  # prompt + output ids (repetition penalty, no-repeat n-grams)
+
+
+def supports(model) -> str | None:
+    """None when the engine can run `model`, else why not (models.generate then runs model.generate)."""
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
+        return "prompt/prefix tuning puts virtual tokens in front of every sequence"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner.config, "is_decoder", True) or not hasattr(inner, "generation_config"):
+        return "not a causal language model"
+    if getattr(inner.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention implementation {inner.config._attn_implementation}"
+    return None
+
+
+class Engine:
+    """Continuous batching over one model (see the module docstring). Thread-safe `submit`; `step` runs one
+    scheduling round (prefill, then one decode step for every running row); `start` runs rounds in a thread of its
+    own (a server), `run` in the caller's (evaluation, RL rollouts)."""
+
+    def __init__(self, model, tokenizer, max_rows: int = 32, prefill_chunk: int = 512, max_waiting: int = 1024,
+                 min_shared_prefix: int = 16):
+        if why := supports(model):
+            raise TunesmithError(f"the generation engine cannot run this model: {why}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+        self.device = next(model.parameters()).device
+        self.eos = set(eos_ids(tokenizer, model))
+        self.max_rows, self.prefill_chunk, self.max_waiting = max_rows, prefill_chunk, max_waiting
+        self.min_shared_prefix = min_shared_prefix
+        self.peft = hasattr(model, "peft_config")
+        self.mixed_adapters = self.peft and all(getattr(c, "peft_type", None) is not None and c.peft_type.value == "LORA"
+                                                for c in model.peft_config.values())
+        self.sliding = _sliding_window(self.config)
+        self.cache = SlotCache(self.config.num_hidden_layers, max_rows, 256)
+        self.rows: list[_Row] = []          # slots 0 .. len-1, in order
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Condition()
+        self.heartbeat = time.monotonic()
+        self.generated_tokens = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- submitting -------------------------------------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        if not req.prompt_ids:
+            raise TunesmithError("an empty prompt: there is nothing to continue")
+        if req.adapter is not None and not (self.peft and (req.adapter in self.model.peft_config or req.adapter == BASE)):
+            raise TunesmithError(f"no adapter named {req.adapter!r} on this model")
+        req.submitted = time.monotonic()
+        req._generator = torch.Generator(device="cpu").manual_seed(req.sampling.seed)
+        with self.lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineFull(f"{len(self.waiting)} requests are waiting already")
+            self.waiting.append(req)
+            self.lock.notify_all()
+        return req
+
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.waiting) + len(self.rows)
+
+    # -- running ----------------------------------------------------------------------------------------------------
+    def run(self, requests: list[Request]) -> list[Request]:
+        """Submit `requests` and run rounds in this thread until they are all done (batch use: eval, RL)."""
+        for r in requests:
+            with self.lock:  # batch use may queue beyond the server's admission limit
+                r.submitted = time.monotonic()
+                r._generator = torch.Generator(device="cpu").manual_seed(r.sampling.seed)
+                self.waiting.append(r)
+        while not all(r.done for r in requests):
+            self.step()
+        return requests
+
+    def start(self) -> None:
+        """Rounds in a thread of its own while there is work (a server)."""
+        def loop():
+            while not self._stopping:
+                with self.lock:
+                    while not self.waiting and not self.rows and not self._stopping:
+                        self.heartbeat = time.monotonic()
+                        self.lock.wait(timeout=1.0)
+                if not self._stopping:
+                    self.step()
+        self._thread = threading.Thread(target=loop, name="tunesmith-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        with self.lock:
+            self.lock.notify_all()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs and has gone round within the last minute (a server's /health)."""
+        return self._thread is not None and self._thread.is_alive() and time.monotonic() - self.heartbeat < 60
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One round: drop cancelled rows; prefill waiting prompts into free slots (up to `prefill_chunk` tokens);
+        one decode step for every row whose prompt is in; hand out text; retire finished rows."""
+        self.heartbeat = time.monotonic()
+        try:
+            self._retire([r for r in self.rows if r.req.cancelled], "cancelled")
+            self._admit_and_prefill()
+            # the rows whose prompt is in: slots 0 .. n-1 (only the newest row can still be reading its prompt)
+            n = sum(1 for r in self.rows if r.prefilled == len(r.req.prompt_ids))
+            if n:
+                self._decode(self.rows[:n])
+        except Exception as e:  # the rows in flight fail, the engine lives on
+            failed = list(self.rows)
+            self._fail(failed, f"{type(e).__name__}: {e}")
+            if not failed:
+                raise
+
+    def _admit_and_prefill(self) -> None:
+        budget = self.prefill_chunk
+        # finish prompts already in a slot first, then bring in waiting requests while slots are free
+        while budget > 0:
+            row = next((r for r in self.rows if r.prefilled < len(r.req.prompt_ids)), None)
+            if row is None:
+                with self.lock:
+                    req = self._next_admissible()
+                if req is None:
+                    return
+                row = self._place(req)
+                if row is None:
+                    continue
+            budget -= self._prefill(row, budget)
+
+    def _next_admissible(self) -> Request | None:
+        """The next waiting request that may join now (a free slot; without mixed adapters, the running rows' adapter)."""
+        while self.waiting and self.waiting[0].cancelled:
+            self._finish_waiting(self.waiting.popleft(), "cancelled")
+        if not self.waiting or len(self.rows) >= self.max_rows:
+            return None
+        if self.mixed_adapters or not self.rows:
+            return self.waiting.popleft()
+        adapter = self.rows[0].req.adapter
+        for i, req in enumerate(self.waiting):
+            if req.adapter == adapter:
+                del self.waiting[i]
+                return req
+        return None
+
+    def _place(self, req: Request) -> _Row | None:
+        slot = len(self.rows)
+        total = len(req.prompt_ids) + req.sampling.max_new_tokens
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and total > limit:
+            self._finish_waiting(req, "error", f"the prompt ({len(req.prompt_ids)} tokens) and max_new_tokens "
+                                               f"({req.sampling.max_new_tokens}) exceed the model's context of {limit}")
+            return None
+        self.cache.ensure(total)
+        row = _Row(req, slot, seen=torch.tensor(req.prompt_ids, dtype=torch.long))
+        shared = self._shared_prefix(req)
+        if shared:  # copy what an active row already computed for the same leading tokens
+            src, n = shared
+            self.cache.move(src.slot, slot, n)
+            row.length = row.prefilled = n
+        self.rows.append(row)
+        return row
+
+    def _shared_prefix(self, req: Request) -> tuple[_Row, int] | None:
+        """The active row holding the longest run of `req`'s leading tokens (under the same adapter: another adapter
+        computes other keys and values for the same tokens), and how many."""
+        ids, best, best_n = req.prompt_ids, None, 0
+        for r in self.rows:
+            other = r.req.prompt_ids
+            n = min(r.prefilled, len(ids) - 1, len(other))  # at least one token of the new prompt runs (its logits)
+            if n <= best_n or n < self.min_shared_prefix or r.req.adapter != req.adapter:
+                continue
+            k = _common_prefix(ids, other, n)
+            if k > best_n:
+                best, best_n = r, k
+        return (best, best_n) if best is not None and best_n >= self.min_shared_prefix else None
+
+    def _prefill(self, row: _Row, budget: int) -> int:
+        ids = row.req.prompt_ids
+        start = row.prefilled
+        n = min(budget, len(ids) - start)
+        if n <= 0:
+            return 0
+        chunk = torch.tensor([ids[start:start + n]], dtype=torch.long, device=self.device)
+        kv_len = start + n
+        q_pos = torch.arange(start, kv_len, device=self.device)
+        allowed = torch.arange(kv_len, device=self.device)[None, :] <= q_pos[:, None]
+        self.cache.plan = ("prefill", (row.slot, start), kv_len)
+        logits = self._forward(chunk, q_pos[None, :], self._masks(allowed[None, None], q_pos[None, :]), [row.req.adapter])
+        row.prefilled = row.length = kv_len
+        if row.prefilled == len(ids):
+            self._accept(row, logits[0, -1])
+            self._emit([row])
+        return n
+
+    def _decode(self, rows: list[_Row]) -> None:
+        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([r.length for r in rows], dtype=torch.long, device=self.device)
+        kv_len = int(positions.max()) + 1
+        self.cache.ensure(kv_len)
+        allowed = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]
+        self.cache.plan = ("decode", positions, kv_len)
+        logits = self._forward(ids, positions[:, None], self._masks(allowed[:, None, None, :], positions[:, None]),
+                               [r.req.adapter for r in rows])
+        for r in rows:
+            r.length += 1
+        self.generated_tokens += len(rows)
+        for i, r in enumerate(rows):
+            self._accept(r, logits[i, -1])
+        self._emit(rows)
+
+    def _masks(self, allowed: torch.Tensor, q_pos: torch.Tensor):
+        """The 4D boolean mask (True: attend); for models with sliding-window layers, theirs too."""
+        if not self.sliding:
+            return allowed
+        window = self.sliding
+        kv = torch.arange(allowed.shape[-1], device=allowed.device)
+        near = kv[None, None, None, :] > (q_pos[:, None, :, None] - window)
+        return {"full_attention": allowed, "sliding_attention": allowed & near}
+
+    def _forward(self, ids, position_ids, mask, adapters: list[str | None]) -> torch.Tensor:
+        kwargs = dict(input_ids=ids, position_ids=position_ids, attention_mask=mask, past_key_values=self.cache,
+                      use_cache=True, logits_to_keep=1 if ids.shape[1] > 1 else 0)
+        if self.peft:
+            if self.mixed_adapters:
+                kwargs["adapter_names"] = [a if a is not None else self._active_adapter() for a in adapters]
+                return self.model(**kwargs).logits.float()
+            if adapters[0] == BASE:
+                with self.model.disable_adapter():
+                    return self.model(**kwargs).logits.float()
+            if adapters[0] is not None:
+                self.model.set_adapter(adapters[0])
+        return self.model(**kwargs).logits.float()
+
+    def _active_adapter(self) -> str:
+        active = self.model.active_adapter
+        return active if isinstance(active, str) else active[0]
+
+    # -- tokens and text --------------------------------------------------------------------------------------------
+    def _accept(self, row: _Row, logits: torch.Tensor) -> None:
+        """Choose the row's next token from its logits (transformers' processor order), and record it."""
+        req, s = row.req, row.req.sampling
+        logits = logits.clone()
+        if s.repetition_penalty != 1.0:
+            seen = row.seen.to(logits.device)
+            picked = logits.gather(0, seen)
+            logits.scatter_(0, seen, torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty))
+        if s.no_repeat_ngram_size:
+            for banned in _banned_ngram_tokens(row.seen.tolist(), s.no_repeat_ngram_size):
+                logits[banned] = -float("inf")
+        if s.greedy:
+            token = int(logits.argmax())
+        else:
+            logits = logits / s.temperature
+            if s.top_k and s.top_k < logits.shape[-1]:
+                kth = torch.topk(logits, s.top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            if s.top_p < 1.0:
+                sorted_logits, order = torch.sort(logits, descending=False)
+                cumulative = sorted_logits.softmax(-1).cumsum(-1)
+                remove = cumulative <= (1 - s.top_p)
+                remove[-1] = False
+                logits = logits.masked_fill(remove.scatter(0, order, remove), -float("inf"))
+            token = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=req._generator))
+        if req.first_token is None:
+            req.first_token = time.monotonic()
+        req.output_ids.append(token)
+        row.seen = torch.cat([row.seen, torch.tensor([token])])
+        row.next_token = token
+
+    def _emit(self, rows: list[_Row]) -> None:
+        finished = []
+        for r in rows:
+            req = r.req
+            ended = req.output_ids[-1] in self.eos
+            shown = req.output_ids[:-1] if ended else req.output_ids
+            text = self.tokenizer.decode(shown, skip_special_tokens=True)
+            stop_at = _first_stop(text, req.stop)
+            if stop_at is not None:
+                req.text, reason = text[:stop_at], "stop"
+            elif ended:
+                req.text, reason = text, "stop"
+            elif len(req.output_ids) >= req.sampling.max_new_tokens:
+                req.text, reason = text, "length"
+            else:
+                req.text, reason = text, None
+            final = reason is not None
+            self._send(req, final)
+            if final:
+                req.finish_reason = reason
+                finished.append(r)
+        self._retire(finished, None)
+
+    def _send(self, req: Request, final: bool) -> None:
+        """Hand the text that is settled to the streaming callback: not a trailing replacement character (an
+        unfinished UTF-8 sequence), not a tail that could still become a stop string."""
+        if req.on_text is None:
+            return
+        text = req.text
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):
+                end = len(text.rstrip("\ufffd"))
+            end = min(end, len(text) - _stop_prefix_tail(text, req.stop))
+        if end > req._sent and text.startswith(text[:req._sent]):
+            req.on_text(text[req._sent:end])
+            req._sent = end
+
+    def _retire(self, rows: list[_Row], reason: str | None) -> None:
+        """Finished or cancelled rows leave their slots; the last rows move into the gaps (slots stay contiguous)."""
+        if not rows:
+            return
+        gone = {id(r) for r in rows}
+        for r in rows:
+            if reason is not None:
+                r.req.finish_reason = reason
+            self._finish(r.req)
+        kept = [r for r in self.rows if id(r) not in gone]
+        for new_slot, r in enumerate(kept):
+            if r.slot != new_slot:
+                self.cache.move(r.slot, new_slot, r.length)
+                r.slot = new_slot
+        self.rows = kept
+
+    def _fail(self, rows: list[_Row], message: str) -> None:
+        for r in rows:
+            r.req.error = message
+        self._retire(rows, "error")
+
+    def _finish_waiting(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.finish_reason, req.error = reason, error
+        self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        req.finished_at = time.monotonic()
+        req._done.set()
+        if req.on_done is not None:
+            try:
+                req.on_done(req)
+            except Exception:  # a callback's failure is its own
+                pass
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS, the model's generation config's, and the end-of-turn tags
+    of the common chat templates."""
+    ids = {tokenizer.eos_token_id}
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_tail(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (held back while streaming)."""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+def _banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
+    """transformers' NoRepeatNGramLogitsProcessor for one row: the tokens that would complete an n-gram already seen."""
+    if len(seq) + 1 < n:
+        return []
+    prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
+    banned = []
+    for i in range(len(seq) - n + 1):
+        if tuple(seq[i:i + n - 1]) == prefix:
+            banned.append(seq[i + n - 1])
+    return banned
+
+
+def _sliding_window(config) -> int | None:
+    layer_types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    return window if window and "sliding_attention" in layer_types else None
