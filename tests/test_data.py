@@ -189,3 +189,19 @@ def test_tokenized_cache_is_reused_and_invalidated(tmp_path, tiny_tokenizer, ins
     assert prepare(cfg, tiny_tokenizer).stats["records"] == 41
     assert "from_cache" in prepare(cfg, tiny_tokenizer).stats
     assert "from_cache" not in prepare(DataConfig(path=str(instruction_file), val_size=0.25, cache=False), tiny_tokenizer).stats
+
+
+def test_tokenizing_is_not_padded_by_what_an_earlier_batch_left_on_the_tokenizer(tiny_tokenizer):
+    """A left-padded generation batch (`tokenizer(..., padding=True)`) leaves padding switched on in the Rust
+    tokenizer; sequence distillation then tokenized the teacher's answers left-padded to the longest."""
+    from tunesmith.data.render import Rendered, tokenize
+
+    texts = ["Return the sum.", "Open a file and read it, then return the sum of two numbers."]
+    rendered = [Rendered(t, [(0, len(t))], "", t) for t in texts]
+    plain = [t.input_ids.tolist() for t in tokenize(rendered, tiny_tokenizer, "chat", 256, False)]
+    side = tiny_tokenizer.padding_side
+    tiny_tokenizer.padding_side = "left"
+    tiny_tokenizer(texts, padding=True, truncation=True, max_length=8)
+    tiny_tokenizer.padding_side = side
+    again = [t.input_ids.tolist() for t in tokenize(rendered, tiny_tokenizer, "chat", 256, False)]
+    assert again == plain and len(plain[0]) < len(plain[1])

@@ -171,3 +171,75 @@ def test_a_one_process_checkpoint_resumes_under_deepspeed_zero1(tmp_path, tiny_m
     assert "DeepSpeed ZeRO stage 1" in (run / "train.log").read_text()
     resumed = load_file(run / "final" / "adapter_model.safetensors")
     assert all((reference[k] - resumed[k]).abs().max() < 1e-5 for k in reference)
+
+
+def _workers(parent_pid: int) -> dict[int, int]:
+    """LOCAL_RANK -> pid of the torchrun workers below `parent_pid` (read from /proc)."""
+    import os
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = {}, [parent_pid]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            todo.append(child)
+            try:
+                env = dict(kv.split("=", 1) for kv in open(f"/proc/{child}/environ").read().split("\0") if "=" in kv)
+            except OSError:
+                continue
+            if "LOCAL_RANK" in env and "TORCHELASTIC_RUN_ID" in env and "torch.distributed.run" not in open(f"/proc/{child}/cmdline").read():
+                found[int(env["LOCAL_RANK"])] = child
+    return found
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_a_dead_rank_is_named(tmp_path, tiny_model_dir, instruction_file):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tunesmith.train import checkpoint
+
+    def launch(name, *extra):
+        cfg = tiny_cfg(tmp_path, tiny_model_dir, instruction_file, *FLOAT32, "train.max_steps=4000", "train.threads=1",
+                       "train.save_every_steps=2", "eval.samples=0", f"output.name={name}", *extra)
+        (tmp_path / f"{name}.yaml").write_text(dump_yaml(cfg))
+        return subprocess.Popen([sys.executable, "-m", "tunesmith.cli.main", "train", str(tmp_path / f"{name}.yaml"),
+                                 "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for_checkpoint(run, proc):
+        t0 = time.time()
+        while not checkpoint.all_checkpoints(run):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() - t0 < 180
+            time.sleep(0.1)
+
+    run = tmp_path / "runs" / "stopped"
+    proc = launch("stopped")
+    wait_for_checkpoint(run, proc)
+    proc.send_signal(signal.SIGTERM)  # a scheduler's preemption: forwarded to every worker
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert f"resume with: tunesmith train --resume {run} --nproc 2" in err
+    newest = checkpoint.all_checkpoints(run)[-1]
+    assert checkpoint.problem(newest) is None and "SIGTERM: stopped after step" in (run / "train.log").read_text()
+
+    run = tmp_path / "runs" / "killed"
+    proc = launch("killed")
+    wait_for_checkpoint(run, proc)
+    workers = _workers(proc.pid)
+    assert sorted(workers) == [0, 1], workers
+    t0 = time.time()
+    import os
+    os.kill(workers[1], signal.SIGKILL)  # an OOM kill of one rank
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - t0 < 60 and proc.returncode != 0
+    assert "process rank 1 failed" in err and f"tunesmith train --resume {run} --nproc 2" in err
+    assert all(checkpoint.problem(c) is None for c in checkpoint.all_checkpoints(run))

@@ -79,7 +79,8 @@ def test_gguf_verification_fails_for_a_file_that_is_not_the_model(tuned_run, tmp
     assert good["passed"] and not bad["passed"], (good, bad)
     monkeypatch.setattr(run, "verify", lambda *a: bad)  # the CLI refuses to call such a file an export
     assert main(["export", str(tuned_run), "--format", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "bad")]) == 2
-    assert "do not deploy" in capsys.readouterr().err and (tmp_path / "bad" / "verification.json").exists()
+    assert "do not deploy" in capsys.readouterr().err  # kept beside the deploy path to inspect, never at it
+    assert (tmp_path / "bad.rejected" / "verification.json").exists() and not (tmp_path / "bad").exists()
 
 
 def test_adapter_export_has_a_card(tuned_run, tmp_path):

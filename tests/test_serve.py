@@ -9,6 +9,7 @@ import openai
 import pytest
 import uvicorn
 
+from tunesmith.models.engine import Request, Sampling as EngineSampling
 from tunesmith.models.generate import Sampling
 from tunesmith.export.chat import chat_loop
 from tunesmith.export.serve import build_app, load_served
@@ -110,11 +111,118 @@ def test_batched_answers_equal_one_by_one_answers(server):
                                          temperature=0).choices[0].message.content
 
     alone = [text(p) for p in prompts]
-    served.batcher.WINDOW = 0.2  # make sure they meet in one batch
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(6) as pool:  # they meet in the engine's running batch
         together = list(pool.map(text, prompts))
-    served.batcher.WINDOW = 0.01
     assert together == alone
+
+
+def _sse(url, body, headers=None, timeout=60):
+    """The data lines of an SSE response (with the [DONE] marker), and the error events."""
+    lines = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+    return lines
+
+
+def test_streams_plain_requests_and_hang_ups_together_then_a_request_is_answered_at_once(server):
+    """A small version of bench/serve_load.py: 12 streams, 4 plain requests and 4 clients that hang up mid-stream."""
+    import json as _json
+    url, served = server
+    body = lambda i, n=12: {"model": ["alpha", "beta"][i % 2], "messages": [{"role": "user", "content": f"Say {i}."}],  # noqa: E731
+                            "max_tokens": n, "temperature": 0, "stream": True}
+
+    def stream(i):
+        lines = _sse(url, body(i))
+        assert lines[-1] == "[DONE]" and not any('"error"' in x for x in lines)
+        return "".join((_json.loads(x)["choices"][0]["delta"].get("content") or "") for x in lines[:-1])
+
+    def plain(i):
+        return client(url).chat.completions.create(model="alpha", messages=[{"role": "user", "content": f"Say {i}."}],
+                                                   max_tokens=8, temperature=0).choices[0].finish_reason
+
+    def hang_up(i):
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body(i, 200), timeout=60) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 2:
+                    return "gone"  # closing the connection mid-stream
+
+    with ThreadPoolExecutor(20) as pool:
+        futures = ([pool.submit(stream, i) for i in range(12)] + [pool.submit(plain, i) for i in range(4)]
+                   + [pool.submit(hang_up, i) for i in range(4)])
+        results = [f.result(timeout=120) for f in futures]
+    assert all(isinstance(r, str) for r in results[:12]) and all(r in ("stop", "length") for r in results[12:16])
+    t0 = time.time()
+    assert plain(99) in ("stop", "length") and time.time() - t0 < 10
+    deadline = time.time() + 10
+    while served.engine.pending() and time.time() < deadline:  # the hung-up generations were cancelled
+        time.sleep(0.1)
+    assert served.engine.pending() == 0
+
+
+def test_a_failed_generation_ends_its_own_stream_and_nobody_elses(server, monkeypatch):
+    url, served = server
+    engine = served.engine
+    real = engine._forward
+
+    def broken(ids, *a, **kw):
+        if ids.shape[1] > 1 and 77 in ids[0].tolist():
+            raise RuntimeError("out of memory at /secret/path")
+        return real(ids, *a, **kw)
+
+    poison = served.tokenizer.decode([77])
+    monkeypatch.setattr(engine, "_forward", broken)
+    lines = _sse(url, {"model": "alpha", "messages": [{"role": "user", "content": poison}], "max_tokens": 4, "stream": True})
+    assert lines[-1] == "[DONE]" and any('"error"' in x and "RuntimeError" in x for x in lines)
+    assert not any("/secret/path" in x for x in lines)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": poison}],
+                                                       "max_tokens": 4})
+    assert r.status_code == 500 and "/secret" not in r.text
+    monkeypatch.undo()
+    assert client(url).chat.completions.create(model="beta", messages=[{"role": "user", "content": "Say 1."}],
+                                               max_tokens=4).choices[0].finish_reason in ("stop", "length")
+
+
+def test_limits_keys_hosts_and_health(server):
+    url, served = server
+    big = b'{"model": "alpha", "messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}'
+    r = httpx.post(f"{url}/v1/chat/completions", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                   headers={"content-type": "application/json"})  # chunked: no Content-Length
+    assert r.status_code == 413
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}],
+                                                       "temperature": 1e-40, "max_tokens": 3})
+    assert r.status_code == 200  # greedy, not NaN
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}],
+                                                       "frobnicate": 1})
+    assert r.status_code == 400 and "frobnicate" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "stop": ["a", "b", "c", "d", "e"], "max_tokens": 3,
+                                                       "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    assert httpx.get(f"{url}/nope").json()["error"]["type"] == "invalid_request_error"  # OpenAI's shape for a 404 too
+    assert httpx.get(f"{url}/health", headers={"host": "evil.example"}).status_code == 400  # DNS rebinding
+    served.api_key = "s3cret"
+    try:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert "models" not in httpx.get(f"{url}/health").json()  # reveals nothing without the key
+    finally:
+        served.api_key = None
+    engine = served.engine
+    engine.stop()
+    try:
+        assert httpx.get(f"{url}/health").status_code == 503
+        engine.max_waiting, old = 2, engine.max_waiting
+        for _ in range(2):  # the queue is full while the worker is stopped
+            engine.submit(Request([5, 6], EngineSampling(max_new_tokens=1)))
+        r = httpx.post(f"{url}/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        engine.max_waiting = old
+    finally:
+        engine._stopping = False
+        engine.start()
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_chat_loop(tiny_model_dir):

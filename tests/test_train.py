@@ -152,8 +152,7 @@ def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, instruction
     train(cfg)
     with pytest.raises(TunesmithError, match="already exists.*--overwrite"):
         train(cfg)
-    cfg.output.overwrite = True
-    train(cfg)
+    train(cfg, overwrite=True)  # a command-line decision (--overwrite), not a config key
 
 
 def test_saved_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, instruction_file):

@@ -51,7 +51,8 @@ def assemble(cfg: Config, device: torch.device, with_model: bool = True, keep_te
     task = resolve_task(cfg.task, data.format)
     check_combinations(cfg, task)
     precision = choose(cfg, device, task)  # weights' dtype; bfloat16 matmuls over float32 ones
-    fingerprint = {"data": data.stats.get("fingerprint") or cfg.data.model_dump_json(), "model": model_fingerprint(model_dir)}
+    fingerprint = {"data": data.stats.get("fingerprint") or cfg.data.model_dump_json(), "model": model_fingerprint(model_dir),
+                   "legacy_model": model_fingerprint(model_dir, legacy=True)}
     run = Run(cfg, device, model_dir, tokenizer, data, task, precision, pass_tokens(cfg.train, precision), fingerprint,
               METHODS[cfg.method.name])
     if not with_model:

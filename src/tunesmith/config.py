@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field("smollm2-135m-instruct", description="Bundled short name (`smollm2-135m-instruct`, `minilm-l6`, `gemma3-270m`: README), a local HF folder, a local `.gguf` file, a tunesmith run dir, or a hub id (needs network).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype. `auto`: float32 for full fine-tuning and BitFit (their updates need it; `train.mixed_precision` gives them bfloat16 matmuls); for other methods bfloat16 on GPUs that support it, and on a CPU with AMX for causal LoRA outside FSDP/DeepSpeed (adapters stay float32; 1.3x tokens/s over a 12-minute run at the same quality, docs/performance.md); else float32. The train log's `method:` line names the dtype chosen.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (float16 is refused: no loss scaler). `auto`: float32 for full fine-tuning and BitFit (their updates need it; `train.mixed_precision` gives them bfloat16 matmuls); for other methods bfloat16 on GPUs that support it, and on a CPU with AMX for causal LoRA outside FSDP/DeepSpeed (adapters stay float32; 1.3x tokens/s over a 12-minute run at the same quality, docs/performance.md); else float32. The train log's `method:` line names the dtype chosen.")
 
 
 class DataConfig(Section):
@@ -96,6 +96,7 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="`bf16`: training passes run their matmuls in bfloat16 over float32 weights (the optimizer's updates, gradients summed over a step and saved weights stay float32; held-out evaluation runs in float32). Full fine-tuning and BitFit train through bfloat16 copies of the weights refreshed once per step; the other methods under autocast. `auto`: on for full fine-tuning and BitFit of causal LMs under DDP or one process, on a device with fast bfloat16 (a GPU that supports it, a CPU with AMX): their updates are too small for bfloat16 weights (`model.dtype: auto` keeps them float32), while bfloat16 matmuls still gain speed (1.1-1.3x on an AMX CPU, docs/performance.md); off elsewhere. Not with FSDP / DeepSpeed or bfloat16/float16 weights. The log's `method:` line says when it is on.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward: much less memory for long sequences / big batches, ~30% more compute. Off by default.")
     distributed: Literal["ddp", "fsdp", "deepspeed"] = Field("ddp", description="With several processes (`--nproc`, torchrun): `ddp` keeps a full model copy per process and sums gradients; `fsdp` (PyTorch FSDP2) shards weights, gradients and optimizer state across processes, each decoder block gathered only while it computes -- for models that do not fit one device; `deepspeed` runs DeepSpeed ZeRO (stage `zero_stage`, your `deepspeed_config` passed through; needs `pip install deepspeed`). Checkpoints are consolidated for all three, so a run can resume on another process count or backend. See docs/scaling.md.")
+    process_timeout_minutes: float = Field(30, gt=0, description="With several processes: how long a collective waits for a process that does not come (one hung) before the run fails; a process that dies is noticed at once (its connection closes), and torchrun then stops the others (docs/scaling.md).")
     zero_stage: Literal[1, 2] = Field(2, description="`distributed=deepspeed`: ZeRO stage 1 (optimizer state partitioned across processes) or 2 (also gradients). For sharded weights (stage 3's job) use `distributed=fsdp`.")
     deepspeed_config: Optional[str] = Field(None, description="`distributed=deepspeed`: a DeepSpeed JSON config whose settings are passed through (e.g. `zero_optimization` bucket sizes, `overlap_comm`, `offload_optimizer`); the batch sizes, accumulation, clipping, optimizer and schedule are tunesmith's (`train.*`) and may not be set there.")
 
@@ -131,11 +132,26 @@ class DistillConfig(Section):
     top_k: Optional[int] = Field(None, ge=1, description="Logit distillation from a cache: one teacher pass over the training split before training keeps each response token's top-k teacher logits on disk (k x 6 bytes per token, memory-mapped), the teacher is freed, and every epoch distils against the cache (teacher renormalised over its top k; forward KL). Pays off from the second epoch and when the teacher would not fit next to the student. Unset = the teacher runs every step on the full vocabulary. E.g. 64.")
 
 
+def check_name(name: str, key: str = "output.name") -> str:
+    """A run name is one plain path component: not empty, `.` or `..`, no separator, no control character (a name
+    like `..` once made `--overwrite` delete the working folder)."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute()
+           or any(ord(c) < 32 or ord(c) == 127 for c in name))
+    if bad:
+        raise TunesmithError(f"config key {key!r} has value {name!r}: a run name is one folder name (not empty, "
+                             f"'.' or '..'; no '/', '\\' or control characters)")
+    return name
+
+
 class OutputConfig(Section):
     dir: str = Field("runs", description="Parent folder of run directories.")
-    name: Optional[str] = Field(None, description="Run directory name; unset = `<recipe>-<date>-<time>`.")
-    overwrite: bool = Field(False, description="Replace an existing run directory of the same name.")
-    resume: Literal["never", "auto"] = Field("never", description="`auto`: when the run directory `output.name` exists with a checkpoint and no final model, continue it instead of refusing.")
+    name: Optional[str] = Field(None, description="Run directory name, one folder name (no `/`, not `.` or `..`); unset = `<recipe>-<date>-<time>`. An existing run of that name is replaced only with `tunesmith train --overwrite` (a command-line decision a recipe cannot make), and only if tunesmith made it.")
+    resume: Literal["never", "auto"] = Field("never", description="`auto`: when the run directory `output.name` exists with a checkpoint and no final model (or with nothing yet, after a stop before the first checkpoint), continue it instead of refusing.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value):
+        return value if value is None else check_name(value)
 
 
 class Config(Section):
@@ -199,10 +215,19 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(nxt, dict):
             raise TunesmithError(f"override {key!r}: {p!r} is not a section")
         node = nxt
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise TunesmithError(f"override {item!r}: the value is not valid YAML: {e}".replace("\n", " ")) from None
 
 
 def validate(raw: dict) -> Config:
+    output = raw.get("output")
+    if isinstance(output, dict) and "overwrite" in output:
+        if output["overwrite"] not in (False, None):
+            raise TunesmithError("config key 'output.overwrite' is not read from a recipe: replacing a run is a command-line "
+                                 "decision (tunesmith train ... --overwrite)")
+        raw = {**raw, "output": {k: v for k, v in output.items() if k != "overwrite"}}  # written by older versions
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -226,6 +251,9 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
         raise TunesmithError(f"train.mixed_precision=bf16 runs matmuls in bfloat16 over float32 weights, not built for "
                              f"model.dtype={cfg.model.dtype} with train.distributed={cfg.train.distributed}: set "
                              f"model.dtype=float32 (or auto) and train.distributed=ddp, or train.mixed_precision=no")
+    if cfg.model.dtype == "float16":
+        raise TunesmithError("model.dtype=float16 trains without a loss scaler here, so small gradients underflow to zero "
+                             "and large activations overflow: use bfloat16 (same memory) or float32")
     if cfg.train.distributed != "deepspeed" and cfg.train.deepspeed_config:
         raise TunesmithError("train.deepspeed_config is only read with train.distributed=deepspeed")
     if cfg.train.distributed == "fsdp" and not spec.shardable:

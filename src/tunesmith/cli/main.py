@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="+")
     _sampling_flags(g)
     g.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument("--system", help="system message (chat models)")
+    g.add_argument("--raw", action="store_true", help="the prompt as it is: no chat or text template (a run is prompted as "
+                   "it was trained by default: its template and system prompt)")
+    g.add_argument("--system", help="system message (chat-template models; replaces a run's data.system_prompt)")
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive chat with a run or a model (streaming; /reset, /system, /quit)")
@@ -146,9 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API for runs or a model")
     sv.add_argument("sources", nargs="+", help="run directories (adapters on one base) or one model name/path")
-    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--merge", action="store_true", help="merge a single adapter into the base (faster generation)")
+    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` (needed to bind a non-loopback address)")
+    sv.add_argument("--insecure", action="store_true", help="bind a non-loopback address without an API key (anyone who "
+                    "can reach it can use it)")
+    sv.add_argument("--max-waiting", type=int, default=256, help="queued requests at most; beyond, 429 (default 256)")
+    sv.add_argument("--max-tokens-cap", type=int, default=1024, help="max_tokens is capped at this (default 1024)")
+    sv.add_argument("--rows", type=int, default=32, help="requests generated together at most (default 32)")
     sv.set_defaults(func=cmd_serve)
     return p
 
@@ -164,25 +171,33 @@ def _sampling_flags(p) -> None:
 
 def cmd_chat(args) -> int:
     from tunesmith.export.chat import chat_loop
-    from tunesmith.methods.load import load_model
+    from tunesmith.methods.load import load_model, prompt_format
     from tunesmith.models import inference_dtype, load_tokenizer, pick_device, resolve_model_dir
     from tunesmith.models.generate import Sampling
 
     model_dir = resolve_model_dir(args.source)
     model = load_model(model_dir, inference_dtype(pick_device())).eval()
     chat_loop(model, load_tokenizer(model_dir), Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
+                                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+              prompt_format(model_dir))
     return 0
 
 
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from tunesmith.export.serve import build_app, load_served
+    from tunesmith.export.serve import build_app, is_loopback, load_served
 
-    served = load_served(args.sources, args.merge)
-    print(f"serving {', '.join(served.names)} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
-    uvicorn.run(build_app(served), host=args.host, port=args.port, log_level="warning")
+    loopback = is_loopback(args.host)
+    if not loopback and not args.api_key and not args.insecure:
+        raise TunesmithError(f"--host {args.host} is reachable from other machines: pass --api-key KEY (clients send "
+                             f"Authorization: Bearer KEY), or --insecure to serve it open")
+    served = load_served(args.sources, args.merge, max_rows=args.rows, max_waiting=args.max_waiting,
+                         max_tokens_cap=args.max_tokens_cap, api_key=args.api_key, loopback_only_hosts=loopback)
+    print(f"serving {', '.join(served.names)} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)"
+          + ("" if args.api_key else "; no API key"), flush=True)
+    uvicorn.run(build_app(served), host=args.host, port=args.port, log_level="warning",
+                limit_concurrency=args.max_waiting + 64)
     return 0
 
 
@@ -215,7 +230,7 @@ def cmd_train(args) -> int:
     try:
         train(cfg, resume=resume, force_resume=args.force_resume, force=args.force, overwrite=args.overwrite)
     except TrainingInterrupted as e:
-        print(f"{e}\nresume with: {e.resume_command}", file=sys.stderr)
+        print(f"{e}\n{e.next_step}: {e.resume_command}", file=sys.stderr)
         return 130
     return 0
 
@@ -234,12 +249,9 @@ def _launch_torchrun(args) -> int:
         rest += ["--resume", args.resume]
     where = ["--standalone"] if args.nnodes == 1 else ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank),
                                                       "--master_addr", args.master_addr, "--master_port", str(args.master_port)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), *where,
-           "-m", "tunesmith.cli.main", "train", *rest]
-    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
-    import subprocess
+    from tunesmith.train.launch import run_under_torchrun
 
-    return subprocess.call(cmd)
+    return run_under_torchrun(rest, args.nproc, where, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def cmd_plan(args) -> int:
@@ -331,6 +343,7 @@ def cmd_config_methods(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
+    from tunesmith.run.log import printable
     from tunesmith.config import list_recipes, load_config
     from tunesmith.data.inspect import inspect_data
     from tunesmith.models import load_tokenizer, resolve_model_dir
@@ -340,28 +353,32 @@ def cmd_data_inspect(args) -> int:
         config, overrides = None, [f"data.path={config}", "data.val_path=null"] + overrides  # a data file
     cfg = load_config(config, overrides)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model.name))
-    print(inspect_data(cfg, tokenizer, args.n, color=sys.stdout.isatty()))
+    print(printable(inspect_data(cfg, tokenizer, args.n, color=sys.stdout.isatty()), keep_colors=sys.stdout.isatty()))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from tunesmith.methods.load import load_model
+    from dataclasses import replace
+
+    from tunesmith.data.render import PromptFormat
+    from tunesmith.methods.load import load_model, prompt_format
     from tunesmith.models import inference_dtype, load_tokenizer, pick_device, resolve_model_dir
     from tunesmith.models.generate import Sampling, generate
+    from tunesmith.run.log import printable
 
     model_dir = resolve_model_dir(args.run or args.model)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, inference_dtype(pick_device()))
     text = " ".join(args.prompt)
-    if not args.raw and getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
-        prompt, special = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False
-    else:
-        prompt, special = text, True
+    # prompted as the run was trained (its template, its system prompt), unless --raw or --system say otherwise
+    fmt = PromptFormat("text", add_special_tokens=True) if args.raw else prompt_format(model_dir)
+    if args.system and fmt.template == "chat":
+        fmt = replace(fmt, system_prompt=args.system)
+    prompt = fmt.render([{"role": "user", "content": text}], tokenizer)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, no_repeat_ngram_size=args.no_repeat_ngram_size, seed=args.seed)
-    out = generate(model, tokenizer, [prompt], sampling, add_special_tokens=special)[0]
-    print(out.text)
+    out = generate(model, tokenizer, [prompt], sampling, add_special_tokens=fmt.add_special_tokens)[0]
+    print(printable(out.text))
     return 0
 
 

@@ -30,14 +30,14 @@ BUILDER_VERSION = 1
 
 def cached_path() -> Path:
     """Build once per Python version into the tunesmith cache; return the JSONL path."""
-    from tunesmith.paths import cache_root
+    from tunesmith.paths import cache_root, child_env
 
     v = sys.version_info
     out = cache_root() / "data" / f"docstrings-py{v.major}.{v.minor}.{v.micro}-v{BUILDER_VERSION}.jsonl"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".tmp{os.getpid()}")
-        subprocess.run([sys.executable, "-m", "tunesmith.data.docstrings", str(tmp)], check=True,
+        subprocess.run([sys.executable, "-m", "tunesmith.data.docstrings", str(tmp)], check=True, env=child_env(),
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
         os.replace(tmp, out)
     return out

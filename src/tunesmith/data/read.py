@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -88,6 +89,14 @@ def _open_text(p: Path):
         raise TunesmithError(f"{p}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); re-save the file as UTF-8") from None
 
 
+def _json(text: str):
+    """json.loads; NaN and Infinity are not JSON values a record may carry (a label "nan" would become a class)."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not a JSON value")
+
+    return json.loads(text, parse_constant=no_constants)
+
+
 def _read_jsonl(p: Path, shown: str = "") -> Iterator[Record]:
     shown = shown or str(p)
     # split on "\n" only: str.splitlines() also breaks at U+2028 etc., which JSON strings may hold
@@ -95,9 +104,11 @@ def _read_jsonl(p: Path, shown: str = "") -> Iterator[Record]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _json(line)
         except json.JSONDecodeError as e:
             raise TunesmithError(f"{shown}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting too deep, NaN
+            raise TunesmithError(f"{shown}:{n}: not usable JSON ({str(e).split(';')[0] or type(e).__name__})") from None
         if not isinstance(obj, dict):
             raise TunesmithError(f"{shown}:{n}: expected a JSON object per line, got {type(obj).__name__}")
         yield Record(obj, f"{shown}:{n}")
@@ -106,12 +117,14 @@ def _read_jsonl(p: Path, shown: str = "") -> Iterator[Record]:
 def _read_json(p: Path) -> Iterator[Record]:
     text = _open_text(p)
     try:
-        obj = json.loads(text)
+        obj = _json(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines saved as .json
             yield from _read_jsonl(p)
             return
         raise TunesmithError(f"{p}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise TunesmithError(f"{p}: not usable JSON ({str(e).split(';')[0] or type(e).__name__})") from None
     if isinstance(obj, dict):
         for key in ("data", "train", "examples", "rows"):
             if isinstance(obj.get(key), list):
@@ -128,7 +141,8 @@ def _read_json(p: Path) -> Iterator[Record]:
 def _read_csv(p: Path) -> Iterator[Record]:
     text = _open_text(p)
     delim = "\t" if p.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delim)
+    # rows end at line breaks only (str.splitlines also breaks at form feeds and U+2028, which cells may hold)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
     if not reader.fieldnames:
         return
     for row in reader:
@@ -154,7 +168,7 @@ def _read_parquet(p: Path) -> Iterator[Record]:
 
 
 def _read_text(p: Path) -> Iterator[Record]:
-    text = _open_text(p)
+    text = _open_text(p).replace("\r\n", "\n")  # Windows line ends: no trailing \r on every record
     if "\n\n" in text.strip():  # paragraphs / documents separated by blank lines
         line = 1
         for block in text.split("\n\n"):
@@ -168,8 +182,10 @@ def _read_text(p: Path) -> Iterator[Record]:
 
 
 def _looks_like_hub_id(s: str) -> bool:
+    """owner/name, and not a local path with a typo (its first folder exists here: mydata/trian is not a hub id)."""
     parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and "." not in parts[1][-8:]
+    return (len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and "." not in parts[1][-8:]
+            and not Path(parts[0]).exists())
 
 
 def _read_hub(repo_id: str) -> Iterator[Record]:

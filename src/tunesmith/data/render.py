@@ -71,6 +71,67 @@ def template_text(template: str) -> str:
     return NAMED_TEMPLATES.get(template, template)
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How training rendered a prompt, so that every deployment (generate, chat, serve, the Ollama Modelfile, a GGUF's
+    chat template, the studio) renders a user's message exactly the same way: the chat template with the run's
+    default system prompt, or its text template with the fields that held one value in all the training data
+    (a fixed instruction) filled in and the user's message in the field that varied. Saved with the trained model
+    (final/tunesmith_prompt.json). `template`: "chat", a text template, or "text" (raw text: the prompt is the text)."""
+    template: str = "chat"
+    system_prompt: str | None = None
+    constants: dict = field(default_factory=dict)
+    user_field: str | None = None
+    add_special_tokens: bool = False  # what training tokenized with (chat templates write their own special tokens)
+
+    def render(self, messages: list[dict], tokenizer) -> str:
+        """The prompt for a conversation that ends with a user turn (a text template reads the last user message)."""
+        if self.template == "chat":
+            if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+                messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
+            if not getattr(tokenizer, "chat_template", None):
+                raise TunesmithError("this model has no chat template; use a text template or raw text")
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if self.template == "text":
+            return user
+        template = template_text(self.template)
+        fields = {name: "" for name in PLACEHOLDER.findall(template)}
+        fields.update(self.constants)
+        if self.user_field:
+            fields[self.user_field] = user
+        return _render_template(Example([{"role": "user", "content": user}], "prompt", fields), template, tokenizer).prompt
+
+    def to_json(self) -> dict:
+        return {"template": self.template, "system_prompt": self.system_prompt, "constants": self.constants,
+                "user_field": self.user_field, "add_special_tokens": self.add_special_tokens}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PromptFormat":
+        return cls(d.get("template", "chat"), d.get("system_prompt"), dict(d.get("constants") or {}), d.get("user_field"),
+                   bool(d.get("add_special_tokens", False)))
+
+
+def prompt_format_of(template: str, system_prompt: str | None, examples: list[Example]) -> PromptFormat:
+    """The PromptFormat of data rendered with `template` (data.template) and `system_prompt`, read off `examples`
+    (the held-out split) for a text template's fixed fields."""
+    if examples and examples[0].messages and examples[0].messages[0]["role"] == "text":
+        return PromptFormat("text", add_special_tokens=template != "chat")
+    if template == "chat":
+        return PromptFormat("chat", system_prompt)
+    names = PLACEHOLDER.findall(template_text(template))
+    prompt_fields = names[:-1]  # the last placeholder is the response
+    constants, varying = {}, []
+    for name in prompt_fields:
+        values = {ex.fields.get(name, "") for ex in examples}
+        if len(values) == 1 and next(iter(values)).strip():
+            constants[name] = next(iter(values))
+        else:
+            varying.append(name)
+    user = varying[0] if varying else (prompt_fields[0] if prompt_fields else None)
+    return PromptFormat(template, None, {k: v for k, v in constants.items() if k != user}, user, add_special_tokens=True)
+
+
 def render(ex: Example, template: str, tokenizer, train_on_prompt: bool = False, system_prompt: str | None = None) -> Rendered:
     if ex.messages and ex.messages[0]["role"] == "text":  # raw text: every token is trained
         text = ex.messages[0]["content"] + (tokenizer.eos_token or "")
@@ -152,6 +213,12 @@ def _encode(tokenizer, texts: list[str], add_special: bool):
     going through transformers' per-encoding conversion)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        # the Rust tokenizer keeps the padding and truncation a transformers call last set on it (a left-padded
+        # generation batch): examples must not come out padded
+        if backend.padding is not None:
+            backend.no_padding()
+        if backend.truncation is not None:
+            backend.no_truncation()
         for e in backend.encode_batch(texts, add_special_tokens=add_special):
             yield np.asarray(e.ids, dtype=np.int32), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
         return

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.paths import child_env
 from tunesmith.evaluate.side_by_side import mean_score
 from tunesmith.run import RunDir
 from tunesmith.run.files import write_text_atomic
@@ -45,7 +46,7 @@ def compare(config: str | None, overrides: list[str], methods: list[str], out: P
         args = [sys.executable, "-m", "tunesmith.cli.main", "train", *([config] if config else []), *overrides,
                 f"method.name={method}", f"output.dir={out}", f"output.name={method}"]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=child_env())
         err = proc.stderr.read()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0

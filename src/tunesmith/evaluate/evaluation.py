@@ -12,6 +12,7 @@ reverse (with an exact sign-test p-value). Each evaluation is kept in the run di
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from tunesmith.data.render import render
 from tunesmith.data.shapes import resolve_task, user_text
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
+from tunesmith.evaluate.closing import TRAINED, complete
 from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
@@ -45,6 +47,8 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     run_dir = RunDir(run_dir)
     if not run_dir.final.is_dir():
         raise TunesmithError(f"{run_dir} has no final model (is it a finished tunesmith run?)")
+    if run_dir.summary.exists() and json.loads(run_dir.summary.read_text()).get("state") == TRAINED:
+        complete(run_dir, log)  # its closing evaluation was interrupted: done first, then this evaluation
     cfg = load_config(str(run_dir.config))
     device = torch.device(pick_device())
     run = assemble(cfg, device, with_model=False)  # the run's base, data, task and precision, as it trained

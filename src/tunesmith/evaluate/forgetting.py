@@ -81,7 +81,16 @@ def compare_to_base(model, base: dict[str, torch.Tensor]) -> dict:
 
 
 def save_base(path: Path, base: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.contiguous() for k, v in base.items()}, path)
+    """Atomically (a resume reads it back): a temporary file, then a rename."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in base.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_base(path: Path) -> dict[str, torch.Tensor] | None:

@@ -138,7 +138,8 @@ def _facts(s: dict) -> str:
                           + (f", resumed from step {s['resumed_from']}" if s.get("resumed_from") else "")),
              ("time budget", f"{s['budget_minutes']:g} min of training bought {s['steps']} steps, {s.get('examples', 0):,} examples "
                              f"({s.get('epochs', 0):.2f} epochs), {s['tokens']:,} tokens" if s.get("budget_minutes") else "none (fixed steps)"),
-             ("wall time", f"{s['wall_seconds']:.0f} s including loading, evaluation and saving"),
+             ("wall time", f"{s['wall_seconds']:.0f} s including loading, evaluation and saving" if s.get("wall_seconds")
+                           else "not recorded (the closing evaluation was completed later by tunesmith eval)"),
              ("environment", f"{platform.platform()}, Python {platform.python_version()}, {s.get('threads')} threads, "
                              f"torch {_version('torch')}, transformers {_version('transformers')}, peft {_version('peft')}")]
     return "<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in items) + "</table>"
@@ -154,7 +155,7 @@ def _version(pkg: str) -> str:
 
 
 def _training_plot(rows: list[dict], path: Path) -> Path | None:
-    steps = [r for r in rows if "loss" in r]
+    steps = [r for r in rows if r.get("loss") is not None]  # a skipped non-finite step is logged as null
     if not steps:
         return None
     plt = _pyplot()

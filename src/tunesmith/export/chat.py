@@ -1,6 +1,6 @@
-"""`tunesmith chat`: talk to a run or a model in the terminal, with its chat template, streaming
-tokens as they come. `/reset` clears the conversation, `/system TEXT` sets a system message,
-`/quit` (or Ctrl-D) leaves."""
+"""`tunesmith chat`: talk to a run or a model in the terminal, prompted as the run was trained (its chat template and
+system prompt, or its text template: data.render.PromptFormat), streaming tokens as they come. `/reset` clears the
+conversation, `/system TEXT` sets a system message (replacing the run's), `/quit` (or Ctrl-D) leaves."""
 from __future__ import annotations
 
 import sys
@@ -9,11 +9,14 @@ import threading
 import torch
 from transformers import TextIteratorStreamer
 
+from tunesmith.data.render import PromptFormat
 from tunesmith.models.generate import Sampling, eos_ids
+from tunesmith.run.log import printable
 
 
-def chat_loop(model, tokenizer, sampling: Sampling, read=input, write=sys.stdout.write) -> None:
-    if not getattr(tokenizer, "chat_template", None):
+def chat_loop(model, tokenizer, sampling: Sampling, fmt: PromptFormat = PromptFormat(), read=input,
+              write=sys.stdout.write) -> None:
+    if fmt.template == "chat" and not getattr(tokenizer, "chat_template", None):
         write("this model has no chat template; use `tunesmith generate --raw` instead\n")
         return
     system, history = None, []
@@ -39,7 +42,8 @@ def chat_loop(model, tokenizer, sampling: Sampling, read=input, write=sys.stdout
             continue
         history.append({"role": "user", "content": line})
         msgs = ([{"role": "system", "content": system}] if system else []) + history
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        prompt = fmt.render(msgs, tokenizer)
+        ids = tokenizer(prompt, add_special_tokens=fmt.add_special_tokens, return_tensors="pt")["input_ids"]
         ids = ids.to(next(model.parameters()).device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
@@ -55,7 +59,7 @@ def chat_loop(model, tokenizer, sampling: Sampling, read=input, write=sys.stdout
         reply = ""
         for piece in streamer:
             reply += piece
-            write(piece)
+            write(printable(piece))
             sys.stdout.flush()
         worker.join()
         write("\n")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tunesmith.data.render import PromptFormat
 from tunesmith.errors import TunesmithError
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -24,7 +25,7 @@ BLOCK_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "se
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def write_gguf(model, tokenizer, path: Path, dtype: str, source_gguf: Path | None = None) -> None:
+def write_gguf(model, tokenizer, path: Path, dtype: str, source_gguf: Path | None = None, fmt: PromptFormat | None = None) -> None:
     import gguf
 
     arch = (model.config.architectures or [type(model).__name__])[0]
@@ -45,7 +46,7 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, source_gguf: Path | Non
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(FILE_TYPE[dtype])
-    _tokenizer_metadata(w, tokenizer, source_gguf)
+    _tokenizer_metadata(w, tokenizer, source_gguf, fmt or PromptFormat())
     for name, array in _tensors(model):
         data, raw_dtype = _encode(array, dtype)
         w.add_tensor(name, data, raw_dtype=raw_dtype)
@@ -88,7 +89,7 @@ def _encode(array: np.ndarray, dtype: str):
     return q, gguf.GGMLQuantizationType.Q8_0
 
 
-def _tokenizer_metadata(w, tokenizer, source_gguf: Path | None) -> None:
+def _tokenizer_metadata(w, tokenizer, source_gguf: Path | None, fmt: PromptFormat) -> None:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
         raise TunesmithError(f"GGUF export supports byte-level BPE tokenizers (gpt2-style); this one is {spec['model']['type']}")
@@ -107,9 +108,36 @@ def _tokenizer_metadata(w, tokenizer, source_gguf: Path | None) -> None:
                         ("add_pad_token_id", tokenizer.pad_token_id), ("add_unk_token_id", tokenizer.unk_token_id)):
         if tid is not None:
             getattr(w, setter)(tid)
-    w.add_add_bos_token(False)
-    if getattr(tokenizer, "chat_template", None):
-        w.add_chat_template(tokenizer.chat_template)
+    w.add_add_bos_token(fmt.add_special_tokens and _adds_bos(tokenizer))  # as training tokenized its prompts
+    if template := chat_template_of(fmt, tokenizer):
+        w.add_chat_template(template)
+
+
+def chat_template_of(fmt: PromptFormat, tokenizer) -> str | None:
+    """The GGUF's chat template (Jinja, as llama.cpp and Ollama read it): the prompts of training. A chat-template run's
+    own template, with its default system prompt put in front when a conversation has none; a text-template run's
+    template as Jinja around the last user message."""
+    if fmt.template == "chat":
+        own = getattr(tokenizer, "chat_template", None)
+        if not own or not fmt.system_prompt:
+            return own
+        return ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
+                f"'content': {json.dumps(fmt.system_prompt)}}}] + messages %}}{{%- endif %}}" + own)
+    marker = "\u2063PROMPT\u2063"
+    before, _, after = fmt.render([{"role": "user", "content": marker}], tokenizer).partition(marker)
+    last_user = ("{%- set ns = namespace(text='') -%}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+                 "{%- set ns.text = m['content'] -%}{%- endif -%}{%- endfor -%}")
+    return last_user + _raw(before) + "{{ ns.text }}" + _raw(after)
+
+
+def _raw(text: str) -> str:
+    return "{% raw %}" + text + "{% endraw %}" if text else ""
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos] != \
+        tokenizer("x", add_special_tokens=False)["input_ids"][:1]
 
 
 def _pre_tokenizer_name(source_gguf: Path | None) -> str:
@@ -137,19 +165,20 @@ def verify(model, tokenizer, path: Path, dtype: str) -> dict:
     hf_logging.disable_progress_bar()
     back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     model = model.float().eval()
-    worst, kls, top, same = 0.0, [], [], []
+    worst, kls, top, same, finite = 0.0, [], [], [], True
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     for prompt in CHECK_PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         text = model.generate(ids, **kw)
         ours, theirs = model(text).logits[0], back(text).logits[0]
+        finite = finite and bool(torch.isfinite(theirs).all())  # max(0.0, nan) is 0.0: NaN must fail by itself
         worst = max(worst, float((ours - theirs).abs().max()))
         p, q = ours.log_softmax(-1), theirs.log_softmax(-1)
         kls += (p.exp() * (p - q)).sum(-1).tolist()
         top += (ours.argmax(-1) == theirs.argmax(-1)).tolist()
         same.append(text[0].tolist() == back.generate(ids, **kw)[0].tolist())
     mean_kl = sum(kls) / len(kls)
-    ok = worst < 1e-3 if dtype == "f32" else mean_kl < MAX_MEAN_KL and max(kls) < MAX_POSITION_KL
+    ok = finite and (worst < 1e-3 if dtype == "f32" else mean_kl < MAX_MEAN_KL and max(kls) < MAX_POSITION_KL)
     return {"dtype": dtype, "max_logit_diff": round(worst, 6), "mean_kl": round(mean_kl, 6), "max_kl": round(max(kls), 6),
             "same_top_token": round(sum(top) / len(top), 4), "same_greedy_continuation": same, "passed": ok,
             "criterion": "equal logits (< 1e-3)" if dtype == "f32"

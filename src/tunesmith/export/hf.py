@@ -15,10 +15,11 @@ import torch
 
 from tunesmith.catalog import METHODS
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.load import MARKER, load_model, output_method
+from tunesmith.methods.load import MARKER, PROMPT_FILE, load_model, output_method
 from tunesmith.models import load_tokenizer
 from tunesmith.run import RunDir
 from tunesmith.run.files import publish_dir
+from tunesmith.run.layout import EXPORT_MARKER
 
 
 def merged_model(final: Path, dtype: torch.dtype = torch.float32):
@@ -36,8 +37,18 @@ def merged_model(final: Path, dtype: torch.dtype = torch.float32):
     return model, load_tokenizer(final)
 
 
+def mark_export(folder: Path) -> None:
+    """The marker that lets a later `export --overwrite` replace this folder (and nothing tunesmith did not write)."""
+    (Path(folder) / EXPORT_MARKER).write_text("written by tunesmith export\n")
+
+
 def export_hf(final: Path, out: Path, dtype: torch.dtype) -> Path:
     model, tokenizer = merged_model(final)
+    if dtype == torch.float16:  # weights beyond float16's range would become inf in the file
+        big = [n for n, p in model.state_dict().items() if p.is_floating_point() and p.abs().max() > torch.finfo(torch.float16).max]
+        if big:
+            raise TunesmithError(f"--dtype f16: {len(big)} tensors (e.g. {big[0]}) hold values beyond float16's range "
+                                 f"({torch.finfo(torch.float16).max:g}); export f32 instead")
     model = model.to(dtype)
     if getattr(model.generation_config, "eos_token_id", None) is None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -45,6 +56,9 @@ def export_hf(final: Path, out: Path, dtype: torch.dtype) -> Path:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # with its chat template and EOS
+        if (final / PROMPT_FILE).exists():  # how the run prompts: generate/chat/serve read it from the export too
+            shutil.copy2(final / PROMPT_FILE, tmp / PROMPT_FILE)
+        mark_export(tmp)
 
     publish_dir(out, write)
     return out
@@ -55,10 +69,15 @@ def export_adapter(run_dir: Path, out: Path) -> Path:
     final = run.final
     summary = json.loads(run.summary.read_text()) if run.summary.exists() else {}
 
+    links = [p for p in final.rglob("*") if p.is_symlink()]
+    if links:  # a link planted in a shared run would export what it points to (a key file) as a regular file
+        raise TunesmithError(f"{links[0]} is a symbolic link; an adapter export copies the run's own files only: remove it")
+
     def write(tmp: Path) -> None:
         for f in final.iterdir():
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         (tmp / "README.md").write_text(model_card(run.path, summary))
+        mark_export(tmp)
 
     publish_dir(out, write)
     return out

@@ -1,58 +1,103 @@
 """`tunesmith serve`: an OpenAI-compatible HTTP API on FastAPI + uvicorn.
 
-Endpoints: /v1/chat/completions (with and without `stream`), /v1/completions, /v1/models, /health.
-One base model in memory; each run's adapter is loaded onto it under the run's name and chosen per
-request by `model` (or merged into the base when there is only one and `--merge` is given).
-Non-streaming requests wait in a queue; a worker takes up to `max_batch` compatible ones (same
-model and sampling settings) that arrive within a few milliseconds of each other and generates
-them as one left-padded batch, which on a CPU gives several times the throughput of one-by-one
-generation. Streaming requests run on their own. The event loop stays free, so /health answers
-while a generation runs. Bad requests get
-a 4xx JSON error in OpenAI's shape; an unexpected failure is a 500 for that request, never a crash.
+Endpoints: /v1/chat/completions and /v1/completions (with and without `stream`), /v1/models, /health. One base model
+in memory; each run's adapter is loaded onto it under the run's name and chosen per request by `model` (or merged into
+the base when there is only one and `--merge` is given). Every request, streaming or not, goes to one generation
+engine (models/engine.py): one worker thread runs continuous batching over all of them, rows of several adapters in
+one batch, and hands each request its text through a queue of its own. So:
+
+  * no lock is held across network I/O, and no thread waits on a client: a slow or vanished client blocks nobody;
+  * concurrent streams are generated together, not one after another;
+  * a client that hangs up cancels its generation at the next step; a stop string ends it at once;
+  * a generation that fails ends its own request (a JSON error, or an SSE error event then [DONE]) and nothing else;
+  * admission is bounded: past `max_waiting` queued requests the answer is 429 with Retry-After; `max_tokens` is
+    capped by `max_tokens_cap`; bodies over `max_body_bytes` get 413, chunked ones too (the bytes are counted);
+  * `--api-key` requires `Authorization: Bearer KEY` on /v1; a non-loopback bind without one is refused unless
+    `--insecure`; on loopback only loopback Host headers are served (a web page cannot rebind a name to it);
+  * /health says whether the engine's worker is alive (503 when it is not); error bodies carry no traceback or path.
+
+Prompts are rendered as each run was trained (data.render.PromptFormat: its chat template and system prompt, or its
+text template); /v1/completions takes the prompt as it is.
 """
 from __future__ import annotations
 
-import threading
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-import torch
-from pydantic import BaseModel, Field
-from transformers import TextIteratorStreamer
+from fastapi import Request as HTTPRequest
+from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.models.generate import eos_ids
+from tunesmith.data.render import PromptFormat
+from tunesmith.models.engine import BASE, Engine, EngineFull, Request, Sampling, supports
+from tunesmith.models.generate import SerialEngine
 
-MAX_BODY_BYTES = 1 << 20
+log = logging.getLogger("tunesmith.serve")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class ServedModel:
+    name: str                       # the id clients ask for
+    adapter: Optional[str]          # peft adapter name (BASE: the base with adapters off; None: the model as it is)
+    prompts: PromptFormat = field(default_factory=PromptFormat)
 
 
 @dataclass
 class Served:
-    model: object                  # the (peft) model
+    engine: Engine
     tokenizer: object
-    names: list[str]               # model ids clients may ask for
-    adapters: dict[str, Optional[str]] = field(default_factory=dict)  # model id -> peft adapter name (None = base)
+    models: dict[str, ServedModel]
     context: int = 2048
     max_tokens_cap: int = 1024
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    max_batch: int = 8
-    batcher: Optional["Batcher"] = None
+    max_body_bytes: int = 1 << 20
+    max_prompts: int = 16           # prompts in one /v1/completions call
+    api_key: Optional[str] = None
+    loopback_only_hosts: bool = True  # serve only requests whose Host is a loopback name (a loopback bind)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str
+    name: Optional[str] = None
 
 
 class Common(BaseModel):
+    """OpenAI's fields; a field this server does not know is an error naming it (not silently ignored)."""
+    model_config = ConfigDict(extra="forbid")
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)                 # extension (0: off)
+    repetition_penalty: float = Field(1.0, gt=0)  # extension
     stop: Union[str, list[str], None] = None
     stream: bool = False
+    stream_options: Optional[dict] = None
     seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=8)
+    user: Optional[str] = None
+    presence_penalty: float = Field(0.0, ge=0, le=0)   # accepted at 0, the only value served
+    frequency_penalty: float = Field(0.0, ge=0, le=0)
+    logprobs: Optional[bool] = Field(None)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise ValueError("stop: at most 4 stop sequences")
+        return [s for s in stops if s]
 
 
 class ChatRequest(Common):
@@ -61,269 +106,355 @@ class ChatRequest(Common):
 
 class CompletionRequest(Common):
     prompt: Union[str, list[str]]
+    echo: bool = False
 
 
 def build_app(served: Served):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="tunesmith")
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def error(status: int, message: str, param: str | None = None, code: str | None = None):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    def error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+        kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                            status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"] if x != "body")
-        return error(400, f"{where}: {first['msg']}", where or None)
+        what = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        return error(400, f"{where}: {what}", where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def failed(request, exc):
-        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+        ref = uuid.uuid4().hex[:12]
+        log.exception("request %s failed", ref)  # the traceback stays in the server's log
+        return error(500, f"internal error (reference {ref})")
 
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            return error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    async def guard(request: HTTPRequest, call_next):
+        if served.loopback_only_hosts and _host(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
+            return error(400, "this server answers requests to a loopback address only")
+        if served.api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
+                return error(401, "a valid API key is required (Authorization: Bearer KEY)")
+        if int(request.headers.get("content-length") or 0) > served.max_body_bytes:
+            return error(413, f"request body larger than {served.max_body_bytes} bytes")
         return await call_next(request)
+
+    app.add_middleware(_BodyLimit, limit=served.max_body_bytes)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": served.names}
+        alive = served.engine.alive
+        body = {"status": "ok" if alive else "generation worker not running", "pending": served.engine.pending()}
+        if not served.api_key:
+            body["models"] = served.names
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunesmith"} for n in served.names]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunesmith"}
+                                           for n in served.names]}
 
-    def prepare(req: Common, prompt: str):
-        if req.model not in served.names:
-            return None, error(404, f"model {req.model!r} does not exist; available: {', '.join(served.names)}", "model", "model_not_found")
-        ids = served.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        max_new = min(req.max_tokens or 256, served.max_tokens_cap)
-        if ids.shape[1] + max_new > served.context:
-            return None, error(400, f"this model's context is {served.context} tokens; the prompt has {ids.shape[1]} and "
+    def prepare(req: Common, prompt: str, special: bool):
+        if req.model not in served.models:
+            return None, error(404, f"model {req.model!r} does not exist; available: {', '.join(served.names)}", "model",
+                               "model_not_found")
+        ids = served.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        wanted = req.max_completion_tokens or req.max_tokens or 256
+        max_new = min(wanted, served.max_tokens_cap)
+        if len(ids) + max_new > served.context:
+            return None, error(400, f"this model's context is {served.context} tokens; the prompt has {len(ids)} and "
                                     f"{max_new} more were requested", "messages", "context_length_exceeded")
-        return (ids, max_new), None
+        try:
+            stops = req.stops()
+        except ValueError as e:
+            return None, error(400, str(e), "stop")
+        sampling = Sampling(max_new_tokens=max_new, do_sample=req.temperature >= 1e-5, temperature=req.temperature,
+                            top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+                            seed=req.seed if req.seed is not None else uuid.uuid4().int & 0x7FFFFFFF)
+        return (ids, sampling, stops), None
 
-    def gen_kwargs(req: Common, ids, max_new, streamer=None):
-        kw = dict(input_ids=ids.to(_device(served.model)), attention_mask=torch.ones_like(ids).to(_device(served.model)),
-                  max_new_tokens=max_new, eos_token_id=eos_ids(served.tokenizer, served.model),
-                  pad_token_id=served.tokenizer.pad_token_id, streamer=streamer)
-        if req.temperature > 0:
-            kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kw
+    async def submit_all(http: HTTPRequest, req: Common, prepared: list, stream: bool):
+        """Submit n completions of each prompt; returns (requests, queue of (index, kind, value)) or an error."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        adapter = served.models[req.model].adapter
+        reqs = []
+        for p, (ids, sampling, stops) in enumerate(prepared):
+            for k in range(req.n):
+                index = p * req.n + k
+                s = sampling if k == 0 else Sampling(**{**sampling.__dict__, "seed": sampling.seed + k})
+                reqs.append(Request(list(ids), s, stops, adapter,
+                                    on_text=(lambda t, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, "text", t)))
+                                    if stream else None,
+                                    on_done=lambda r, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, "done", r))))
+        submitted = []
+        try:
+            for r in reqs:
+                submitted.append(served.engine.submit(r))
+        except EngineFull:
+            for r in submitted:
+                r.cancel()
+            return None, None, error(429, "the server is busy: too many requests are waiting; retry shortly",
+                                     code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        return reqs, queue, None
 
-    served.batcher = served.batcher or Batcher(served, gen_kwargs)
+    async def wait_all(http: HTTPRequest, reqs: list[Request], queue: asyncio.Queue) -> bool:
+        """Wait for every request; False when the client hung up (then they are cancelled)."""
+        left = len(reqs)
+        while left:
+            try:
+                _, kind, _ = await asyncio.wait_for(queue.get(), timeout=0.5)
+                left -= kind == "done"
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    for r in reqs:
+                        r.cancel()
+                    return False
+        return True
 
-    def run(req: Common, ids, max_new) -> tuple[str, str, int]:
-        out, ended = served.batcher.submit(req, ids, max_new).result()
-        text = served.tokenizer.decode(out, skip_special_tokens=True)
-        text, stopped = _apply_stop(text, req.stop)
-        return text, "stop" if ended or stopped else "length", len(out)
+    async def outcome(http: HTTPRequest, reqs: list[Request], queue: asyncio.Queue):
+        """None when every request finished, else the error response (the client left; a generation failed)."""
+        if not await wait_all(http, reqs, queue):
+            return error(499, "client closed the request")
+        failed = next((r for r in reqs if r.finish_reason == "error"), None)
+        return error(500, f"generation failed: {_public(failed.error)}") if failed else None
+
+    def finish_reason(r: Request) -> str:
+        return "length" if r.finish_reason == "length" else "stop"
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        prompt = served.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
-                                                      add_generation_prompt=True)
-        ready, err = prepare(req, prompt)
+    async def chat(req: ChatRequest, http: HTTPRequest):
+        model = served.models.get(req.model)
+        if model is None:
+            return prepare(req, "", False)[1]
+        fmt = model.prompts
+        if fmt.template == "chat" and not getattr(served.tokenizer, "chat_template", None):
+            return error(400, "this model has no chat template; use /v1/completions with a prompt", "messages")
+        prompt = fmt.render([m.model_dump(exclude_none=True) for m in req.messages], served.tokenizer)
+        ready, err = prepare(req, prompt, fmt.add_special_tokens)
         if err:
             return err
-        ids, max_new = ready
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        reqs, queue, err = await submit_all(http, req, [ready], req.stream)
+        if err:
+            return err
+        cid, created, n_prompt = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ready[0])
         if req.stream:
-            return StreamingResponse(iterate_in_threadpool(_stream_chat(served, req, ids, max_new, cid, created, gen_kwargs)),
+            return StreamingResponse(_chat_stream(http, reqs, queue, cid, created, req.model, finish_reason),
                                      media_type="text/event-stream")
-        text, finish, n = await run_in_threadpool(run, req, ids, max_new)
+        if err := await outcome(http, reqs, queue):
+            return err
+        used = sum(len(r.output_ids) for r in reqs)
         return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": n, "total_tokens": ids.shape[1] + n}}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                             "finish_reason": finish_reason(r), "logprobs": None} for i, r in enumerate(reqs)],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        if req.stream:
-            return error(400, "stream is not supported on /v1/completions; use /v1/chat/completions", "stream")
+    async def completions(req: CompletionRequest, http: HTTPRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             return error(400, "prompt must not be empty", "prompt")
-        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
-        for i, prompt in enumerate(prompts):
-            ready, err = prepare(req, prompt)
+        if len(prompts) > served.max_prompts:
+            return error(400, f"at most {served.max_prompts} prompts in one request", "prompt")
+        prepared = []
+        for prompt in prompts:
+            ready, err = prepare(req, prompt, False)
             if err:
                 return err
-            ids, max_new = ready
-            text, finish, n = await run_in_threadpool(run, req, ids, max_new)
-            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
-            usage["prompt_tokens"] += ids.shape[1]
-            usage["completion_tokens"] += n
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": usage}
+            prepared.append(ready)
+        reqs, queue, err = await submit_all(http, req, prepared, req.stream)
+        if err:
+            return err
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(_completion_stream(http, reqs, queue, cid, created, req.model, finish_reason),
+                                     media_type="text/event-stream")
+        if err := await outcome(http, reqs, queue):
+            return err
+        n_prompt = sum(len(p[0]) for p in prepared)
+        used = sum(len(r.output_ids) for r in reqs)
+        return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"index": i, "text": (prompts[i // req.n] if req.echo else "") + r.text,
+                             "finish_reason": finish_reason(r), "logprobs": None} for i, r in enumerate(reqs)],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
 
+    @app.on_event("shutdown")
+    async def stop_engine():
+        served.engine.stop()
+
+    served.engine.start()
     return app
 
 
-class Batcher:
-    """One worker thread generating queued requests in batches of compatible ones."""
-
-    WINDOW = 0.01  # seconds to wait for more requests to join a batch
-
-    def __init__(self, served: Served, gen_kwargs):
-        import queue
-
-        self.served, self.gen_kwargs, self.queue = served, gen_kwargs, queue.Queue()
-        threading.Thread(target=self._work, daemon=True).start()
-
-    def submit(self, req, ids, max_new):
-        from concurrent.futures import Future
-
-        fut = Future()
-        self.queue.put((req, ids, max_new, fut))
-        return fut
-
-    @staticmethod
-    def _key(req):
-        return (req.model, req.temperature, req.top_p, req.seed)
-
-    def _work(self) -> None:
-        import queue
-
-        waiting = []
-        while True:
-            first = waiting.pop(0) if waiting else self.queue.get()
-            batch, deadline = [first], time.monotonic() + self.WINDOW
-            key = self._key(first[0])
-            while len(batch) < self.served.max_batch and first[0].seed is None:
-                try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                (batch if self._key(item[0]) == key else waiting).append(item)
+async def _events(http, reqs: list[Request], queue: asyncio.Queue):
+    """(index, kind, value) as the engine produces them until every request is done; cancels them when the client
+    goes away (the response generator is closed, or the connection reports a disconnect)."""
+    left = len(reqs)
+    try:
+        while left:
             try:
-                results = self._generate(batch)
-            except Exception as e:  # the requests fail, the worker lives on
-                for *_, fut in batch:
-                    fut.set_exception(e)
+                item = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    return
                 continue
-            for (*_, fut), result in zip(batch, results):
-                fut.set_result(result)
-
-    def _generate(self, batch) -> list[tuple[list[int], bool]]:
-        served, pad = self.served, self.served.tokenizer.pad_token_id
-        req = batch[0][0]
-        width = max(ids.shape[1] for _, ids, _, _ in batch)
-        rows = [torch.cat([torch.full((1, width - ids.shape[1]), pad, dtype=ids.dtype), ids], 1) for _, ids, _, _ in batch]
-        mask = [torch.cat([torch.zeros(1, width - ids.shape[1], dtype=ids.dtype), torch.ones_like(ids)], 1) for _, ids, _, _ in batch]
-        max_new = max(m for _, _, m, _ in batch)
-        kw = self.gen_kwargs(req, torch.cat(rows), max_new)
-        kw["attention_mask"] = torch.cat(mask).to(kw["input_ids"].device)
-        eos = set(eos_ids(served.tokenizer, served.model))
-        with served.lock:
-            _select(served, req.model)
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            with torch.no_grad():
-                out = served.model.generate(**kw)[:, width:].tolist()
-        results = []
-        for row, (_, _, own_max, _) in zip(out, batch):
-            row = row[:own_max]
-            end = next((i for i, t in enumerate(row) if t in eos), None)
-            results.append((row[: end + 1] if end is not None else row, end is not None))
-        return results
+            left -= item[1] == "done"
+            yield item
+    finally:
+        for r in reqs:
+            if not r.done:
+                r.cancel()
 
 
-def _stream_chat(served: Served, req, ids, max_new, cid, created, gen_kwargs):
-    import json
+async def _chat_stream(http, reqs, queue, cid, created, model, finish_reason):
+    def chunk(index: int, delta: dict, finish=None) -> str:
+        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                      "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}) + "\n\n"
 
-    def chunk(delta: dict, finish=None) -> str:
-        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
-
-    with served.lock:
-        _select(served, req.model)
-        streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        result: list = []
-        worker = threading.Thread(target=lambda: result.append(_generate_quietly(served.model, gen_kwargs(req, ids, max_new, streamer))))
-        worker.start()
-        yield chunk({"role": "assistant", "content": ""})
-        text, finish = "", "length"
-        for piece in streamer:
-            text += piece
-            cut, stopped = _apply_stop(text, req.stop)
-            if stopped:
-                if len(cut) > len(text) - len(piece):
-                    yield chunk({"content": cut[len(text) - len(piece):]})
-                finish = "stop"
-                break
-            if piece:
-                yield chunk({"content": piece})
-        worker.join()
-    if finish != "stop" and result:
-        new = result[0][0, ids.shape[1]:].tolist()
-        finish = "stop" if new and new[-1] in eos_ids(served.tokenizer, served.model) else "length"
-    yield chunk({}, finish)
+    for i in range(len(reqs)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for index, kind, value in _events(http, reqs, queue):
+        if kind == "text" and value:
+            yield chunk(index, {"content": value})
+        elif kind == "done":
+            if value.finish_reason == "error":
+                yield "data: " + json.dumps({"error": {"message": f"generation failed: {_public(value.error)}",
+                                                       "type": "server_error"}}) + "\n\n"
+            yield chunk(index, {}, finish_reason(value))
     yield "data: [DONE]\n\n"
 
 
-def _generate_quietly(model, kwargs):
-    with torch.no_grad():
-        return model.generate(**kwargs)
+async def _completion_stream(http, reqs, queue, cid, created, model, finish_reason):
+    def chunk(index: int, text: str, finish=None) -> str:
+        return "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created, "model": model,
+                                      "choices": [{"index": index, "text": text, "finish_reason": finish,
+                                                   "logprobs": None}]}) + "\n\n"
+
+    async for index, kind, value in _events(http, reqs, queue):
+        if kind == "text" and value:
+            yield chunk(index, value)
+        elif kind == "done":
+            if value.finish_reason == "error":
+                yield "data: " + json.dumps({"error": {"message": f"generation failed: {_public(value.error)}",
+                                                       "type": "server_error"}}) + "\n\n"
+            yield chunk(index, "", finish_reason(value))
+    yield "data: [DONE]\n\n"
 
 
-def _apply_stop(text: str, stop) -> tuple[str, bool]:
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    hits = [text.index(s) for s in stops if s and s in text]
-    return (text[: min(hits)], True) if hits else (text, False)
+def _public(message: str | None) -> str:
+    """A failure's kind for the client (an out-of-memory, ...), without the paths and tensors its message may hold."""
+    return (message or "unknown").split(":")[0]
 
 
-def _select(served: Served, name: str) -> None:
-    adapter = served.adapters.get(name)
-    if adapter is not None:
-        served.model.set_adapter(adapter)
+def _host(header: str) -> str:
+    if header.startswith("["):
+        return header[: header.find("]") + 1]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+class _BodyLimit:
+    """An ASGI wrapper that reads a request's body itself, counting the bytes as they arrive (a chunked body has no
+    Content-Length to check), answers 413 past the limit, and hands the application the body it read."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                body = json.dumps({"error": {"message": f"request body larger than {self.limit} bytes",
+                                             "type": "invalid_request_error", "param": None, "code": None}}).encode()
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
 
 
-def load_served(sources: list[str], merge: bool, log=print) -> Served:
-    """One source: a run directory or any model `model.name` accepts. Several: runs whose adapters
-    share one base, each served under its run's name."""
-    import json
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_served(sources: list[str], merge: bool, log=print, **limits) -> Served:
+    """One source: a run directory or any model `model.name` accepts. Several: runs whose adapters share one base, each
+    served under its run's name (plus the base itself under its own name when `base_name` is given in `limits`)."""
     from pathlib import Path
 
     from peft import PeftModel
 
     from tunesmith.errors import TunesmithError
-    from tunesmith.methods.load import load_model
+    from tunesmith.methods.load import _base_dir, load_model, prompt_format
     from tunesmith.models import inference_dtype, load_tokenizer, pick_device, resolve_model_dir
     from tunesmith.run import RunDir
 
+    base_name = limits.pop("base_name", None)
+    rows = limits.pop("max_rows", 32)
+    max_waiting = limits.pop("max_waiting", 256)
     device = pick_device()
     dtype = inference_dtype(device)
     dirs = [resolve_model_dir(s) for s in sources]
-    names = [Path(s).name if RunDir(s).is_finished() else s for s in sources]
+    names = [Path(s).name if RunDir(s).is_finished() else Path(s).name if Path(s).exists() else s for s in sources]
     tokenizer = load_tokenizer(dirs[0])
-    adapters: dict[str, Optional[str]] = {}
     if not all((d / "adapter_config.json").exists() for d in dirs):
         if len(dirs) > 1:
             raise TunesmithError("several models in one server must be adapter runs (LoRA, IA3, ...) on the same base model")
         model = load_model(dirs[0], dtype, device)
+        served = {names[0]: ServedModel(names[0], None, prompt_format(dirs[0]))}
     else:
-        bases = {json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] for d in dirs}
+        bases = {str(_base_dir(d, json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"])) for d in dirs}
         if len(bases) > 1:
             raise TunesmithError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}); serve them separately")
-        model = PeftModel.from_pretrained(load_model(resolve_model_dir(bases.pop()), dtype, device), dirs[0], adapter_name=names[0])
+        base_dir = Path(bases.pop())
+        model = PeftModel.from_pretrained(load_model(base_dir, dtype, device), dirs[0], adapter_name=names[0])
         for name, d in zip(names[1:], dirs[1:]):
             model.load_adapter(d, adapter_name=name)
-        adapters = {n: n for n in names}
+        served = {n: ServedModel(n, n, prompt_format(d)) for n, d in zip(names, dirs)}
         if len(dirs) == 1 and merge and not model.active_peft_config.is_prompt_learning:
-            model, adapters = model.merge_and_unload(), {}
+            model = model.merge_and_unload()
+            served = {names[0]: ServedModel(names[0], None, prompt_format(dirs[0]))}
             log(f"serving {names[0]} with its adapter merged into the base")
+        elif base_name:
+            served[base_name] = ServedModel(base_name, BASE, prompt_format(base_dir))
     context = min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 8192)
-    return Served(model.eval(), tokenizer, names, adapters, context)
+    if supports(model) is None:
+        engine = Engine(model.eval(), tokenizer, max_rows=rows, max_waiting=max_waiting)
+    else:  # prompt/prefix tuning: one request at a time through model.generate
+        engine = SerialEngine(model, tokenizer, max_waiting=max_waiting)
+        log(f"serving {', '.join(served)} one request at a time ({supports(model)})")
+    return Served(engine, tokenizer, served, context, **limits)

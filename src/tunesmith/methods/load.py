@@ -17,11 +17,13 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith.data.render import PromptFormat, prompt_format_of
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_base_model, pick_device, resolve_model_dir
 
 MARKER = "tunesmith_method.json"
 ADAPTER_CONFIG = "adapter_config.json"
+PROMPT_FILE = "tunesmith_prompt.json"  # how the run rendered its prompts (data.render.PromptFormat)
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "auto",
@@ -32,7 +34,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.devic
         return _load_adapter_model(model_dir, dtype, device)
     if (model_dir / MARKER).exists():
         model = load_trainable(model_dir, lambda base, t, meta: load_model(
-            resolve_model_dir(base), dtype, device, t, labels=list((meta.get("id2label") or {}).values()) or None))
+            _base_dir(model_dir, base), dtype, device, t, labels=list((meta.get("id2label") or {}).values()) or None))
         return model.to(device)
     return load_base_model(model_dir, dtype, device, task, quantization, labels)
 
@@ -42,12 +44,12 @@ def _load_adapter_model(adapter_dir: Path, dtype, device):
     from peft import PeftModel
 
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    base_dir = Path(config["base_model_name_or_path"])
+    base_dir = _base_dir(adapter_dir, config["base_model_name_or_path"])
     if config.get("task_type") == "SEQ_CLS":
         labels = json.loads((adapter_dir / "labels.json").read_text())
-        base = load_model(resolve_model_dir(str(base_dir)), dtype, device, "classification", labels=labels)
+        base = load_model(base_dir, dtype, device, "classification", labels=labels)
     else:
-        base = load_model(resolve_model_dir(str(base_dir)), dtype, device)
+        base = load_model(base_dir, dtype, device)
     base = merge_adapter(base)  # the base may itself be a tuned adapter run (e.g. DPO after SFT)
     return PeftModel.from_pretrained(base, adapter_dir)
 
@@ -74,8 +76,24 @@ def base_of(model_dir: Path) -> Path | None:
     """The base model folder a tuned output was trained on; None for a plain model folder."""
     for marker in (ADAPTER_CONFIG, MARKER):
         if (model_dir / marker).exists() and not (model_dir / "config.json").exists():
-            return resolve_model_dir(json.loads((model_dir / marker).read_text())["base_model_name_or_path"])
+            return _base_dir(model_dir, json.loads((model_dir / marker).read_text())["base_model_name_or_path"])
     return None
+
+
+def _base_dir(output: Path, recorded: str) -> Path:
+    """The base folder a tuned output names. A bundled base is recorded as its cache folder, which clearing
+    ~/.cache/tunesmith removes: then the run's own config (final/../config.yaml) names it again (model.name), and
+    resolving that rebuilds it."""
+    if Path(recorded).exists():
+        return resolve_model_dir(recorded)
+    config = Path(output).parent / "config.yaml"
+    if config.exists():
+        from tunesmith.config import read_yaml
+
+        name = (read_yaml(config).get("model") or {}).get("name")
+        if name:
+            return resolve_model_dir(name)
+    return resolve_model_dir(recorded)
 
 
 def context_length(model_dir: Path) -> int | None:
@@ -86,6 +104,25 @@ def context_length(model_dir: Path) -> int | None:
     if base is not None:
         return context_length(base)
     return getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+
+
+def save_prompt_format(folder: Path, fmt: PromptFormat) -> None:
+    (Path(folder) / PROMPT_FILE).write_text(json.dumps(fmt.to_json(), indent=1, ensure_ascii=False))
+
+
+def prompt_format(model_dir: Path) -> PromptFormat:
+    """How prompts to `model_dir` are rendered: as its run trained (its PROMPT_FILE; for a run saved before there was
+    one, its config's template and system prompt), or the model's own chat template."""
+    model_dir = Path(model_dir)
+    if (model_dir / PROMPT_FILE).exists():
+        return PromptFormat.from_json(json.loads((model_dir / PROMPT_FILE).read_text()))
+    config = model_dir.parent / "config.yaml"
+    if model_dir.name == "final" and config.exists():
+        from tunesmith.config import read_yaml
+
+        data = read_yaml(config).get("data") or {}
+        return prompt_format_of(data.get("template", "chat"), data.get("system_prompt"), [])
+    return PromptFormat()
 
 
 def save_trainable(model, tokenizer, out_dir: Path, cfg, task: str, state_dict: dict | None = None) -> None:

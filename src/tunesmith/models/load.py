@@ -84,7 +84,9 @@ def resolve_model_dir(name: str) -> Path:
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise TunesmithError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
         return path
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name.split("/")[0]).exists():
+        # a name whose first folder exists here is a local path with a typo, never a hub id (runs/typo is not the
+        # hub user "runs"'s model)
         raise TunesmithError(f"model {name!r}: no such model folder or .gguf file")
     return _hub_dir(name)
 
@@ -235,12 +237,27 @@ def _saved_classifier(model_dir: Path) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """Identifies a base model's weights cheaply: config.json plus the name and size of every weight file."""
+def model_fingerprint(model_dir: Path, legacy: bool = False) -> str:
+    """Identifies a base model's weights cheaply: config.json, and the name, size and the SHA-256 of the first and last
+    MiB of every weight file (a weight file changed in place with the same size is noticed). `legacy`: the version-1
+    fingerprint (names and sizes only) that checkpoints written before it hold."""
     h = hashlib.sha1()
     for p in sorted(model_dir.iterdir()):
         if p.name == "config.json":
             h.update(p.read_bytes())
         elif p.suffix in (".safetensors", ".bin", ".gguf"):
             h.update(f"{p.name}:{p.stat().st_size}".encode())
-    return h.hexdigest()[:16]
+            if not legacy:
+                h.update(_ends_digest(p).encode())
+    return h.hexdigest()[:16] if legacy else "v2-" + h.hexdigest()[:16]
+
+
+def _ends_digest(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(block))
+        size = path.stat().st_size
+        if size > block:
+            f.seek(max(block, size - block))
+            h.update(f.read(block))
+    return h.hexdigest()

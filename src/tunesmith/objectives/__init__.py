@@ -62,6 +62,10 @@ class Objective:
 
     def prepare(self, model, ctx: Context) -> None:
         """Once the run folder exists, before the base is measured: reference log-probs, a teacher's cache."""
+        self.prepare_measure(model)
+
+    def prepare_measure(self, base) -> None:
+        """What measuring needs of the model before training (`base`), also when a finished run is measured anew."""
 
     @property
     def teacher(self):

@@ -20,6 +20,8 @@ distillation changes what a step's loss is, not how the run is judged.
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from tunesmith.data.render import Split, Tokenized
 from tunesmith.data.shapes import Example
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.load import load_model, merge_adapter
-from tunesmith.models import load_tokenizer, resolve_model_dir
+from tunesmith.models import load_tokenizer, model_fingerprint, resolve_model_dir
 from tunesmith.models.generate import Sampling, generate
 from tunesmith.models.heads import label_logits
 from tunesmith.objectives import Context, Objective
@@ -98,12 +100,17 @@ def cached_distill_sum_loss(model, batch, cached: tuple[torch.Tensor, torch.Tens
     return sparse_distill_terms(student, top_ids, top_logits, targets, cfg)
 
 
-def teacher_topk(teacher, tokens: list, k: int, folder: Path, pad_id: int, device, batch_tokens: int, log) -> TopKCache:
-    """Build (or reuse, when complete and matching) the teacher's top-k cache for these training examples."""
+def teacher_topk(teacher, tokens: list, k: int, folder: Path, pad_id: int, device, batch_tokens: int, log,
+                 build: bool = True, teacher_id: str = "") -> TopKCache:
+    """Build (or reuse, when complete and matching) the teacher's top-k cache for these training examples; with
+    `build=False`, wait until another process has built it."""
     counts = np.array([int((t.labels[1:] != -100).sum()) for t in tokens], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    shape, key = (int(offsets[-1]), k), {"version": TOPK_VERSION, "k": k, "examples": len(tokens), "tokens": int(offsets[-1])}
+    shape, key = (int(offsets[-1]), k), {"version": TOPK_VERSION, "k": k, "examples": len(tokens), "tokens": int(offsets[-1]),
+                                         "teacher": teacher_id}  # another teacher's logits are never reused
     done = folder / "done.json"
+    while not build and not (done.exists() and json.loads(done.read_text()) == key):
+        time.sleep(0.5)
     if done.exists() and json.loads(done.read_text()) == key:
         log(f"distill.top_k={k}: the teacher's top-{k} logits from {folder} ({shape[0]:,} response tokens)")
         return TopKCache(offsets, np.load(folder / "ids.npy", mmap_mode="r"), np.load(folder / "logits.npy", mmap_mode="r"))
@@ -125,6 +132,10 @@ def teacher_topk(teacher, tokens: list, k: int, folder: Path, pad_id: int, devic
             logits[at] = top.values.cpu().numpy().astype(np.float16)
     ids.flush()
     logits.flush()
+    for f in (folder / "ids.npy", folder / "logits.npy"):  # on disk before done.json says they are complete
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     done.write_text(json.dumps(key))
     return TopKCache(offsets, np.load(folder / "ids.npy", mmap_mode="r"), np.load(folder / "logits.npy", mmap_mode="r"))
 
@@ -164,6 +175,7 @@ class Distill(Objective):
         self.sequence = self.settings.mode == "sequence"
         self._teacher = self.topk = None
         self.teacher_metrics: dict | None = None
+        self.teacher_id = ""
 
     @property
     def teacher(self):
@@ -172,6 +184,7 @@ class Distill(Objective):
     def load(self, ctx: Context, examples_needed: int) -> None:
         d = self.settings
         teacher_dir = resolve_model_dir(d.teacher)
+        self.teacher_id = f"{d.teacher}:{model_fingerprint(teacher_dir)}"
         check_tokenizers(self.tokenizer, load_tokenizer(teacher_dir), d.mode)
         teacher = load_model(teacher_dir, self.dtype, ctx.device, self.task, labels=self.data.stats.get("labels")).eval()
         teacher = merge_adapter(teacher)
@@ -186,19 +199,20 @@ class Distill(Objective):
         """The teacher on the held-out split (reported next to the student); with `distill.top_k` its one pass over the
         training split (rank 0 writes the cache, the others wait for the files, then map them), after which the
         teacher is freed, as it is in sequence mode, whose answers are all it was needed for."""
+        self.student.prepare(model, ctx)
         self.teacher_metrics = ctx.measure(self._teacher)
         if self.teacher_metrics:
             ctx.log("teacher on the held-out split: " + self.describe(self.teacher_metrics))
-        if self.settings.top_k:
-            def build():
-                return teacher_topk(self._teacher, self.train, self.settings.top_k, ctx.cache_dir, self.pad_id, ctx.device,
-                                    ctx.batch_tokens or 4096, ctx.log)
-            if ctx.main:
-                build()
+        if self.settings.top_k:  # rank 0 builds; the others wait for its files (no collective waits that long), then map them
+            self.topk = teacher_topk(self._teacher, self.train, self.settings.top_k, ctx.cache_dir, self.pad_id, ctx.device,
+                                     ctx.batch_tokens or 4096, ctx.log, build=ctx.main, teacher_id=self.teacher_id)
             ctx.sync()
-            self.topk, self._teacher = build(), None
+            self._teacher = None
         elif self.sequence:
             self._teacher = None
+
+    def prepare_measure(self, base) -> None:
+        self.student.prepare_measure(base)
 
     def weight(self, example: Tokenized) -> int:
         return self.student.weight(example)

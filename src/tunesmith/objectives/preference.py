@@ -173,12 +173,14 @@ class Preference(Objective):
         self.ref_val = self.ref_train = None
 
     def prepare(self, model, ctx: Context) -> None:
-        if self.reference_free:
-            return
-        self.ref_val = self.reference_pass(model, self.val)
-        if not hasattr(model, "disable_adapter"):
+        self.prepare_measure(model)
+        if not self.reference_free and not hasattr(model, "disable_adapter"):
             with ctx.passes():  # as the policy's log-probs are computed in training
                 self.ref_train = self.reference_pass(model, self.train)
+
+    def prepare_measure(self, base) -> None:
+        if not self.reference_free:
+            self.ref_val = self.reference_pass(base, self.val)
 
     def reference_pass(self, model, pairs: list[Tokenized]) -> torch.Tensor:
         return reference_logprobs(model, pairs, self.pad_id)

@@ -18,10 +18,13 @@ report, `export`, `serve`, the studio) names its files through `RunDir`.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from tunesmith.config import check_name
 from tunesmith.errors import TunesmithError
 
 
@@ -114,21 +117,64 @@ class RunDir:
         return self.final.is_dir()
 
 
+RUN_MARKER = ".tunesmith-run"        # written when tunesmith creates a run folder: only such a folder is ever replaced
+EXPORT_MARKER = ".tunesmith-export"  # the same for an export folder
+
+
+def is_tunesmith_run(path: Path) -> bool:
+    return (Path(path) / RUN_MARKER).is_file()
+
+
 def choose_run_dir(parent: str, name: str | None, recipe: str, overwrite: bool) -> RunDir:
-    """Pick the run directory and refuse an existing one early (nothing is created or deleted yet)."""
-    run = RunDir(Path(parent) / (name or f"{recipe}-{datetime.now():%Y%m%d-%H%M%S}"))
+    """Pick the run directory and refuse an existing one early (nothing is created or deleted yet). A default name
+    (`<recipe>-<date>-<time>`) taken already, by a run started in the same second, gets a suffix (-2, -3, ...)."""
+    if name is None:
+        base = Path(parent) / f"{check_name(recipe, 'recipe')}-{datetime.now():%Y%m%d-%H%M%S}"
+        run, n = RunDir(base), 2
+        while run.path.exists():
+            run, n = RunDir(f"{base}-{n}"), n + 1
+        return run
+    run = RunDir(Path(parent) / check_name(name))
     if run.path.exists() and not overwrite:
         raise TunesmithError(f"run directory {run} already exists; choose another output.name, or pass --overwrite to replace it")
+    if run.path.exists():
+        check_replaceable(run.path)
+        from tunesmith.run.lock import holder
+
+        if live := holder(run.path):
+            raise TunesmithError(f"{run} is in use: {live}; wait for it to finish, or stop it first (a run has one writer "
+                                 f"at a time)")
     return run
 
 
-def create_run_dir(run: RunDir, overwrite: bool) -> RunDir:
-    """Create it once the inputs are known to be good, so a bad config or data file leaves nothing behind."""
-    import shutil
+def check_replaceable(path: Path) -> None:
+    """`--overwrite` replaces only a folder tunesmith made as a run (its marker), never a folder of the user's."""
+    if path.is_symlink() or not path.is_dir() or not is_tunesmith_run(path):
+        raise TunesmithError(f"{path} exists and is not a run folder tunesmith created (it has no {RUN_MARKER}); "
+                             f"--overwrite replaces only those: choose another output.name, or move it away yourself")
 
+
+def create_run_dir(run: RunDir, overwrite: bool) -> Path | None:
+    """Create the run folder once the inputs are known to be good, so a bad config or data file leaves nothing behind.
+    With `overwrite` an existing run of that name (which no process is writing) is moved aside to
+    `.NAME.replaced-<time>`, and that path returned: the caller deletes it once the new run has finished, so a new
+    run that fails leaves the old one recoverable. The folder is made exclusively: a second process that chose the
+    same name in the meantime gets an error, not a shared folder."""
+    from tunesmith.run.lock import RunLock
+
+    replaced = None
     if run.path.exists():
         if not overwrite:
             raise TunesmithError(f"run directory {run} already exists; choose another output.name, or pass --overwrite to replace it")
-        shutil.rmtree(run.path)
-    run.path.mkdir(parents=True)
-    return run
+        check_replaceable(run.path)
+        with RunLock(run.path).acquire("replacing it"):  # refused while a live process writes the old run
+            replaced = run.path.with_name(f".{run.name}.replaced-{datetime.now():%Y%m%d-%H%M%S-%f}")
+            os.replace(run.path, replaced)
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run.path.mkdir()
+    except FileExistsError:
+        raise TunesmithError(f"run directory {run} was created by another process meanwhile; choose another output.name") from None
+    (run.path / RUN_MARKER).write_text(json.dumps({"created": datetime.now().isoformat(timespec="seconds"),
+                                                   "pid": os.getpid()}) + "\n")
+    return replaced

@@ -33,3 +33,17 @@ class RunLog:
             return
         self.fh.write(msg + "\n")
         self.fh.flush()
+
+
+_CONTROL = {c for c in range(32) if chr(c) not in "\n\t"} | {127} | set(range(0x80, 0xA0))
+
+
+def printable(text: str, keep_colors: bool = False) -> str:
+    """Data and model text for a terminal: control characters (an ESC starting a terminal sequence in a dataset or
+    a model's output) shown as escapes, not obeyed; `keep_colors` keeps our own SGR colour codes (data inspect)."""
+    import re
+
+    if keep_colors:
+        parts = re.split(r"(\x1b\[[0-9;]*m)", text)
+        return "".join(p if i % 2 else printable(p) for i, p in enumerate(parts))
+    return "".join(c if ord(c) not in _CONTROL else f"\\x{ord(c):02x}" for c in text)

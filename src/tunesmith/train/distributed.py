@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -47,12 +48,14 @@ class Dist:
         return self.world > 1
 
 
-def setup(device: torch.device, backend: str = "ddp") -> Dist:
+def setup(device: torch.device, backend: str = "ddp", timeout_minutes: float = 30) -> Dist:
+    """This process's place among torchrun's. `timeout_minutes`: how long a collective waits for a process that does
+    not come (hung, or dead without its connection closing) before it fails; one that dies is noticed at once."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world)), backend == "fsdp",
                 backend == "deepspeed")
 
@@ -89,9 +92,17 @@ def equal_passes(step_examples: list[int], d: Dist, split) -> list[tuple[list[in
     return passes
 
 
-def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable weights as full CPU tensors (under FSDP a collective: call it on every rank)."""
-    return {n: _full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def full_weights(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable weights as full CPU tensors (under FSDP a collective: call it on every rank). Gathered one tensor
+    at a time and moved to the host at once, so a device holds one whole tensor at a time; a rank that does not
+    write (`keep=False`) drops them at once (an empty dict)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            full = _full(p.detach()).cpu().contiguous()
+            if keep:
+                out[n] = full
+    return out
 
 
 def set_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -106,14 +117,20 @@ def set_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Non
                 p.copy_(value)
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with sharded state tensors gathered to full ones (collective under FSDP and ZeRO)."""
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict:
+    """optimizer.state_dict() with sharded state tensors gathered to full ones on the host (a collective under FSDP
+    and ZeRO), one tensor at a time; a rank that does not write (`keep=False`) keeps none of them."""
     from tunesmith.train import zero
 
     if zero.is_zero_optimizer(optimizer):
         return zero.full_optimizer_state(optimizer)
     state = optimizer.state_dict()
-    state["state"] = {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()}
+    gathered = {}
+    for i, s in state["state"].items():
+        one = {k: (_full(v).cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
+        if keep:
+            gathered[i] = one
+    state["state"] = gathered
     return state
 
 

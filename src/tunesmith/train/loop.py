@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,19 +24,21 @@ import torch
 from tunesmith.assemble import Run, assemble
 from tunesmith.config import Config, changed_settings, dump_yaml, read_yaml, unused_settings
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
-from tunesmith.data.shapes import user_text
+from tunesmith.data.render import prompt_format_of
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
-from tunesmith.evaluate.report import write_report
-from tunesmith.evaluate.side_by_side import build_rows, format_table, mean_score
+from tunesmith.evaluate.closing import TRAINED, Closing, close, improves, sample_indices
+from tunesmith.evaluate.side_by_side import format_table, mean_score
 from tunesmith.methods import get_method, lora
+from tunesmith.methods.load import save_prompt_format
 from tunesmith.methods.precision import WeightCopies, resume_note
 from tunesmith.models import neftune, pick_device
 from tunesmith.models.generate import Generation
 from tunesmith.objectives import Context, Objective, objective_for
 from tunesmith.run import RunDir
 from tunesmith.run.files import append_jsonl, publish_dir, read_jsonl, write_json_atomic, write_text_atomic
-from tunesmith.run.layout import choose_run_dir, create_run_dir
+from tunesmith.run.layout import choose_run_dir, create_run_dir, is_tunesmith_run
+from tunesmith.run.lock import RunLock
 from tunesmith.run.log import RunLog, progress_bar
 from tunesmith.run.trackers import Trackers, check_installed
 from tunesmith.train import checkpoint, distributed, zero
@@ -61,21 +64,35 @@ def seed_everything(seed: int) -> None:
 def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, force: bool = False,
           overwrite: bool = False) -> RunResult:
     """Run `cfg`; with `resume` (a run directory), continue it from its newest good checkpoint. `overwrite` replaces
-    an existing run directory of the same name. A run whose memory estimate exceeds what is available is refused
-    unless `force`."""
+    an existing run directory of the same name (one tunesmith made). A run whose memory estimate exceeds what is
+    available is refused unless `force`."""
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
+        return _train(cfg, resume, force_resume, force, overwrite, held)
+
+
+def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, overwrite: bool,
+           held: contextlib.ExitStack) -> RunResult:
     t_start = time.perf_counter()
     # -- 1. machine, processes and run directory ------------------------------------------------
     device = pick_device()
-    ddp = distributed.setup(device, cfg.train.distributed)  # one process, or this rank of a torchrun launch
+    ddp = distributed.setup(device, cfg.train.distributed, cfg.train.process_timeout_minutes)  # or this rank of several
     threads = configure_threads(cfg.train.threads or (max(1, available_cores() // ddp.local_world) if ddp.active else None))
     keep_heap_memory()
     seed_everything(cfg.train.seed)
-    overwrite = overwrite or cfg.output.overwrite
-    auto = _auto_resume_dir(cfg, overwrite)
-    run_dir = RunDir(distributed.from_main((resume or auto or choose_run_dir(
-        cfg.output.dir, cfg.output.name, cfg.recipe, overwrite).path) if ddp.main else None, ddp))
-    resuming = run_dir.path in (resume, auto)
+    resumable = restart = None
+    if ddp.main:  # rank 0 alone picks, locks and writes the run directory
+        resumable, restart = _auto_resume_dir(cfg, overwrite)
+        chosen = resume or resumable
+        if chosen is not None:  # one writer per run: a live run is never resumed a second time
+            if Path(chosen).is_dir():
+                held.enter_context(RunLock(chosen).acquire("training (resumed)"))
+        else:
+            chosen = choose_run_dir(cfg.output.dir, cfg.output.name, cfg.recipe, overwrite or restart).path
+    run_dir = RunDir(distributed.from_main(chosen if ddp.main else None, ddp))
+    resuming = distributed.from_main((resume or resumable) is not None if ddp.main else None, ddp)
     log = RunLog(enabled=ddp.main)  # rank 0 alone writes logs and files
+    if restart:
+        log(f"output.resume=auto: {run_dir} stopped before its first checkpoint; starting it again")
     log(f"tunesmith: {'resuming' if resuming else 'run'} {run_dir} | device {device.type}, {threads} threads"
         + (f", {ddp.world} processes ({cfg.train.distributed})" if ddp.active else ""))
     if cfg.train.distributed != "ddp" and not ddp.active:
@@ -130,9 +147,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     check_installed(cfg.train.report_to)
     # inputs are good: now the run directory may be created (or an old one replaced with --overwrite)
     ckpt = checkpoint.resume_point(run_dir, run.fingerprint, force_resume, log) if resuming else None
+    replaced = None
     if ddp.main:
         if not resuming:
-            create_run_dir(run_dir, overwrite)
+            replaced = create_run_dir(run_dir, overwrite or bool(restart))
+            held.enter_context(RunLock(run_dir.path).acquire("training"))
+            if replaced:
+                log(f"replacing {run_dir} (--overwrite): the run it replaces is kept in {replaced} until this one is trained")
         elif changed := changed_settings(read_yaml(run_dir.config), cfg.model_dump(mode="json")):
             log("resuming with changed settings (config.yaml now has the new ones): " + "; ".join(changed))
         write_text_atomic(run_dir.config, dump_yaml(cfg))
@@ -147,8 +168,7 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     # -- 3. before training: the objective's own preparation, the base's held-out metrics and outputs --------
     joins_forwards = ddp.main or ddp.fsdp  # rank-0-only forwards (generation, ...) need every rank under FSDP
     objective.prepare(model, ctx)  # reference log-probs (DPO); the teacher's metrics and cache (distillation)
-    n_val = len(run.data.val.rendered)
-    sample_idx = sorted({i * n_val // cfg.eval.samples for i in range(cfg.eval.samples)}) if n_val else []  # spread out
+    sample_idx = sample_indices(len(run.data.val.rendered), cfg.eval.samples)  # spread over the split
 
     def sample_outputs(m) -> list:
         return objective.samples(m, sample_idx) if sample_idx and joins_forwards else []
@@ -163,9 +183,13 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             # the forgetting check's reference: the base model on general text unlike the training data
             base_general = forgetting.measure_base(model, run.tokenizer) if objective.checks_forgetting and joins_forwards else None
         if ddp.main:
-            write_json_atomic(run_dir.baseline, {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
-        if base_general and ddp.main:
-            forgetting.save_base(run_dir.baseline_general, base_general)
+            try:
+                write_json_atomic(run_dir.baseline, {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
+                if base_general:
+                    forgetting.save_base(run_dir.baseline_general, base_general)
+            except Exception as e:  # before the first step: nothing trained is lost
+                raise TunesmithError(f"could not write the base model's measurements into {run_dir}: "
+                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if baseline["before"]:
             record_metrics({"step": 0, **baseline["before"]})
     before = baseline["before"]
@@ -205,6 +229,10 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             raise TunesmithError(f"{ckpt.path} was trained with a global batch of {progress.global_batch} examples; this launch "
                                  f"has {global_batch} (micro_batch_size x grad_accum x processes); set train.grad_accum to match")
         truncate_metrics(run_dir, ckpt.step)
+        stale = checkpoint.best_step(run_dir) if ddp.main and run_dir.best.exists() else None
+        if stale is not None and stale != (progress.best or {}).get("step"):
+            shutil.rmtree(run_dir.best)  # written after this checkpoint, by steps that run again: not this run's best
+            log(f"best/ held step {stale}'s weights, from after {ckpt.path.name}: discarded")
         log(f"resumed from {ckpt.path.name}: step {ckpt.step} of {total_steps}")
         if ckpt.step >= total_steps:
             raise TunesmithError(f"{ckpt.path} is at step {ckpt.step}, the plan has {total_steps}; raise train.max_steps to train further")
@@ -232,7 +260,8 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     local_examples = 0  # examples this rank trained on (the sharding test counts them)
     t_loop = time.perf_counter()
     bar = progress_bar(total_steps, "train", "step", disable=not ddp.main, initial=progress.step)
-    with StopRequests(log) as stop:
+    skipped_in_a_row = 0
+    with StopRequests(announce=ddp.main) as stop:
         step = progress.step - 1
         while step + 1 < total_steps:
             step += 1
@@ -264,8 +293,9 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
             if finite and engine is None:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
             if not finite:
-                _non_finite(step + 1, step_loss, grad_norm, cfg.train.on_nonfinite, run_dir, log)
+                _non_finite(step + 1, step_loss, grad_norm, cfg.train.on_nonfinite, run_dir, log, skipped_in_a_row)
                 progress.skipped_steps.append(step + 1)
             progress.train_seconds += time.perf_counter() - t0
             progress.tokens += sum(lengths[i] for i in step_examples)
@@ -292,73 +322,100 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
                 record.update(measure(model))
                 progress.evals.append(record)
                 log(f"step {step + 1}: " + objective.describe(record))
-                if _improves(cfg.train.select_best, record, progress.best):
-                    progress.best = {"step": step + 1, "value": record[cfg.train.select_best]}
-                    best_weights = distributed.full_weights(model)  # a collective under FSDP
-                    if ddp.main:
-                        checkpoint.save_best(run_dir, best_weights, record)
+                if improves(cfg.train.select_best, record, progress.best):
+                    best_weights = distributed.full_weights(model, keep=ddp.main)  # a collective under FSDP
+                    saved = checkpoint.save_best(run_dir, best_weights, record, log) if ddp.main else None
+                    if distributed.from_main(saved, ddp):  # a best/ that could not be written is not claimed
+                        progress.best = {"step": step + 1, "value": record[cfg.train.select_best]}
             if (step + 1) % cfg.train.log_every_steps == 0 or last or "eval_loss" in record:
                 record_metrics(record)
             due = cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0
             due = due or (cfg.train.save_each_epoch and (step + 1) % steps_per_epoch == 0)
             stopping = distributed.any_true(stop.requested, ddp)
+            written = None
             if (due or stopping) and not last:
-                state = distributed.full_weights(model), distributed.full_optimizer_state(optimizer)
+                state = distributed.full_weights(model, ddp.main), distributed.full_optimizer_state(optimizer, ddp.main)
                 if ddp.main:
                     progress.eval_loss = record.get("eval_loss")
-                    checkpoint.save_or_warn(run_dir, *state, progress, cfg.train.keep_checkpoints, log)
+                    written = checkpoint.save_or_warn(run_dir, *state, progress, cfg.train.keep_checkpoints, log)
             if stopping and not last:
                 bar.close()
                 trackers.close()
                 distributed.finish(ddp)
-                command = f"tunesmith train --resume {run_dir}"
+                log(f"{stop.signal_name or 'a signal'}: stopped after step {step + 1} of {total_steps}")
+                older = checkpoint.all_checkpoints(run_dir)
+                saved = ("checkpoint written" if written else "the checkpoint could not be written (see above); "
+                         + (f"the last one is {older[-1].name}" if older else "there is no checkpoint to resume from"))
                 raise TrainingInterrupted(f"stopped by {stop.signal_name or 'a signal'} after step {step + 1} of {total_steps}; "
-                                          f"checkpoint written", command)
-    bar.close()
-    loop_seconds = time.perf_counter() - t_loop
-    if remove_noise:
-        remove_noise()
+                                          f"{saved}", f"tunesmith train --resume {run_dir}")
+        bar.close()
+        loop_seconds = time.perf_counter() - t_loop
+        if remove_noise:
+            remove_noise()
+        # -- 6. the trained weights on disk first; then the closing evaluation ---------------------
+        method = get_method(cfg.method.name)
 
-    # -- 6. after training: metrics, side-by-side, save ---------------------------------------
-    after = measure(model)
-    best = progress.best
-    examples_per_rank = distributed.gather(local_examples, ddp)
-    if best and not _improves(cfg.train.select_best, after, best):
-        checkpoint.load_best(run_dir, model)
-        log(f"train.select_best: finishing with step {best['step']}'s weights "
-            f"({cfg.train.select_best} {best['value']:.4f}; the last step had {after.get(cfg.train.select_best, float('nan')):.4f})")
-        after = measure(model)
-    elif best:  # the last step's weights beat every earlier evaluation: they are the best, and the ones kept
-        best = {"step": total_steps, "value": after[cfg.train.select_best]}
-    if after:
-        record_metrics({"step": total_steps, **after})
+        prompts = prompt_format_of(cfg.data.template, cfg.data.system_prompt, run.data.val.examples)
+
+        def save_final() -> None:  # a collective under FSDP (every rank gathers), rank 0 writes
+            full_state = distributed.full_state_dict(model) if ddp.fsdp else None
+
+            def write(folder: Path) -> None:
+                method.save(model, run.tokenizer, folder, cfg.method, run.task, full_state)
+                save_prompt_format(folder, prompts)  # how to prompt it as it was trained
+
+            if ddp.main:
+                _publish_final(run_dir, write)
+
+        examples_per_rank = distributed.gather(local_examples, ddp)
+        tokens_seen, train_seconds = progress.tokens, progress.train_seconds
+        summary = {
+            "run_dir": str(run_dir), "state": TRAINED, "task": run.task, "method": cfg.method.name,
+            "dtype": precision.dtype_name, "mixed_precision": "bf16" if precision.autocast else None, "best": progress.best,
+            "model": cfg.model.name, "params": params, "data": run.data.stats, "steps": total_steps, "tokens": tokens_seen,
+            "train_seconds": round(train_seconds, 1), "loop_seconds": round(loop_seconds, 2),
+            "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads, "before": before, "after": None,
+            "evals": progress.evals, "skipped_steps": progress.skipped_steps,
+            "teacher": getattr(objective, "teacher_metrics", None), "resumed_from": ckpt.step if ckpt else None,
+            "epochs": round(progress.examples / len(lengths), 3), "examples": progress.examples,
+            "budget_minutes": cfg.train.max_minutes, "processes": ddp.world, "global_batch": global_batch,
+            "examples_per_rank": examples_per_rank, "side_by_side": [], "forgetting": None,
+        }
+        if ddp.main:  # "trained": what `tunesmith eval` completes if the run stops from here on
+            write_json_atomic(run_dir.summary, summary)
+        save_final()
+        if ddp.main:
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+                log(f"the run it replaced ({replaced}) is deleted")
+        complete_with = f"tunesmith eval {run_dir}"
+        stopped = TrainingInterrupted(f"stopped during the closing evaluation; the trained model is saved in {run_dir.final} "
+                                      f"(the run is trained, its evaluation incomplete)", complete_with, "complete it with")
+        if distributed.any_true(stop.requested, ddp):  # asked to stop during the last step: the weights are saved
+            trackers.close()
+            distributed.finish(ddp)
+            raise stopped
+        stop.stop_at_once(stopped)  # from here a signal stops the evaluation at once: nothing it would lose
+        closing = Closing(run_dir, objective, model, total_steps, baseline, base_general, measure, save_final,
+                          lambda: checkpoint.load_best(run_dir, model), record_metrics, cfg.train.select_best, progress.best,
+                          ddp.main, joins_forwards, log, started=t_start)
+        try:
+            summary = close(closing, summary)
+        except TrainingInterrupted:
+            trackers.close()
+            raise
+        except Exception as e:
+            if not ddp.main:
+                raise
+            raise TunesmithError(f"the closing evaluation failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                 f"the trained model is saved in {run_dir.final}: complete the evaluation with "
+                                 f"{complete_with}") from e
+        stop.stop_at_once(None)
     trackers.close()
-    tuned_outputs = sample_outputs(model)
-    drift = forgetting.compare_to_base(model, base_general) if base_general and joins_forwards else None
-    full_state = distributed.full_state_dict(model) if ddp.fsdp else None  # gathered (every rank) for rank 0 to save
-    if not ddp.main:  # the other ranks are done: rank 0 saves and reports
+    if not ddp.main:  # the other ranks are done: rank 0 reports
         distributed.finish(ddp)
-        return RunResult(run_dir.path, {"after": after, "rank": ddp.rank})
-    method = get_method(cfg.method.name)
-    publish_dir(run_dir.final, lambda d: method.save(model, run.tokenizer, d, cfg.method, run.task, full_state))
-    samples = [run.data.val.rendered[i] for i in sample_idx]
-    rows = build_rows([user_text(run.data.val.examples[i]) for i in sample_idx],
-                      [r.reference for r in samples], {"base": baseline["base_outputs"], "tuned": tuned_outputs})
-    tokens_seen, train_seconds = progress.tokens, progress.train_seconds
-    teacher_metrics = getattr(objective, "teacher_metrics", None)
-    summary = {
-        "run_dir": str(run_dir), "task": run.task, "method": cfg.method.name, "dtype": precision.dtype_name,
-        "mixed_precision": "bf16" if precision.autocast else None, "best": best, "model": cfg.model.name, "params": params,
-        "data": run.data.stats, "steps": total_steps, "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
-        "loop_seconds": round(loop_seconds, 2), "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads,
-        "before": before, "after": after, "evals": progress.evals, "skipped_steps": progress.skipped_steps,
-        "teacher": teacher_metrics, "resumed_from": ckpt.step if ckpt else None, "epochs": round(progress.examples / len(lengths), 3),
-        "examples": progress.examples, "budget_minutes": cfg.train.max_minutes, "processes": ddp.world,
-        "global_batch": global_batch, "examples_per_rank": examples_per_rank, "side_by_side": rows, "forgetting": drift,
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-    }
-    write_json_atomic(run_dir.summary, summary)
-    write_report(run_dir.path)
+        return RunResult(run_dir.path, {"after": closing.result["after"], "rank": ddp.rank})
+    rows, after, drift = summary["side_by_side"], summary["after"], summary["forgetting"]
     if rows:
         log(format_table(rows, ["base", "tuned"]))
     for line in _result_lines(objective, before, after, rows, drift):
@@ -370,6 +427,18 @@ def train(cfg: Config, resume: Path | None = None, force_resume: bool = False, f
     distributed.finish(ddp)
     log(f"saved: {run_dir.final}  (try: tunesmith generate --run {run_dir} \"...\"; tunesmith eval {run_dir})")
     return RunResult(run_dir.path, summary)
+
+
+def _publish_final(run_dir: RunDir, write) -> None:
+    """final/, or an error that says what is left when it cannot be written (a full disk, a file too large, ...)."""
+    try:
+        publish_dir(run_dir.final, write)
+    except Exception as e:
+        older = checkpoint.all_checkpoints(run_dir)
+        left = (f"the last checkpoint {older[-1]} is intact: free space and resume with tunesmith train --resume {run_dir}"
+                if older else "no checkpoint was written (set train.save_every_steps to have one to resume from)")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        raise TunesmithError(f"could not save the trained model to {run_dir.final}: {reason}; {left}") from None
 
 
 def _log_data(run: Run, log) -> None:
@@ -405,26 +474,22 @@ def truncate_metrics(run_dir: RunDir, step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
 
 
-def _improves(metric: str | None, record: dict, best: dict | None) -> bool:
-    if not metric or metric not in record:
-        return False
-    if best is None:
-        return True
-    lower_is_better = metric in ("eval_loss", "eval_ppl")
-    return record[metric] < best["value"] if lower_is_better else record[metric] > best["value"]
-
-
 def _as_base(model):
     """The model without its adapter (peft methods), for measuring the base in place."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-def _auto_resume_dir(cfg: Config, overwrite: bool) -> Path | None:
-    """With output.resume=auto: the named run directory, when it has a checkpoint and no final model yet."""
+def _auto_resume_dir(cfg: Config, overwrite: bool) -> tuple[Path | None, bool]:
+    """With output.resume=auto: (the named run directory to resume, when it has a checkpoint and no final model yet;
+    whether to start it again, when tunesmith made it and it was stopped before its first checkpoint)."""
     if cfg.output.resume != "auto" or not cfg.output.name or overwrite:
-        return None
-    path = Path(cfg.output.dir) / cfg.output.name
-    return path if checkpoint.all_checkpoints(path) and not (path / "final").exists() else None
+        return None, False
+    run = RunDir(Path(cfg.output.dir) / cfg.output.name)
+    if not run.path.is_dir() or run.is_finished():
+        return None, False
+    if checkpoint.all_checkpoints(run):
+        return run.path, False
+    return None, is_tunesmith_run(run.path)
 
 
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
@@ -436,11 +501,16 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
 
 
-def _non_finite(step: int, loss: float, grad_norm: float, policy: str, run_dir: RunDir, log) -> None:
+MAX_SKIPPED_IN_A_ROW = 10  # train.on_nonfinite=skip: this many non-finite steps in a row stop the run
+
+
+def _non_finite(step: int, loss: float, grad_norm: float, policy: str, run_dir: RunDir, log, in_a_row: int = 1) -> None:
     what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
-    if policy == "skip":
+    if policy == "skip" and in_a_row < MAX_SKIPPED_IN_A_ROW:
         log(f"{what} is not finite; update skipped (train.on_nonfinite=skip)")
         return
+    if policy == "skip":
+        what += f" (the {in_a_row}th non-finite step in a row: the run is not learning)"
     ckpts = checkpoint.all_checkpoints(run_dir)
     kept = f"the last checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
     raise TunesmithError(f"{what} is not finite; training stopped ({kept}). Try a lower train.lr, "

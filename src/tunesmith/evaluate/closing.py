@@ -1,0 +1,150 @@
+"""The end of a run: the trained weights are on disk first, then they are measured.
+
+`train` publishes final/ as soon as the last step ends and writes eval.json with what training did, in state
+"trained" (evaluation incomplete). Then the closing evaluation (`close`): the tuned model's held-out metrics (with
+`train.select_best`, the best evaluation's weights when they beat the last step's: final/ is published again with
+them), its side-by-side outputs next to the base's, the forgetting check, then eval.json in state "finished" and
+report.html. A signal or a crash during it leaves final/ and a run in state "trained", which `tunesmith eval RUN`
+completes with the same code (`complete`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+
+from tunesmith.data.shapes import user_text
+from tunesmith.evaluate import forgetting
+from tunesmith.evaluate.report import write_report
+from tunesmith.evaluate.side_by_side import build_rows
+from tunesmith.models.generate import Generation
+from tunesmith.objectives import Objective
+from tunesmith.run import RunDir
+from tunesmith.run.files import append_jsonl, publish_dir, write_json_atomic
+
+TRAINED, FINISHED = "trained", "finished"  # eval.json "state": evaluation incomplete / done
+
+
+@dataclass
+class Closing:
+    run_dir: RunDir
+    objective: Objective
+    model: object
+    last_step: int
+    baseline: dict                       # "before" metrics and "base_outputs" (Generation each), measured before training
+    base_general: dict | None            # the base on general text (forgetting check), or None
+    measure: Callable[[object], dict]    # held-out metrics as training takes them (sharded over processes)
+    save_final: Callable[[], None]       # publish final/ again from the model (with the best weights)
+    load_best: Callable[[], None]        # best/'s weights into the model
+    record: Callable[[dict], None] = lambda row: None  # a metrics.jsonl row
+    select_best: str | None = None
+    best: dict | None = None             # {"step", "value"} of the best evaluation during training
+    main: bool = True                    # this process writes (rank 0)
+    joins_forwards: bool = True          # this process takes part in generation (rank 0, or every rank under FSDP)
+    log: Callable[[str], None] = print
+    started: float | None = None         # time.perf_counter() when the run started: eval.json's wall_seconds
+    result: dict = field(default_factory=dict)  # what close() measured: after, best, outputs, rows, drift
+
+
+def sample_indices(n_val: int, samples: int) -> list[int]:
+    """The held-out examples the side-by-side table shows: `samples` of them, spread over the split."""
+    return sorted({i * n_val // samples for i in range(samples)}) if n_val and samples else []
+
+
+def improves(metric: str | None, record: dict, best: dict | None) -> bool:
+    """Whether `record` beats `best` on `metric` (losses and perplexity lower, the rest higher); NaN never does."""
+    if not metric or metric not in record or record[metric] is None or not math.isfinite(record[metric]):
+        return False
+    if best is None or best.get("value") is None or not math.isfinite(best["value"]):
+        return True
+    lower_is_better = metric in ("eval_loss", "eval_ppl")
+    return record[metric] < best["value"] if lower_is_better else record[metric] > best["value"]
+
+
+def close(c: Closing, summary: dict) -> dict:
+    """The closing evaluation of a trained run (module docstring); `summary` is eval.json as training wrote it."""
+    after, best = c.measure(c.model), c.best
+    if best and not improves(c.select_best, after, best):
+        c.load_best()
+        c.log(f"train.select_best: finishing with step {best['step']}'s weights ({c.select_best} {best['value']:.4f}; "
+              f"the last step had {after.get(c.select_best, float('nan')):.4f})")
+        if c.main:
+            c.save_final()
+        after = c.measure(c.model)
+    elif best:  # the last step's weights beat every earlier evaluation: they are the best, and the ones kept
+        best = {"step": c.last_step, "value": after[c.select_best]}
+    if after:
+        c.record({"step": c.last_step, **after})
+    idx = sample_indices(len(c.objective.data.val.rendered), c.objective.cfg.eval.samples)
+    tuned_outputs = c.objective.samples(c.model, idx) if idx and c.joins_forwards else []
+    drift = forgetting.compare_to_base(c.model, c.base_general) if c.base_general and c.joins_forwards else None
+    val = c.objective.data.val
+    rows = build_rows([user_text(val.examples[i]) for i in idx], [val.rendered[i].reference for i in idx],
+                      {"base": c.baseline["base_outputs"], "tuned": tuned_outputs}) if c.main else []
+    c.result = {"after": after, "best": best, "side_by_side": rows, "forgetting": drift}
+    if not c.main:
+        return summary
+    summary = {**summary, "state": FINISHED, **c.result}
+    if c.started is not None:
+        summary["wall_seconds"] = round(time.perf_counter() - c.started, 1)
+    write_json_atomic(c.run_dir.summary, summary)
+    write_report(c.run_dir.path)
+    return summary
+
+
+def complete(run_dir, log=print) -> dict:
+    """`tunesmith eval` of a run in state "trained": its closing evaluation, interrupted, done now (one process)."""
+    from tunesmith.assemble import assemble
+    from tunesmith.config import load_config
+    from tunesmith.methods import get_method
+    from tunesmith.methods.load import load_model, merge_adapter, prompt_format, save_prompt_format
+    from tunesmith.models import pick_device
+    from tunesmith.objectives import objective_for
+    from tunesmith.run.lock import RunLock
+
+    run_dir = RunDir(run_dir)
+    with RunLock(run_dir.path).acquire("completing its evaluation"):
+        summary = json.loads(run_dir.summary.read_text())
+        cfg = load_config(str(run_dir.config))
+        device = pick_device()
+        run = assemble(cfg, device, with_model=False)
+        objective = objective_for(run.task, cfg, run.data, run.tokenizer, run.precision.dtype)
+        log(f"{run_dir}: trained, its closing evaluation incomplete: completing it")
+        dtype, labels = run.precision.dtype, run.data.stats.get("labels")
+        base = merge_adapter(load_model(run.model_dir, dtype, device, run.task, labels=labels))
+        objective.prepare_measure(base)  # what measuring needs of the model before training (DPO's reference)
+        del base
+        model = load_model(run_dir.final, dtype, device, run.task, labels=labels)
+        baseline = json.loads(run_dir.baseline.read_text())
+        baseline["base_outputs"] = [Generation(**g) for g in baseline["base_outputs"]]
+        method = get_method(cfg.method.name)
+
+        prompts = prompt_format(run_dir.final)
+
+        def save_final() -> None:
+            def write(folder) -> None:
+                method.save(model, run.tokenizer, folder, cfg.method, run.task)
+                save_prompt_format(folder, prompts)
+
+            publish_dir(run_dir.final, write)
+
+        closing = Closing(run_dir, objective, model, summary["steps"], baseline, forgetting.load_base(run_dir.baseline_general),
+                          lambda m: objective.measure(m, objective.val), save_final, lambda: load_weights(model, run_dir.best),
+                          lambda row: append_jsonl(run_dir.metrics, row), cfg.train.select_best, summary.get("best"), log=log)
+        return close(closing, summary)
+
+
+def load_weights(model, folder) -> None:
+    """A best/ folder's trainable tensors into `model` (one process)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(Path(folder) / "trainable.safetensors").items():
+            params[name].copy_(value)
+
+
