@@ -30,6 +30,21 @@ def test_default_recipe_trains_saves_and_generates(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
     g = run_cli("generate", "--run", str(run), "Summarize what `len` does.", "--max-new-tokens", "12", cwd=tmp_path)
     assert g.returncode == 0 and g.stdout.strip(), g.stderr[-2000:]
+    # every command the run suggests as a next step works on the run that printed it
+    import re
+    import shlex
+    hint = re.search(r"\(try: (.*)\)", out).group(1)
+    suggested = [shlex.split(c.strip()) for c in hint.split(";")]
+    assert [c[:2] for c in suggested] == [["tunesmith", "generate"], ["tunesmith", "eval"]], suggested
+    for cmd in suggested:
+        args = [a if a != '...' else "Summarize what `len` does." for a in cmd[1:]]
+        if args[0] == "eval":
+            args += ["-n", "4", "--max-new-tokens", "8"]
+        if args[0] == "generate":
+            args += ["--max-new-tokens", "8"]
+        done = run_cli(*args, cwd=tmp_path)
+        assert done.returncode == 0, (cmd, done.stderr[-3000:])
+    assert json.loads((run / "evaluation.json").read_text())["examples"] == 4
 
 
 def test_plain_peft_loads_tunesmith_adapter_on_smollm2(tmp_path):

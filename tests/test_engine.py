@@ -135,3 +135,34 @@ def test_rows_of_several_lora_adapters_run_in_one_batch(tiny, tmp_path):
             served.set_adapter(a)
             expected = hf_greedy(served, i, 8)
         assert mixed[k].output_ids == expected, (k, a)
+
+
+def test_the_batched_draw_is_an_exact_draw_from_the_distribution():
+    from tunesmith.models.engine import _draw
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(1000) * 2, -1)
+    u = torch.rand(100_000)
+    draws = _draw(probs.expand(len(u), -1).contiguous(), u)
+    cdf = probs.cumsum(0)
+    by_full_cdf = torch.searchsorted(cdf, (u * cdf[-1]).unsqueeze(-1)).squeeze(-1).clamp(max=999)
+    assert (draws == by_full_cdf).float().mean() > 0.999  # the same tokens but at float-rounding boundaries
+    assert 0.5 * (torch.bincount(draws, minlength=1000) / len(u) - probs).abs().sum() < 0.03
+
+
+def test_short_prompts_share_one_prefill_forward_and_a_repeated_prompt_needs_none(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, min_shared_prefix=4)
+    widths = []
+    real = engine._forward
+    engine._forward = lambda ids, *a, **kw: widths.append(ids.shape) or real(ids, *a, **kw)
+    distinct = [tok(p)["input_ids"] for p in PROMPTS]
+    got = engine.run([Request(i, Sampling(max_new_tokens=6)) for i in distinct])
+    assert [r.output_ids for r in got] == [hf_greedy(model, i, 6) for i in distinct]
+    assert widths[0] == (1, sum(map(len, distinct)))  # every prompt in the first forward, packed side by side
+    widths.clear()
+    group = [Request(distinct[2], Sampling(max_new_tokens=6, do_sample=True, seed=k)) for k in range(8)]  # RL: 8 of one
+    engine.run(group)
+    prefills = [w for w in widths if w[0] == 1 and w[1] > 1]
+    assert prefills == [(1, len(distinct[2]))]  # the prompt ran once; the other 7 copied its cache and its logits
+    assert len({tuple(r.output_ids) for r in group}) > 1

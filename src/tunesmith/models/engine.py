@@ -25,6 +25,7 @@ Not here: beam search and prompt/prefix tuning (virtual tokens in front of every
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -107,6 +108,7 @@ class SlotLayer(CacheLayerMixin):
         self.cache = cache
 
     def lazy_initialization(self, key_states, value_states) -> None:
+        # zeros, not empty: a masked position's value is multiplied by an attention weight of 0, and 0 x NaN is NaN
         c = self.cache
         self.keys = key_states.new_zeros((c.slots, key_states.shape[1], c.capacity, key_states.shape[-1]))
         self.values = value_states.new_zeros((c.slots, value_states.shape[1], c.capacity, value_states.shape[-1]))
@@ -122,11 +124,18 @@ class SlotLayer(CacheLayerMixin):
             self.values[rows, :, where] = value_states[:, :, 0]
             n = key_states.shape[0]
             return self.keys[:n, :, :kv_len], self.values[:n, :, :kv_len]
-        slot, start = where  # prefill: one slot, positions start .. start + chunk
-        end = start + key_states.shape[2]
-        self.keys[slot, :, start:end] = key_states[0]
-        self.values[slot, :, start:end] = value_states[0]
-        return self.keys[slot:slot + 1, :, :kv_len], self.values[slot:slot + 1, :, :kv_len]
+        # prefill: segments (slot, start, n) of the packed tokens, each written at its slot's positions
+        offset = 0
+        for slot, start, n in where:
+            self.keys[slot, :, start:start + n] = key_states[0, :, offset:offset + n]
+            self.values[slot, :, start:start + n] = value_states[0, :, offset:offset + n]
+            offset += n
+        if len(where) == 1:
+            slot, start, n = where[0]
+            return self.keys[slot:slot + 1, :, :start + n], self.values[slot:slot + 1, :, :start + n]
+        # several prompts in one forward: each segment's keys in turn (the mask keeps the segments apart)
+        return (torch.cat([self.keys[slot, :, :start + n] for slot, start, n in where], dim=1)[None],
+                torch.cat([self.values[slot, :, :start + n] for slot, start, n in where], dim=1)[None])
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.plan[2], 0
@@ -137,12 +146,12 @@ class SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.cache.capacity
 
-    def grow(self, capacity: int) -> None:
+    def grow(self, slots: int, capacity: int) -> None:
         if self.is_initialized:
             for name in ("keys", "values"):
                 old = getattr(self, name)
-                new = old.new_zeros((*old.shape[:2], capacity, old.shape[-1]))
-                new[:, :, :old.shape[2]] = old
+                new = old.new_zeros((slots, old.shape[1], capacity, old.shape[-1]))
+                new[:old.shape[0], :, :old.shape[2]] = old
                 setattr(self, name, new)
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -153,16 +162,20 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
+    """Slots and positions are allocated as rows need them (a batch of 16 requests holds 16 slots, not max_rows),
+    growing by half again each time."""
+
     def __init__(self, num_layers: int, slots: int, capacity: int):
         self.slots, self.capacity, self.plan = slots, capacity, None
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
-    def ensure(self, length: int) -> None:
-        if length > self.capacity:
-            capacity = max(length, int(self.capacity * 1.5))
+    def ensure(self, length: int, rows: int = 0) -> None:
+        if length > self.capacity or rows > self.slots:
+            capacity = max(length, int(self.capacity * 1.5)) if length > self.capacity else self.capacity
+            slots = max(rows, int(self.slots * 1.5)) if rows > self.slots else self.slots
             for layer in self.layers:
-                layer.grow(capacity)
-            self.capacity = capacity
+                layer.grow(slots, capacity)
+            self.capacity, self.slots = capacity, slots
 
     def move(self, src: int, dst: int, length: int) -> None:
         for layer in self.layers:
@@ -177,6 +190,7 @@ class _Row:
     prefilled: int = 0           # prompt tokens in the cache so far
     next_token: int | None = None  # sampled, not yet fed
     seen: torch.Tensor | None = None  # prompt + output ids (repetition penalty, no-repeat n-grams)
+    prompt_logits: torch.Tensor | None = None  # at the prompt's last position: a request with the same prompt reuses them
 
 
 def supports(model) -> str | None:
@@ -197,7 +211,7 @@ class Engine:
     scheduling round (prefill, then one decode step for every running row); `start` runs rounds in a thread of its
     own (a server), `run` in the caller's (evaluation, RL rollouts)."""
 
-    def __init__(self, model, tokenizer, max_rows: int = 32, prefill_chunk: int = 512, max_waiting: int = 1024,
+    def __init__(self, model, tokenizer, max_rows: int = 32, prefill_chunk: int = 1024, max_waiting: int = 1024,
                  min_shared_prefix: int = 16):
         if why := supports(model):
             raise TunesmithError(f"the generation engine cannot run this model: {why}")
@@ -212,7 +226,7 @@ class Engine:
         self.mixed_adapters = self.peft and all(getattr(c, "peft_type", None) is not None and c.peft_type.value == "LORA"
                                                 for c in model.peft_config.values())
         self.sliding = _sliding_window(self.config)
-        self.cache = SlotCache(self.config.num_hidden_layers, max_rows, 256)
+        self.cache = SlotCache(self.config.num_hidden_layers, 4, 256)
         self.rows: list[_Row] = []          # slots 0 .. len-1, in order
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
@@ -296,25 +310,37 @@ class Engine:
                 raise
 
     def _admit_and_prefill(self) -> None:
-        budget = self.prefill_chunk
-        # finish prompts already in a slot first, then bring in waiting requests while slots are free
-        while budget > 0:
-            row = next((r for r in self.rows if r.prefilled < len(r.req.prompt_ids)), None)
-            if row is None:
-                with self.lock:
-                    req = self._next_admissible()
-                if req is None:
-                    return
-                row = self._place(req)
-                if row is None:
-                    continue
-            budget -= self._prefill(row, budget)
+        """Up to `prefill_chunk` prompt tokens into the cache in one forward: the newest row's unfinished prompt
+        first, then waiting requests while slots are free, their prompts packed side by side. A request whose prompt
+        shares its beginning with a prompt in this very forward waits for the next round, to copy it."""
+        budget, segments = self.prefill_chunk, []
+        row = next((r for r in self.rows if r.prefilled < len(r.req.prompt_ids)), None)
+        if row is not None:
+            segments.append((row, min(budget, len(row.req.prompt_ids) - row.prefilled)))
+            budget -= segments[-1][1]
+        while budget > 0 and (not segments or segments[-1][0].prefilled + segments[-1][1] == len(segments[-1][0].req.prompt_ids)):
+            with self.lock:
+                req = self._next_admissible(pending=[r.req for r, _ in segments], min_shared=self.min_shared_prefix)
+            if req is None:
+                break
+            row = self._place(req)
+            if row is None or row.prefilled == len(req.prompt_ids):  # refused, or its whole prompt copied
+                continue
+            segments.append((row, min(budget, len(req.prompt_ids) - row.prefilled)))
+            budget -= segments[-1][1]
+        if segments:
+            self._prefill(segments)
 
-    def _next_admissible(self) -> Request | None:
-        """The next waiting request that may join now (a free slot; without mixed adapters, the running rows' adapter)."""
+    def _next_admissible(self, pending: list[Request] = (), min_shared: int = 0) -> Request | None:
+        """The next waiting request that may join now (a free slot; without mixed adapters, the running rows' adapter;
+        not one whose prompt begins like a prompt in `pending`, still being computed)."""
         while self.waiting and self.waiting[0].cancelled:
             self._finish_waiting(self.waiting.popleft(), "cancelled")
         if not self.waiting or len(self.rows) >= self.max_rows:
+            return None
+        head = self.waiting[0]
+        if any(_common_prefix(head.prompt_ids, p.prompt_ids, min(len(head.prompt_ids), len(p.prompt_ids))) >= max(1, min_shared)
+               and p.adapter == head.adapter for p in pending):
             return None
         if self.mixed_adapters or not self.rows:
             return self.waiting.popleft()
@@ -333,14 +359,18 @@ class Engine:
             self._finish_waiting(req, "error", f"the prompt ({len(req.prompt_ids)} tokens) and max_new_tokens "
                                                f"({req.sampling.max_new_tokens}) exceed the model's context of {limit}")
             return None
-        self.cache.ensure(total)
+        self.cache.ensure(total, slot + 1)
         row = _Row(req, slot, seen=torch.tensor(req.prompt_ids, dtype=torch.long))
         shared = self._shared_prefix(req)
+        self.rows.append(row)
         if shared:  # copy what an active row already computed for the same leading tokens
             src, n = shared
             self.cache.move(src.slot, slot, n)
             row.length = row.prefilled = n
-        self.rows.append(row)
+            if n == len(req.prompt_ids):  # the same whole prompt: its last logits too, no forward at all
+                row.prompt_logits = src.prompt_logits
+                self._choose([row], src.prompt_logits[None].clone())
+                self._emit([row])
         return row
 
     def _shared_prefix(self, req: Request) -> tuple[_Row, int] | None:
@@ -349,7 +379,9 @@ class Engine:
         ids, best, best_n = req.prompt_ids, None, 0
         for r in self.rows:
             other = r.req.prompt_ids
-            n = min(r.prefilled, len(ids) - 1, len(other))  # at least one token of the new prompt runs (its logits)
+            # at least one token of the new prompt runs (for its logits), unless the row kept its prompt's logits
+            whole = r.prompt_logits is not None and len(other) == len(ids)
+            n = min(r.prefilled, len(ids) if whole else len(ids) - 1, len(other))
             if n <= best_n or n < self.min_shared_prefix or r.req.adapter != req.adapter:
                 continue
             k = _common_prefix(ids, other, n)
@@ -357,23 +389,51 @@ class Engine:
                 best, best_n = r, k
         return (best, best_n) if best is not None and best_n >= self.min_shared_prefix else None
 
-    def _prefill(self, row: _Row, budget: int) -> int:
-        ids = row.req.prompt_ids
-        start = row.prefilled
-        n = min(budget, len(ids) - start)
-        if n <= 0:
-            return 0
-        chunk = torch.tensor([ids[start:start + n]], dtype=torch.long, device=self.device)
-        kv_len = start + n
-        q_pos = torch.arange(start, kv_len, device=self.device)
-        allowed = torch.arange(kv_len, device=self.device)[None, :] <= q_pos[:, None]
-        self.cache.plan = ("prefill", (row.slot, start), kv_len)
-        logits = self._forward(chunk, q_pos[None, :], self._masks(allowed[None, None], q_pos[None, :]), [row.req.adapter])
-        row.prefilled = row.length = kv_len
-        if row.prefilled == len(ids):
-            self._accept(row, logits[0, -1])
-            self._emit([row])
-        return n
+    def _prefill(self, segments: list[tuple[_Row, int]]) -> None:
+        """One forward over the next `n` prompt tokens of each (row, n), packed into one sequence: each segment sees its
+        own slot's cache and itself, causally (a block mask); logits at each segment's last token."""
+        plan, tokens, positions, blocks = [], [], [], []
+        kv_offset = 0
+        for row, n in segments:
+            start = row.prefilled
+            tokens += row.req.prompt_ids[start:start + n]
+            positions.append(torch.arange(start, start + n))
+            plan.append((row.slot, start, n))
+            blocks.append((kv_offset, start, n))
+            kv_offset += start + n
+        q_total = len(tokens)
+        allowed = torch.zeros(q_total, kv_offset, dtype=torch.bool)
+        q = 0
+        for base, start, n in blocks:
+            keys = torch.arange(start + n)
+            allowed[q:q + n, base:base + start + n] = keys[None, :] <= torch.arange(start, start + n)[:, None]
+            q += n
+        pos = torch.cat(positions)[None].to(self.device)
+        self.cache.plan = ("prefill", plan, kv_offset)
+        chunk = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        mask = allowed.to(self.device)[None, None]
+        adapters = [row.req.adapter for row, _ in segments]
+        if len(set(adapters)) > 1 and not self.mixed_adapters:
+            raise TunesmithError("prompts of different adapters in one prefill")
+        # peft's mixed-adapter forward takes one adapter per batch row: one packed row needs one adapter, so several
+        # adapters' prompts run one forward each
+        # (a sliding-window model's mask is by position: its prompts are not packed)
+        if len(segments) > 1 and (len(set(adapters)) > 1 or self.sliding):
+            for seg in segments:
+                self._prefill([seg])
+            return
+        ends = list(itertools.accumulate(n for _, n in segments))
+        logits = self._forward(chunk, pos, self._masks(mask, pos), [adapters[0]],
+                               keep=torch.tensor([e - 1 for e in ends], device=self.device))
+        finished = []
+        for k, (row, n) in enumerate(segments):
+            row.prefilled = row.length = row.prefilled + n
+            if row.prefilled == len(row.req.prompt_ids):
+                row.prompt_logits = logits[0, k].clone()
+                finished.append(row)
+        if finished:
+            self._choose(finished, torch.stack([r.prompt_logits for r in finished]).clone())
+            self._emit(finished)
 
     def _decode(self, rows: list[_Row]) -> None:
         ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=self.device)
@@ -387,8 +447,7 @@ class Engine:
         for r in rows:
             r.length += 1
         self.generated_tokens += len(rows)
-        for i, r in enumerate(rows):
-            self._accept(r, logits[i, -1])
+        self._choose(rows, logits[:, -1])
         self._emit(rows)
 
     def _masks(self, allowed: torch.Tensor, q_pos: torch.Tensor):
@@ -400,9 +459,11 @@ class Engine:
         near = kv[None, None, None, :] > (q_pos[:, None, :, None] - window)
         return {"full_attention": allowed, "sliding_attention": allowed & near}
 
-    def _forward(self, ids, position_ids, mask, adapters: list[str | None]) -> torch.Tensor:
+    def _forward(self, ids, position_ids, mask, adapters: list[str | None], keep=1) -> torch.Tensor:
+        """Logits at the last position of each row (`keep=1`), or at the positions `keep` (a tensor: a packed
+        prefill's segment ends; the vocabulary head runs nowhere else)."""
         kwargs = dict(input_ids=ids, position_ids=position_ids, attention_mask=mask, past_key_values=self.cache,
-                      use_cache=True, logits_to_keep=1 if ids.shape[1] > 1 else 0)
+                      use_cache=True, logits_to_keep=keep if torch.is_tensor(keep) else (1 if ids.shape[1] > 1 else 0))
         if self.peft:
             if self.mixed_adapters:
                 kwargs["adapter_names"] = [a if a is not None else self._active_adapter() for a in adapters]
@@ -419,36 +480,59 @@ class Engine:
         return active if isinstance(active, str) else active[0]
 
     # -- tokens and text --------------------------------------------------------------------------------------------
-    def _accept(self, row: _Row, logits: torch.Tensor) -> None:
-        """Choose the row's next token from its logits (transformers' processor order), and record it."""
-        req, s = row.req, row.req.sampling
-        logits = logits.clone()
-        if s.repetition_penalty != 1.0:
-            seen = row.seen.to(logits.device)
-            picked = logits.gather(0, seen)
-            logits.scatter_(0, seen, torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty))
-        if s.no_repeat_ngram_size:
-            for banned in _banned_ngram_tokens(row.seen.tolist(), s.no_repeat_ngram_size):
-                logits[banned] = -float("inf")
-        if s.greedy:
-            token = int(logits.argmax())
-        else:
-            logits = logits / s.temperature
-            if s.top_k and s.top_k < logits.shape[-1]:
-                kth = torch.topk(logits, s.top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            if s.top_p < 1.0:
-                sorted_logits, order = torch.sort(logits, descending=False)
-                cumulative = sorted_logits.softmax(-1).cumsum(-1)
-                remove = cumulative <= (1 - s.top_p)
-                remove[-1] = False
-                logits = logits.masked_fill(remove.scatter(0, order, remove), -float("inf"))
-            token = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=req._generator))
-        if req.first_token is None:
-            req.first_token = time.monotonic()
-        req.output_ids.append(token)
-        row.seen = torch.cat([row.seen, torch.tensor([token])])
-        row.next_token = token
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits [rows, vocab], in transformers' processor order: repetition penalty,
+        no-repeat n-grams (per row, where asked), then greedy argmax, or temperature, top-k, top-p and a draw. The draw
+        is batched (the inverse of each row's cumulative distribution at a uniform number from the row's own seeded
+        generator): the same distribution as torch.multinomial, one softmax for the whole batch, and a row's draws do
+        not depend on the other rows."""
+        logits = logits.float()
+        for i, r in enumerate(rows):
+            s = r.req.sampling
+            if s.repetition_penalty != 1.0:
+                seen = r.seen.to(logits.device)
+                picked = logits[i].gather(0, seen)
+                logits[i].scatter_(0, seen, torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty))
+            if s.no_repeat_ngram_size:
+                banned = _banned_ngram_tokens(r.seen.tolist(), s.no_repeat_ngram_size)
+                if banned:
+                    logits[i, banned] = -float("inf")
+        sampled = [i for i, r in enumerate(rows) if not r.req.sampling.greedy]
+        tokens = logits.argmax(-1) if len(sampled) < len(rows) else torch.zeros(len(rows), dtype=torch.long)
+        if sampled:
+            everyone = len(sampled) == len(rows)
+            idx = None if everyone else torch.tensor(sampled, device=logits.device)
+            sub = logits if everyone else logits[idx]  # logits are not needed after this: divided in place
+            temps = [rows[i].req.sampling.temperature for i in sampled]
+            if len(set(temps)) == 1:
+                sub.div_(temps[0])
+            else:
+                sub.div_(torch.tensor(temps, device=sub.device)[:, None])
+            for j, i in enumerate(sampled):
+                s = rows[i].req.sampling
+                if s.top_k and s.top_k < sub.shape[-1]:
+                    kth = torch.topk(sub[j], s.top_k).values[-1]
+                    sub[j] = sub[j].masked_fill(sub[j] < kth, -float("inf"))
+                if s.top_p < 1.0:
+                    sorted_logits, order = torch.sort(sub[j], descending=False)
+                    remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - s.top_p)
+                    remove[-1] = False
+                    sub[j] = sub[j].masked_fill(remove.scatter(0, order, remove), -float("inf"))
+            u = torch.tensor([float(torch.rand(1, generator=rows[i].req._generator)) for i in sampled], dtype=sub.dtype)
+            drawn = _draw(sub.softmax(-1), u.to(sub.device))
+            if everyone:
+                tokens = drawn
+            else:
+                tokens[idx] = drawn
+        now = time.monotonic()
+        for r, token in zip(rows, tokens.tolist()):
+            req = r.req
+            if req.first_token is None:
+                req.first_token = now
+            req.output_ids.append(token)
+            if req.sampling.repetition_penalty != 1.0 or req.sampling.no_repeat_ngram_size:
+                r.seen = torch.cat([r.seen, torch.tensor([token])])
+            r.next_token = token
 
     def _emit(self, rows: list[_Row]) -> None:
         finished = []
@@ -521,6 +605,24 @@ class Engine:
                 req.on_done(req)
             except Exception:  # a callback's failure is its own
                 pass
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """For each row, the token where its cumulative distribution passes u (in [0, 1)) x its total: an exact draw from
+    `probs` [rows, vocab]. Two levels (block sums, then within the chosen block) instead of a cumulative sum over the
+    whole vocabulary: a quarter of the time for 64 rows of 49k."""
+    rows, vocab = probs.shape
+    pad = (-vocab) % block
+    if pad:
+        probs = torch.nn.functional.pad(probs, (0, pad))
+    blocks = probs.view(rows, -1, block)
+    sums = blocks.sum(-1).cumsum(-1)                                   # [rows, blocks]
+    target = (u * sums[:, -1]).unsqueeze(-1)
+    b = torch.searchsorted(sums, target).clamp(max=sums.shape[-1] - 1)  # [rows, 1]
+    before = torch.where(b > 0, sums.gather(-1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks.gather(1, b.unsqueeze(-1).expand(rows, 1, block)).squeeze(1).cumsum(-1)
+    k = torch.searchsorted(inner, target - before).clamp(max=block - 1)
+    return (b * block + k).squeeze(-1).clamp(max=vocab - 1)
 
 
 def eos_ids(tokenizer, model) -> list[int]:

@@ -82,6 +82,9 @@ def _hf_generate(model, tokenizer, prompts, sampling: Sampling, batch_size: int,
             bar.update(len(idx))
     finally:
         tokenizer.padding_side = side
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.padding is not None:
+            backend.no_padding()  # else the padding stays on in the Rust tokenizer, and in the tokenizer.json a run saves
     return [out[i] for i in range(len(prompts))]
 
 
