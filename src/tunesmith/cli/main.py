@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens-cap", type=int, default=1024, help="max_tokens is capped at this (default 1024)")
     sv.add_argument("--rows", type=int, default=32, help="requests generated together at most (default 32)")
     sv.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("studio", help="a local fine-tuning server speaking OpenAI's fine-tuning API (docs/studio.md)")
+    st.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: this machine only)")
+    st.add_argument("--port", type=int, default=8765)
+    st.add_argument("--home", default="studio", help="where files, jobs, runs and studio.db live (default ./studio)")
+    st.add_argument("--api-key", help="require `Authorization: Bearer KEY` (needed to bind a non-loopback address)")
+    st.add_argument("--workers", type=int, default=1, help="jobs trained at once; the rest wait in the queue (default 1)")
+    st.add_argument("--max-file-mb", type=int, default=512, help="largest upload accepted (default 512 MB)")
+    st.set_defaults(func=cmd_studio)
     return p
 
 
@@ -198,6 +207,28 @@ def cmd_serve(args) -> int:
           + ("" if args.api_key else "; no API key"), flush=True)
     uvicorn.run(build_app(served), host=args.host, port=args.port, log_level="warning",
                 limit_concurrency=args.max_waiting + 64)
+    return 0
+
+
+def cmd_studio(args) -> int:
+    import uvicorn
+
+    from tunesmith.export.serve import is_loopback
+    from tunesmith.studio.app import Studio, build_studio
+
+    loopback = is_loopback(args.host)
+    if not loopback and not args.api_key:
+        raise TunesmithError(f"--host {args.host} is reachable from other machines: pass --api-key KEY (clients send "
+                             f"Authorization: Bearer KEY)")
+    if args.workers < 1:
+        raise TunesmithError("--workers must be at least 1")
+    home = Path(args.home).resolve()
+    studio = Studio(home, api_key=args.api_key, loopback_only_hosts=loopback, workers=args.workers,
+                    max_file_bytes=args.max_file_mb << 20)
+    app = build_studio(studio)
+    print(f"tunesmith studio on http://{args.host}:{args.port}/v1 (OpenAI fine-tuning API), home {home}"
+          + ("" if args.api_key else "; no API key (loopback only)"), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

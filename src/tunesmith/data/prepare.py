@@ -51,6 +51,18 @@ def load_examples(cfg: DataConfig, path) -> tuple[str, list[Example], dict]:
     return fmt, examples, counts
 
 
+def check_file(path, shown: str) -> tuple[str, int]:
+    """Read and validate every record of one data file as training would (the studio checks an upload with this);
+    returns (format, records). Errors name the file as `shown` (what the user called it), never `path`."""
+    try:
+        fmt, examples, _ = load_examples(DataConfig(path=str(path)), str(path))
+    except TunesmithError as e:
+        raise TunesmithError(str(e).replace(str(path), shown)) from None
+    if fmt not in SFT_FORMATS + ("classification", "preference"):
+        raise TunesmithError(f"{shown}: data in {fmt} format is not supported")
+    return fmt, len(examples)
+
+
 def split_examples(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Deterministic split; records sharing a `group` (e.g. a module) land on the same side."""
     n_val = int(round(val_size * len(examples))) if val_size < 1 else int(val_size)

@@ -109,50 +109,78 @@ class CompletionRequest(Common):
     echo: bool = False
 
 
-def build_app(served: Served):
-    from fastapi import FastAPI
+@dataclass
+class Target:
+    """What a request's `model` names: the engine that generates for it and how its prompts are built."""
+    engine: Engine
+    tokenizer: object
+    model: ServedModel
+    context: int
+
+
+async def _served_target(served: Served, name: str) -> Optional[Target]:
+    model = served.models.get(name)
+    return Target(served.engine, served.tokenizer, model, served.context) if model else None
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+    """An error body as OpenAI's API shapes it (what its SDK parses into `openai.APIStatusError`)."""
+    from fastapi.responses import JSONResponse
+
+    kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def harden(app, guard, body_limit=None) -> None:
+    """Errors in OpenAI's shape with no traceback or path in them; only loopback Host headers on a loopback bind; the
+    API key on /v1 (and on every path `guard.protects`); bodies past the limit refused, counted as they arrive.
+    `guard` is read on every request (its api_key may change); `body_limit(path)` gives a path its own limit."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
-        kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                            status_code=status, headers=headers)
+    limit_for = body_limit or (lambda path: guard.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"] if x != "body")
         what = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        return error(400, f"{where}: {what}", where or None)
+        return openai_error(400, f"{where}: {what}", where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
-        return error(exc.status_code, str(exc.detail))
+        return openai_error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def failed(request, exc):
         ref = uuid.uuid4().hex[:12]
         log.exception("request %s failed", ref)  # the traceback stays in the server's log
-        return error(500, f"internal error (reference {ref})")
+        return openai_error(500, f"internal error (reference {ref})")
 
     @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        if served.loopback_only_hosts and _host(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
-            return error(400, "this server answers requests to a loopback address only")
-        if served.api_key and request.url.path.startswith("/v1"):
+    async def check(request: HTTPRequest, call_next):
+        if guard.loopback_only_hosts and _host(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
+            return openai_error(400, "this server answers requests to a loopback address only")
+        if guard.api_key and request.url.path.startswith(getattr(guard, "protects", ("/v1",))):
             given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
-                return error(401, "a valid API key is required (Authorization: Bearer KEY)")
-        if int(request.headers.get("content-length") or 0) > served.max_body_bytes:
-            return error(413, f"request body larger than {served.max_body_bytes} bytes")
+            if not hmac.compare_digest(given.encode(), f"Bearer {guard.api_key}".encode()):
+                return openai_error(401, "a valid API key is required (Authorization: Bearer KEY)")
+        limit = limit_for(request.url.path)
+        if int(request.headers.get("content-length") or 0) > limit:
+            return openai_error(413, f"request body larger than {limit} bytes")
         return await call_next(request)
 
-    app.add_middleware(_BodyLimit, limit=served.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit_for=limit_for)
+
+
+def build_app(served: Served):
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
+    harden(app, served)
 
     @app.get("/health")
     async def health():
@@ -167,15 +195,32 @@ def build_app(served: Served):
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tunesmith"}
                                            for n in served.names]}
 
-    def prepare(req: Common, prompt: str, special: bool):
-        if req.model not in served.models:
-            return None, error(404, f"model {req.model!r} does not exist; available: {', '.join(served.names)}", "model",
-                               "model_not_found")
-        ids = served.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    add_generation_routes(app, lambda name: _served_target(served, name), lambda: served.names, served)
+
+    @app.on_event("shutdown")
+    async def stop_engine():
+        served.engine.stop()
+
+    served.engine.start()
+    return app
+
+
+def add_generation_routes(app, target, names, limits) -> None:
+    """/v1/chat/completions and /v1/completions. `await target(name)` is the Target a request's `model` names (None:
+    a 404 listing `names()`); `limits` carries max_tokens_cap and max_prompts (read per request)."""
+    from fastapi.responses import StreamingResponse
+
+    error = openai_error
+
+    def unknown(name: str):
+        return error(404, f"model {name!r} does not exist; available: {', '.join(names())}", "model", "model_not_found")
+
+    def prepare(t: Target, req: Common, prompt: str, special: bool):
+        ids = t.tokenizer(prompt, add_special_tokens=special)["input_ids"]
         wanted = req.max_completion_tokens or req.max_tokens or 256
-        max_new = min(wanted, served.max_tokens_cap)
-        if len(ids) + max_new > served.context:
-            return None, error(400, f"this model's context is {served.context} tokens; the prompt has {len(ids)} and "
+        max_new = min(wanted, limits.max_tokens_cap)
+        if len(ids) + max_new > t.context:
+            return None, error(400, f"this model's context is {t.context} tokens; the prompt has {len(ids)} and "
                                     f"{max_new} more were requested", "messages", "context_length_exceeded")
         try:
             stops = req.stops()
@@ -186,24 +231,23 @@ def build_app(served: Served):
                             seed=req.seed if req.seed is not None else uuid.uuid4().int & 0x7FFFFFFF)
         return (ids, sampling, stops), None
 
-    async def submit_all(http: HTTPRequest, req: Common, prepared: list, stream: bool):
+    async def submit_all(t: Target, req: Common, prepared: list, stream: bool):
         """Submit n completions of each prompt; returns (requests, queue of (index, kind, value)) or an error."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        adapter = served.models[req.model].adapter
         reqs = []
         for p, (ids, sampling, stops) in enumerate(prepared):
             for k in range(req.n):
                 index = p * req.n + k
                 s = sampling if k == 0 else Sampling(**{**sampling.__dict__, "seed": sampling.seed + k})
-                reqs.append(Request(list(ids), s, stops, adapter,
-                                    on_text=(lambda t, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, "text", t)))
+                reqs.append(Request(list(ids), s, stops, t.model.adapter,
+                                    on_text=(lambda x, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, "text", x)))
                                     if stream else None,
                                     on_done=lambda r, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, "done", r))))
         submitted = []
         try:
             for r in reqs:
-                submitted.append(served.engine.submit(r))
+                submitted.append(t.engine.submit(r))
         except EngineFull:
             for r in submitted:
                 r.cancel()
@@ -237,17 +281,17 @@ def build_app(served: Served):
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, http: HTTPRequest):
-        model = served.models.get(req.model)
-        if model is None:
-            return prepare(req, "", False)[1]
-        fmt = model.prompts
-        if fmt.template == "chat" and not getattr(served.tokenizer, "chat_template", None):
+        t = await target(req.model)
+        if t is None:
+            return unknown(req.model)
+        fmt = t.model.prompts
+        if fmt.template == "chat" and not getattr(t.tokenizer, "chat_template", None):
             return error(400, "this model has no chat template; use /v1/completions with a prompt", "messages")
-        prompt = fmt.render([m.model_dump(exclude_none=True) for m in req.messages], served.tokenizer)
-        ready, err = prepare(req, prompt, fmt.add_special_tokens)
+        prompt = fmt.render([m.model_dump(exclude_none=True) for m in req.messages], t.tokenizer)
+        ready, err = prepare(t, req, prompt, fmt.add_special_tokens)
         if err:
             return err
-        reqs, queue, err = await submit_all(http, req, [ready], req.stream)
+        reqs, queue, err = await submit_all(t, req, [ready], req.stream)
         if err:
             return err
         cid, created, n_prompt = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ready[0])
@@ -267,15 +311,18 @@ def build_app(served: Served):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             return error(400, "prompt must not be empty", "prompt")
-        if len(prompts) > served.max_prompts:
-            return error(400, f"at most {served.max_prompts} prompts in one request", "prompt")
+        if len(prompts) > limits.max_prompts:
+            return error(400, f"at most {limits.max_prompts} prompts in one request", "prompt")
+        t = await target(req.model)
+        if t is None:
+            return unknown(req.model)
         prepared = []
         for prompt in prompts:
-            ready, err = prepare(req, prompt, False)
+            ready, err = prepare(t, req, prompt, False)
             if err:
                 return err
             prepared.append(ready)
-        reqs, queue, err = await submit_all(http, req, prepared, req.stream)
+        reqs, queue, err = await submit_all(t, req, prepared, req.stream)
         if err:
             return err
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -290,13 +337,6 @@ def build_app(served: Served):
                 "choices": [{"index": i, "text": (prompts[i // req.n] if req.echo else "") + r.text,
                              "finish_reason": finish_reason(r), "logprobs": None} for i, r in enumerate(reqs)],
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
-
-    @app.on_event("shutdown")
-    async def stop_engine():
-        served.engine.stop()
-
-    served.engine.start()
-    return app
 
 
 async def _events(http, reqs: list[Request], queue: asyncio.Queue):
@@ -369,13 +409,13 @@ class _BodyLimit:
     """An ASGI wrapper that reads a request's body itself, counting the bytes as they arrive (a chunked body has no
     Content-Length to check), answers 413 past the limit, and hands the application the body it read."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit_for):
+        self.app, self.limit_for = app, limit_for
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
+        chunks, size, more, limit = [], 0, True, self.limit_for(scope["path"])
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client left before sending its body
@@ -383,8 +423,8 @@ class _BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.limit:
-                body = json.dumps({"error": {"message": f"request body larger than {self.limit} bytes",
+            if size > limit:
+                body = json.dumps({"error": {"message": f"request body larger than {limit} bytes",
                                              "type": "invalid_request_error", "param": None, "code": None}}).encode()
                 await send({"type": "http.response.start", "status": 413,
                             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

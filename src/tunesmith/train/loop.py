@@ -310,7 +310,7 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
                 progress.planned_steps = bar.total = total_steps
                 warmup = warmup_steps(cfg.train.warmup, total_steps)
             tok_s = progress.tokens / progress.train_seconds
-            record = {"step": step + 1, "epoch": round(progress.examples / len(lengths), 4), "loss": round(step_loss, 5),
+            record = {"step": step + 1, "total_steps": total_steps, "epoch": round(progress.examples / len(lengths), 4), "loss": round(step_loss, 5),
                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 4), "tokens": progress.tokens,
                       "tok_s": round(tok_s, 1), "elapsed": round(time.perf_counter() - t_start, 2)}
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:.0f}", epoch=epoch, refresh=False)

@@ -1,0 +1,438 @@
+"""Fine-tuning jobs: an OpenAI job request becomes one `tunesmith train` command, run as a subprocess of its own.
+
+A subprocess, so that a job that fails (a bad file, out of memory, a crash in a kernel) never takes the server down, and
+so that a stop is the CLI's own: SIGTERM finishes the step, writes a checkpoint and exits 130 (train/interrupt.py).
+The command is the same for a first start and every later one (`output.resume=auto`): a paused, stopped or
+interrupted job continues from its newest checkpoint. The job's run folder, `HOME/runs/<job id>`, is an ordinary run
+(`tunesmith eval`, `export`, `serve` take it); its metrics.jsonl and train.log are read as they grow and become the
+job's events.
+
+One scheduler thread does all of it, polling twice a second: validate new jobs, start queued ones while fewer than
+`workers` run, read the running ones' files, and settle the ones whose process ended. Polling, because a run's
+files are the truth and a subprocess's pipes are not (a restarted server has no pipes to the job it resumes).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from tunesmith.catalog import METHODS, SFT_FORMATS
+from tunesmith.config import list_recipes, load_config
+from tunesmith.errors import TunesmithError
+from tunesmith.run import RunDir
+from tunesmith.run.lock import holder
+from tunesmith.studio.store import TERMINAL, Store
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+STUDIO_OWNS = ("output.dir", "output.name", "output.resume", "output")
+STOP_WAIT_SECONDS = 120  # a stopping job finishes its step and writes a checkpoint in this time, or is killed
+
+
+class JobError(Exception):
+    """A request that cannot become a job: OpenAI's 400 with the field it is about."""
+
+    def __init__(self, message: str, param: Optional[str] = None, code: str = "invalid_request_error", status: int = 400):
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
+
+
+@dataclass
+class Plan:
+    """What a job request resolves to: the config source and the overrides of its `tunesmith train` command."""
+    source: str
+    overrides: list[str]
+    hyperparameters: dict
+    base: str                 # the base model's label in fine_tuned_model ids
+    task: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: Optional[Path]) -> Plan:
+    """The `tunesmith train` command of a job request (OpenAI's fields plus the `tunesmith` extension). Raises
+    JobError naming the field when the request cannot run (the config is loaded, so a bad key fails here)."""
+    method = req.get("method") or {"type": "supervised"}
+    kind = method.get("type", "supervised")
+    if kind not in ("supervised", "dpo"):
+        raise JobError(f"method.type {kind!r} is not served; supported: supervised, dpo", "method.type")
+    hp = dict(req.get("hyperparameters") or {})
+    hp.update((method.get(kind) or {}).get("hyperparameters") or {})
+    ext = req.get("tunesmith") or {}
+    recipe = ext.get("recipe")
+    user = list(ext.get("overrides") or [])
+    for item in user:
+        key = item.partition("=")[0].strip()
+        if key in STUDIO_OWNS or key.startswith("output."):
+            raise JobError(f"tunesmith.overrides: {key} is set by the studio (each job's run is HOME/runs/<job id>)",
+                           "tunesmith.overrides")
+    if recipe is not None and recipe not in list_recipes():
+        raise JobError(f"tunesmith.recipe: no recipe {recipe!r}; available: {', '.join(list_recipes())}", "tunesmith.recipe")
+    source = recipe or str(DEFAULT_CONFIG)
+    over = [f"model.name={model_name}", f"data.path={train_path}",
+            f"data.val_path={val_path}" if val_path else "data.val_path=null"]
+    if kind == "dpo":
+        over.append("task=dpo")
+    if req.get("seed") is not None:
+        over += [f"train.seed={req['seed']}", f"data.seed={req['seed']}"]
+    try:
+        cfg = load_config(source, over + user)
+        resolved = _hyperparameters(hp, cfg, kind)
+        cfg = load_config(source, over + resolved["overrides"] + user)  # the user's key=value wins
+    except TunesmithError as e:
+        raise JobError(str(e), "tunesmith.overrides" if user else "hyperparameters") from None
+    return Plan(source, over + resolved["overrides"] + user, resolved["values"], base, cfg.task, {"recipe": recipe or "studio"})
+
+
+def _hyperparameters(hp: dict, cfg, kind: str) -> dict:
+    """OpenAI's hyperparameters as tunesmith keys; "auto" (or absent) keeps the recipe's value."""
+    known = {"n_epochs", "batch_size", "learning_rate_multiplier"} | ({"beta"} if kind == "dpo" else set())
+    unknown = sorted(set(hp) - known)
+    if unknown:
+        raise TunesmithError(f"hyperparameters.{unknown[0]}: not a {kind} hyperparameter; known: {', '.join(sorted(known))}")
+    over, values = [], {}
+
+    def number(key, cast, low):
+        v = hp.get(key, "auto")
+        if v == "auto" or v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low or (cast is int and v != int(v)):
+            raise TunesmithError(f"hyperparameters.{key}: expected \"auto\" or a number >= {low}, got {v!r}")
+        return cast(v)
+
+    if (n := number("n_epochs", int, 1)) is not None:
+        over += [f"train.epochs={n}", "train.max_steps=null", "train.max_minutes=null"]
+    values["n_epochs"] = n if n is not None else cfg.train.epochs
+    if (b := number("batch_size", int, 1)) is not None:
+        micro = max(d for d in range(1, min(b, cfg.train.micro_batch_size) + 1) if b % d == 0)
+        over += [f"train.micro_batch_size={micro}", f"train.grad_accum={b // micro}"]
+    values["batch_size"] = b if b is not None else cfg.train.micro_batch_size * cfg.train.grad_accum
+    base_lr = cfg.train.lr or METHODS[cfg.method.name].default_lr
+    if (m := number("learning_rate_multiplier", float, 1e-6)) is not None:
+        over.append(f"train.lr={base_lr * m:g}")
+    values["learning_rate_multiplier"] = m if m is not None else 1.0
+    if kind == "dpo":
+        if (beta := number("beta", float, 1e-6)) is not None:
+            over.append(f"dpo.beta={beta:g}")
+        values["beta"] = beta if beta is not None else (cfg.dpo.beta or 0.1)
+    return {"overrides": over, "values": values}
+
+
+def check_file_fits(fmt: str, kind: str, task: str, param: str) -> Optional[str]:
+    """Why a file's records do not suit the job's method (None when they do)."""
+    if kind == "dpo" and fmt != "preference":
+        return f"{param}: method dpo needs preference pairs (OpenAI DPO JSONL: input, preferred_output, non_preferred_output); this file is in {fmt} format"
+    if kind == "supervised" and fmt == "preference" and task != "dpo":
+        return f"{param}: the file holds preference pairs; use method dpo (or a recipe whose task is dpo)"
+    if kind == "supervised" and task == "causal" and fmt not in SFT_FORMATS:
+        return f"{param}: a supervised causal job needs conversations or prompt/completion records; this file is in {fmt} format"
+    return None
+
+
+# ---------------------------------------------------------------- running
+
+@dataclass
+class Running:
+    job_id: str
+    proc: subprocess.Popen
+    stop: Optional[str] = None       # "cancel", "pause" or "shutdown" once asked
+    stop_sent: float = 0.0
+
+
+class Runner:
+    def __init__(self, store: Store, home: Path, workers: int = 1, on_finished: Callable[[dict], None] = lambda job: None):
+        self.store, self.home, self.workers = store, Path(home), max(1, workers)
+        self.running: dict[str, Running] = {}
+        self.read: dict[str, dict] = {}  # job id -> {"metrics": lines read, "log": lines read}
+        self.on_finished = on_finished
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()  # no new work: the studio is shutting down
+        self.done = threading.Event()      # the scheduler thread may end
+        self.thread: Optional[threading.Thread] = None
+        (self.home / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def run_dir(self, job_id: str) -> RunDir:
+        return RunDir(self.home / "runs" / job_id)
+
+    def start(self) -> None:
+        for job in self.store.jobs(limit=1_000_000, statuses=("running", "cancelled")):
+            if job["stop"] == "pause" and job["status"] == "running":  # it was pausing when the server stopped
+                self._end(job["id"], "paused", message="Fine-tuning job paused")
+            elif job["stop"]:
+                self.store.update_job(job["id"], stop=None)  # no process of it is left to wait for
+            elif job["status"] == "running":  # the server stopped while it ran: it continues first
+                self.store.add_event(job["id"], "The studio restarted; the job continues from its newest checkpoint")
+        self.thread = threading.Thread(target=self._loop, name="studio-jobs", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        # This thread starts the jobs' processes, and Linux's parent-death signal follows the thread that forked: it
+        # lives until shutdown has stopped them (else their SIGTERM would come twice, and the second stops at once).
+        while not self.done.is_set():
+            if not self.stopping.is_set():
+                try:
+                    self.tick()
+                except Exception as e:  # the scheduler must outlive any one job's trouble
+                    print(f"studio: scheduler error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            self.done.wait(0.5)
+
+    def tick(self) -> None:
+        with self.lock:
+            for job in self.store.oldest("validating_files"):
+                self._validate(job)
+            for job_id in list(self.running):
+                self._follow(job_id)
+            orphans = [j for j in self.store.oldest("running") if j["id"] not in self.running]
+            for job in orphans + self.store.oldest("queued"):
+                if len(self.running) >= self.workers:
+                    break
+                self._launch(job)
+
+    # ---- states
+    def _validate(self, job: dict) -> None:
+        req = json.loads(job["request"])
+        kind = (req.get("method") or {}).get("type", "supervised")
+        for param in ("training_file", "validation_file"):
+            if not req.get(param):
+                continue
+            f = self.store.file(req[param])
+            problem = None if f is None or f["status"] == "processed" else f"{param}: {f['status_details']}"
+            if f is None:
+                problem = f"{param}: file {req[param]} no longer exists"
+            problem = problem or check_file_fits(f["format"], kind, req["_plan"]["task"], param)
+            if problem:
+                self._end(job["id"], "failed", error={"code": f"invalid_{param}", "message": problem, "param": param})
+                return
+        self.store.update_job(job["id"], status="queued")
+        self.store.add_event(job["id"], "Files validated; the job is queued")
+
+    def _launch(self, job: dict) -> None:
+        run = self.run_dir(job["id"])
+        if run.path.exists() and holder(run.path):  # a process of the last server still writes its checkpoint
+            return
+        if run.is_finished():  # it finished while the server was down, or was paused in its closing evaluation
+            self._settle(job["id"], 0, None)
+            return
+        plan = json.loads(job["request"])["_plan"]
+        cmd = [sys.executable, "-m", "tunesmith.cli.main", "train", plan["source"], *plan["overrides"],
+               f"output.dir={run.path.parent}", f"output.name={run.name}", "output.resume=auto"]
+        out = open(self.home / "jobs" / f"{job['id']}.log", "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        out.close()
+        self.running[job["id"]] = Running(job["id"], proc)
+        self.read.setdefault(job["id"], {"metrics": 0, "log": 0})
+        resumed = run.path.exists() and (job["status"] == "running" or _last_step(run) is not None)
+        self.store.update_job(job["id"], status="running")
+        self.store.add_event(job["id"], "Fine-tuning job resumed from its newest checkpoint" if resumed
+                             else "Fine-tuning job started")
+
+    def _follow(self, job_id: str) -> None:
+        r = self.running[job_id]
+        self._read_files(job_id)
+        code = r.proc.poll()
+        if code is None:
+            if r.stop and time.time() - r.stop_sent > STOP_WAIT_SECONDS:
+                r.proc.kill()
+            return
+        self._read_files(job_id)
+        del self.running[job_id]
+        self._settle(job_id, code, r.stop)
+
+    def _read_files(self, job_id: str) -> None:
+        """New lines of the run's metrics.jsonl and train.log become events (a resumed run rewrites its metrics to
+        the checkpoint's step: lines past a shorter file are read again, as they are trained again)."""
+        run, seen = self.run_dir(job_id), self.read.setdefault(job_id, {"metrics": 0, "log": 0})
+        for kind, path in (("log", run.log), ("metrics", run.metrics)):
+            lines = _lines(path)
+            seen[kind] = min(seen[kind], len(lines))
+            for line in lines[seen[kind]:]:
+                if kind == "log":
+                    self.store.add_event(job_id, line.split(" ", 1)[1] if line[:1].isdigit() else line)
+                else:
+                    self._metrics_event(job_id, line)
+            seen[kind] = len(lines)
+
+    def _metrics_event(self, job_id: str, line: str) -> None:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return
+        data = {"step": row.get("step"), "total_steps": row.get("total_steps"), "train_loss": row.get("loss"),
+                "valid_loss": row.get("eval_loss"), "learning_rate": row.get("lr"), "tokens": row.get("tokens"),
+                "tokens_per_second": row.get("tok_s"), "elapsed": row.get("elapsed"), "epoch": row.get("epoch")}
+        data = {k: v for k, v in data.items() if v is not None}
+        data.update({k: v for k, v in row.items() if k.startswith("eval_") and k != "eval_loss"})
+        if "train_loss" in data:
+            message = f"Step {data['step']}/{data.get('total_steps', '?')}: training loss={data['train_loss']:.4f}"
+            if row.get("tokens") is not None:
+                self.store.update_job(job_id, trained_tokens=int(row["tokens"]))
+        elif "valid_loss" in data:
+            message = f"Step {data['step']}: held-out loss={data['valid_loss']:.4f}"
+        else:
+            return
+        self.store.add_event(job_id, message, type="metrics", data=data)
+
+    def _settle(self, job_id: str, code: int, stop: Optional[str]) -> None:
+        run = self.run_dir(job_id)
+        if stop == "shutdown":
+            self.store.add_event(job_id, "The studio stopped; the job continues when it starts again")
+            return
+        if stop in ("cancel", "pause"):
+            step = _last_step(run)
+            where = f" (checkpoint at step {step})" if step else ""
+            self._end(job_id, "cancelled" if stop == "cancel" else "paused",
+                      message=("Fine-tuning job cancelled" if stop == "cancel" else "Fine-tuning job paused") + where)
+            return
+        if code == 0 and run.is_finished():
+            self._end(job_id, "succeeded", message="The job has successfully completed")
+            return
+        self._end(job_id, "failed", error={"code": "training_failed", "param": None,
+                                           "message": _failure(self.home / "jobs" / f"{job_id}.log", code)})
+
+    def _end(self, job_id: str, status: str, message: Optional[str] = None, error: Optional[dict] = None) -> None:
+        fields = {"status": status, "stop": None}
+        if status in TERMINAL:
+            fields["finished_at"] = int(time.time())
+        if error:
+            fields["error"] = json.dumps(error)
+        self.store.update_job(job_id, **fields)
+        self.store.add_event(job_id, message or error["message"], level="error" if error else "info")
+        if status == "succeeded":
+            self.on_finished(self.store.job(job_id))
+
+    # ---- requests
+    def stop(self, job_id: str, how: str) -> None:
+        """Cancel or pause: a queued job ends at once; a running one finishes its step and writes a checkpoint."""
+        with self.lock:
+            job = self.store.job(job_id)
+            r = self.running.get(job_id)
+            if r is None:
+                if job["status"] == "running":  # restarted server, not launched yet
+                    self._end(job_id, "cancelled" if how == "cancel" else "paused")
+                elif how == "cancel" or job["status"] == "queued":
+                    self._end(job_id, "cancelled" if how == "cancel" else "paused",
+                              message="Fine-tuning job cancelled" if how == "cancel" else "Fine-tuning job paused")
+                return
+            if r.stop is None:
+                r.stop, r.stop_sent = how, time.time()
+                self.store.update_job(job_id, stop=how)
+                self.store.add_event(job_id, "Stopping after this step; writing a checkpoint")
+                _signal(r.proc, signal.SIGTERM)
+            if how == "cancel":
+                self.store.update_job(job_id, status="cancelled", finished_at=int(time.time()))
+
+    def resume(self, job_id: str) -> None:
+        with self.lock:
+            self.store.update_job(job_id, status="queued", finished_at=None, error=None)
+            self.store.add_event(job_id, "Fine-tuning job resumed; queued")
+
+    def shutdown(self, wait: float = STOP_WAIT_SECONDS) -> None:
+        """Stop the scheduler; running jobs checkpoint and stay `running`, to continue when the studio starts again."""
+        self.stopping.set()
+        with self.lock:
+            for r in self.running.values():
+                r.stop = "shutdown"
+                _signal(r.proc, signal.SIGTERM)
+            deadline = time.time() + wait
+            for job_id, r in list(self.running.items()):
+                try:
+                    r.proc.wait(timeout=max(0.1, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    r.proc.kill()
+                    r.proc.wait()
+                self._read_files(job_id)
+                self._settle(job_id, r.proc.returncode, "shutdown")
+            self.running.clear()
+        self.done.set()
+        if self.thread:
+            self.thread.join(timeout=10)
+
+
+def metrics_csv(run: RunDir) -> bytes:
+    """OpenAI's result file: one row per logged step (step, train_loss, valid_loss, ...), from metrics.jsonl."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["step", "train_loss", "valid_loss", "learning_rate", "tokens", "tokens_per_second", "elapsed"])
+    for line in _lines(run.metrics):
+        row = json.loads(line)
+        if "loss" in row or "eval_loss" in row:
+            w.writerow([row.get("step"), row.get("loss", ""), row.get("eval_loss", ""), row.get("lr", ""),
+                        row.get("tokens", ""), row.get("tok_s", ""), row.get("elapsed", "")])
+    return out.getvalue().encode()
+
+
+def checkpoints(run: RunDir) -> list[dict]:
+    """The run's checkpoints (resume points), newest first, each with the metrics logged at its step."""
+    rows = {}
+    for line in _lines(run.metrics):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        rows.setdefault(row.get("step"), {}).update(row)
+    found = []
+    for path in sorted(run.checkpoints.glob("step-*"), reverse=True) if run.checkpoints.is_dir() else []:
+        if not (path / "trainable.safetensors").exists():
+            continue
+        step = int(path.name.split("-")[1])
+        m = rows.get(step, {})
+        found.append({"step": step, "created_at": int(path.stat().st_mtime),
+                      "metrics": {k: v for k, v in {"step": step, "train_loss": m.get("loss"),
+                                                    "valid_loss": m.get("eval_loss")}.items() if v is not None}})
+    return found
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = text.split("\n")
+    return [ln for ln in lines[:-1] if ln.strip()]  # the last piece has no newline yet: not a whole line
+
+
+def _last_step(run: RunDir) -> Optional[int]:
+    steps = [int(p.name.split("-")[1]) for p in run.checkpoints.glob("step-*")] if run.checkpoints.is_dir() else []
+    return max(steps) if steps else None
+
+
+def _failure(log: Path, code: int) -> str:
+    """The CLI's one-line `error: ...`, or the last line it printed."""
+    lines = _lines(log)
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    if errors:
+        return errors[-1].removeprefix("error: ")
+    tail = next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
+    return f"the training process exited with code {code}" + (f": {tail[-300:]}" if tail else "")
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the studio dies, however it dies (Linux), so a job is never left
+    training unobserved; its checkpoint is where the restarted studio continues it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
