@@ -91,3 +91,34 @@ def test_task_recipes_train_on_a_users_file_of_the_same_shape(recipe, tmp_path):
     assert e.returncode == 0, e.stderr[-3000:]
     metrics = json.loads((run / "evaluation.json").read_text())["metrics"]["tuned"]
     assert ("eval_accuracy" if recipe == "sentiment" else "rougeL") in metrics
+
+
+def test_studio_runs_openai_supervised_and_dpo_jobs_on_smollm2(tmp_path):
+    """The OpenAI SDK against `tunesmith studio` on the bundled SmolLM2: an OpenAI chat JSONL (supervised) and an
+    OpenAI DPO JSONL (dpo), queued behind each other, then chat with each job's fine_tuned_model."""
+    from conftest import write_jsonl
+    from test_studio import FAST, Running, chat_rows, dpo_rows, upload, wait
+
+    s = Running(tmp_path / "home")
+    try:
+        c = s.client()
+        sft = upload(c, write_jsonl(tmp_path / "chat.jsonl", chat_rows(24)))
+        pairs = upload(c, write_jsonl(tmp_path / "dpo.jsonl", dpo_rows(16)))
+        assert (sft.status, pairs.status) == ("processed", "processed")
+        jobs = [c.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=sft.id, suffix="say",
+                                          hyperparameters={"n_epochs": 1, "batch_size": 8},
+                                          extra_body={"tunesmith": {"overrides": FAST[:-1]}}),
+                c.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=pairs.id,
+                                          method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 8}}},
+                                          extra_body={"tunesmith": {"overrides": FAST[:-1]}})]
+        for job in jobs:
+            job, seen = wait(c, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"), timeout=900)
+            assert job.status == "succeeded", job.error
+            assert job.fine_tuned_model.startswith("ft:smollm2-135m-instruct:")
+            answer = c.chat.completions.create(model=job.fine_tuned_model, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "Say 5."}])
+            assert answer.choices[0].message.content.strip()
+        assert {m.id for m in c.models.list()} >= {"smollm2-135m-instruct", *(j.fine_tuned_model for j in
+                                                   [c.fine_tuning.jobs.retrieve(x.id) for x in jobs])}
+    finally:
+        s.stop()
