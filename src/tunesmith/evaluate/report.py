@@ -14,6 +14,7 @@ import os
 import platform
 from pathlib import Path
 
+from tunesmith.evaluate.human import describe, judgements, summarize
 from tunesmith.run import RunDir
 from tunesmith.run.files import read_jsonl, write_text_atomic
 
@@ -44,6 +45,9 @@ def write_report(run_dir: Path) -> Path:
     side = (evaluation or {}).get("side_by_side") or summary.get("side_by_side") or []
     if side:
         parts += ["<h2>Side by side</h2>", _side_by_side(side)]
+    human = summarize(judgements(run.path))
+    if human.get("n"):
+        parts += ["<h2>Human evaluation (blind A/B)</h2>", f"<p>{html.escape(describe(human))}</p>"]
     drift = (evaluation or {}).get("forgetting") or summary.get("forgetting")
     if drift:
         parts += ["<h2>Forgetting check</h2>", _forgetting(drift)]

@@ -39,6 +39,7 @@ from tunesmith.models.load import BUNDLED
 from tunesmith.studio.jobs import JobError, Runner, checkpoints, metrics_csv, new_id, plan_job
 from tunesmith.studio.pool import ModelPool, created, installed_bundled
 from tunesmith.studio.store import TERMINAL, Store
+from tunesmith.studio.ui import add_ui_routes, static_routes
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -55,6 +56,7 @@ class Studio:
     max_tokens_cap: int = 1024
     max_prompts: int = 16
     max_loaded_models: int = 2
+    runs_dirs: tuple = ()          # more runs folders the web page lists (runs started from the CLI)
 
 
 # ---------------------------------------------------------------- request bodies (OpenAI's shapes)
@@ -291,6 +293,9 @@ def build_studio(studio: Studio):
         return found or error(404, f"model {model_id!r} does not exist", "model", "model_not_found")
 
     add_generation_routes(app, pool.target, pool.names, studio)
+    add_ui_routes(app, home, [Path(d) for d in studio.runs_dirs], store, pool,
+                  prepare_files=lambda req: _job_inputs(store, home, req))
+    static_routes(app)
 
     @app.get("/health")
     async def health():
@@ -327,16 +332,14 @@ def _resolve_model(store: Store, name: str) -> tuple[str, str]:
     raise JobError(f"model {name!r} is not available here; available: {available}", "model", "model_not_available")
 
 
-def _prepare_job(store: Store, home: Path, req: JobRequest) -> dict:
-    """The job's stored request: what was asked plus its resolved plan (`_plan`); raises JobError on a bad request."""
-    if req.integrations:
-        raise JobError("integrations are not served here (metrics are in the job's events and result file)", "integrations")
-    if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
-        raise JobError("suffix: 1-40 letters, digits, '-' or '_'", "suffix")
+def _job_inputs(store: Store, home: Path, req: dict) -> tuple[str, str, Path, Optional[Path]]:
+    """(model.name, base label, training file, validation file) of a job request; raises JobError naming the field."""
     files = {}
     for param in ("training_file", "validation_file"):
-        ident = getattr(req, param)
+        ident = req.get(param)
         if ident is None:
+            if param == "training_file":
+                raise JobError("training_file: pick or upload a data file", param, "invalid_" + param)
             continue
         f = store.file(ident)
         if f is None:
@@ -346,9 +349,19 @@ def _prepare_job(store: Store, home: Path, req: JobRequest) -> dict:
         if f["status"] != "processed":
             raise JobError(f"{param}: file {ident} could not be read: {f['status_details']}", param, "invalid_" + param)
         files[param] = home / "files" / f["stored"]
-    model_name, base = _resolve_model(store, req.model)
+    model_name, base = _resolve_model(store, req["model"])
+    return model_name, base, files["training_file"], files.get("validation_file")
+
+
+def _prepare_job(store: Store, home: Path, req: JobRequest) -> dict:
+    """The job's stored request: what was asked plus its resolved plan (`_plan`); raises JobError on a bad request."""
+    if req.integrations:
+        raise JobError("integrations are not served here (metrics are in the job's events and result file)", "integrations")
+    if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
+        raise JobError("suffix: 1-40 letters, digits, '-' or '_'", "suffix")
     body = req.model_dump(exclude_none=True)
-    plan = plan_job(body, model_name, base, files["training_file"], files.get("validation_file"))
+    model_name, base, train_path, val_path = _job_inputs(store, home, body)
+    plan = plan_job(body, model_name, base, train_path, val_path)
     job_id = new_id("ftjob")
     body.update({"_id": job_id, "_model_source": model_name,
                  "_plan": {"source": plan.source, "overrides": plan.overrides, "task": plan.task,

@@ -262,8 +262,9 @@ class Runner:
             lines = _lines(path)
             seen[kind] = min(seen[kind], len(lines))
             for line in lines[seen[kind]:]:
-                if kind == "log":
-                    self.store.add_event(job_id, line.split(" ", 1)[1] if line[:1].isdigit() else line)
+                if kind == "log":  # the run's folder named as the run, not as a path on the server
+                    text = line.split(" ", 1)[1] if line[:1].isdigit() else line
+                    self.store.add_event(job_id, text.replace(str(run.path) + "/", "").replace(str(run.path), run.name))
                 else:
                     self._metrics_event(job_id, line)
             seen[kind] = len(lines)

@@ -32,6 +32,7 @@ class ModelPool:
         self.max_rows, self.max_waiting = max_rows, max_waiting
         self.loaded: "OrderedDict[str, Target]" = OrderedDict()
         self.loading = threading.Lock()
+        self.extra_sources = lambda: {}  # more models by id (the web page adds the runs started from the CLI)
 
     def sources(self) -> dict[str, tuple[str, int]]:
         """Model id -> (what to load, created): the installed bundled bases, the bases jobs named, finished jobs."""
@@ -42,6 +43,8 @@ class ModelPool:
                 found.setdefault(req["model"], (req["_model_source"], job["created_at"]))
             if job["status"] == "succeeded" and job["fine_tuned_model"]:
                 found[job["fine_tuned_model"]] = (job["run_dir"], job["finished_at"] or job["created_at"])
+        for name, source in self.extra_sources().items():
+            found.setdefault(name, source)
         return found
 
     def names(self) -> list[str]:
