@@ -151,3 +151,18 @@ def test_long_generations_show_progress_only_when_asked(tiny_model_dir, capsys):
     generate(model, tok, prompts, Sampling(max_new_tokens=3), batch_size=2, progress="tuned")
     err = capsys.readouterr().err
     assert "tuned: 100%" in err and "5/5" in err
+
+
+def test_human_evaluation_statistics_match_scipy():
+    from scipy.stats import binomtest
+
+    from tunesmith.evaluate.human import sign_test, summarize, wilson
+
+    for wins, losses in [(8, 2), (0, 5), (7, 7), (30, 12), (1, 0)]:
+        assert sign_test(wins, losses) == pytest.approx(binomtest(wins, wins + losses, 0.5).pvalue)
+        ci = binomtest(wins, wins + losses).proportion_ci(0.95, method="wilson")
+        assert wilson(wins, wins + losses) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    rows = [{"a": "base", "b": "tuned", "winner": w} for w in ["b", "b", "a", "tie", "b"]]
+    s = summarize(rows)
+    assert (s["wins"], s["losses"], s["ties"], s["win_rate"]) == (3, 1, 1, 0.75)
+    assert summarize([]) == {"n": 0}

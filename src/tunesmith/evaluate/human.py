@@ -38,7 +38,7 @@ def summarize(rows: list[dict]) -> dict:
             "ci95": [low, high], "p_sign_test": sign_test(wins, losses)}
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
