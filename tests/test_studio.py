@@ -266,3 +266,23 @@ def test_an_api_key_guards_everything_and_other_addresses_need_one(tmp_path, cap
         s.stop()
     assert main(["studio", "--host", "0.0.0.0", "--home", str(tmp_path / "h2")]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_jobs_wait_their_turn_and_a_queued_job_cancels_at_once(tmp_path, tiny_model_dir):
+    s = Running(tmp_path / "home", workers=1)
+    try:
+        c = s.client()
+        f = upload(c, write_jsonl(tmp_path / "train.jsonl", chat_rows(24)))
+        make = lambda steps: c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id, extra_body={
+            "tunesmith": {"overrides": FAST + [f"train.max_steps={steps}"]}})
+        long, short = make(3000), make(3)
+        wait(c, long.id, lambda j: j.status == "running")
+        wait(c, short.id, lambda j: j.status == "queued", timeout=10)  # one worker: the second waits
+        assert c.fine_tuning.jobs.cancel(short.id).status == "cancelled"
+        c.fine_tuning.jobs.cancel(long.id)
+        wait(c, long.id, lambda j: any(e.message.startswith("Fine-tuning job cancelled")
+                                       for e in c.fine_tuning.jobs.list_events(j.id, limit=3)), timeout=120)
+        assert not s.app.state.runner.run_dir(short.id).path.exists()  # it never ran
+        assert c.fine_tuning.jobs.retrieve(short.id).status == "cancelled"
+    finally:
+        s.stop()

@@ -323,10 +323,8 @@ class Runner:
         with self.lock:
             job = self.store.job(job_id)
             r = self.running.get(job_id)
-            if r is None:
-                if job["status"] == "running":  # restarted server, not launched yet
-                    self._end(job_id, "cancelled" if how == "cancel" else "paused")
-                elif how == "cancel" or job["status"] == "queued":
+            if r is None:  # queued, validating, or running on a restarted server that has not launched it yet
+                if how == "cancel" or job["status"] in ("queued", "running"):
                     self._end(job_id, "cancelled" if how == "cancel" else "paused",
                               message="Fine-tuning job cancelled" if how == "cancel" else "Fine-tuning job paused")
                 return

@@ -41,7 +41,22 @@ function marked(text) {  // data inspect's [train]...[/train] spans, highlighted
   return esc(text).replace(/\[train\]([\s\S]*?)\[\/train\]/g, "<mark>$1</mark>");
 }
 
-// ---------------------------------------------------------------- reading a job's events (SSE over fetch)
+// ---------------------------------------------------------------- server-sent events over fetch
+async function* sseBlocks(response) {  // the blank-line-separated blocks of an event stream, as they arrive
+  const reader = response.body.getReader(), dec = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buf += dec.decode(value, {stream: true});
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      yield buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+    }
+  }
+}
+
 // EventSource cannot send an API key, so the stream is read with fetch; on a dropped connection it reconnects with
 // Last-Event-ID, and the server replays what was missed.
 function follow(jobId, onEvent, onEnd) {
@@ -52,23 +67,14 @@ function follow(jobId, onEvent, onEnd) {
       try {
         const r = await fetch(`/v1/fine_tuning/jobs/${jobId}/events/stream`,
                               {headers: headers({"Last-Event-ID": String(last)}), signal: ctrl.signal});
-        const reader = r.body.getReader(), dec = new TextDecoder();
-        let buf = "";
-        for (;;) {
-          const {value, done} = await reader.read();
-          if (done) break;
-          buf += dec.decode(value, {stream: true});
-          let cut;
-          while ((cut = buf.indexOf("\n\n")) >= 0) {
-            const block = buf.slice(0, cut); buf = buf.slice(cut + 2);
-            const msg = {};
-            for (const line of block.split("\n")) {
-              const i = line.indexOf(": ");
-              if (i > 0) msg[line.slice(0, i)] = line.slice(i + 2);
-            }
-            if (msg.event === "end") { stopped = true; onEnd && onEnd(JSON.parse(msg.data)); return; }
-            if (msg.id) { last = Number(msg.id); onEvent(JSON.parse(msg.data)); }
+        for await (const block of sseBlocks(r)) {
+          const msg = {};
+          for (const line of block.split("\n")) {
+            const i = line.indexOf(": ");
+            if (i > 0) msg[line.slice(0, i)] = line.slice(i + 2);
           }
+          if (msg.event === "end") { stopped = true; onEnd && onEnd(JSON.parse(msg.data)); return; }
+          if (msg.id) { last = Number(msg.id); onEvent(JSON.parse(msg.data)); }
         }
       } catch (e) { if (stopped) return; }
       if (!stopped) await new Promise(r => setTimeout(r, 1000));
@@ -345,19 +351,10 @@ const pages = {
         body: JSON.stringify({model, stream: true, messages: [{role: "user", content: $("#prompt").value}],
                               temperature: Number($("#temp").value), top_p: Number($("#topp").value), max_tokens: Number($("#maxt").value)})});
       if (!r.ok) { const e = await r.json(); throw new Error(e.error.message); }
-      const reader = r.body.getReader(), dec = new TextDecoder();
-      let buf = "";
-      for (;;) {
-        const {value, done} = await reader.read();
-        if (done) break;
-        buf += dec.decode(value, {stream: true});
-        let cut;
-        while ((cut = buf.indexOf("\n\n")) >= 0) {
-          const line = buf.slice(0, cut); buf = buf.slice(cut + 2);
-          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-          const d = JSON.parse(line.slice(6));
-          if (d.choices && d.choices[0].delta.content) out.textContent += d.choices[0].delta.content;
-        }
+      for await (const line of sseBlocks(r)) {
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const d = JSON.parse(line.slice(6));
+        if (d.choices && d.choices[0].delta.content) out.textContent += d.choices[0].delta.content;
       }
       out.dataset.done = "1";
     }
