@@ -11,15 +11,19 @@ Three shapes (issue 36), greedy unless said:
       padded batch of 16.
 For each: generated tokens/s, mean time to the first token, and the achieved GFLOP/s of generation (2 x the
 parameters a token passes through, per generated token, plus the prefill's tokens) against this machine's fp32 matmul
-peak measured in the same run; then batched decoding alone (64 rows, no prefill in the timing).
+peak measured in the same run; then batched decoding alone (64 rows, no prefill in the timing). With llama-cpp-python
+installed (`pip install llama-cpp-python`: it compiles llama.cpp), llama.cpp on the same weights (an f32 GGUF written
+by tunesmith's export) is a reference row of each shape.
 Compare ratios within one run: the machines are shared.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,6 +93,49 @@ def engine_run(model, tok, prompts: list[str], new: int, rows: int, sample: bool
     return [r.output_ids for r in reqs], seconds, [r.first_token - r.submitted for r in reqs]
 
 
+def llama_cpp_gguf(model, tok, model_name: str, dtype: str, folder: Path) -> Path:
+    """The same weights as a GGUF for llama.cpp, written by tunesmith's GGUF export (f32, or f16 for bfloat16 runs:
+    llama.cpp's CPU kernels have no bfloat16 matmul of their own here)."""
+    from tunesmith.export.gguf_file import write_gguf
+    from tunesmith.models.load import BUNDLED, _package_dir
+
+    spec = BUNDLED.get(model_name)
+    source = _package_dir(model_name, spec, spec.package) / spec.gguf_file if spec and spec.gguf_file and not spec.parts else None
+    path = folder / f"{model_name}-{dtype}.gguf"
+    write_gguf(model.float(), tok, path, dtype, source_gguf=source)
+    return path
+
+
+def llama_cpp_run(gguf: Path, tok, model, prompts: list[str], new: int, sample: bool = False, copies: int = 1):
+    """llama-cpp-python's Llama on the same prompts, one sequence at a time (its Python API decodes one sequence; a
+    repeated prefix -- the system prompt, a prompt's 8 copies -- is reused from its cache, as llama.cpp does)."""
+    from llama_cpp import Llama
+
+    from tunesmith.models.engine import eos_ids
+
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_threads=torch.get_num_threads(), verbose=False)
+    eos = set(eos_ids(tok, model))
+    outs, firsts, t0 = [], [], time.perf_counter()
+    for i, p in enumerate(prompts):
+        ids = llm.tokenize(p.encode(), add_bos=False, special=True)
+        for k in range(copies):
+            kw = dict(temp=1.0, top_k=0, top_p=1.0, min_p=0.0) if sample else dict(temp=0.0)
+            if sample:
+                llm.set_seed(k + 100 * i)
+            out, tb = [], time.perf_counter()
+            for token in llm.generate(ids, reset=True, **kw):
+                if not out:
+                    firsts.append(time.perf_counter() - tb + (tb - t0))
+                if token in eos:
+                    out.append(token)
+                    break
+                out.append(token)
+                if len(out) == new:
+                    break
+            outs.append(out)
+    return outs, time.perf_counter() - t0, firsts
+
+
 def row(name: str, outs, seconds: float, firsts, prompt_tokens: int, fpt: float, peak: float) -> dict:
     new = sum(len(o) for o in outs)
     gflops = (new + prompt_tokens) * fpt / seconds / 1e9
@@ -121,6 +168,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--quick", action="store_true", help="a quarter of the prompts")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the weights (both paths)")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows (they need llama-cpp-python)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
     from tunesmith.methods.load import load_model
@@ -148,6 +196,10 @@ def main() -> None:
     print(f"model {args.model} ({args.dtype}), {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s, "
           f"{fpt / 1e9:.3f} GFLOP per token\n")
     results = []
+    gguf = None
+    if not args.no_llama_cpp and importlib.util.find_spec("llama_cpp") is not None:
+        gguf = llama_cpp_gguf(model, tok, args.model, "f32" if args.dtype == "float32" else "f16", Path(tempfile.mkdtemp()))
+        model = model.to(getattr(torch, args.dtype))
     for shape, prompts, new, sample, copies, base in (
             ("(a) eval", eval_prompts, 32, False, 1, [("model.generate, batches of 16", 16)]),
             ("(b) RL", rl_prompts, 64, True, 8, [("model.generate, 2 prompts x 8 per call", 2)]),
@@ -160,6 +212,15 @@ def main() -> None:
         outs, secs, firsts = engine_run(model, tok, prompts, new, rows=64, sample=sample, copies=copies)
         results.append({"shape": shape, **row("engine, 64 rows", outs, secs, firsts, tokens, fpt, peak)})
         print(results[-1], flush=True)
+        engine_outs = outs
+        if gguf:
+            outs, secs, firsts = llama_cpp_run(gguf, tok, model, prompts, new, sample, copies)
+            results.append({"shape": shape, **row(f"llama.cpp ({gguf.stem.rsplit('-', 1)[1]} GGUF), one sequence at a time",
+                                                  outs, secs, firsts, tokens, fpt, peak)})
+            if not sample:
+                results[-1]["same_as_engine"] = f"{sum(a == b for a, b in zip(outs, engine_outs))}/{len(outs)}"
+            print(results[-1], flush=True)
+            outs = engine_outs
         if not sample:  # greedy: the same answers
             ref, _, _ = hf(model, tok, prompts, new, 1)
             same = sum(a == b for a, b in zip(ref, outs))
