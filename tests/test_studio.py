@@ -286,3 +286,30 @@ def test_jobs_wait_their_turn_and_a_queued_job_cancels_at_once(tmp_path, tiny_mo
         assert c.fine_tuning.jobs.retrieve(short.id).status == "cancelled"
     finally:
         s.stop()
+
+
+def test_runs_started_from_the_cli_are_listed_and_served(tmp_path, tiny_model_dir):
+    from test_train import tiny_cfg
+    from tunesmith.train.loop import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"Say {i}.", "output": f"{i} {i}"} for i in range(30)])
+    run = train(tiny_cfg(tmp_path, tiny_model_dir, data, "train.max_steps=3", "output.name=from-cli")).run_dir
+    s = Running(tmp_path / "home", runs_dirs=(tmp_path / "runs",))
+    try:
+        rows = httpx.get(f"{s.url}/v1/studio/runs").json()["data"]
+        mine = next(r for r in rows if r["name"] == "from-cli")
+        assert (mine["status"], mine["job"], mine["step"], mine["metric"]) == ("succeeded", None, 3, "eval_loss")
+        assert mine["value"] < mine["before"]
+        metrics = httpx.get(f"{s.url}/v1/studio/runs/from-cli/metrics").json()["data"]
+        assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+        c = s.client()
+        assert {"from-cli", str(tiny_model_dir)} <= {m.id for m in c.models.list()}
+        answer = c.chat.completions.create(model="from-cli", messages=[{"role": "user", "content": "Say 2."}],
+                                           max_tokens=4, temperature=0)
+        assert answer.model == "from-cli"
+        assert httpx.get(f"{s.url}/v1/studio/runs/from-cli/files/report.html").text.startswith("<!doctype html>")
+        assert httpx.get(f"{s.url}/v1/studio/runs/from-cli/files/train.log").status_code == 404  # only what is listed
+        assert httpx.get(f"{s.url}/v1/studio/runs/nope").status_code == 404
+        assert run.exists()
+    finally:
+        s.stop()
