@@ -138,7 +138,7 @@ def test_rows_of_several_lora_adapters_run_in_one_batch(tiny, tmp_path):
 
 
 def test_the_batched_draw_is_an_exact_draw_from_the_distribution():
-    from tunesmith.models.engine import _draw
+    from tunesmith.models.sampling import draw as _draw
 
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(1000) * 2, -1)

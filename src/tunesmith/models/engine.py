@@ -14,11 +14,11 @@ What it wins over `model.generate` on padded batches (measured in bench/generate
     served together; a merged model or a plain base works the same way.
 
 What it keeps from the libraries: the model's forward itself (transformers: its layers, rotary embeddings, attention
-through SDPA; peft: the adapters), which is handed a `SlotCache` (a transformers Cache whose layers write each row's
-keys and values at that row's own position) and a 4D mask. Sampling follows transformers' logits processors (repetition
-penalty, no-repeat n-grams, then temperature, top-k, top-p, in that order), so greedy decoding is token-identical to
-`model.generate` (tests/test_engine.py); each request samples from a generator of its own, seeded, so its output does
-not depend on what else was in the batch.
+through SDPA; peft: the adapters), which is handed a `SlotCache` (slot_cache.py: a transformers Cache whose layers
+write each row's keys and values at that row's own position) and a 4D mask. Tokens are picked as transformers' logits
+processors pick them (sampling.py), so greedy decoding is token-identical to `model.generate` (tests/test_engine.py);
+each request samples from a generator of its own, seeded, so its output does not depend on what else was in the
+batch.
 
 Not here: beam search and prompt/prefix tuning (virtual tokens in front of every sequence) -- models.generate keeps
 `model.generate` for those.
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-
 from tunesmith.errors import TunesmithError
+from tunesmith.models.sampling import Sampling, first_stop, pick_tokens, stop_prefix_tail
+from tunesmith.models.slot_cache import SlotCache
 
 
 BASE = "__base__"  # Request.adapter for the base model with every adapter off (peft's name for it)
@@ -43,24 +43,6 @@ BASE = "__base__"  # Request.adapter for the base model with every adapter off (
 
 class EngineFull(Exception):
     """The waiting queue is full: the caller should come back later (a server answers 429 with Retry-After)."""
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    no_repeat_ngram_size: int = 0
-    num_beams: int = 1           # beam search (with do_sample False): models.generate runs model.generate for it
-    seed: int = 0
-    repetition_penalty: float = 1.0
-
-    @property
-    def greedy(self) -> bool:
-        """Temperatures below 1e-5 are greedy (dividing logits by them overflows to inf, and softmax to NaN)."""
-        return not self.do_sample or self.temperature < 1e-5
 
 
 @dataclass
@@ -95,91 +77,6 @@ class Request:
     @property
     def done(self) -> bool:
         return self._done.is_set()
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values for every slot: [slots, kv heads, capacity, head dim], written at each row's own
-    positions (the engine says where, `SlotCache.plan`), returned as the slots' views up to the longest length."""
-
-    is_sliding = False
-
-    def __init__(self, cache: "SlotCache"):
-        super().__init__()
-        self.cache = cache
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        # zeros, not empty: a masked position's value is multiplied by an attention weight of 0, and 0 x NaN is NaN
-        c = self.cache
-        self.keys = key_states.new_zeros((c.slots, key_states.shape[1], c.capacity, key_states.shape[-1]))
-        self.values = value_states.new_zeros((c.slots, value_states.shape[1], c.capacity, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        kind, where, kv_len = self.cache.plan
-        if kind == "decode":  # row i of the batch is slot i, its one new token at position where[i]
-            rows = torch.arange(key_states.shape[0], device=key_states.device)
-            self.keys[rows, :, where] = key_states[:, :, 0]
-            self.values[rows, :, where] = value_states[:, :, 0]
-            n = key_states.shape[0]
-            return self.keys[:n, :, :kv_len], self.values[:n, :, :kv_len]
-        # prefill: segments (slot, start, n) of the packed tokens, each written at its slot's positions
-        offset = 0
-        for slot, start, n in where:
-            self.keys[slot, :, start:start + n] = key_states[0, :, offset:offset + n]
-            self.values[slot, :, start:start + n] = value_states[0, :, offset:offset + n]
-            offset += n
-        if len(where) == 1:
-            slot, start, n = where[0]
-            return self.keys[slot:slot + 1, :, :start + n], self.values[slot:slot + 1, :, :start + n]
-        # several prompts in one forward: each segment's keys in turn (the mask keeps the segments apart)
-        return (torch.cat([self.keys[slot, :, :start + n] for slot, start, n in where], dim=1)[None],
-                torch.cat([self.values[slot, :, :start + n] for slot, start, n in where], dim=1)[None])
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.plan[2], 0
-
-    def get_seq_length(self) -> int:
-        return self.cache.plan[2] if self.cache.plan else 0
-
-    def get_max_length(self) -> int:
-        return self.cache.capacity
-
-    def grow(self, slots: int, capacity: int) -> None:
-        if self.is_initialized:
-            for name in ("keys", "values"):
-                old = getattr(self, name)
-                new = old.new_zeros((slots, old.shape[1], capacity, old.shape[-1]))
-                new[:old.shape[0], :, :old.shape[2]] = old
-                setattr(self, name, new)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Slot `src`'s first `length` positions into slot `dst` (a finished row's place; a shared prefix)."""
-        if self.is_initialized and length:
-            self.keys[dst, :, :length] = self.keys[src, :, :length]
-            self.values[dst, :, :length] = self.values[src, :, :length]
-
-
-class SlotCache(Cache):
-    """Slots and positions are allocated as rows need them (a batch of 16 requests holds 16 slots, not max_rows),
-    growing by half again each time."""
-
-    def __init__(self, num_layers: int, slots: int, capacity: int):
-        self.slots, self.capacity, self.plan = slots, capacity, None
-        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
-
-    def ensure(self, length: int, rows: int = 0) -> None:
-        if length > self.capacity or rows > self.slots:
-            capacity = max(length, int(self.capacity * 1.5)) if length > self.capacity else self.capacity
-            slots = max(rows, int(self.slots * 1.5)) if rows > self.slots else self.slots
-            for layer in self.layers:
-                layer.grow(slots, capacity)
-            self.capacity, self.slots = capacity, slots
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for layer in self.layers:
-            layer.move(src, dst, length)
 
 
 @dataclass
@@ -481,49 +378,9 @@ class Engine:
 
     # -- tokens and text --------------------------------------------------------------------------------------------
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Each row's next token from its logits [rows, vocab], in transformers' processor order: repetition penalty,
-        no-repeat n-grams (per row, where asked), then greedy argmax, or temperature, top-k, top-p and a draw. The draw
-        is batched (the inverse of each row's cumulative distribution at a uniform number from the row's own seeded
-        generator): the same distribution as torch.multinomial, one softmax for the whole batch, and a row's draws do
-        not depend on the other rows."""
-        logits = logits.float()
-        for i, r in enumerate(rows):
-            s = r.req.sampling
-            if s.repetition_penalty != 1.0:
-                seen = r.seen.to(logits.device)
-                picked = logits[i].gather(0, seen)
-                logits[i].scatter_(0, seen, torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty))
-            if s.no_repeat_ngram_size:
-                banned = _banned_ngram_tokens(r.seen.tolist(), s.no_repeat_ngram_size)
-                if banned:
-                    logits[i, banned] = -float("inf")
-        sampled = [i for i, r in enumerate(rows) if not r.req.sampling.greedy]
-        tokens = logits.argmax(-1) if len(sampled) < len(rows) else torch.zeros(len(rows), dtype=torch.long)
-        if sampled:
-            everyone = len(sampled) == len(rows)
-            idx = None if everyone else torch.tensor(sampled, device=logits.device)
-            sub = logits if everyone else logits[idx]  # logits are not needed after this: divided in place
-            temps = [rows[i].req.sampling.temperature for i in sampled]
-            if len(set(temps)) == 1:
-                sub.div_(temps[0])
-            else:
-                sub.div_(torch.tensor(temps, device=sub.device)[:, None])
-            for j, i in enumerate(sampled):
-                s = rows[i].req.sampling
-                if s.top_k and s.top_k < sub.shape[-1]:
-                    kth = torch.topk(sub[j], s.top_k).values[-1]
-                    sub[j] = sub[j].masked_fill(sub[j] < kth, -float("inf"))
-                if s.top_p < 1.0:
-                    sorted_logits, order = torch.sort(sub[j], descending=False)
-                    remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - s.top_p)
-                    remove[-1] = False
-                    sub[j] = sub[j].masked_fill(remove.scatter(0, order, remove), -float("inf"))
-            u = torch.tensor([float(torch.rand(1, generator=rows[i].req._generator)) for i in sampled], dtype=sub.dtype)
-            drawn = _draw(sub.softmax(-1), u.to(sub.device))
-            if everyone:
-                tokens = drawn
-            else:
-                tokens[idx] = drawn
+        """Each row's next token (sampling.pick_tokens), recorded on its request."""
+        tokens = pick_tokens(logits, [r.req.sampling for r in rows], [r.seen for r in rows],
+                             [r.req._generator for r in rows])
         now = time.monotonic()
         for r, token in zip(rows, tokens.tolist()):
             req = r.req
@@ -541,7 +398,7 @@ class Engine:
             ended = req.output_ids[-1] in self.eos
             shown = req.output_ids[:-1] if ended else req.output_ids
             text = self.tokenizer.decode(shown, skip_special_tokens=True)
-            stop_at = _first_stop(text, req.stop)
+            stop_at = first_stop(text, req.stop)
             if stop_at is not None:
                 req.text, reason = text[:stop_at], "stop"
             elif ended:
@@ -567,7 +424,7 @@ class Engine:
         if not final:
             if text.endswith("\ufffd"):
                 end = len(text.rstrip("\ufffd"))
-            end = min(end, len(text) - _stop_prefix_tail(text, req.stop))
+            end = min(end, len(text) - stop_prefix_tail(text, req.stop))
         if end > req._sent and text.startswith(text[:req._sent]):
             req.on_text(text[req._sent:end])
             req._sent = end
@@ -607,24 +464,6 @@ class Engine:
                 pass
 
 
-def _draw(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """For each row, the token where its cumulative distribution passes u (in [0, 1)) x its total: an exact draw from
-    `probs` [rows, vocab]. Two levels (block sums, then within the chosen block) instead of a cumulative sum over the
-    whole vocabulary: a quarter of the time for 64 rows of 49k."""
-    rows, vocab = probs.shape
-    pad = (-vocab) % block
-    if pad:
-        probs = torch.nn.functional.pad(probs, (0, pad))
-    blocks = probs.view(rows, -1, block)
-    sums = blocks.sum(-1).cumsum(-1)                                   # [rows, blocks]
-    target = (u * sums[:, -1]).unsqueeze(-1)
-    b = torch.searchsorted(sums, target).clamp(max=sums.shape[-1] - 1)  # [rows, 1]
-    before = torch.where(b > 0, sums.gather(-1, (b - 1).clamp(min=0)), torch.zeros_like(target))
-    inner = blocks.gather(1, b.unsqueeze(-1).expand(rows, 1, block)).squeeze(1).cumsum(-1)
-    k = torch.searchsorted(inner, target - before).clamp(max=block - 1)
-    return (b * block + k).squeeze(-1).clamp(max=vocab - 1)
-
-
 def eos_ids(tokenizer, model) -> list[int]:
     """The tokens that end an answer: the tokenizer's EOS, the model's generation config's, and the end-of-turn tags
     of the common chat templates."""
@@ -643,34 +482,6 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_tail(text: str, stops: list[str]) -> int:
-    """How many characters at the end of `text` could be the start of a stop string (held back while streaming)."""
-    longest = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:k]):
-                longest = k
-                break
-    return longest
-
-
-def _banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
-    """transformers' NoRepeatNGramLogitsProcessor for one row: the tokens that would complete an n-gram already seen."""
-    if len(seq) + 1 < n:
-        return []
-    prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
-    banned = []
-    for i in range(len(seq) - n + 1):
-        if tuple(seq[i:i + n - 1]) == prefix:
-            banned.append(seq[i + n - 1])
-    return banned
 
 
 def _sliding_window(config) -> int | None:

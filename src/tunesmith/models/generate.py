@@ -140,7 +140,7 @@ class SerialEngine:
 
     @torch.no_grad()
     def _run(self, req: Request) -> None:
-        from tunesmith.models.engine import _first_stop
+        from tunesmith.models.sampling import first_stop
 
         try:
             if not req.cancelled:
@@ -159,7 +159,7 @@ class SerialEngine:
                 end = next((i for i, t in enumerate(out) if t in eos), None)
                 req.output_ids = out[: end + 1] if end is not None else out
                 text = self.tokenizer.decode(out[:end] if end is not None else out, skip_special_tokens=True)
-                cut = _first_stop(text, req.stop)
+                cut = first_stop(text, req.stop)
                 req.text = text[:cut] if cut is not None else text
                 req.finish_reason = "stop" if end is not None or cut is not None else "length"
                 if req.on_text and req.text:

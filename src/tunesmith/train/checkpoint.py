@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith.config import OutputConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.run import RunDir
-from tunesmith.run.files import publish_dir
+from tunesmith.run.files import publish_dir, read_jsonl, write_text_atomic
+from tunesmith.run.layout import is_tunesmith_run
 from tunesmith.train.distributed import load_optimizer_state, set_weights
 from tunesmith.train.progress import Progress
 
@@ -292,3 +294,25 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def auto_resume_dir(output: OutputConfig, overwrite: bool) -> tuple[Path | None, bool]:
+    """With output.resume=auto: (the named run directory to resume, when it has a checkpoint and no final model yet;
+    whether to start it again, when tunesmith made it and it was stopped before its first checkpoint)."""
+    if output.resume != "auto" or not output.name or overwrite:
+        return None, False
+    run = RunDir(Path(output.dir) / output.name)
+    if not run.path.is_dir() or run.is_finished():
+        return None, False
+    if all_checkpoints(run):
+        return run.path, False
+    return None, is_tunesmith_run(run.path)
+
+
+def truncate_metrics(run_dir: RunDir, step: int) -> None:
+    """On resume: forget rows logged after the checkpoint (those steps run again)."""
+    path = run_dir.metrics
+    rows = read_jsonl(path)
+    if not rows and not path.exists():
+        return
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))

@@ -36,8 +36,8 @@ from tunesmith.models import neftune, pick_device
 from tunesmith.models.generate import Generation
 from tunesmith.objectives import Context, Objective, objective_for
 from tunesmith.run import RunDir
-from tunesmith.run.files import append_jsonl, publish_dir, read_jsonl, write_json_atomic, write_text_atomic
-from tunesmith.run.layout import choose_run_dir, create_run_dir, is_tunesmith_run
+from tunesmith.run.files import append_jsonl, publish_dir, write_json_atomic, write_text_atomic
+from tunesmith.run.layout import choose_run_dir, create_run_dir
 from tunesmith.run.lock import RunLock
 from tunesmith.run.log import RunLog, progress_bar
 from tunesmith.run.trackers import Trackers, check_installed
@@ -81,7 +81,7 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
     seed_everything(cfg.train.seed)
     resumable = restart = None
     if ddp.main:  # rank 0 alone picks, locks and writes the run directory
-        resumable, restart = _auto_resume_dir(cfg, overwrite)
+        resumable, restart = checkpoint.auto_resume_dir(cfg.output, overwrite)
         chosen = resume or resumable
         if chosen is not None:  # one writer per run: a live run is never resumed a second time
             if Path(chosen).is_dir():
@@ -228,7 +228,7 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
         if progress.global_batch != global_batch:
             raise TunesmithError(f"{ckpt.path} was trained with a global batch of {progress.global_batch} examples; this launch "
                                  f"has {global_batch} (micro_batch_size x grad_accum x processes); set train.grad_accum to match")
-        truncate_metrics(run_dir, ckpt.step)
+        checkpoint.truncate_metrics(run_dir, ckpt.step)
         stale = checkpoint.best_step(run_dir) if ddp.main and run_dir.best.exists() else None
         if stale is not None and stale != (progress.best or {}).get("step"):
             shutil.rmtree(run_dir.best)  # written after this checkpoint, by steps that run again: not this run's best
@@ -465,31 +465,9 @@ def _result_lines(objective: Objective, before: dict, after: dict, rows: list, d
     return lines
 
 
-def truncate_metrics(run_dir: RunDir, step: int) -> None:
-    """On resume: forget rows logged after the checkpoint (those steps run again)."""
-    path = run_dir.metrics
-    rows = read_jsonl(path)
-    if not rows and not path.exists():
-        return
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
-
-
 def _as_base(model):
     """The model without its adapter (peft methods), for measuring the base in place."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-
-
-def _auto_resume_dir(cfg: Config, overwrite: bool) -> tuple[Path | None, bool]:
-    """With output.resume=auto: (the named run directory to resume, when it has a checkpoint and no final model yet;
-    whether to start it again, when tunesmith made it and it was stopped before its first checkpoint)."""
-    if cfg.output.resume != "auto" or not cfg.output.name or overwrite:
-        return None, False
-    run = RunDir(Path(cfg.output.dir) / cfg.output.name)
-    if not run.path.is_dir() or run.is_finished():
-        return None, False
-    if checkpoint.all_checkpoints(run):
-        return run.path, False
-    return None, is_tunesmith_run(run.path)
 
 
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
