@@ -20,10 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -35,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.data.prepare import check_file
 from tunesmith.errors import TunesmithError
 from tunesmith.export.serve import add_generation_routes, harden, openai_error
+from tunesmith.run.files import write_bytes_atomic
 from tunesmith.models.load import BUNDLED
 from tunesmith.studio.jobs import JobError, Runner, checkpoints, metrics_csv, new_id, plan_job
 from tunesmith.studio.pool import ModelPool, created, installed_bundled
@@ -110,7 +110,7 @@ def build_studio(studio: Studio):
         (home / sub).mkdir(parents=True, exist_ok=True)
     store = Store(home / "studio.db")
     pool = ModelPool(store, studio, studio.max_loaded_models)
-    runner = Runner(store, home, studio.workers, on_finished=lambda job: _publish_results(store, home, job))
+    runner = Runner(store, home, studio.workers, results=lambda job: _results(store, home, job))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -143,9 +143,7 @@ def build_studio(studio: Studio):
         data = await file.read()
         if len(data) > studio.max_file_bytes:
             return error(413, f"{filename}: larger than the studio's limit of {studio.max_file_bytes} bytes", "file")
-        tmp = stored.with_name(f".{stored.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, stored)
+        write_bytes_atomic(stored, data)
         try:
             fmt, records = await asyncio.to_thread(check_file, stored, filename)
             status, details = "processed", None
@@ -218,38 +216,32 @@ def build_studio(studio: Studio):
         row, err = job_or_404(job_id)
         return err or _job_object(row, runner)
 
-    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-    async def cancel(job_id: str):
+    def change(job_id: str, allowed, refusal: str, action):
+        """cancel / pause / resume: the job as it is after `action`, or OpenAI's 400 when its status does not allow it."""
         row, err = job_or_404(job_id)
         if err:
             return err
-        if row["status"] in TERMINAL:
-            return error(400, f"job {job_id} has already {row['status']}; only a job that has not ended can be cancelled",
-                         "fine_tuning_job_id", "invalid_job_status")
-        runner.stop(job_id, "cancel")
+        if not allowed(row):
+            return error(400, f"job {job_id} is {row['status']}; {refusal}", "fine_tuning_job_id", "invalid_job_status")
+        action()
         return _job_object(store.job(job_id), runner)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel(job_id: str):
+        return change(job_id, lambda row: row["status"] not in TERMINAL, "only a job that has not ended can be cancelled",
+                      lambda: runner.stop(job_id, "cancel"))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
     async def pause(job_id: str):
-        row, err = job_or_404(job_id)
-        if err:
-            return err
-        if row["status"] not in ("running", "queued"):
-            return error(400, f"job {job_id} is {row['status']}; only a queued or running job can be paused",
-                         "fine_tuning_job_id", "invalid_job_status")
-        runner.stop(job_id, "pause")
-        return _job_object(store.job(job_id), runner)
+        return change(job_id, lambda row: row["status"] in ("running", "queued"),
+                      "only a queued or running job can be paused", lambda: runner.stop(job_id, "pause"))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
     async def resume(job_id: str):
-        row, err = job_or_404(job_id)
-        if err:
-            return err
-        if row["status"] not in ("paused", "cancelled") or row["stop"] or job_id in runner.running:
-            return error(400, f"job {job_id} is {row['status']}; a paused or cancelled job can be resumed once its "
-                              "process has stopped", "fine_tuning_job_id", "invalid_job_status")
-        runner.resume(job_id)
-        return _job_object(store.job(job_id), runner)
+        return change(job_id, lambda row: row["status"] in ("paused", "cancelled") and not row["stop"]
+                      and job_id not in runner.running,
+                      "a paused or cancelled job can be resumed once its process has stopped",
+                      lambda: runner.resume(job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
     async def events(job_id: str, after: Optional[str] = None, limit: int = 20):
@@ -363,9 +355,7 @@ def _prepare_job(store: Store, home: Path, req: JobRequest) -> dict:
     model_name, base, train_path, val_path = _job_inputs(store, home, body)
     plan = plan_job(body, model_name, base, train_path, val_path)
     job_id = new_id("ftjob")
-    body.update({"_id": job_id, "_model_source": model_name,
-                 "_plan": {"source": plan.source, "overrides": plan.overrides, "task": plan.task,
-                           "hyperparameters": plan.hyperparameters, "base": plan.base, "recipe": plan.extra["recipe"]}})
+    body.update({"_id": job_id, "_model_source": model_name, "_plan": asdict(plan)})
     return body
 
 
@@ -374,14 +364,15 @@ def _fine_tuned_model(job: dict) -> str:
     return f"ft:{req['_plan']['base']}:{req.get('suffix') or ''}:{job['id'].split('-')[1][:12]}"
 
 
-def _publish_results(store: Store, home: Path, job: dict) -> None:
-    """A succeeded job: its model id, trained tokens and the metrics CSV as a result file (purpose fine-tune-results)."""
+def _results(store: Store, home: Path, job: dict) -> dict:
+    """What a succeeded job carries, set with its status in one write (a client never sees `succeeded` without its
+    model): its model id, trained tokens, and the metrics CSV as a result file (purpose fine-tune-results)."""
     from tunesmith.run import RunDir
 
     run = RunDir(job["run_dir"])
     file_id = new_id("file")
     data = metrics_csv(run)
-    (home / "files" / f"{file_id}.csv").write_bytes(data)
+    write_bytes_atomic(home / "files" / f"{file_id}.csv", data)
     store.add_file({"id": file_id, "filename": "step_metrics.csv", "purpose": "fine-tune-results", "bytes": len(data),
                     "created_at": int(time.time()), "status": "processed", "status_details": None,
                     "stored": f"{file_id}.csv", "format": None, "records": None})
@@ -390,9 +381,7 @@ def _publish_results(store: Store, home: Path, job: dict) -> None:
         tokens = json.loads(run.summary.read_text()).get("tokens", tokens)
     except (OSError, ValueError):
         pass
-    store.update_job(job["id"], fine_tuned_model=_fine_tuned_model(job), result_files=json.dumps([file_id]),
-                     trained_tokens=tokens)
-    store.add_event(job["id"], f"New fine-tuned model created: {_fine_tuned_model(job)}")
+    return {"fine_tuned_model": _fine_tuned_model(job), "result_files": json.dumps([file_id]), "trained_tokens": tokens}
 
 
 def _file_object(row: dict) -> dict:

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -55,8 +55,8 @@ class Plan:
     overrides: list[str]
     hyperparameters: dict
     base: str                 # the base model's label in fine_tuned_model ids
-    task: str = "auto"
-    extra: dict = field(default_factory=dict)
+    task: str                 # as the config resolves it (auto: decided by the data)
+    recipe: str               # the recipe's name, or "studio" (default.yaml)
 
 
 def new_id(prefix: str) -> str:
@@ -95,7 +95,7 @@ def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: 
         cfg = load_config(source, over + resolved["overrides"] + user)  # the user's key=value wins
     except TunesmithError as e:
         raise JobError(str(e), "tunesmith.overrides" if user else "hyperparameters") from None
-    return Plan(source, over + resolved["overrides"] + user, resolved["values"], base, cfg.task, {"recipe": recipe or "studio"})
+    return Plan(source, over + resolved["overrides"] + user, resolved["values"], base, cfg.task, recipe or "studio")
 
 
 def _hyperparameters(hp: dict, cfg, kind: str) -> dict:
@@ -154,11 +154,11 @@ class Running:
 
 
 class Runner:
-    def __init__(self, store: Store, home: Path, workers: int = 1, on_finished: Callable[[dict], None] = lambda job: None):
+    def __init__(self, store: Store, home: Path, workers: int = 1, results: Callable[[dict], dict] = lambda job: {}):
         self.store, self.home, self.workers = store, Path(home), max(1, workers)
         self.running: dict[str, Running] = {}
         self.read: dict[str, dict] = {}  # job id -> {"metrics": lines read, "log": lines read}
-        self.on_finished = on_finished
+        self.results = results  # a succeeded job's fields (its model id, result files), written with its status
         self.lock = threading.RLock()
         self.stopping = threading.Event()  # no new work: the studio is shutting down
         self.done = threading.Event()      # the scheduler thread may end
@@ -236,7 +236,6 @@ class Runner:
                                 env=env, start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
         self.running[job["id"]] = Running(job["id"], proc)
-        self.read.setdefault(job["id"], {"metrics": 0, "log": 0})
         resumed = run.path.exists() and (job["status"] == "running" or _last_step(run) is not None)
         self.store.update_job(job["id"], status="running")
         self.store.add_event(job["id"], "Fine-tuning job resumed from its newest checkpoint" if resumed
@@ -262,9 +261,9 @@ class Runner:
             lines = _lines(path)
             seen[kind] = min(seen[kind], len(lines))
             for line in lines[seen[kind]:]:
-                if kind == "log":  # the run's folder named as the run, not as a path on the server
+                if kind == "log":  # the run's folder as the studio home's runs/NAME, not as a path on the server
                     text = line.split(" ", 1)[1] if line[:1].isdigit() else line
-                    self.store.add_event(job_id, text.replace(str(run.path) + "/", "").replace(str(run.path), run.name))
+                    self.store.add_event(job_id, text.replace(str(run.path), f"runs/{run.name}"))
                 else:
                     self._metrics_event(job_id, line)
             seen[kind] = len(lines)
@@ -312,10 +311,12 @@ class Runner:
             fields["finished_at"] = int(time.time())
         if error:
             fields["error"] = json.dumps(error)
+        if status == "succeeded":
+            fields.update(self.results(self.store.job(job_id)))
         self.store.update_job(job_id, **fields)
         self.store.add_event(job_id, message or error["message"], level="error" if error else "info")
-        if status == "succeeded":
-            self.on_finished(self.store.job(job_id))
+        if fields.get("fine_tuned_model"):
+            self.store.add_event(job_id, f"New fine-tuned model created: {fields['fine_tuned_model']}")
 
     # ---- requests
     def stop(self, job_id: str, how: str) -> None:
