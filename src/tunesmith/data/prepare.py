@@ -58,8 +58,7 @@ def check_file(path, shown: str) -> tuple[str, int]:
         fmt, examples, _ = load_examples(DataConfig(path=str(path)), str(path))
     except TunesmithError as e:
         raise TunesmithError(str(e).replace(str(path), shown)) from None
-    if fmt not in SFT_FORMATS + ("classification", "preference"):
-        raise TunesmithError(f"{shown}: data in {fmt} format is not supported")
+    _check_supported(fmt, f"{shown}: ")
     return fmt, len(examples)
 
 
@@ -139,17 +138,26 @@ def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for
     return data
 
 
+def _check_supported(fmt: str, where: str = "") -> None:
+    if fmt not in SFT_FORMATS + ("classification", "preference"):
+        raise TunesmithError(f"{where}data in {fmt} format is not supported; supported: {', '.join(SFT_FORMATS)}, "
+                             f"classification, preference")
+
+
+def _held_out(cfg: DataConfig, fmt: str, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(train, validation): data.val_path's records, or `val_size` split off the training records."""
+    if not cfg.val_path:
+        return split_examples(examples, cfg.val_size, cfg.seed)
+    vfmt, val_ex, _ = load_examples(cfg, cfg.val_path)
+    if vfmt != fmt:
+        raise TunesmithError(f"data.val_path is in {vfmt} format but data.path is in {fmt} format")
+    return examples, val_ex
+
+
 def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool) -> PreparedData:
     fmt, examples, counts = load_examples(cfg, cfg.path)
-    if fmt not in SFT_FORMATS + ("classification", "preference"):
-        raise TunesmithError(f"data in {fmt} format is not supported; supported: {', '.join(SFT_FORMATS)}, classification, preference")
-    if cfg.val_path:
-        vfmt, val_ex, _ = load_examples(cfg, cfg.val_path)
-        if vfmt != fmt:
-            raise TunesmithError(f"data.val_path is in {vfmt} format but data.path is in {fmt} format")
-        train_ex = examples
-    else:
-        train_ex, val_ex = split_examples(examples, cfg.val_size, cfg.seed)
+    _check_supported(fmt)
+    train_ex, val_ex = _held_out(cfg, fmt, examples)
     random.Random(cfg.seed).shuffle(train_ex)
     if cfg.max_examples:
         train_ex = train_ex[: cfg.max_examples]
@@ -199,11 +207,8 @@ def _split_stats(split: Split, counts: Counter) -> dict:
 def heldout_prompts(cfg: DataConfig, n: int) -> list[dict]:
     """Up to `n` records of the run's held-out split (the same split training made), each as the conversation before
     its answer and the reference answer: {"messages": [...], "reference": str}. For blind comparisons of two models."""
-    _, examples, _ = load_examples(cfg, cfg.path)
-    if cfg.val_path:
-        _, val, _ = load_examples(cfg, cfg.val_path)
-    else:
-        _, val = split_examples(examples, cfg.val_size, cfg.seed)
+    fmt, examples, _ = load_examples(cfg, cfg.path)
+    _, val = _held_out(cfg, fmt, examples)
     out = []
     for ex in val:
         if ex.chosen is not None:

@@ -135,7 +135,7 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 def harden(app, guard, body_limit=None) -> None:
     """Errors in OpenAI's shape with no traceback or path in them; only loopback Host headers on a loopback bind; the
-    API key on /v1 (and on every path `guard.protects`); bodies past the limit refused, counted as they arrive.
+    API key on /v1; bodies past the limit refused, counted as they arrive.
     `guard` is read on every request (its api_key may change); `body_limit(path)` gives a path its own limit."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -163,7 +163,7 @@ def harden(app, guard, body_limit=None) -> None:
     async def check(request: HTTPRequest, call_next):
         if guard.loopback_only_hosts and _host(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
             return openai_error(400, "this server answers requests to a loopback address only")
-        if guard.api_key and request.url.path.startswith(getattr(guard, "protects", ("/v1",))):
+        if guard.api_key and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {guard.api_key}".encode()):
                 return openai_error(401, "a valid API key is required (Authorization: Bearer KEY)")
