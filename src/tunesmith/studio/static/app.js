@@ -183,12 +183,13 @@ const pages = {
         <th>key metric (before &rarr; after)</th><th>steps</th><th>duration</th><th></th></tr></thead><tbody>
       ${runs.map(r => `<tr data-run="${esc(r.name)}">
         <td><input type="checkbox" class="pick" value="${esc(r.name)}" aria-label="select ${esc(r.name)}"></td>
-        <td><a href="#/run/${encodeURIComponent(r.name)}">${esc(r.name)}</a></td>
+        <td><a href="#/run/${encodeURIComponent(r.name)}">${esc(r.name)}</a>${r.model && r.model !== r.name ? `<div class="dim">${esc(r.model)}</div>` : ""}</td>
         <td class="status ${esc(r.status)}">${esc(r.status)}</td><td>${esc(r.task)}</td><td>${esc(r.method)}</td>
         <td>${esc(r.base)}</td><td>${r.metric ? `${esc(r.metric)} ${fmt(r.before)} &rarr; ${fmt(r.value)}` : ""}</td>
         <td>${r.step}${r.total_steps ? " / " + r.total_steps : ""}</td><td>${fmtSeconds(r.seconds)}</td>
         <td>${r.report ? `<a href="#" class="report" data-run="${esc(r.name)}">report</a>` : ""}</td></tr>`).join("")}
-      </tbody></table>`;
+      </tbody></table>
+      ${runs.length ? "" : `<p>No runs yet: start one under <a href="#/new">New run</a>, or point <code>--runs</code> at a folder of runs.</p>`}`;
     const picks = () => [...document.querySelectorAll(".pick:checked")].map(x => x.value);
     document.querySelectorAll(".pick").forEach(x => x.onchange = () => { $("#compare").disabled = picks().length < 2; });
     $("#compare").onclick = () => { location.hash = `#/compare/${picks().map(encodeURIComponent).join(",")}`; };
@@ -196,7 +197,7 @@ const pages = {
   },
 
   async run(name) {
-    main.innerHTML = `<h1 id="title">${esc(name)}</h1>
+    main.innerHTML = `<h1 id="title">${esc(name)}</h1><p id="about" class="dim"></p>
       <div class="row"><span id="status" class="status"></span><span id="progress" class="dim"></span>
         <button id="stop" hidden>Stop (checkpoint)</button><button id="resume" hidden>Resume</button>
         <a href="#/judge/${encodeURIComponent(name)}" id="judgelink" hidden>Blind A/B</a>
@@ -252,6 +253,10 @@ const pages = {
     const logLine = (text) => { const l = $("#log"); if (!l) return; l.textContent += text + "\n"; l.scrollTop = l.scrollHeight; };
     const show = (row) => {
       if (!$("#status")) return;
+      if (row.method !== "?") {
+        $("#about").textContent = [`${row.method} on ${row.base}`, row.task, row.model ? `model ${row.model}` : ""]
+          .filter(Boolean).join(" \u00b7 ");
+      }
       $("#status").textContent = row.status; $("#status").className = `status ${row.status}`;
       const live = ["running", "queued", "validating_files"].includes(row.status);
       $("#stop").hidden = !(row.job && live);
@@ -346,7 +351,8 @@ const pages = {
         <div class="card">${pick("mb", Math.min(1, models.length - 1))}<div id="ab" class="answer"></div></div></div>
       <div id="err" class="error" role="alert"></div>`;
     async function ask(model, out) {
-      out.textContent = "";
+      out.innerHTML = "<span class='dim'>generating...</span>";
+      let started = false;
       const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers({"Content-Type": "application/json"}),
         body: JSON.stringify({model, stream: true, messages: [{role: "user", content: $("#prompt").value}],
                               temperature: Number($("#temp").value), top_p: Number($("#topp").value), max_tokens: Number($("#maxt").value)})});
@@ -354,8 +360,12 @@ const pages = {
       for await (const line of sseBlocks(r)) {
         if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
         const d = JSON.parse(line.slice(6));
-        if (d.choices && d.choices[0].delta.content) out.textContent += d.choices[0].delta.content;
+        if (d.choices && d.choices[0].delta.content) {
+          if (!started) { out.textContent = ""; started = true; }
+          out.textContent += d.choices[0].delta.content;
+        }
       }
+      if (!started || !out.textContent.trim()) out.innerHTML = "<span class='dim'>(an empty answer)</span>";
       out.dataset.done = "1";
     }
     const go = async () => {
