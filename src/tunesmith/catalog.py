@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-TASK_NAMES = ("causal", "classification", "dpo")
+TASK_NAMES = ("causal", "classification", "dpo", "reward")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class MethodSpec:
         return self.quantized_bits is None
 
     def why(self, task: str) -> str:
-        return self.why_not.get(task) or ("not verified with preference pairs" if task == "dpo" else "not built")
+        return self.why_not.get(task) or {"dpo": "not verified with preference pairs",
+                                          "reward": "not verified with a reward head"}.get(task, "not built")
 
 
 VIRTUAL_TOKENS_ON_ENCODERS = "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector"
@@ -87,21 +88,30 @@ class TaskSpec:
     formats: tuple[str, ...]         # data formats (data/shapes.py) that train this task
     metrics: tuple[str, ...]         # held-out metrics train.select_best may name
     lower_is_better: tuple[str, ...] = ("eval_loss", "eval_ppl")
+    head: str = "vocabulary"         # what the model ends in: the vocabulary, or a sequence classifier's `classes`
+                                     # (one per label; one scalar for a reward model)
 
 
 SFT_FORMATS = ("text", "instruction", "prompt_completion", "chat", "sharegpt")
 TASKS: dict[str, TaskSpec] = {s.name: s for s in (
     TaskSpec("causal", "sft", "generation data", SFT_FORMATS, ("eval_loss", "eval_ppl", "eval_token_accuracy")),
     TaskSpec("classification", "classification", "text + label records", ("classification",),
-             ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall")),
+             ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall"), head="classes"),
     TaskSpec("dpo", "preference", "prompt/chosen/rejected pairs", ("preference",),
              ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy", "eval_seq_logp_accuracy")),
+    TaskSpec("reward", "reward", "prompt/chosen/rejected pairs", ("preference",),
+             ("eval_loss", "eval_accuracy", "eval_margin"), head="classes"),
 )}
 
 
 def task_of_format(data_format: str) -> str:
-    """The task data in this format trains (`task: auto`)."""
+    """The task data in this format trains (`task: auto`; preference pairs: dpo, the first that reads them)."""
     return next(t.name for t in TASKS.values() if data_format in t.formats)
+
+
+def has_class_head(task: str) -> bool:
+    """The task's model is a sequence classifier (AutoModelForSequenceClassification): classification, reward."""
+    return TASKS[task].head == "classes"
 
 
 def methods_for(task: str) -> tuple[str, ...]:

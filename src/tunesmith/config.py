@@ -123,6 +123,11 @@ class DpoConfig(Section):
     sft_weight: float = Field(0.0, ge=0, description="Adds this weight x the chosen answer's mean per-token negative log-likelihood to each pair's loss (RPO, TRL's `rpo_alpha`): keeps the chosen answers likely while DPO separates the pair. 0 = plain DPO; e.g. 1.0.")
 
 
+class RewardConfig(Section):
+    margin: float = Field(0.0, ge=0, description="`task: reward`: the chosen answer's score must beat the rejected one's by this much before the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) lets go of a pair (Llama 2's margin loss with one margin). 0 = plain Bradley-Terry.")
+    center_coefficient: float = Field(0.0, ge=0, description="`task: reward`: adds this weight x (r_chosen + r_rejected)^2 per pair, which keeps the scores centred on 0 (TRL's `center_rewards_coefficient`; e.g. 0.01): a reward used in RL then needs no offset.")
+
+
 class DistillConfig(Section):
     teacher: Optional[str] = Field(None, description="Teacher model (anything `model.name` accepts, e.g. a tuned run dir). Set = distillation into the student (`model.name` + `method`).")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy on the data's labels; 1 - alpha weighs the teacher's soft targets.")
@@ -156,13 +161,14 @@ class OutputConfig(Section):
 
 class Config(Section):
     recipe: str = Field(DEFAULT_RECIPE, description="Name of the recipe this config came from (informational).")
-    task: Literal[("auto",) + TASK_NAMES] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `dpo`: preference tuning on prompt/chosen/rejected pairs (see `dpo`); `auto`: decided by the data's shape.")
+    task: Literal[("auto",) + TASK_NAMES] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `dpo`: preference tuning on prompt/chosen/rejected pairs (see `dpo`); `reward`: a reward model, one scalar score per answer trained on the same pairs (see `reward`); `auto`: decided by the data's shape.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -268,11 +274,14 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
         raise TunesmithError("dpo.sft_weight adds an NLL term on the chosen answer, which dpo.loss=orpo already has "
                              "(dpo.beta weighs the odds-ratio term against it); set dpo.sft_weight=0")
     if cfg.train.neftune_noise_alpha and task == "dpo":
-        raise TunesmithError("train.neftune_noise_alpha is for supervised fine-tuning and classifiers: with task=dpo the "
+        raise TunesmithError("train.neftune_noise_alpha is for supervised fine-tuning, classifiers and reward models: with task=dpo the "
                              "reference model's log-probs would be computed on noisy embeddings too; unset it")
-    if cfg.train.label_smoothing and (task == "dpo" or (cfg.distill.teacher and cfg.distill.mode != "sequence")):
+    if cfg.train.label_smoothing and (task in ("dpo", "reward") or (cfg.distill.teacher and cfg.distill.mode != "sequence")):
         raise TunesmithError("train.label_smoothing smooths the one-hot targets of supervised fine-tuning and classifiers; "
-                             "DPO's and logit distillation's targets are not one-hot: unset it (or distill.mode=sequence)")
+                             "preference pairs' and logit distillation's targets are not one-hot: unset it (or distill.mode=sequence)")
+    if cfg.distill.teacher and task == "reward":
+        raise TunesmithError("distill.teacher distils a teacher's next-token distributions or answers; a reward model has "
+                             "neither: unset distill.teacher for task=reward")
     if cfg.method.freeze_layers and not spec.freeze_layers:
         raise TunesmithError(f"method.freeze_layers is not built for method.name={cfg.method.name}; use one of "
                              f"{', '.join(n for n, m in METHODS.items() if m.freeze_layers)}, or method.freeze_layers=0")

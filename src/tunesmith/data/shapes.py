@@ -30,7 +30,7 @@ def resolve_task(task: str, data_format: str) -> str:
     fits = task_of_format(data_format)
     if task == "auto":
         return fits
-    if task != fits:
+    if data_format not in TASKS[task].formats:
         raise TunesmithError(f"task={task} does not fit data in {data_format} format ({TASKS[task].data} expected)")
     return task
 

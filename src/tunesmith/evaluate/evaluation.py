@@ -29,6 +29,7 @@ from tunesmith.data.shapes import resolve_task, user_text
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
 from tunesmith.evaluate.closing import TRAINED, complete
+from tunesmith.evaluate.human import sign_test, wilson
 from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
@@ -37,6 +38,7 @@ from tunesmith.models import load_tokenizer, pick_device
 from tunesmith.models.generate import Sampling, generate
 from tunesmith.objectives.classification import predict, scores
 from tunesmith.objectives.preference import preference_scores, prefers_chosen, reference_logprobs
+from tunesmith.objectives.reward import reward_scores, score_pairs
 from tunesmith.run import RunDir
 from tunesmith.run.files import write_json_atomic
 
@@ -69,6 +71,8 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     dtype = run.precision.dtype  # as the run trained
     if run.task == "dpo":
         result = _preference(models, examples, tokenizer, cfg, dtype, device, log)
+    elif run.task == "reward":
+        result = _reward(models, examples, tokenizer, cfg, dtype, device, log)
     elif run.task == "classification":
         result = _classification(models, examples, cfg, dtype, device, log)
     else:
@@ -160,11 +164,44 @@ def _classification(models: dict, examples, cfg, dtype, device, log) -> dict:
     return result
 
 
-def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
-    for name, path in models.items():  # the pairs are tokenized once and scored against the tuned run's base
+def _one_tokenization(models: dict, tokenizer, cfg) -> None:
+    """Pairs are tokenized once and every model scores the same tokens: a `--runs` run with another tokenizer is refused."""
+    for name, path in models.items():
         if name not in ("base", "tuned") and load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
             raise TunesmithError(f"--runs {path.parent}: its tokenizer differs from {cfg.model.name}'s; preference pairs are "
-                                 f"compared on one tokenization against one reference model, so evaluate that run on its own")
+                                 f"compared on one tokenization, so evaluate that run on its own")
+
+
+def _reward(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
+    """Reward models on pairs: pairwise accuracy with its 95 % Wilson interval and the exact sign test of pairs scored
+    right against pairs scored wrong (chance is 1/2); with `--runs`, the tuned model against each on the same pairs.
+    The base is left out: its head is new and untrained, chance by construction."""
+    _one_tokenization(models, tokenizer, cfg)
+    pairs = tokenize_pairs(examples, cfg.data, tokenizer, cfg.data.max_length, Counter()).tokens
+    metrics, right = {}, {}
+    for name, path in models.items():
+        if name == "base":
+            continue
+        model = load_model(path, dtype, device).eval()
+        scores = score_pairs(model, pairs, tokenizer.pad_token_id)
+        del model
+        wins, losses = int((scores[:, 0] > scores[:, 1]).sum()), int((scores[:, 0] < scores[:, 1]).sum())
+        low, high = wilson(wins, wins + losses) if wins + losses else (0.0, 1.0)
+        metrics[name] = {**reward_scores(scores, cfg.reward), "eval_accuracy_ci95": [round(low, 4), round(high, 4)],
+                         "pairs_right": wins, "pairs_wrong": losses, "p_sign_test": round(sign_test(wins, losses), 6)}
+        right[name] = scores[:, 0] > scores[:, 1]
+        log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics[name].items()))
+    result = {"task": "reward", "metrics": metrics, "examples": len(pairs)}  # the pairs that fit data.max_length
+    others = [name for name in right if name != "tuned"]
+    if others:
+        result["tuned_against"] = {name: _paired_counts(right[name], right["tuned"]) for name in others}
+        log("tuned against the other runs, pairs won / lost: " + ", ".join(
+            f"{k} {v['won']} / {v['lost']} (sign test p = {v['p_value']})" for k, v in result["tuned_against"].items()))
+    return result
+
+
+def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
+    _one_tokenization(models, tokenizer, cfg)  # and scored against the tuned run's base
     pairs = tokenize_pairs(examples, cfg.data, tokenizer, cfg.data.max_length, Counter()).tokens
     logps = {}
     for name, path in models.items():

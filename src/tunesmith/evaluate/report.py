@@ -60,7 +60,12 @@ def write_report(run_dir: Path) -> Path:
 def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     claims, good = [], True
-    if "eval_accuracy" in after:
+    if "eval_margin" in after:  # a reward model: which answer of a pair it scores higher
+        claims.append(f"held-out pairwise accuracy {before.get('eval_accuracy', 0.5):.1%} &rarr; <b>{after['eval_accuracy']:.1%}</b> "
+                      f"(mean margin chosen - rejected {before.get('eval_margin', 0):+.3f} &rarr; {after['eval_margin']:+.3f}; "
+                      f"before: a new, untrained head)")
+        good = after["eval_accuracy"] > 0.5
+    elif "eval_accuracy" in after:
         d = after["eval_accuracy"] - before.get("eval_accuracy", 0)
         claims.append(f"held-out accuracy {before.get('eval_accuracy', 0):.1%} &rarr; <b>{after['eval_accuracy']:.1%}</b> "
                       f"(macro-F1 {before.get('eval_f1', 0):.3f} &rarr; {after['eval_f1']:.3f})")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.catalog import has_class_head
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.load import save_trainable
 from tunesmith.methods.bitfit import classifier_head
@@ -45,7 +46,7 @@ def apply(model, cfg, task: str = "causal"):
         parent_name, _, attr = name.rpartition(".")
         wrapped = Bottleneck(module, cfg.adapter_size)
         setattr(model.get_submodule(parent_name), attr, wrapped)
-    if task == "classification":
+    if has_class_head(task):
         classifier_head(model).requires_grad_(True)
     return model
 

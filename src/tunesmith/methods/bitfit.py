@@ -2,6 +2,7 @@
 (SmolLM2) have no biases: that is an error naming the alternatives, never a run that trains nothing."""
 from __future__ import annotations
 
+from tunesmith.catalog import has_class_head
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.load import save_trainable
 
@@ -15,7 +16,7 @@ def apply(model, cfg, task: str = "causal"):
                              f"(similarly few parameters) or lora")
     for p in biases:
         p.requires_grad_(True)
-    if task == "classification":
+    if has_class_head(task):
         classifier_head(model).requires_grad_(True)
     return model
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith.catalog import has_class_head
 from tunesmith.data.render import PromptFormat, prompt_format_of
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_base_model, pick_device, resolve_model_dir
@@ -131,7 +132,7 @@ def save_trainable(model, tokenizer, out_dir: Path, cfg, task: str, state_dict: 
     save_file(weights, Path(out_dir) / "trainable.safetensors")
     meta = {"method": cfg.name, "base_model_name_or_path": str(model.name_or_path), "task": task,
             "method_config": cfg.model_dump(), "num_labels": getattr(model.config, "num_labels", None),
-            "id2label": getattr(model.config, "id2label", None) if task == "classification" else None}
+            "id2label": getattr(model.config, "id2label", None) if has_class_head(task) else None}
     (Path(out_dir) / MARKER).write_text(json.dumps(meta, indent=1))
     tokenizer.save_pretrained(out_dir)
 

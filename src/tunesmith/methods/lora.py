@@ -27,6 +27,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tunesmith.catalog import has_class_head
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.full import transformer_blocks
 
@@ -147,13 +148,13 @@ def adapted_modules(model, cfg) -> tuple:
 
 
 def peft_task(task: str) -> str:
-    return {"causal": "CAUSAL_LM", "dpo": "CAUSAL_LM", "classification": "SEQ_CLS"}[task]
+    return "SEQ_CLS" if has_class_head(task) else "CAUSAL_LM"  # SEQ_CLS: peft trains and saves the head in full
 
 
 def save(model, tokenizer, out_dir, cfg=None, task: str = "causal", state_dict: dict | None = None):
     # adapter_config.json names the base model folder, so plain PeftModel.from_pretrained works
     model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out_dir)
-    if task == "classification":  # the base needs its head's label names back
+    if has_class_head(task):  # the base needs its head's label names back
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         (Path(out_dir) / "labels.json").write_text(json.dumps(labels))

@@ -207,3 +207,29 @@ def class_sum_loss(model, batch, return_logits: bool = False, label_smoothing: f
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
     loss = F.cross_entropy(logits, batch.classes, reduction="sum", label_smoothing=label_smoothing)
     return (loss, logits) if return_logits else loss
+
+
+def last_token_positions(input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """(rows,) the position a sequence classifier reads each row's score at: its rightmost token that is not the pad
+    id, the rule transformers' *ForSequenceClassification applies (so a score here is the one plain transformers
+    gives for the same ids)."""
+    if pad_id is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """(rows, labels) float32 scores of a sequence classifier on right-padded rows. A decoder's rows share their common
+    prefix's computation (a reward model's chosen and rejected answers share the prompt) and the head runs on one
+    position per row; encoders, prompt learning and FSDP run the model's own forward with an attention mask."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    peft_config = getattr(model, "active_peft_config", None)
+    prompt_learning = peft_config is not None and peft_config.is_prompt_learning
+    last = last_token_positions(input_ids, pad_id)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    if hasattr(inner, "score") and not prompt_learning and not _is_fsdp(model) and not inner.config.is_encoder_decoder:
+        hidden = _backbone_hidden(getattr(inner, inner.base_model_prefix), input_ids)
+        return inner.score(hidden[rows, last]).float()
+    mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= last[:, None]).long()
+    return model(input_ids=input_ids, attention_mask=mask).logits.float()

@@ -200,17 +200,22 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
+REWARD_LABEL = "reward"  # a reward model is a sequence classifier with this one label
+
+
 def load_base_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "auto",
                     quantization=None, labels: Optional[list[str]] = None):
-    """A causal LM, or a sequence classifier with a head for `labels` (`task="classification"`), from an HF folder;
-    `auto` reads the saved architecture (a fine-tuned classifier reloads as one). `quantization` (a transformers
-    BitsAndBytesConfig) loads the weights in 4/8 bits."""
+    """A causal LM, or a sequence classifier with a head for `labels` (`task="classification"`; `task="reward"`: one
+    scalar, label `reward`), from an HF folder; `auto` reads the saved architecture (a fine-tuned classifier or reward
+    model reloads as one). `quantization` (a transformers BitsAndBytesConfig) loads the weights in 4/8 bits."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load: our log says what loads
     device = device or pick_device()
     kw = {"dtype": dtype}
+    if task == "reward":
+        task, labels = "classification", [REWARD_LABEL]
     if task == "auto":
         task = "classification" if _saved_classifier(model_dir) else "causal"
         if task == "classification" and labels is None:

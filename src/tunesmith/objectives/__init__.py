@@ -3,6 +3,7 @@
     sft             supervised fine-tuning: cross-entropy on the response tokens
     classification  a sequence classifier's cross-entropy; accuracy and macro-F1
     preference      DPO, IPO, hinge, SimPO, ORPO on prompt/chosen/rejected pairs
+    reward          a reward model: one score per answer, Bradley-Terry on the same pairs
     distill         a teacher's soft targets (logits, or a top-k cache of them), or training on its answers
                     (`distill.mode: sequence`), around the student's own objective
 

@@ -1,0 +1,89 @@
+"""Reward models (task: reward): the Bradley-Terry loss by hand; scores equal what plain transformers computes for the
+saved model; training on pairs raises held-out pairwise accuracy for every method that claims the task; `tunesmith
+eval` on a pair file gives accuracy, a 95 % interval and an exact sign test against chance."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_jsonl
+from test_train import tiny_cfg
+from tunesmith.catalog import methods_for
+from tunesmith.errors import TunesmithError
+from tunesmith.objectives.reward import bradley_terry_losses
+from tunesmith.train.loop import train
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [{"prompt": f"Is {i} a nice number?", "chosen": f"Yes, {i} is a fine number.", "rejected": "No. Go away."}
+            for i in range(48)]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+def test_bradley_terry_loss_with_margin_and_centering_by_hand():
+    c, r = torch.tensor([1.0, -0.5]), torch.tensor([0.2, 0.5])
+    plain = -torch.log(torch.sigmoid(c - r))
+    assert torch.allclose(bradley_terry_losses(c, r), plain)
+    with_margin = -torch.log(torch.sigmoid(c - r - 0.3)) + 0.01 * (c + r) ** 2
+    assert torch.allclose(bradley_terry_losses(c, r, 0.3, 0.01), with_margin)
+
+
+@pytest.mark.parametrize("method", methods_for("reward"))
+def test_reward_model_learns_the_pairs_and_loads_in_plain_transformers(tmp_path, tiny_model_dir, pairs_file, method):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, pairs_file, "task=reward", f"method.name={method}", "train.max_steps=16",
+                   "train.lr=" + ("1e-3" if method == "full" else "1e-2"))
+    res = train(cfg)
+    s = res.summary
+    assert s["task"] == "reward"
+    assert s["after"]["eval_accuracy"] > 0.9 and s["after"]["eval_margin"] > 0
+    assert s["after"]["eval_loss"] < s["before"]["eval_loss"]
+    assert len(s["side_by_side"]) == 2 and "chosen" in s["side_by_side"][0]["tuned"]
+    if method not in ("full", "lora"):
+        return
+    # saved as transformers / peft load it: one label, and the score training measured
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunesmith.data.prepare import prepare
+    from tunesmith.methods.load import load_model
+    from tunesmith.models.heads import sequence_scores
+
+    final = res.run_dir / "final"
+    if method == "full":
+        plain = AutoModelForSequenceClassification.from_pretrained(final)
+    else:
+        from peft import AutoPeftModelForSequenceClassification
+
+        plain = AutoPeftModelForSequenceClassification.from_pretrained(final, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(final)
+    plain.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    assert plain.config.num_labels == 1
+    pair = prepare(cfg.data, tok).val.tokens[0]
+    ids = torch.from_numpy(pair.input_ids)[None]
+    with torch.no_grad():
+        theirs = float(plain.eval()(input_ids=ids).logits[0, 0])
+        ours = sequence_scores(load_model(final, torch.float32, torch.device("cpu")).eval(), ids, plain.config.pad_token_id)
+    assert float(ours[0, 0]) == pytest.approx(theirs, abs=1e-4)
+
+
+def test_scores_of_a_pair_sharing_its_prompt_equal_plain_transformers_row_by_row():
+    """Two right-padded rows with a 40-token common prefix take the shared-prefix path (one prefill, repeated); the
+    scores equal the plain classifier's on each row alone, read at its last non-pad token."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tunesmith.models.heads import sequence_scores
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    model = LlamaForSequenceClassification(config).eval()
+    prompt = torch.randint(3, 300, (40,))
+    chosen, rejected = torch.randint(3, 300, (9,)), torch.randint(3, 300, (5,))
+    ids = torch.zeros(2, 49, dtype=torch.long)
+    ids[0] = torch.cat([prompt, chosen])
+    ids[1, :45] = torch.cat([prompt, rejected])
+    with torch.no_grad():
+        ours = sequence_scores(model, ids, pad_id=0)[:, 0]
+        plain = [float(model(input_ids=torch.cat([prompt, answer])[None]).logits[0, 0]) for answer in (chosen, rejected)]
+    assert ours.tolist() == pytest.approx(plain, abs=1e-5)
