@@ -5,12 +5,10 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import write_jsonl
 from test_train import tiny_cfg
 from tunesmith.catalog import methods_for
-from tunesmith.errors import TunesmithError
 from tunesmith.objectives.reward import bradley_terry_losses
 from tunesmith.train.loop import train
 
@@ -42,6 +40,16 @@ def test_reward_model_learns_the_pairs_and_loads_in_plain_transformers(tmp_path,
     assert len(s["side_by_side"]) == 2 and "chosen" in s["side_by_side"][0]["tuned"]
     if method not in ("full", "lora"):
         return
+    # tunesmith eval on a pair file: accuracy with its interval and the sign test, the base (an untrained head) left out
+    from tunesmith.evaluate.evaluation import evaluate_run
+
+    ev = evaluate_run(res.run_dir, data_path=str(pairs_file), n=20, log=lambda *a: None)
+    m = ev["metrics"]["tuned"]
+    assert "base" not in ev["metrics"] and m["eval_pairs"] == 20
+    assert m["pairs_right"] + m["pairs_wrong"] <= 20 and m["eval_accuracy"] > 0.9
+    assert m["eval_accuracy_ci95"][0] < m["eval_accuracy"] <= m["eval_accuracy_ci95"][1]
+    assert m["p_sign_test"] < 0.01
+    assert json.loads((res.run_dir / "evaluation.json").read_text())["metrics"]["tuned"] == m
     # saved as transformers / peft load it: one label, and the score training measured
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

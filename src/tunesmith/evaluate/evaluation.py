@@ -185,11 +185,11 @@ def _reward(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
         model = load_model(path, dtype, device).eval()
         scores = score_pairs(model, pairs, tokenizer.pad_token_id)
         del model
-        wins, losses = int((scores[:, 0] > scores[:, 1]).sum()), int((scores[:, 0] < scores[:, 1]).sum())
+        right[name] = scores[:, 0] > scores[:, 1]
+        wins, losses = int(right[name].sum()), int((scores[:, 0] < scores[:, 1]).sum())  # ties are neither
         low, high = wilson(wins, wins + losses) if wins + losses else (0.0, 1.0)
         metrics[name] = {**reward_scores(scores, cfg.reward), "eval_accuracy_ci95": [round(low, 4), round(high, 4)],
                          "pairs_right": wins, "pairs_wrong": losses, "p_sign_test": round(sign_test(wins, losses), 6)}
-        right[name] = scores[:, 0] > scores[:, 1]
         log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics[name].items()))
     result = {"task": "reward", "metrics": metrics, "examples": len(pairs)}  # the pairs that fit data.max_length
     others = [name for name in right if name != "tuned"]
