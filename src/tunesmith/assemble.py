@@ -28,7 +28,7 @@ class Run:
     model_dir: Path                  # the base model folder (for a tuned base: its final/)
     tokenizer: object
     data: PreparedData
-    task: str                        # causal, classification, dpo
+    task: str                        # causal, classification, dpo, reward, rl
     precision: Precision
     batch_tokens: int | None         # padded tokens per forward pass (train.batch_tokens, doubled for bfloat16 passes)
     fingerprint: dict                # of the data and the base model: what a resume checks
@@ -47,7 +47,8 @@ def assemble(cfg: Config, device: torch.device, with_model: bool = True, keep_te
     rendered text (a teacher answers its prompts); `with_model=False` stops before loading the model (eval)."""
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
-    data = prepare(cfg.data, tokenizer, context_length(model_dir), for_inspection=keep_text)
+    rl = cfg.task == "rl"  # its objective reads the prompts' text, references and columns
+    data = prepare(cfg.data, tokenizer, context_length(model_dir), for_inspection=keep_text or rl, prompts_only=rl)
     task = resolve_task(cfg.task, data.format)
     check_combinations(cfg, task)
     precision = choose(cfg, device, task)  # weights' dtype; bfloat16 matmuls over float32 ones

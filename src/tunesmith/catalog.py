@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-TASK_NAMES = ("causal", "classification", "dpo", "reward")
+TASK_NAMES = ("causal", "classification", "dpo", "reward", "rl")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class MethodSpec:
 
     def why(self, task: str) -> str:
         return self.why_not.get(task) or {"dpo": "not verified with preference pairs",
-                                          "reward": "not verified with a reward head"}.get(task, "not built")
+                                          "reward": "not verified with a reward head",
+                                          "rl": "not verified with online RL"}.get(task, "not built")
 
 
 VIRTUAL_TOKENS_ON_ENCODERS = "virtual tokens in front of an encoder's [CLS] position leave the classifier reading a prompt vector"
@@ -65,7 +66,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
                quantized_bits=8, shardable=False, freeze_layers=True, lora_family=True, settings=LORA_SETTINGS),
     # IA3: peft's default rates make it look useless; it needs a rate ~10x LoRA's.
     MethodSpec("ia3", "ia3", 1e-2, "per-channel scales of keys, values and the feed-forward input",
-               TASK_NAMES, settings=("target_modules",)),
+               ("causal", "classification", "dpo", "reward"), settings=("target_modules",)),
     MethodSpec("prompt-tuning", "prompt_tuning", 3e-2, "virtual input embeddings in front of every sequence",
                ("causal",), {"classification": VIRTUAL_TOKENS_ON_ENCODERS}, mergeable=False, shardable=False,
                settings=PROMPT_SETTINGS),
@@ -73,7 +74,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
                ("causal",), {"classification": VIRTUAL_TOKENS_ON_ENCODERS}, mergeable=False, shardable=False,
                settings=PROMPT_SETTINGS),
     MethodSpec("adapters", "adapters", 1e-3, "bottleneck layers after the feed-forward (and attention) outputs",
-               TASK_NAMES, output="tunesmith folder", mergeable=False, settings=("adapter_size", "adapter_style")),
+               ("causal", "classification", "dpo", "reward"), output="tunesmith folder", mergeable=False, settings=("adapter_size", "adapter_style")),
     MethodSpec("bitfit", "bitfit", 5e-3, "the bias terms (plus a classification head)",
                ("causal", "classification"), output="tunesmith folder", updates_base=True),
 )}
@@ -101,6 +102,9 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in (
              ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy", "eval_seq_logp_accuracy")),
     TaskSpec("reward", "reward", "prompt/chosen/rejected pairs", ("preference",),
              ("eval_loss", "eval_accuracy", "eval_margin"), head="classes"),
+    # online RL: the prompts of any generation format (the response, if there is one, is a reference for the rewards)
+    TaskSpec("rl", "rl", "prompts (optionally with answer or reference columns)", ("prompt",) + SFT_FORMATS[1:],
+             ("eval_reward",), lower_is_better=()),
 )}
 
 

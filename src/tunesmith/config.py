@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.catalog import METHOD_NAMES, METHODS, TASK_NAMES, TASKS, methods_for
 from tunesmith.errors import TunesmithError
@@ -33,7 +33,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     path: Union[str, list[str]] = Field("builtin:docstrings", description="Training data: a file, glob or list (JSONL, JSON, CSV/TSV, Parquet, TXT, a `save_to_disk` folder) or `builtin:docstrings` (one-line summaries of this Python's stdlib docstrings).")
     val_path: Optional[Union[str, list[str]]] = Field(None, description="Held-out data. When unset, `val_size` records are split off the training data.")
-    format: Literal["auto", "text", "instruction", "prompt_completion", "chat", "sharegpt", "classification", "preference"] = Field("auto", description="Record shape; `auto` detects it from the field names.")
+    format: Literal["auto", "text", "instruction", "prompt_completion", "chat", "sharegpt", "classification", "preference", "prompt"] = Field("auto", description="Record shape; `auto` detects it from the field names (`prompt`: prompts alone, for `task: rl`).")
     columns: dict[str, str] = Field(default_factory=dict, description="Map our field names to yours, e.g. `{instruction: question, output: answer}`.")
     template: str = Field("chat", description="`chat` (the tokenizer's chat template), a named text template (`alpaca`, `instruct`, `qa`), or your own with `{field}` placeholders; the text after the last placeholder's prompt part is the response.")
     system_prompt: Optional[str] = Field(None, description="System message added to chat-rendered examples that have none (the model's template may add its own default).")
@@ -128,6 +128,61 @@ class RewardConfig(Section):
     center_coefficient: float = Field(0.0, ge=0, description="`task: reward`: adds this weight x (r_chosen + r_rejected)^2 per pair, which keeps the scores centred on 0 (TRL's `center_rewards_coefficient`; e.g. 0.01): a reward used in RL then needs no offset.")
 
 
+class RewardFunction(Section):
+    """One reward of `task: rl` (objectives/rewards.py): `kind` picks it, the other fields configure it."""
+    kind: Literal["exact", "numeric", "regex", "length", "rouge", "bleu", "chrf", "function", "model"] = Field(
+        description="`exact`: 1 if the answer equals the `column`'s value (whitespace and case aside), else 0; `numeric`: 1 if the "
+                    "last number in the answer equals the column's (the number after `####` in GSM8K-style answers); `regex`: 1 if "
+                    "`pattern` matches the answer (re.search; `^...$` for the whole answer); `length`: 1 inside [`min_words`, "
+                    "`max_words`], falling off linearly to 0 at half/double the band; `rouge` (ROUGE-L F), `bleu`, `chrf`: "
+                    "sentence scores in [0, 1] against the `column` (the data's response or `references` when unset); "
+                    "`function`: your `path`, `file.py:function` with TRL's signature (prompts, completions, dataset columns "
+                    "as keyword arguments -> a float or None per completion); `model`: a reward-model run (`path`: its run "
+                    "dir or final/), its score of prompt + answer.")
+    weight: float = Field(1.0, description="Its weight in the total reward (each reward is also logged on its own).")
+    column: Optional[str] = Field(None, description="`exact`, `numeric`, `rouge`, `bleu`, `chrf`: the data column holding the answer or reference (e.g. `answer`). Unset: the record's response (its completion / output / assistant turn), or its `references`.")
+    pattern: Optional[str] = Field(None, description="`regex`: the pattern an answer must contain (Python re, DOTALL).")
+    min_words: Optional[int] = Field(None, ge=0, description="`length`: the band's lower end in words.")
+    max_words: Optional[int] = Field(None, ge=1, description="`length`: the band's upper end in words.")
+    path: Optional[str] = Field(None, description="`function`: `file.py:function`; `model`: a reward-model run.")
+    name: Optional[str] = Field(None, description="What the logs call it (default: the kind, or the function's name).")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        need = {"regex": "pattern", "function": "path", "model": "path"}.get(self.kind)
+        if need and not getattr(self, need):
+            raise ValueError(f"a reward of kind {self.kind} needs `{need}`")
+        if self.kind == "length" and (self.min_words is None or self.max_words is None or self.min_words > self.max_words):
+            raise ValueError("a reward of kind length needs min_words <= max_words")
+        if self.kind == "function" and ":" not in self.path:
+            raise ValueError(f"path {self.path!r}: expected file.py:function")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "function":
+            return self.path.rsplit(":", 1)[1]
+        return self.kind
+
+
+class RLConfig(Section):
+    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="`grpo`: advantage = reward - its group's mean (divided by the group's std with `scale_rewards: group`); `rloo`: reward - the mean of the group's other completions (REINFORCE leave-one-out), unscaled.")
+    loss: Literal["grpo", "dr_grpo", "dapo"] = Field("dapo", description="How token losses are averaged: `grpo` per completion, then over completions (favours short answers); `dr_grpo` summed over a group's tokens / (completions x rl.max_new_tokens), no length bias; `dapo` over every completion token of a pass (TRL's default).")
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (TRL's num_generations). `train.micro_batch_size` counts prompts, so a step trains micro_batch_size x grad_accum x group_size completions.")
+    max_new_tokens: int = Field(128, ge=1, description="Completion length cap; a completion cut here counts as truncated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (the log-probs are taken at it too).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (1 = off).")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference model (k3 estimator, per token). 0 = no reference pass (TRL's default). Adapter methods use the base with the adapter switched off; full fine-tuning keeps a frozen copy of the starting weights.")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the probability ratio (PPO's epsilon).")
+    epsilon_high: Optional[float] = Field(None, gt=0, description="Upper clip range (DAPO's clip-higher, e.g. 0.28); unset = epsilon.")
+    updates: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (TRL's num_iterations, mu): the rollouts and their old log-probs are kept for this many consecutive steps, so a step after the first is an update on the same completions, clipped.")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="`grpo`: divide advantages by the std of the group's rewards, of the step's rewards, or not (Dr. GRPO recommends none). `rloo` never scales.")
+    mask_truncated: bool = Field(False, description="Completions cut at rl.max_new_tokens take no part in the loss (DAPO's overlong filtering).")
+    rewards: list[RewardFunction] = Field(default_factory=list, description="The rewards, summed with their weights: a list of `{kind, weight, column, pattern, min_words, max_words, path, name}` (docs/methods.md, \"Online RL\"), e.g. `[{kind: numeric, column: answer}, {kind: regex, pattern: \"#### -?[0-9]+\", weight: 0.2}]`.")
+
+
 class DistillConfig(Section):
     teacher: Optional[str] = Field(None, description="Teacher model (anything `model.name` accepts, e.g. a tuned run dir). Set = distillation into the student (`model.name` + `method`).")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy on the data's labels; 1 - alpha weighs the teacher's soft targets.")
@@ -161,7 +216,7 @@ class OutputConfig(Section):
 
 class Config(Section):
     recipe: str = Field(DEFAULT_RECIPE, description="Name of the recipe this config came from (informational).")
-    task: Literal[("auto",) + TASK_NAMES] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `dpo`: preference tuning on prompt/chosen/rejected pairs (see `dpo`); `reward`: a reward model, one scalar score per answer trained on the same pairs (see `reward`); `auto`: decided by the data's shape.")
+    task: Literal[("auto",) + TASK_NAMES] = Field("auto", description="`causal`: generate text (SFT); `classification`: a sequence classifier with a head for the data's labels; `dpo`: preference tuning on prompt/chosen/rejected pairs (see `dpo`); `reward`: a reward model, one scalar score per answer trained on the same pairs (see `reward`); `rl`: online reinforcement learning from rewards on prompts (GRPO / RLOO, see `rl`); `auto`: decided by the data's shape.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -169,6 +224,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -282,6 +338,18 @@ def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
     if cfg.distill.teacher and task == "reward":
         raise TunesmithError("distill.teacher distils a teacher's next-token distributions or answers; a reward model has "
                              "neither: unset distill.teacher for task=reward")
+    if task == "rl":
+        if not cfg.rl.rewards:
+            raise TunesmithError("task=rl learns from rewards: set rl.rewards, e.g. rl.rewards=[{kind: numeric, column: answer}] "
+                                 "(kinds: exact, numeric, regex, length, rouge, bleu, chrf, function, model; docs/methods.md)")
+        if cfg.distill.teacher or cfg.train.label_smoothing or cfg.train.neftune_noise_alpha:
+            raise TunesmithError("task=rl trains on its own sampled completions: distill.teacher, train.label_smoothing and "
+                                 "train.neftune_noise_alpha do not apply; unset them")
+        if cfg.train.distributed != "ddp":
+            raise TunesmithError("task=rl generates its rollouts on each process's whole model: train.distributed=fsdp and "
+                                 "deepspeed are not built for it; use train.distributed=ddp")
+    elif cfg.rl.rewards:
+        raise TunesmithError(f"rl.rewards is read by task=rl only (this run is task={task or cfg.task})")
     if cfg.method.freeze_layers and not spec.freeze_layers:
         raise TunesmithError(f"method.freeze_layers is not built for method.name={cfg.method.name}; use one of "
                              f"{', '.join(n for n, m in METHODS.items() if m.freeze_layers)}, or method.freeze_layers=0")

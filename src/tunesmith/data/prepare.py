@@ -16,7 +16,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data import cache as data_cache
 from tunesmith.data.classify import label_names, tokenize_classification
 from tunesmith.data.read import read_records
-from tunesmith.data.render import PreparedData, Split, render, tokenize
+from tunesmith.data.render import ENCODE_CHUNK, IGNORE, PreparedData, Split, Tokenized, encode_texts, render, tokenize
 from tunesmith.data.shapes import Example, detect_format, map_columns, to_example
 from tunesmith.errors import TunesmithError
 
@@ -117,21 +117,41 @@ def tokenize_pairs(examples: list[Example], cfg: DataConfig, tokenizer, max_leng
     return kept
 
 
+def tokenize_prompts(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter) -> Split:
+    """Prompts alone (online RL): each example's prompt as generation starts from it (rendered as training renders it),
+    no token trained (labels all IGNORE); the response, if the record has one, is `rendered[i].reference`. A prompt
+    longer than max_length is dropped: cutting it would cut the chat template's turn markers."""
+    kept = Split([], [], [])
+    rendered = [render(ex, cfg.template, tokenizer, False, cfg.system_prompt) for ex in examples]
+    add_special = cfg.template != "chat"
+    for start in range(0, len(rendered), ENCODE_CHUNK):
+        chunk = rendered[start: start + ENCODE_CHUNK]
+        for i, (r, (ids, _)) in enumerate(zip(chunk, encode_texts(tokenizer, [r.prompt for r in chunk], add_special)), start):
+            if not len(ids) or len(ids) > max_length:
+                counts["dropped_overlong"] += 1
+                continue
+            kept.examples.append(examples[i])
+            kept.rendered.append(r)
+            kept.tokens.append(Tokenized(ids, np.full(len(ids), IGNORE, dtype=np.int32)))
+    return kept
+
+
 def _first_user(ex: Example) -> str:
     return next((m["content"] for m in ex.messages if m["role"] == "user"), "")
 
 
-def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for_inspection: bool = False) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for_inspection: bool = False,
+            prompts_only: bool = False) -> PreparedData:
     """Tokenized splits. The training split keeps only its tokens (memory stays near the token
     arrays) unless `for_inspection`, which also keeps its examples and rendered text and skips
     the tokenized-data cache. `stats["fingerprint"]` identifies the data (files, settings, tokenizer;
     None for hub datasets): the cache key, and what a resumed run checks."""
     max_length = min(cfg.max_length, model_max_length or cfg.max_length)
     key = data_cache.cache_key(cfg, tokenizer, max_length)
-    use_cache = key and cfg.cache and not for_inspection
+    use_cache = key and cfg.cache and not for_inspection and not prompts_only
     if use_cache and (cached := data_cache.load(key)) is not None:
         return cached
-    data = _prepare(cfg, tokenizer, max_length, keep_train_text=for_inspection)
+    data = _prepare(cfg, tokenizer, max_length, keep_train_text=for_inspection, prompts_only=prompts_only)
     data.stats["fingerprint"] = key
     if use_cache:
         data_cache.save(key, data)
@@ -139,9 +159,9 @@ def prepare(cfg: DataConfig, tokenizer, model_max_length: int | None = None, for
 
 
 def _check_supported(fmt: str, where: str = "") -> None:
-    if fmt not in SFT_FORMATS + ("classification", "preference"):
+    if fmt not in SFT_FORMATS + ("classification", "preference", "prompt"):
         raise TunesmithError(f"{where}data in {fmt} format is not supported; supported: {', '.join(SFT_FORMATS)}, "
-                             f"classification, preference")
+                             f"classification, preference, prompt")
 
 
 def _held_out(cfg: DataConfig, fmt: str, examples: list[Example]) -> tuple[list[Example], list[Example]]:
@@ -154,7 +174,7 @@ def _held_out(cfg: DataConfig, fmt: str, examples: list[Example]) -> tuple[list[
     return examples, val_ex
 
 
-def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool) -> PreparedData:
+def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool, prompts_only: bool = False) -> PreparedData:
     fmt, examples, counts = load_examples(cfg, cfg.path)
     _check_supported(fmt)
     train_ex, val_ex = _held_out(cfg, fmt, examples)
@@ -168,6 +188,9 @@ def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool)
         train = Split(*tokenize_classification(train_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", train_counts))
         val = Split(*tokenize_classification(val_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", val_counts))
         counts["label_counts"] = {"train": _label_counts(train, labels), "val": _label_counts(val, labels)}
+    elif prompts_only or fmt == "prompt":
+        train = tokenize_prompts(train_ex, cfg, tokenizer, max_length, train_counts)
+        val = tokenize_prompts(val_ex, cfg, tokenizer, max_length, val_counts)
     elif fmt == "preference":
         train = tokenize_pairs(train_ex, cfg, tokenizer, max_length, train_counts)
         val = tokenize_pairs(val_ex, cfg, tokenizer, max_length, val_counts)

@@ -200,7 +200,7 @@ def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int
     out: list[Tokenized | None] = []
     for start in range(0, len(rendered), ENCODE_CHUNK):  # chunks bound the tokenizer's own memory
         chunk = rendered[start: start + ENCODE_CHUNK]
-        for r, (ids, offsets) in zip(chunk, _encode(tokenizer, [r.text for r in chunk], add_special)):
+        for r, (ids, offsets) in zip(chunk, encode_texts(tokenizer, [r.text for r in chunk], add_special)):
             out.append(_labelled(r, ids, offsets, max_length, truncate, drops))
     return out
 
@@ -208,7 +208,7 @@ def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int
 ENCODE_CHUNK = 2048
 
 
-def _encode(tokenizer, texts: list[str], add_special: bool):
+def encode_texts(tokenizer, texts: list[str], add_special: bool):
     """(ids, offsets[n, 2]) per text; the Rust tokenizer directly when there is one (3x faster than
     going through transformers' per-encoding conversion)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

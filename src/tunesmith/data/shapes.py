@@ -10,6 +10,11 @@
 | classification    | text (optional text_pair), label                                         |
 | preference        | prompt, chosen, rejected — or OpenAI DPO: input.messages,                |
 |                   | preferred_output, non_preferred_output                                   |
+| prompt            | prompt (text, or a list of messages ending in a user turn): prompts      |
+|                   | alone, for online RL; other columns go to the rewards                    |
+
+Every `Example` keeps its record's columns (`columns`, after `data.columns` mapping): online RL passes them to the
+reward functions (an `answer` column for an exact-match reward, TRL's convention).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ DETECT = [
     ("preference", ("preferred_output", "non_preferred_output")),
     ("instruction", ("instruction", "output")),
     ("prompt_completion", ("prompt", "completion")),
+    ("prompt", ("prompt",)),
     ("classification", ("text", "label")),
     ("text", ("text",)),
 ]
@@ -58,6 +64,7 @@ class Example:
     chosen: Optional[str] = None  # preference
     rejected: Optional[str] = None
     references: Optional[list] = None  # extra reference answers for evaluation
+    columns: dict = field(default_factory=dict)  # the record's fields as read (online RL hands them to the rewards)
 
 
 def user_text(example: Example) -> str:
@@ -88,6 +95,7 @@ def detect_format(fields: dict, where: str, columns: dict[str, str]) -> str:
 
 def to_example(fields: dict, fmt: str, where: str) -> Example:
     ex = NORMALISE[fmt](fields, where)
+    ex.columns = dict(fields)
     refs = fields.get("references")  # several reference answers (evaluation only), e.g. SciTLDR's all_summaries
     refs = refs.tolist() if hasattr(refs, "tolist") else refs
     if isinstance(refs, (list, tuple)) and refs and all(isinstance(r, str) for r in refs):
@@ -130,6 +138,21 @@ def _prompt_completion(f: dict, where: str) -> Example:
     p, c = _text(f, "prompt", where, "prompt_completion"), _text(f, "completion", where, "prompt_completion")
     return Example([{"role": "user", "content": p}, {"role": "assistant", "content": c}], where,
                    {"prompt": p, "completion": c, "instruction": p, "input": "", "output": c}, _group(f))
+
+
+def _prompt_only(f: dict, where: str) -> Example:
+    """A prompt with no answer (online RL): an empty assistant turn marks where generation starts."""
+    p = f.get("prompt")
+    if isinstance(p, list):
+        msgs = _check_messages(p, where, "prompt")
+        if msgs[-1]["role"] != "user":
+            raise TunesmithError(f"{where}: 'prompt' ends with a {msgs[-1]['role']} turn; a prompt ends with the user's turn")
+        user = msgs[-1]["content"]
+    else:
+        user = _text(f, "prompt", where, "prompt")
+        msgs = [{"role": "user", "content": user}]
+    return Example(msgs + [{"role": "assistant", "content": ""}], where,
+                   {"prompt": user, "completion": "", "instruction": user, "input": "", "output": ""}, _group(f))
 
 
 def _text_only(f: dict, where: str) -> Example:
@@ -208,4 +231,5 @@ def _preference(f: dict, where: str) -> Example:
 
 
 NORMALISE = {"text": _text_only, "instruction": _instruction, "prompt_completion": _prompt_completion, "chat": _chat,
-             "sharegpt": _sharegpt, "classification": _classification, "preference": _preference}
+             "sharegpt": _sharegpt, "classification": _classification, "preference": _preference,
+             "prompt": _prompt_only}

@@ -39,6 +39,8 @@ from tunesmith.models.generate import Sampling, generate
 from tunesmith.objectives.classification import predict, scores
 from tunesmith.objectives.preference import preference_scores, prefers_chosen, reference_logprobs
 from tunesmith.objectives.reward import reward_scores, score_pairs
+from tunesmith.objectives.rewards import build_rewards, score_all
+from tunesmith.objectives.rl import rollouts_for
 from tunesmith.run import RunDir
 from tunesmith.run.files import write_json_atomic
 
@@ -75,9 +77,12 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
         result = _reward(models, examples, tokenizer, cfg, dtype, device, log)
     elif run.task == "classification":
         result = _classification(models, examples, cfg, dtype, device, log)
-    else:
-        sampling = Sampling(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, num_beams=num_beams or cfg.eval.num_beams)
-        result = _generation(models, examples, tokenizer, cfg, dtype, device, show, sampling, log)
+    else:  # generation; an RL run's answers are also scored by its rewards (up to its completion length)
+        rl = run.task == "rl"
+        sampling = Sampling(max_new_tokens=max_new_tokens or (cfg.rl.max_new_tokens if rl else cfg.eval.max_new_tokens),
+                            num_beams=num_beams or cfg.eval.num_beams)
+        result = _generation(models, examples, tokenizer, cfg, dtype, device, show, sampling, log,
+                             build_rewards(cfg.rl.rewards, device) if rl else None)
     result = {"data": data_path or "validation split", "examples": len(examples), **result}
     kept = _next_evaluation_path(run_dir, data_path, len(examples))
     write_json_atomic(kept, result)  # every evaluation is kept; evaluation.json is the latest, the report's source
@@ -101,10 +106,14 @@ def _load(path: Path, dtype, device):
     return merge_adapter(load_model(path, dtype, device).eval())  # generation as fast as a merged model
 
 
-def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int, sampling: Sampling, log) -> dict:
+def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int, sampling: Sampling, log,
+                rewards: list | None = None) -> dict:
+    """Generation metrics against the references; with `rewards` (an RL run's), each model's mean of every reward on
+    its answers and, per example, the tuned model's total reward against each other model's: examples won / lost
+    and the exact sign-test p-value."""
     rendered = [render(ex, cfg.data.template, tokenizer, False, cfg.data.system_prompt) for ex in examples]
     references = [ex.references or [r.reference] for ex, r in zip(examples, rendered)]
-    outputs, metrics, speed = {}, {}, {}
+    outputs, metrics, speed, totals = {}, {}, {}, {}
     base_general = drift = None
     for name, path in models.items():
         model = _load(path, dtype, device)
@@ -121,6 +130,14 @@ def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int
         metrics[name] = {**generation_metrics([g.text for g in gens], references),
                          "ends_on_its_own": round(100 * sum(g.stopped for g in gens) / len(gens), 1)}
         speed[name] = round(sum(g.new_tokens for g in gens) / secs, 1)
+        if rewards:
+            rollouts = rollouts_for(examples, rendered, [g.text for g in gens], [[] for _ in gens], 1)
+            totals[name], table = score_all(rewards, rollouts)
+            metrics[name]["reward"] = round(float(totals[name].mean()), 5)
+            for reward, row in zip(rewards, table):
+                known = row[~torch.isnan(row)]
+                metrics[name][f"reward_{reward.name}"] = round(float(known.mean()), 5) if len(known) else None
+            metrics[name]["mean_new_tokens"] = round(sum(g.new_tokens for g in gens) / len(gens), 1)
         if name == "base":
             base_general = forgetting.measure_base(model, tokenizer)
         elif name == "tuned" and base_general:
@@ -132,8 +149,14 @@ def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int
     k = min(show, len(examples))
     rows = build_rows([user_text(ex) for ex in examples[:k]], [r.reference for r in rendered[:k]],
                       {n: g[:k] for n, g in outputs.items()}, references[:k])
-    return {"task": "causal", "metrics": metrics, "generation_tok_s": speed, "side_by_side": rows, "forgetting": drift,
-            "outputs": {n: [g.text for g in gens] for n, gens in outputs.items()}, "references": references}
+    result = {"task": "rl" if rewards else "causal", "metrics": metrics, "generation_tok_s": speed, "side_by_side": rows,
+              "forgetting": drift, "outputs": {n: [g.text for g in gens] for n, gens in outputs.items()},
+              "references": references}
+    if rewards and len(totals) > 1:
+        result["tuned_against"] = {name: _paired_scores(totals[name], totals["tuned"]) for name in totals if name != "tuned"}
+        log("tuned against the others, examples with a higher / lower total reward: " + ", ".join(
+            f"{k} {v['won']} / {v['lost']} (sign test p = {v['p_value']})" for k, v in result["tuned_against"].items()))
+    return result
 
 
 def _classification(models: dict, examples, cfg, dtype, device, log) -> dict:
@@ -220,6 +243,16 @@ def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> d
         log("tuned against base, pairs won / lost: " + ", ".join(
             f"{k} {v['won']} / {v['lost']} (sign test p = {v['p_value']})" for k, v in result["against_base"].items()))
     return result
+
+
+def _paired_scores(other: torch.Tensor, tuned: torch.Tensor) -> dict:
+    """Examples where the tuned model scores higher (won) or lower (lost) than the other, ties left out, with the exact
+    two-sided sign-test p-value; and the mean difference."""
+    from scipy.stats import binomtest
+
+    won, lost = int((tuned > other).sum()), int((tuned < other).sum())
+    p = binomtest(won, won + lost).pvalue if won + lost else 1.0
+    return {"won": won, "lost": lost, "p_value": round(p, 4), "mean_difference": round(float((tuned - other).mean()), 5)}
 
 
 def _paired_counts(base_right: torch.Tensor, tuned_right: torch.Tensor) -> dict:

@@ -362,7 +362,7 @@ class Engine:
         kwargs = dict(input_ids=ids, position_ids=position_ids, attention_mask=mask, past_key_values=self.cache,
                       use_cache=True, logits_to_keep=keep if torch.is_tensor(keep) else (1 if ids.shape[1] > 1 else 0))
         if self.peft:
-            if self.mixed_adapters:
+            if self.mixed_adapters and any(a is not None for a in adapters):  # else the active adapter's plain forward
                 kwargs["adapter_names"] = [a if a is not None else self._active_adapter() for a in adapters]
                 return self.model(**kwargs).logits.float()
             if adapters[0] == BASE:

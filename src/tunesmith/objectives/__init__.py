@@ -4,6 +4,8 @@
     classification  a sequence classifier's cross-entropy; accuracy and macro-F1
     preference      DPO, IPO, hinge, SimPO, ORPO on prompt/chosen/rejected pairs
     reward          a reward model: one score per answer, Bradley-Terry on the same pairs
+    rl              online RL (GRPO, RLOO): sample a group of answers per prompt, score them with rewards, and
+                    push up the better ones (the clipped surrogate); rewards.py holds the reward functions
     distill         a teacher's soft targets (logits, or a top-k cache of them), or training on its answers
                     (`distill.mode: sequence`), around the student's own objective
 
@@ -74,6 +76,15 @@ class Objective:
         return None
 
     # -- each step
+    steps_per_batch: int = 1              # consecutive optimizer steps on one batch of examples (RL: rl.updates)
+
+    def begin_step(self, model, examples: list[int], step: int) -> None:
+        """Before a step's passes, with the examples of this process's passes (RL samples its rollouts here)."""
+
+    def step_metrics(self) -> dict:
+        """What the step just taken adds to its metrics.jsonl row (RL: rewards, lengths, KL)."""
+        return {}
+
     def weight(self, example: Tokenized) -> int:
         """What a step's loss is averaged over: trained tokens (here), or 1 per class label or preference pair."""
         return int((example.labels[1:] != IGNORE).sum())

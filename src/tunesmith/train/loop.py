@@ -138,7 +138,8 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
     global_batch = micro * accum * ddp.world
     objective.load(ctx, plan_steps(cfg, len(objective.train), ddp.world)[1] * global_batch)  # a teacher (its answers)
     lengths = [effective_length(t) for t in objective.train]
-    steps_per_epoch, total_steps = plan_steps(cfg, len(lengths), ddp.world)
+    repeats = objective.steps_per_batch  # RL: optimizer steps on one batch of rollouts
+    steps_per_epoch, total_steps = plan_steps(cfg, len(lengths), ddp.world, repeats)
     memory = estimate(cfg, model, params["trainable"], run.data.stats, total_steps)
     if not memory.fits:
         if not force:
@@ -248,7 +249,8 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
         epoch = 0
         while True:
             for step_examples in epoch_plan(lengths, global_batch, cfg.train.seed, epoch):
-                yield epoch, distributed.equal_passes(step_examples, ddp, split), step_examples
+                for _ in range(repeats):
+                    yield epoch, distributed.equal_passes(step_examples, ddp, split), step_examples
             epoch += 1
 
     # -- 5. the loop ---------------------------------------------------------------------------
@@ -273,6 +275,7 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
             label_tokens = sum(weights[i] for i in step_examples)  # normalise by the whole global step's labels
             step_loss = 0.0
             with training_passes():  # on bfloat16 copies of the weights, when the run uses them
+                objective.begin_step(model, [i for p, _ in passes for i in p], step)  # RL: the rollouts
                 for (p, real), batch in zip(passes, batches):
                     with precision.context(device):
                         loss = objective.loss(model, batch, p) / label_tokens
@@ -310,9 +313,10 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
                 progress.planned_steps = bar.total = total_steps
                 warmup = warmup_steps(cfg.train.warmup, total_steps)
             tok_s = progress.tokens / progress.train_seconds
-            record = {"step": step + 1, "total_steps": total_steps, "epoch": round(progress.examples / len(lengths), 4), "loss": round(step_loss, 5),
-                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 4), "tokens": progress.tokens,
-                      "tok_s": round(tok_s, 1), "elapsed": round(time.perf_counter() - t_start, 2)}
+            record = {"step": step + 1, "total_steps": total_steps, "epoch": round(progress.examples / repeats / len(lengths), 4),
+                      "loss": round(step_loss, 5), "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 4),
+                      "tokens": progress.tokens, "tok_s": round(tok_s, 1), "elapsed": round(time.perf_counter() - t_start, 2),
+                      **objective.step_metrics()}
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:.0f}", epoch=epoch, refresh=False)
             bar.update(1)
             last = step + 1 == total_steps
@@ -377,7 +381,7 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
             "tok_s": round(tokens_seen / max(train_seconds, 1e-9), 1), "threads": threads, "before": before, "after": None,
             "evals": progress.evals, "skipped_steps": progress.skipped_steps,
             "teacher": getattr(objective, "teacher_metrics", None), "resumed_from": ckpt.step if ckpt else None,
-            "epochs": round(progress.examples / len(lengths), 3), "examples": progress.examples,
+            "epochs": round(progress.examples / repeats / len(lengths), 3), "examples": progress.examples,
             "budget_minutes": cfg.train.max_minutes, "processes": ddp.world, "global_batch": global_batch,
             "examples_per_rank": examples_per_rank, "side_by_side": [], "forgetting": None,
         }

@@ -44,10 +44,11 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def plan_steps(cfg, n_train: int, processes: int = 1) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps) for `n_train` training examples."""
+def plan_steps(cfg, n_train: int, processes: int = 1, repeats: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) for `n_train` training examples, each batch of them trained `repeats`
+    consecutive steps (online RL's several updates per batch of rollouts)."""
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * processes
-    steps_per_epoch = max(1, math.ceil(n_train / per_step))
+    steps_per_epoch = max(1, math.ceil(n_train / per_step)) * repeats
     return steps_per_epoch, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
 
