@@ -172,3 +172,32 @@ def test_rloo_lora_with_kl_and_two_updates_per_batch(tmp_path, tiny_model_dir, p
     assert steps[1]["reward"] == steps[0]["reward"]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["kl"] > 0  # the adapter starts as the base
     assert any(r["clip_ratio"] > 0 for r in steps[1::2])  # a second update on the same rollouts is clipped somewhere
+
+
+def test_a_reward_model_run_is_a_reward(tmp_path, tiny_model_dir, prompts_file):
+    """A tiny reward model trained to prefer "Yes, ..." answers scores RL completions as it scored its pairs (the
+    conversation plus the answer rendered as it was trained), and an RL run learns from it."""
+    from tunesmith.data.prepare import prepare
+    from tunesmith.models.heads import sequence_scores
+    from tunesmith.objectives.rewards import RewardModelScorer
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Say something about {i}.", "chosen": f"Yes, {i} is fine.",
+                                                    "rejected": "No."} for i in range(40)])
+    rm = train(tiny_cfg(tmp_path, tiny_model_dir, pairs, "task=reward", "method.name=full", "train.max_steps=12",
+                        "train.lr=1e-3", "output.name=rm"))
+    scorer = RewardModelScorer(str(rm.run_dir), torch.device("cpu"))
+    conv = [{"role": "user", "content": "Say something about 3."}]
+    got = scorer(Rollouts(["p", "p"], ["Yes, 3 is fine.", "No."], [[1], [1]], [conv, conv], {}))
+    assert got[0] > got[1]
+    val = prepare(load_config(str(rm.run_dir / "config.yaml")).data, scorer.tokenizer).val.tokens[0]
+    pair_text = scorer.tokenizer.decode(val.input_ids)  # the chosen side as training tokenized it
+    user = pair_text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    answer = pair_text.split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>", 1)[0]
+    ours = scorer(Rollouts(["p"], [answer], [[1]], [[{"role": "user", "content": user}]], {}))[0]
+    ids = torch.from_numpy(val.input_ids).long()[None]
+    assert ours == pytest.approx(float(sequence_scores(scorer.model, ids, scorer.tokenizer.pad_token_id)[0, 0]), abs=1e-5)
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, prompts_file, "task=rl", "method.name=lora", "train.max_steps=2",
+                         "rl.group_size=2", "rl.max_new_tokens=6", f"rl.rewards=[{{kind: model, path: {rm.run_dir}}}]",
+                         "output.name=rl"))
+    steps = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "rewards/model/mean" in steps[1] and "eval_reward_model" in res.summary["after"]
