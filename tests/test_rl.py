@@ -153,6 +153,7 @@ def test_grpo_raises_a_reward_and_logs_its_health(tmp_path, tiny_model_dir, prom
     s = res.summary
     assert s["task"] == "rl" and {"eval_reward", "eval_reward_vowels", "eval_length"} <= set(s["after"])
     assert (res.run_dir / "final" / "config.json").exists() and (res.run_dir / "report.html").exists()
+    assert (res.run_dir / "rl.png").exists() and "held-out reward" in (res.run_dir / "report.html").read_text()
     # tunesmith eval: the run's rewards on its answers, the tuned model against the base example by example
     from tunesmith.evaluate.evaluation import evaluate_run
 

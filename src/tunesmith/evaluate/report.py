@@ -29,6 +29,7 @@ def write_report(run_dir: Path) -> Path:
     rows = read_jsonl(run.metrics)
     config = run.config.read_text() if run.config.exists() else ""
     curves = _training_plot(rows, run.plot("training"))
+    rollouts = _rl_plot(rows, run.plot("rl")) if summary.get("task") == "rl" else None
     bars = _metrics_plot(summary, evaluation, run.plot("metrics"))
     verdict, good = _verdict(summary, evaluation)
     parts = [f"<h1>{html.escape(run.name)}</h1>",
@@ -42,6 +43,8 @@ def write_report(run_dir: Path) -> Path:
         parts.append(_img(bars, "metrics base vs tuned"))
     if curves:
         parts += ["<h2>Training curves</h2>", _img(curves, "loss, learning rate, tokens/s")]
+    if rollouts:
+        parts += ["<h2>Rollouts</h2>", _img(rollouts, "reward, groups with equal rewards, length, entropy and KL")]
     side = (evaluation or {}).get("side_by_side") or summary.get("side_by_side") or []
     if side:
         parts += ["<h2>Side by side</h2>", _side_by_side(side)]
@@ -60,7 +63,17 @@ def write_report(run_dir: Path) -> Path:
 def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     claims, good = [], True
-    if "eval_margin" in after:  # a reward model: which answer of a pair it scores higher
+    if "eval_reward" in after:  # online RL: the rewards of greedy answers to held-out prompts
+        parts = ", ".join(f"{k.removeprefix('eval_reward_')} {before.get(k, 0):.3f} &rarr; {v:.3f}" for k, v in after.items()
+                          if k.startswith("eval_reward_") and v is not None and before.get(k) is not None)
+        claims.append(f"held-out reward {before.get('eval_reward', 0):.3f} &rarr; <b>{after['eval_reward']:.3f}</b> ({parts}; "
+                      f"answer length {before.get('eval_length', 0):.0f} &rarr; {after.get('eval_length', 0):.0f} tokens)")
+        good = after["eval_reward"] > before.get("eval_reward", 0)
+        against = ((evaluation or {}).get("tuned_against") or {}).get("base")
+        if against:
+            claims.append(f"on {evaluation['examples']} examples the tuned model's reward is higher on {against['won']}, lower on "
+                          f"{against['lost']} (sign test p = {against['p_value']})")
+    elif "eval_margin" in after:  # a reward model: which answer of a pair it scores higher
         claims.append(f"held-out pairwise accuracy {before.get('eval_accuracy', 0.5):.1%} &rarr; <b>{after['eval_accuracy']:.1%}</b> "
                       f"(mean margin chosen - rejected {before.get('eval_margin', 0):+.3f} &rarr; {after['eval_margin']:+.3f}; "
                       f"before: a new, untrained head)")
@@ -187,6 +200,40 @@ def _training_plot(rows: list[dict], path: Path) -> Path | None:
     axes[2].plot(x, [r["tok_s"] for r in steps], color="#2e7d32")
     axes[2].set_title("real tokens / s (cumulative)")
     axes[2].set_xlabel("step")
+    return _save(fig, plt, path)
+
+
+def _rl_plot(rows: list[dict], path: Path) -> Path | None:
+    """Online RL's health per step: reward (and each reward), the share of groups with all-equal rewards and of
+    answers cut at the cap, answer length, entropy and KL."""
+    steps = [r for r in rows if r.get("reward") is not None and not r.get("rollout_reused")]
+    if not steps:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    x = [r["step"] for r in steps]
+    axes[0].plot(x, [r["reward"] for r in steps], color="#1f4e79", lw=2, label="total")
+    for key in [k for k in steps[0] if k.startswith("rewards/") and k.endswith("/mean")]:
+        axes[0].plot(x, [r.get(key) for r in steps], lw=1, label=key.split("/")[1])
+    evals = [r for r in rows if "eval_reward" in r]
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", color="#c0392b", label="held-out (greedy)")
+    axes[0].set_title("reward (mean of the step's answers)")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(x, [r["frac_reward_zero_std"] for r in steps], label="groups with equal rewards")
+    axes[1].plot(x, [r["clipped_ratio"] for r in steps], label="answers cut at the cap")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].set_title("shares")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(x, [r["completion_length"] for r in steps], color="#555")
+    axes[2].set_title("answer length (tokens)")
+    axes[3].plot(x, [r.get("entropy") for r in steps], label="entropy")
+    if any(r.get("kl") is not None for r in steps):
+        axes[3].plot(x, [r.get("kl") for r in steps], label="KL to the reference")
+    axes[3].set_title("entropy, KL (nats/token)")
+    axes[3].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("step")
     return _save(fig, plt, path)
 
 

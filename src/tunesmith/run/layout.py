@@ -9,7 +9,7 @@ report, `export`, `serve`, the studio) names its files through `RunDir`.
       baseline_general.safetensors the base on general text, for the forgetting check
       eval.json                    the run's results: before/after, side-by-side outputs, forgetting, timings
       evaluation.json, evaluations/  `tunesmith eval`: the latest evaluation, and every one, numbered
-      report.html (+ training.png, metrics.png)
+      report.html (+ training.png, metrics.png, rl.png)
       checkpoints/step-NNNNNNN/    mid-run checkpoints (train/checkpoint.py)
       best/                        train.select_best: the best weights so far
       final/                       the trained model or adapter, loadable with plain transformers / peft
@@ -83,7 +83,7 @@ class RunDir:
         return self.path / "report.html"
 
     def plot(self, name: str) -> Path:
-        """The report's PNGs: training.png, metrics.png."""
+        """The report's PNGs: training.png, metrics.png, rl.png (online RL)."""
         return self.path / f"{name}.png"
 
     @property

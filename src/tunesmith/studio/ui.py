@@ -369,7 +369,7 @@ def _run_row(name: str, run: RunDir, job: Optional[dict]) -> dict:
     rows = read_jsonl(run.metrics) if run.metrics.exists() else []
     steps = [r for r in rows if "loss" in r]
     after = summary.get("after") or {}
-    key = next((k for k in ("eval_accuracy", "eval_pref_accuracy", "eval_loss") if k in after), None)
+    key = next((k for k in ("eval_reward", "eval_accuracy", "eval_pref_accuracy", "eval_loss") if k in after), None)
     if job:
         status = job["status"]
     elif holder(run.path):
