@@ -148,7 +148,7 @@ def test_grpo_raises_a_reward_and_logs_its_health(tmp_path, tiny_model_dir, prom
     assert last > first + 0.3, (first, last)
     assert steps[-1]["entropy"] < steps[0]["entropy"]
     for key in ("reward_std", "frac_reward_zero_std", "completion_length", "clipped_ratio", "rewards/vowels/mean",
-                "rollout_seconds", "reward_seconds", "clip_ratio", "completion_tokens"):
+                "rollout_seconds", "reward_seconds", "update_seconds", "clip_ratio", "completion_tokens"):
         assert key in steps[0], key
     s = res.summary
     assert s["task"] == "rl" and {"eval_reward", "eval_reward_vowels", "eval_length"} <= set(s["after"])

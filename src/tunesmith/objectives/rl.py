@@ -24,7 +24,7 @@ With rl.updates = mu the same rollouts train mu consecutive optimizer steps (the
 `steps_per_batch`). What every step logs (metrics.jsonl, report, studio): reward mean and std (overall and per reward),
 the share of groups whose rewards are all equal (they teach nothing), completion length mean/max and the share cut at
 rl.max_new_tokens, the policy's entropy, KL to the reference (rl.beta > 0), the share of clipped tokens, and the
-rollout / scoring / update seconds. The log warns when most groups stop varying or lengths run to the cap.
+step's seconds split into rollouts / rewards / old and reference log-probs / update (bench/rl_step.py summarises them). The log warns when most groups stop varying or lengths run to the cap.
 
 Held out: the greedy completion of every held-out prompt, scored by the same rewards: `eval_reward` (the weighted
 total) and `eval_reward_<name>` per reward, with the mean length.
@@ -144,6 +144,7 @@ class OnlineRL(Objective):
         self.metrics: dict = {}
         self.rollout_metrics: dict = {}
         self.flat_steps = self.capped_steps = 0
+        self.updating_since = time.perf_counter()
         self.log = print
         self._val_index = {id(t): i for i, t in enumerate(data.val.tokens)}
 
@@ -171,6 +172,7 @@ class OnlineRL(Objective):
         if batch == self.batch_id and all(i in self.groups for i in examples):  # another update on the same rollouts
             self.metrics = {**self.rollout_metrics, "rollout_seconds": 0.0, "reward_seconds": 0.0, "logp_seconds": 0.0,
                             "rollout_reused": 1}
+            self.updating_since = time.perf_counter()
             return
         t0 = time.perf_counter()
         unique = list(dict.fromkeys(examples))
@@ -203,6 +205,7 @@ class OnlineRL(Objective):
             m[f"rewards/{reward.name}/std"] = round(float(known.std()), 5) if len(known) > 1 else None
         self.metrics, self.rollout_metrics = m, dict(m)
         self._warn(flat, float(truncated.double().mean()), step)
+        self.updating_since = time.perf_counter()
 
     def _sample(self, model, examples: list[int], batch: int):
         """G completions per prompt on the engine: (ids per completion, text per completion, truncated (n,) bool)."""
@@ -292,6 +295,7 @@ class OnlineRL(Objective):
 
     def step_metrics(self) -> dict:
         out = {k: v for k, v in self.metrics.items() if k != "_sums"}
+        out["update_seconds"] = round(time.perf_counter() - self.updating_since, 2)  # the passes and the optimizer step
         for key, (s, n) in self.metrics.get("_sums", {}).items():
             out[key] = round(s / n, 5) if n else None
         return out
