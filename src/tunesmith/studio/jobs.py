@@ -38,6 +38,9 @@ from tunesmith.studio.store import TERMINAL, Store
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 STUDIO_OWNS = ("output.dir", "output.name", "output.resume", "output")
 STOP_WAIT_SECONDS = 120  # a stopping job finishes its step and writes a checkpoint in this time, or is killed
+# what an online-RL step adds to its metrics event (objectives/rl.py): the live page charts the reward
+RL_HEALTH = ("reward", "reward_std", "frac_reward_zero_std", "clipped_ratio", "completion_length", "entropy", "kl",
+             "rollout_reused")
 
 
 class JobError(Exception):
@@ -278,6 +281,7 @@ class Runner:
                 "tokens_per_second": row.get("tok_s"), "elapsed": row.get("elapsed"), "epoch": row.get("epoch")}
         data = {k: v for k, v in data.items() if v is not None}
         data.update({k: v for k, v in row.items() if k.startswith("eval_") and k != "eval_loss"})
+        data.update({k: row[k] for k in RL_HEALTH if k in row})  # online RL: the live page charts the reward
         if "train_loss" in data:
             message = f"Step {data['step']}/{data.get('total_steps', '?')}: training loss={data['train_loss']:.4f}"
             if row.get("tokens") is not None:

@@ -215,7 +215,8 @@ const pages = {
           <button id="export">Export</button><span id="exportmsg"></span></div><pre id="exportout" hidden></pre></div>
       <div id="err" class="error" role="alert"></div>`;
     const info = await api(`/v1/studio/runs/${encodeURIComponent(name)}`);
-    const curves = {train: {x: [], y: []}, valid: {x: [], y: []}, lr: {x: [], y: []}, tps: {x: [], y: []}};
+    const curves = {train: {x: [], y: []}, valid: {x: [], y: []}, lr: {x: [], y: []}, tps: {x: [], y: []},
+                    reward: {x: [], y: []}, vreward: {x: [], y: []}, flat: {x: [], y: []}};  // reward*, flat: online RL
     const layout = (title, y) => ({title: {text: title, font: {size: 14}}, margin: {l: 50, r: 10, t: 34, b: 36},
                                    xaxis: {title: {text: "step"}}, yaxis: {title: {text: y}}, legend: {orientation: "h"}});
     const cfg = {displayModeBar: false, responsive: true};
@@ -230,8 +231,15 @@ const pages = {
         pending = false;
         if (!$("#loss")) return;  // the page was left meanwhile
         const xy = (c) => ({x: c.x.slice(), y: c.y.slice()});  // new arrays: Plotly.react redraws what changed by reference
-        Plotly.react("loss", [{...xy(curves.train), name: "train loss", mode: "lines"},
-                              {...xy(curves.valid), name: "held-out loss", mode: "lines+markers"}], layout("Loss", "loss"), cfg);
+        if (curves.reward.x.length) {  // online RL: the loss is ~0 by construction; the reward is what moves
+          Plotly.react("loss", [{...xy(curves.reward), name: "reward (rollouts)", mode: "lines"},
+                                {...xy(curves.vreward), name: "held-out reward", mode: "lines+markers"},
+                                {...xy(curves.flat), name: "groups with equal rewards", mode: "lines", line: {dash: "dot"}}],
+                       layout("Reward", "reward"), cfg);
+        } else {
+          Plotly.react("loss", [{...xy(curves.train), name: "train loss", mode: "lines"},
+                                {...xy(curves.valid), name: "held-out loss", mode: "lines+markers"}], layout("Loss", "loss"), cfg);
+        }
         Plotly.react("lr", [{...xy(curves.lr), name: "learning rate", mode: "lines"}], layout("Learning rate", "lr"), cfg);
         Plotly.react("speed", [{...xy(curves.tps), name: "tokens/s", mode: "lines"}], layout("Speed", "tokens/s"), cfg);
         $("#loss").dataset.points = document.getElementById("loss").data[0].x.length;  // what the chart draws
@@ -243,6 +251,9 @@ const pages = {
       if (d.valid_loss != null) { curves.valid.x.push(d.step); curves.valid.y.push(d.valid_loss); }
       if (d.learning_rate != null) { curves.lr.x.push(d.step); curves.lr.y.push(d.learning_rate); }
       if (d.tokens_per_second != null) { curves.tps.x.push(d.step); curves.tps.y.push(d.tokens_per_second); }
+      if (d.reward != null && !d.rollout_reused) { curves.reward.x.push(d.step); curves.reward.y.push(d.reward);
+                                                   curves.flat.x.push(d.step); curves.flat.y.push(d.frac_reward_zero_std); }
+      if (d.eval_reward != null) { curves.vreward.x.push(d.step); curves.vreward.y.push(d.eval_reward); }
       if (d.total_steps) {
         $("#bar").style.width = `${Math.min(100, 100 * d.step / d.total_steps)}%`;
         const eta = d.elapsed && d.step ? d.elapsed / d.step * (d.total_steps - d.step) : null;
@@ -297,7 +308,9 @@ const pages = {
         const rows = (await api(`/v1/studio/runs/${encodeURIComponent(name)}/metrics`)).data;
         for (const c of Object.values(curves)) { c.x.length = 0; c.y.length = 0; }
         rows.forEach(r => add({step: r.step, total_steps: r.total_steps, train_loss: r.loss, valid_loss: r.eval_loss,
-                               learning_rate: r.lr, tokens_per_second: r.tok_s, elapsed: r.elapsed}));
+                               learning_rate: r.lr, tokens_per_second: r.tok_s, elapsed: r.elapsed, reward: r.reward,
+                               frac_reward_zero_std: r.frac_reward_zero_std, rollout_reused: r.rollout_reused,
+                               eval_reward: r.eval_reward}));
         $("#log").textContent = (await api(`/v1/studio/runs/${encodeURIComponent(name)}/log`)).lines.join("\n");
         await refresh();
       };
