@@ -202,3 +202,26 @@ def test_a_reward_model_run_is_a_reward(tmp_path, tiny_model_dir, prompts_file):
                          "output.name=rl"))
     steps = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "rewards/model/mean" in steps[1] and "eval_reward_model" in res.summary["after"]
+
+
+def test_warnings_fire_on_flat_groups_and_on_lengths_rising_to_the_cap():
+    from types import SimpleNamespace
+
+    from tunesmith.objectives.rl import WARN_EVERY, OnlineRL
+
+    said = []
+    state = SimpleNamespace(log=said.append, flat_steps=0, capped_start=None, capped_warned=-WARN_EVERY,
+                            rl=SimpleNamespace(max_new_tokens=64))
+    for step in range(4):
+        OnlineRL._warn(state, 1.0, 0.1, step)
+    assert len(said) == 1 and "all-equal rewards" in said[0] and said[0].startswith("warning: step 3:")
+    OnlineRL._warn(state, 0.0, 0.2, 4)
+    assert len(said) == 1  # lengths at 20 % of the cap, from 10 %: nothing to say
+    for step in range(5, 8):
+        OnlineRL._warn(state, 0.0, 0.9, step)
+    assert len(said) == 2 and "reward hacking" in said[1] and "(10% at the start)" in said[1]  # once, not every step
+    long_from_the_start = SimpleNamespace(log=said.append, flat_steps=0, capped_start=None, capped_warned=-WARN_EVERY,
+                                          rl=SimpleNamespace(max_new_tokens=64))
+    OnlineRL._warn(long_from_the_start, 0.0, 0.9, 0)
+    OnlineRL._warn(long_from_the_start, 0.0, 0.95, 1)
+    assert len(said) == 3 and said[2].startswith("note: 90% of the first completions")

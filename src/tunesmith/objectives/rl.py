@@ -24,7 +24,8 @@ With rl.updates = mu the same rollouts train mu consecutive optimizer steps (the
 `steps_per_batch`). What every step logs (metrics.jsonl, report, studio): reward mean and std (overall and per reward),
 the share of groups whose rewards are all equal (they teach nothing), completion length mean/max and the share cut at
 rl.max_new_tokens, the policy's entropy, KL to the reference (rl.beta > 0), the share of clipped tokens, and the
-step's seconds split into rollouts / rewards / old and reference log-probs / update (bench/rl_step.py summarises them). The log warns when most groups stop varying or lengths run to the cap.
+step's seconds split into rollouts / rewards / old and reference log-probs / update (bench/rl_step.py summarises them).
+The log warns when most groups stop varying or lengths rise to the cap.
 
 Held out: the greedy completion of every held-out prompt, scored by the same rewards: `eval_reward` (the weighted
 total) and `eval_reward_<name>` per reward, with the mean length.
@@ -45,7 +46,7 @@ from tunesmith.objectives.rewards import Reward, Rollouts, build_rewards, score_
 
 # warn when this share of a step's groups have all-equal rewards, for this many steps in a row (axolotl's threshold 0.8)
 FLAT_SHARE, FLAT_STEPS = 0.8, 3
-CAPPED_SHARE = 0.5  # warn when more than half the completions run to rl.max_new_tokens
+CAPPED_SHARE, RISE = 0.5, 0.25  # warn when over half the completions run to the cap, a quarter more than at the start
 WARN_EVERY = 25     # a condition that lasts is warned about again every this many steps
 
 
@@ -143,7 +144,9 @@ class OnlineRL(Objective):
         self.token_scale = 1.0
         self.metrics: dict = {}
         self.rollout_metrics: dict = {}
-        self.flat_steps = self.capped_steps = 0
+        self.flat_steps = 0
+        self.capped_start: float | None = None
+        self.capped_warned = -WARN_EVERY
         self.updating_since = time.perf_counter()
         self.log = print
         self._val_index = {id(t): i for i, t in enumerate(data.val.tokens)}
@@ -258,10 +261,16 @@ class OnlineRL(Objective):
                      f"all-equal rewards, which teach nothing (loss and gradient ~0). The task may be too hard or too easy "
                      f"for the model, or a reward may not vary: raise rl.group_size or rl.temperature, or check the "
                      f"rewards on a few completions")
-        self.capped_steps = self.capped_steps + 1 if capped > CAPPED_SHARE else 0
-        if self.capped_steps % WARN_EVERY == 1:  # the first such step, then every WARN_EVERY in a row
+        if self.capped_start is None:  # the first rollouts: what the model does before training
+            self.capped_start = capped
+            if capped > CAPPED_SHARE:
+                self.log(f"note: {capped:.0%} of the first completions already run to rl.max_new_tokens="
+                         f"{self.rl.max_new_tokens}: a cut answer rarely earns its reward; raise the cap if the task needs it")
+        elif capped > max(CAPPED_SHARE, self.capped_start + RISE) and step - self.capped_warned >= WARN_EVERY:
+            self.capped_warned = step
             self.log(f"warning: step {step + 1}: {capped:.0%} of the completions ran to rl.max_new_tokens="
-                     f"{self.rl.max_new_tokens}; rising lengths are a sign of reward hacking (or raise the cap)")
+                     f"{self.rl.max_new_tokens} ({self.capped_start:.0%} at the start); lengths rising to the cap are a "
+                     f"sign of reward hacking: check the answers, add a length reward or rl.beta")
 
     def loss(self, model, batch, examples: list[int]) -> torch.Tensor:
         total = None
