@@ -12,7 +12,8 @@ Each step, for every prompt of the step (`begin_step`):
      (the base with the adapter switched off for adapter methods; a frozen copy of the starting weights for full
      fine-tuning).
 Then each pass (`loss`, one prompt's group: its completions share the prompt's computation, models/heads.py) takes
-the clipped surrogate per completion token
+the clipped surrogate per completion token (a group whose rewards are all equal has advantages 0: with rl.beta = 0
+its gradient is exactly 0, so its pass is skipped; `skipped_groups` is the share, `entropy` covers the groups run)
 
     ratio = exp(logp - old_logp)      (old_logp = logp, detached, on a batch's first update: ratio 1, gradient A)
     l = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + beta (exp(ref - logp) - (ref - logp) - 1)
@@ -276,6 +277,10 @@ class OnlineRL(Objective):
         total = None
         for i in examples:
             group = self.groups[i]
+            if not self.rl.beta and not group.advantages.any():
+                self._add("skipped_groups", 1.0, 1.0)
+                continue  # all-equal rewards and no KL term: its gradient is exactly 0, so its passes are not run
+            self._add("skipped_groups", 0.0, 1.0)
             ids, mask = group.tensors(self.pad_id, self.device)
             if self.rl.mask_truncated:
                 mask = mask & ~group.truncated.to(mask.device)[:, None]
@@ -295,7 +300,7 @@ class OnlineRL(Objective):
             if "kl" in stats:
                 self._add("kl", stats["kl"], tokens)
             total = value if total is None else total + value
-        return total
+        return total if total is not None else torch.zeros((), device=self.device, requires_grad=True)
 
     def _add(self, key: str, value: float, tokens: float) -> None:
         sums = self.metrics.setdefault("_sums", {})
