@@ -148,7 +148,7 @@ def test_grpo_raises_a_reward_and_logs_its_health(tmp_path, tiny_model_dir, prom
     assert last > first + 0.3, (first, last)
     assert steps[-1]["entropy"] < steps[0]["entropy"]
     for key in ("reward_std", "frac_reward_zero_std", "completion_length", "clipped_ratio", "rewards/vowels/mean",
-                "rollout_seconds", "reward_seconds", "update_seconds", "clip_ratio", "completion_tokens"):
+                "rollout_seconds", "reward_seconds", "update_seconds", "clip_ratio", "completion_tokens", "skipped_groups"):
         assert key in steps[0], key
     s = res.summary
     assert s["task"] == "rl" and {"eval_reward", "eval_reward_vowels", "eval_length"} <= set(s["after"])
@@ -225,3 +225,18 @@ def test_warnings_fire_on_flat_groups_and_on_lengths_rising_to_the_cap():
     OnlineRL._warn(long_from_the_start, 0.0, 0.9, 0)
     OnlineRL._warn(long_from_the_start, 0.0, 0.95, 1)
     assert len(said) == 3 and said[2].startswith("note: 90% of the first completions")
+
+
+def test_a_group_with_equal_rewards_is_skipped_exactly(tmp_path, tiny_model_dir, prompts_file):
+    """A reward every answer gets (length band 0..1000 words) gives every group advantages 0: with no KL term the
+    passes are skipped, and the weights stay exactly where they started."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, prompts_file, "task=rl", "method.name=full", "method.freeze_embeddings=false",
+                   "train.max_steps=2", "rl.group_size=2", "rl.max_new_tokens=4",
+                   "rl.rewards=[{kind: length, min_words: 0, max_words: 1000}]")
+    res = train(cfg)
+    steps = [r for r in (json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert all(r["frac_reward_zero_std"] == 1.0 and r["skipped_groups"] == 1.0 and r["grad_norm"] == 0 for r in steps)
+    from transformers import AutoModelForCausalLM
+
+    before, after = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(res.run_dir / "final")
+    assert all(torch.equal(p, q) for p, q in zip(before.state_dict().values(), after.state_dict().values()))

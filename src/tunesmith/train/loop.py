@@ -460,7 +460,7 @@ def _log_data(run: Run, log) -> None:
 def _result_lines(objective: Objective, before: dict, after: dict, rows: list, drift: dict | None) -> list[str]:
     """What a finished run reports: held-out before -> after, the side-by-side score, the forgetting check."""
     lines = objective.results(before, after)
-    if rows and objective.generates:
+    if rows and objective.generates and any(r["reference"] for r in rows):  # prompts alone (RL) have no reference
         lines.append(f"side-by-side mean ROUGE-L: base {mean_score(rows, 'base'):.1f} -> tuned {mean_score(rows, 'tuned'):.1f}")
     if drift:
         lines.append(f"forgetting check on {drift['texts']} general texts: perplexity {drift['base_ppl']:.2f} -> "
