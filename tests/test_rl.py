@@ -118,6 +118,11 @@ def test_prompt_only_data_in_text_and_chat_shape(tmp_path, tiny_tokenizer):
     ex, r, t = data.train.examples[0], data.train.rendered[0], data.train.tokens[0]
     assert r.prompt.endswith("<|im_start|>assistant\n") and r.reference == "" and ex.columns["answer"] in ("5", "2")
     assert (t.labels == -100).all() and tiny_tokenizer.decode(t.input_ids) == r.prompt
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Q{i}?", "chosen": "good", "rejected": "bad"} for i in range(6)])
+    cfg = load_config(None, [f"data.path={pairs}", "data.val_size=2", "task=rl", "rl.rewards=[{kind: rouge}]"])
+    data = prepare(cfg.data, tiny_tokenizer, for_inspection=True, prompts_only=True)
+    assert data.format == "preference" and data.train.rendered[0].reference == "good"  # a pair's prompts, for RL
+    assert data.train.rendered[0].prompt.endswith("<|im_start|>assistant\n")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
     with pytest.raises(TunesmithError, match="bad.jsonl:1: 'prompt' ends with a assistant turn"):
         prepare(load_config(None, [f"data.path={bad}"]).data, tiny_tokenizer)

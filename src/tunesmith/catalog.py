@@ -102,8 +102,9 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in (
              ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logp_accuracy", "eval_seq_logp_accuracy")),
     TaskSpec("reward", "reward", "prompt/chosen/rejected pairs", ("preference",),
              ("eval_loss", "eval_accuracy", "eval_margin"), head="classes"),
-    # online RL: the prompts of any generation format (the response, if there is one, is a reference for the rewards)
-    TaskSpec("rl", "rl", "prompts (optionally with answer or reference columns)", ("prompt",) + SFT_FORMATS[1:],
+    # online RL: the prompts of any generation format or of preference pairs (a response, or a pair's chosen answer, is
+    # the rewards' reference)
+    TaskSpec("rl", "rl", "prompts (optionally with answer or reference columns)", ("prompt",) + SFT_FORMATS[1:] + ("preference",),
              ("eval_reward",), lower_is_better=()),
 )}
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 
@@ -122,6 +123,7 @@ def tokenize_prompts(examples: list[Example], cfg: DataConfig, tokenizer, max_le
     no token trained (labels all IGNORE); the response, if the record has one, is `rendered[i].reference`. A prompt
     longer than max_length is dropped: cutting it would cut the chat template's turn markers."""
     kept = Split([], [], [])
+    examples = [_with_answer_turn(ex) for ex in examples]
     rendered = [render(ex, cfg.template, tokenizer, False, cfg.system_prompt) for ex in examples]
     add_special = cfg.template != "chat"
     for start in range(0, len(rendered), ENCODE_CHUNK):
@@ -134,6 +136,16 @@ def tokenize_prompts(examples: list[Example], cfg: DataConfig, tokenizer, max_le
             kept.rendered.append(r)
             kept.tokens.append(Tokenized(ids, np.full(len(ids), IGNORE, dtype=np.int32)))
     return kept
+
+
+def _with_answer_turn(ex: Example) -> Example:
+    """A preference pair's prompt with its chosen answer as the reference turn (prompts of a pair file for RL)."""
+    if any(m["role"] == "assistant" for m in ex.messages):
+        return ex
+    answer = ex.chosen or ""
+    return replace(ex, messages=ex.messages + [{"role": "assistant", "content": answer}],
+                   fields={"instruction": _first_user(ex), "input": "", "output": answer, "prompt": _first_user(ex),
+                           "completion": answer, **ex.fields})
 
 
 def _first_user(ex: Example) -> str:
