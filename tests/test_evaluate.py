@@ -166,3 +166,19 @@ def test_human_evaluation_statistics_match_scipy():
     s = summarize(rows)
     assert (s["wins"], s["losses"], s["ties"], s["win_rate"]) == (3, 1, 1, 0.75)
     assert summarize([]) == {"n": 0}
+
+
+def test_side_by_side_of_scores_or_labels_carries_no_rouge():
+    """A reward model's or classifier's side-by-side cells are scores / labels: no ROUGE-L tag, no mean ROUGE-L line."""
+    from tunesmith.evaluate.report import _side_by_side
+    from tunesmith.evaluate.side_by_side import build_rows, format_table
+    from tunesmith.models.generate import Generation
+
+    rows = build_rows(["a prompt"], ["the chosen answer"],
+                      {"base": [Generation("chosen +0.100, rejected +0.200 (wrong)", 0, True)],
+                       "tuned": [Generation("chosen +2.000, rejected +1.000 (right)", 0, True)]})
+    assert "ROUGE" not in format_table(rows, ["base", "tuned"], generated=False)
+    assert "ROUGE" not in _side_by_side(rows, generated=False)
+    assert "(right)" in format_table(rows, ["base", "tuned"], generated=False)
+    assert "mean ROUGE-L vs reference" in format_table(rows, ["base", "tuned"])
+    assert "ROUGE-L" in _side_by_side(rows)

@@ -47,7 +47,7 @@ def write_report(run_dir: Path) -> Path:
         parts += ["<h2>Rollouts</h2>", _img(rollouts, "reward, groups with equal rewards, length, entropy and KL")]
     side = (evaluation or {}).get("side_by_side") or summary.get("side_by_side") or []
     if side:
-        parts += ["<h2>Side by side</h2>", _side_by_side(side)]
+        parts += ["<h2>Side by side</h2>", _side_by_side(side, summary.get("task") not in ("reward", "classification"))]
     human = summarize(judgements(run.path))
     if human.get("n"):
         parts += ["<h2>Human evaluation (blind A/B)</h2>", f"<p>{html.escape(describe(human))}</p>"]
@@ -129,15 +129,20 @@ def _teacher_table(s: dict) -> str:
             f"student training speed {s['tok_s']:.0f} tokens/s.</p>")
 
 
-def _side_by_side(rows: list[dict]) -> str:
+def _side_by_side(rows: list[dict], generated: bool = True) -> str:
+    """`generated=False`: the cells are a classifier's labels or a reward model's scores, with no ROUGE-L under them."""
     names = [k[: -len("_rougeL")] for k in rows[0] if k.endswith("_rougeL")]
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     out = [f"<table class='sbs'><tr><th>input</th><th>reference</th>{head}</tr>"]
     for r in rows:
-        cells = "".join(f"<td>{html.escape(r[n])}<div class='score'>ROUGE-L {r[n + '_rougeL']:.1f}"
-                        f"{'' if r.get(n + '_stopped', True) else ' &middot; hit the length cap'}</div></td>" for n in names)
+        cells = "".join(f"<td>{html.escape(r[n])}<div class='score'>{_cell_score(r, n, generated)}</div></td>" for n in names)
         out.append(f"<tr><td>{html.escape(r['input'][:600])}</td><td>{html.escape(r['reference'])}</td>{cells}</tr>")
     return "".join(out) + "</table>"
+
+
+def _cell_score(row: dict, name: str, generated: bool) -> str:
+    capped = "" if row.get(name + "_stopped", True) else " &middot; hit the length cap"
+    return f"ROUGE-L {row[name + '_rougeL']:.1f}{capped}" if generated else capped
 
 
 def _forgetting(d: dict) -> str:

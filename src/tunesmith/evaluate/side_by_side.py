@@ -32,7 +32,8 @@ def mean_score(rows: list[dict], name: str) -> float:
     return round(sum(r[f"{name}_rougeL"] for r in rows) / max(1, len(rows)), 1)
 
 
-def format_table(rows: list[dict], names: list[str], width: int = 100) -> str:
+def format_table(rows: list[dict], names: list[str], width: int = 100, generated: bool = True) -> str:
+    """The rows as text; `generated=False` (a classifier's labels, a reward model's scores) leaves out ROUGE-L."""
     lines = []
     for i, r in enumerate(rows, 1):
         lines.append(f"--- example {i} " + "-" * max(0, width - 14))
@@ -40,9 +41,11 @@ def format_table(rows: list[dict], names: list[str], width: int = 100) -> str:
         lines.append(_field("reference", r["reference"], width))
         for n in names:
             tag = "" if r[f"{n}_stopped"] else " [hit length cap]"
-            lines.append(_field(f"{n} (R-L {r[f'{n}_rougeL']:.0f})", r[n] + tag, width))
+            label = f"{n} (R-L {r[f'{n}_rougeL']:.0f})" if generated else n
+            lines.append(_field(label, r[n] + tag, width))
     lines.append("-" * width)
-    lines.append("mean ROUGE-L vs reference: " + ", ".join(f"{n} {mean_score(rows, n):.1f}" for n in names))
+    if generated:
+        lines.append("mean ROUGE-L vs reference: " + ", ".join(f"{n} {mean_score(rows, n):.1f}" for n in names))
     return "\n".join(lines)
 
 
