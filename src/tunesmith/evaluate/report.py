@@ -47,7 +47,8 @@ def write_report(run_dir: Path) -> Path:
         parts += ["<h2>Rollouts</h2>", _img(rollouts, "reward, groups with equal rewards, length, entropy and KL")]
     side = (evaluation or {}).get("side_by_side") or summary.get("side_by_side") or []
     if side:
-        parts += ["<h2>Side by side</h2>", _side_by_side(side, summary.get("task") not in ("reward", "classification"))]
+        parts += ["<h2>Side by side</h2>", _side_by_side(side, summary.get("task") not in ("reward", "classification")
+                                                           and any(r["reference"] for r in side))]
     human = summarize(judgements(run.path))
     if human.get("n"):
         parts += ["<h2>Human evaluation (blind A/B)</h2>", f"<p>{html.escape(describe(human))}</p>"]
@@ -130,7 +131,8 @@ def _teacher_table(s: dict) -> str:
 
 
 def _side_by_side(rows: list[dict], generated: bool = True) -> str:
-    """`generated=False`: the cells are a classifier's labels or a reward model's scores, with no ROUGE-L under them."""
+    """`generated=False`: the cells are a classifier's labels, a reward model's scores or answers to prompts without a
+    reference: no ROUGE-L under them."""
     names = [k[: -len("_rougeL")] for k in rows[0] if k.endswith("_rougeL")]
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     out = [f"<table class='sbs'><tr><th>input</th><th>reference</th>{head}</tr>"]

@@ -421,7 +421,8 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
         return RunResult(run_dir.path, {"after": closing.result["after"], "rank": ddp.rank})
     rows, after, drift = summary["side_by_side"], summary["after"], summary["forgetting"]
     if rows:
-        log(format_table(rows, ["base", "tuned"], generated=objective.generates))
+        scored = objective.generates and any(r["reference"] for r in rows)  # prompts alone (RL) have no reference
+        log(format_table(rows, ["base", "tuned"], generated=scored))
     for line in _result_lines(objective, before, after, rows, drift):
         log(line)
     log(f"trained {total_steps} steps ({summary['epochs']:.2f} epochs) on {tokens_seen:,} tokens in {train_seconds:.0f} s "
