@@ -207,6 +207,10 @@ def test_a_reward_model_run_is_a_reward(tmp_path, tiny_model_dir, prompts_file):
                          "output.name=rl"))
     steps = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "rewards/model/mean" in steps[1] and "eval_reward_model" in res.summary["after"]
+    from tunesmith.evaluate.evaluation import evaluate_run
+    ev = evaluate_run(res.run_dir, data_path=str(pairs), n=4, log=lambda *a: None)  # a pair file's prompts, scored
+    assert ev["examples"] == 4 and ev["side_by_side"][0]["reference"].startswith("Yes, ")  # the chosen answer
+    assert all(ev["metrics"][m]["reward_model"] is not None for m in ("base", "tuned")) and "base" in ev["tuned_against"]
 
 
 def test_warnings_fire_on_flat_groups_and_on_lengths_rising_to_the_cap():

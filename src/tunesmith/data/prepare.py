@@ -123,7 +123,7 @@ def tokenize_prompts(examples: list[Example], cfg: DataConfig, tokenizer, max_le
     no token trained (labels all IGNORE); the response, if the record has one, is `rendered[i].reference`. A prompt
     longer than max_length is dropped: cutting it would cut the chat template's turn markers."""
     kept = Split([], [], [])
-    examples = [_with_answer_turn(ex) for ex in examples]
+    examples = [with_answer_turn(ex) for ex in examples]
     rendered = [render(ex, cfg.template, tokenizer, False, cfg.system_prompt) for ex in examples]
     add_special = cfg.template != "chat"
     for start in range(0, len(rendered), ENCODE_CHUNK):
@@ -138,8 +138,9 @@ def tokenize_prompts(examples: list[Example], cfg: DataConfig, tokenizer, max_le
     return kept
 
 
-def _with_answer_turn(ex: Example) -> Example:
-    """A preference pair's prompt with its chosen answer as the reference turn (prompts of a pair file for RL)."""
+def with_answer_turn(ex: Example) -> Example:
+    """A preference pair's prompt with its chosen answer as the reference turn (prompts of a pair file for RL: in
+    training, and in `tunesmith eval` of an RL run on a pair file)."""
     if any(m["role"] == "assistant" for m in ex.messages):
         return ex
     answer = ex.chosen or ""

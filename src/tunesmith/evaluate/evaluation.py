@@ -23,7 +23,7 @@ import torch
 from tunesmith.assemble import assemble
 from tunesmith.config import load_config
 from tunesmith.data.classify import tokenize_classification
-from tunesmith.data.prepare import load_examples, tokenize_pairs
+from tunesmith.data.prepare import load_examples, tokenize_pairs, with_answer_turn
 from tunesmith.data.render import render
 from tunesmith.data.shapes import resolve_task, user_text
 from tunesmith.errors import TunesmithError
@@ -64,6 +64,8 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     if data_path:
         fmt, examples, _ = load_examples(cfg.data, data_path)
         resolve_task(run.task, fmt)  # a file of another shape than the run trained on is an error naming both
+        if run.task == "rl":  # a pair file's prompts, the chosen answer as the reference, as in training
+            examples = [with_answer_turn(ex) for ex in examples]
     else:
         examples = run.data.val.examples
     examples = examples[:: max(1, len(examples) // n)][:n] if len(examples) > n else examples
