@@ -240,7 +240,9 @@ const pages = {
           Plotly.react("loss", [{...xy(curves.train), name: "train loss", mode: "lines"},
                                 {...xy(curves.valid), name: "held-out loss", mode: "lines+markers"}], layout("Loss", "loss"), cfg);
         }
-        Plotly.react("lr", [{...xy(curves.lr), name: "learning rate", mode: "lines"}], layout("Learning rate", "lr"), cfg);
+        const lrLayout = layout("Learning rate", "lr"), top = Math.max(0, ...curves.lr.y);
+        if (top > 0 && Math.min(...curves.lr.y) === top) lrLayout.yaxis.range = [0, 1.5 * top];  // a constant rate: autorange would put it at "0"
+        Plotly.react("lr", [{...xy(curves.lr), name: "learning rate", mode: "lines"}], lrLayout, cfg);
         Plotly.react("speed", [{...xy(curves.tps), name: "tokens/s", mode: "lines"}], layout("Speed", "tokens/s"), cfg);
         $("#loss").dataset.points = document.getElementById("loss").data[0].x.length;  // what the chart draws
       });
