@@ -15,6 +15,8 @@ import platform
 from pathlib import Path
 
 from tunesmith.evaluate.human import describe, judgements, summarize
+from tunesmith.evaluate.side_by_side import rouge_applies
+from tunesmith.objectives import generates
 from tunesmith.run import RunDir
 from tunesmith.run.files import read_jsonl, write_text_atomic
 
@@ -47,8 +49,7 @@ def write_report(run_dir: Path) -> Path:
         parts += ["<h2>Rollouts</h2>", _img(rollouts, "reward, groups with equal rewards, length, entropy and KL")]
     side = (evaluation or {}).get("side_by_side") or summary.get("side_by_side") or []
     if side:
-        parts += ["<h2>Side by side</h2>", _side_by_side(side, summary.get("task") not in ("reward", "classification")
-                                                           and any(r["reference"] for r in side))]
+        parts += ["<h2>Side by side</h2>", _side_by_side(side, rouge_applies(side, generates(summary.get("task", "causal"))))]
     human = summarize(judgements(run.path))
     if human.get("n"):
         parts += ["<h2>Human evaluation (blind A/B)</h2>", f"<p>{html.escape(describe(human))}</p>"]

@@ -32,6 +32,12 @@ def mean_score(rows: list[dict], name: str) -> float:
     return round(sum(r[f"{name}_rougeL"] for r in rows) / max(1, len(rows)), 1)
 
 
+def rouge_applies(rows: list[dict], generated: bool) -> bool:
+    """Whether the rows' ROUGE-L means anything: generated text with a reference (not a classifier's labels, a reward
+    model's scores, or answers to prompts alone)."""
+    return generated and any(r["reference"] for r in rows)
+
+
 def format_table(rows: list[dict], names: list[str], width: int = 100, generated: bool = True) -> str:
     """The rows as text; `generated=False` (a classifier's labels, a reward model's scores) leaves out ROUGE-L."""
     lines = []

@@ -112,6 +112,11 @@ class Objective:
         return []
 
 
+def generates(task: str) -> bool:
+    """Whether a run of `task` generates text for its side-by-side table (`Objective.generates`), without building one."""
+    return importlib.import_module(f"tunesmith.objectives.{TASKS[task].objective}").OBJECTIVE.generates
+
+
 def objective_for(task: str, cfg, data: PreparedData, tokenizer, dtype: torch.dtype) -> Objective:
     """The objective a run of `task` trains (with `distill.teacher`: distillation around it)."""
     module = importlib.import_module(f"tunesmith.objectives.{TASKS[task].objective}")

@@ -28,7 +28,7 @@ from tunesmith.data.render import prompt_format_of
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
 from tunesmith.evaluate.closing import TRAINED, Closing, close, improves, sample_indices
-from tunesmith.evaluate.side_by_side import format_table, mean_score
+from tunesmith.evaluate.side_by_side import format_table, mean_score, rouge_applies
 from tunesmith.methods import get_method, lora
 from tunesmith.methods.load import save_prompt_format
 from tunesmith.methods.precision import WeightCopies, resume_note
@@ -421,8 +421,7 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
         return RunResult(run_dir.path, {"after": closing.result["after"], "rank": ddp.rank})
     rows, after, drift = summary["side_by_side"], summary["after"], summary["forgetting"]
     if rows:
-        scored = objective.generates and any(r["reference"] for r in rows)  # prompts alone (RL) have no reference
-        log(format_table(rows, ["base", "tuned"], generated=scored))
+        log(format_table(rows, ["base", "tuned"], generated=rouge_applies(rows, objective.generates)))
     for line in _result_lines(objective, before, after, rows, drift):
         log(line)
     log(f"trained {total_steps} steps ({summary['epochs']:.2f} epochs) on {tokens_seen:,} tokens in {train_seconds:.0f} s "
@@ -461,7 +460,7 @@ def _log_data(run: Run, log) -> None:
 def _result_lines(objective: Objective, before: dict, after: dict, rows: list, drift: dict | None) -> list[str]:
     """What a finished run reports: held-out before -> after, the side-by-side score, the forgetting check."""
     lines = objective.results(before, after)
-    if rows and objective.generates and any(r["reference"] for r in rows):  # prompts alone (RL) have no reference
+    if rows and rouge_applies(rows, objective.generates):
         lines.append(f"side-by-side mean ROUGE-L: base {mean_score(rows, 'base'):.1f} -> tuned {mean_score(rows, 'tuned'):.1f}")
     if drift:
         lines.append(f"forgetting check on {drift['texts']} general texts: perplexity {drift['base_ppl']:.2f} -> "
