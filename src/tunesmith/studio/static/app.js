@@ -345,7 +345,8 @@ const pages = {
       rows.push({name: n, info, after: (info.summary || {}).after || {}, before: (info.summary || {}).before || {}});
     }
     Plotly.newPlot("cmp", traces, {title: {text: "Loss", font: {size: 14}}, margin: {l: 50, r: 10, t: 34, b: 36},
-                                   xaxis: {title: {text: "step"}}, legend: {orientation: "h"}}, {displayModeBar: false, responsive: true});
+                                   xaxis: {title: {text: "step"}}, legend: {orientation: "h", y: -0.3, yanchor: "top"}},  // below the axis title, not on it
+                   {displayModeBar: false, responsive: true});
     const keys = [...new Set(rows.flatMap(r => Object.keys(r.after)))].filter(k => (k.startsWith("eval_") || k.startsWith("rouge") || k.includes("accuracy")) && !k.endsWith("_tokens"));
     $("#cmptable").innerHTML = `<thead><tr><th>metric</th>${rows.map(r => `<th>${esc(r.name)}<div class="dim">${esc(r.info.method)} / ${esc(r.info.task)}</div></th>`).join("")}</tr></thead>
       <tbody>${keys.map(k => `<tr><td>${esc(k)}</td>${rows.map(r => `<td>${fmt(r.after[k])}</td>`).join("")}</tr>`).join("")}
