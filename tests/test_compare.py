@@ -25,3 +25,24 @@ def test_compare_trains_each_method_and_tabulates_them(tmp_path, tiny_model_dir,
     assert (out / "chart.png").stat().st_size > 0
     assert main([*args, "lora"]) == 2  # never into a folder that holds a comparison already
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_table_says_which_metric_a_reward_or_rl_comparison_carries(tmp_path):
+    import json
+
+    from tunesmith.evaluate.compare import _row, to_markdown
+    from tunesmith.run import RunDir
+
+    def run(name, task, before, after):
+        folder = RunDir(tmp_path / name)
+        folder.path.mkdir()
+        folder.summary.write_text(json.dumps({"task": task, "before": before, "after": after, "dtype": "float32",
+                                              "params": {"trainable": 10}, "tok_s": 1.0}))
+        return _row(name, folder.path, 1.0, 2 ** 30)
+
+    reward = run("rm", "reward", {"eval_accuracy": 0.5, "eval_loss": 0.69}, {"eval_accuracy": 0.7, "eval_loss": 0.6})
+    assert (reward["task metric"], reward["base metric"]) == (70.0, 50.0)
+    assert "pairwise accuracy" in to_markdown([reward])
+    rl = run("grpo", "rl", {"eval_reward": 0.25}, {"eval_reward": 0.5})
+    assert (rl["task metric"], rl["base metric"]) == (0.5, 0.25)
+    assert "mean total reward" in to_markdown([rl]) and "ROUGE" not in to_markdown([rl])

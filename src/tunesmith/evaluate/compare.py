@@ -66,8 +66,10 @@ def _row(method: str, run_dir: Path, wall: float, peak: float) -> dict:
     run = RunDir(run_dir)
     s = json.loads(run.summary.read_text())
     before, after = s.get("before") or {}, s.get("after") or {}
-    if "eval_accuracy" in after:  # classification: held-out accuracy
+    if "eval_accuracy" in after:  # classification, reward models: (pairwise) held-out accuracy
         metric, base = 100 * after["eval_accuracy"], 100 * before.get("eval_accuracy", 0)
+    elif "eval_reward" in after:  # RL: the mean total reward of the held-out prompts' answers
+        metric, base = after["eval_reward"], before.get("eval_reward")
     elif s.get("side_by_side"):
         metric, base = mean_score(s["side_by_side"], "tuned"), mean_score(s["side_by_side"], "base")
     else:
@@ -78,7 +80,7 @@ def _row(method: str, run_dir: Path, wall: float, peak: float) -> dict:
     return {"method": method, "weights": weights, "task metric": metric, "base metric": base,
             "held-out loss": (s.get("after") or {}).get("eval_loss"), "base loss": (s.get("before") or {}).get("eval_loss"),
             "trainable params": s["params"]["trainable"], "saved MB": _size(run.final) / 1e6, "wall s": wall,
-            "tok/s": s["tok_s"], "peak RSS GB": peak / 2 ** 30, "classification": "eval_accuracy" in after}
+            "tok/s": s["tok_s"], "peak RSS GB": peak / 2 ** 30, "task": s.get("task")}
 
 
 def _size(folder: Path) -> int:
@@ -110,10 +112,15 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + f"\n\ntask metric: {_metric_kind(rows)}.\n"
 
 
+METRIC_KINDS = {"classification": "held-out accuracy (%) on the validation split",
+                "reward": "held-out pairwise accuracy (%, the chosen answer scored above the rejected) on the validation split",
+                "rl": "mean total reward of the answers to the validation prompts"}
+
+
 def _metric_kind(rows: list[dict]) -> str:
-    if any(r.get("classification") for r in rows):
-        return "held-out accuracy (%) on the validation split"
-    return "mean ROUGE-L of greedy outputs against the references on the side-by-side examples"
+    """What the task metric column is (one recipe, so one task for every row)."""
+    task = next((r["task"] for r in rows if r.get("task")), None)
+    return METRIC_KINDS.get(task, "mean ROUGE-L of greedy outputs against the references on the side-by-side examples")
 
 
 def to_csv(rows: list[dict]) -> str:
