@@ -172,6 +172,20 @@ def test_saved_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, instructi
     assert not torch.allclose(a, c, atol=1e-4)  # the adapter changed something
 
 
+def test_lora_on_a_lora_run_saves_quietly_and_loads_as_the_chain(tmp_path, tiny_model_dir, instruction_file, recwarn):
+    """A run whose base is another LoRA run (SFT, then more LoRA on it): saved without peft looking the base folder up
+    (it warned "Could not find a config file"), and loading it gives the second run's model, not the first's."""
+    from tunesmith.methods.load import load_model
+
+    first = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "train.max_steps=3", "output.name=first"))
+    second = train(tiny_cfg(tmp_path, str(first.run_dir), instruction_file, "train.max_steps=3", "output.name=second"))
+    assert not [w for w in recwarn if "Could not find a config file" in str(w.message)]
+    ids = torch.tensor([[1, 5, 9, 20, 33, 40]])
+    with torch.no_grad():
+        a, b = (load_model(r.run_dir / "final", torch.float32).eval()(ids).logits for r in (first, second))
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
 def test_bad_data_leaves_no_run_dir(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')

@@ -147,13 +147,22 @@ def adapted_modules(model, cfg) -> tuple:
             for sub, m in b.named_modules() if isinstance(m, torch.nn.Linear)], None
 
 
+def _embeddings_adapted(model) -> bool:
+    """Whether the adapter saves the embedding layers: only when they are adapted. peft's default ("auto") also
+    looks the base up for a resized vocabulary (tunesmith never resizes it), and warns "Could not find a config file"
+    when the base is another run's adapter folder."""
+    targets = getattr(model.peft_config[model.active_adapter], "target_modules", None) or ()  # prompt tuning: none
+    return any(name.split(".")[-1] in ("embed_tokens", "lm_head") for name in ([targets] if isinstance(targets, str) else targets))
+
+
 def peft_task(task: str) -> str:
     return "SEQ_CLS" if has_class_head(task) else "CAUSAL_LM"  # SEQ_CLS: peft trains and saves the head in full
 
 
 def save(model, tokenizer, out_dir, cfg=None, task: str = "causal", state_dict: dict | None = None):
     # adapter_config.json names the base model folder, so plain PeftModel.from_pretrained works
-    model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
+    model.save_pretrained(out_dir, save_embedding_layers=_embeddings_adapted(model),
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out_dir)
     if has_class_head(task):  # the base needs its head's label names back
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
