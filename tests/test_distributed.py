@@ -52,6 +52,23 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file, cap
         len((tmp_path / "runs" / "one" / "train.log").read_text().splitlines())  # one writer, no duplicated lines
 
 
+def test_grpo_dapo_on_two_processes_matches_one(tmp_path, tiny_model_dir):
+    """GRPO's rollouts are seeded per (batch, prompt, completion), so both runs sample the same completions; the dapo
+    loss averages over the global step's completion tokens and the logged rollout statistics are over both processes'
+    rollouts, so two processes train and log as one. Counted per process, as before, the first step's loss read
+    -0.0206 against -0.0199 and the reward was rank 0's half only (0.017 off)."""
+    from conftest import write_jsonl
+    from test_rl import VOWELS
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about {i}.", "answer": str(i)}
+                                                       for i in range(24)])
+    (tmp_path / "my_rewards.py").write_text(VOWELS)
+    common = [*FLOAT32, "task=rl", "method.name=lora", "train.max_steps=3", "train.threads=1", "train.lr=5e-2",
+              "train.micro_batch_size=2", "rl.loss=dapo", "rl.group_size=3", "rl.max_new_tokens=10", "eval.samples=0",
+              f"rl.rewards=[{{kind: function, path: {tmp_path / 'my_rewards.py'}:vowels}}]"]
+    run_one_and_two(tmp_path, tiny_model_dir, prompts, common, [], ("loss", "reward", "completion_length", "eval_reward"))
+
+
 def test_full_fine_tuning_through_bfloat16_weight_copies_on_two_processes_matches_one(tmp_path, tiny_model_dir, instruction_file):
     """train.mixed_precision=bf16 (auto on an AMX CPU or a bf16 GPU): each rank's bfloat16 gradients are summed in
     float32 before the all-reduce, as one process sums its passes. The two runs' float32 sums round differently in the

@@ -19,7 +19,10 @@ its gradient is exactly 0, so its pass is skipped; `skipped_groups` is the share
     l = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + beta (exp(ref - logp) - (ref - logp) - 1)
 
 averaged as rl.loss says: `grpo` per completion then over the group; `dr_grpo` summed over the group / (G x
-rl.max_new_tokens); `dapo` over all completion tokens of the step's passes on this process.
+rl.max_new_tokens); `dapo` over all completion tokens of the global step. Under torchrun each process samples its
+share of the prompts, and the step's statistics (dapo's token count, rl.scale_rewards=batch's std, the logged reward,
+length and flat-group numbers) are taken over every process's rollouts, as TRL gathers them, so two processes train
+and log as one; entropy, clipping and KL are the first process's tokens'.
 
 With rl.updates = mu the same rollouts train mu consecutive optimizer steps (the loop repeats the step's batch,
 `steps_per_batch`). What every step logs (metrics.jsonl, report, studio): reward mean and std (overall and per reward),
@@ -38,6 +41,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from tunesmith.data.render import Tokenized
 from tunesmith.models.engine import Engine, Request, Sampling
@@ -186,7 +190,10 @@ class OnlineRL(Objective):
         rollouts = self._rollouts(self.data.train, unique, texts, completions)
         total, table = score_all(self.rewards, rollouts)
         t2 = time.perf_counter()
-        step_std = float(total.std()) if len(total) > 1 else 0.0
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
+        # the step's statistics are over every process's rollouts (torchrun), so two processes train and log as one
+        every_total, every_table, every_length, every_truncated = across_processes(total, table, lengths, truncated)
+        step_std = float(every_total.std()) if len(every_total) > 1 else 0.0
         self.groups = {}
         for k, i in enumerate(unique):
             rows = slice(k * G, (k + 1) * G)
@@ -194,10 +201,13 @@ class OnlineRL(Objective):
                                    group_advantages(total[rows], self.rl.algorithm, self.rl.scale_rewards, step_std))
         self._log_probs_before(model)
         self.batch_id = batch
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
-        kept = torch.ones(len(completions), dtype=torch.bool) if not self.rl.mask_truncated else ~truncated
-        self.token_scale = len(unique) / max(1.0, float((lengths * kept).sum()))
-        flat = sum(bool((g.rewards == g.rewards[0]).all()) for g in self.groups.values()) / len(self.groups)
+        kept = torch.ones_like(every_truncated) if not self.rl.mask_truncated else ~every_truncated
+        # dapo: the loop divides a step's loss by its prompts over every process; this makes it the mean over every
+        # process's completion tokens
+        self.token_scale = (len(every_total) / G) / max(1.0, float((every_length * kept).sum()))
+        groups = every_total.view(-1, G)
+        flat = float((groups == groups[:, :1]).all(dim=1).double().mean())
+        total, table, lengths, truncated = every_total, every_table, every_length, every_truncated
         m = {"reward": round(float(total.mean()), 5), "reward_std": round(float(total.std()), 5),
              "frac_reward_zero_std": round(flat, 4), "completion_length": round(float(lengths.mean()), 2),
              "completion_length_max": int(lengths.max()), "clipped_ratio": round(float(truncated.double().mean()), 4),
@@ -379,6 +389,16 @@ def _prompt_messages(messages: list[dict]) -> list[dict]:
     """The conversation before the last assistant turn (what the completion answers)."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
     return messages[:last]
+
+
+def across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor joined along its last dimension over the processes, in rank order, under torchrun (a collective:
+    every rank calls it at every new batch of rollouts); alone, the tensors themselves."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [t.cpu() for t in tensors])
+    return tuple(torch.cat([p[k] for p in parts], dim=-1) for k in range(len(tensors)))
 
 
 OBJECTIVE = OnlineRL
