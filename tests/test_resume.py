@@ -392,3 +392,35 @@ def test_plan_counts_frozen_first_blocks_as_forward_only():
         block_forward = saved[0] / (mult - 1)
         assert f[0] == pytest.approx(mult * (4 * block_forward + 2 * 64 * 100 * 0.5))
         assert f[4] == pytest.approx(4 * block_forward + mult * 2 * 64 * 100 * 0.5)
+
+
+def test_rl_resumed_between_two_updates_on_one_batch_goes_on_with_its_rollouts(tmp_path, tiny_model_dir):
+    """rl.updates=2: steps 3 and 4 train on one batch of rollouts. A run resumed from the checkpoint after step 3
+    takes that batch from the checkpoint (completions, old log-probs, advantages), not new samples from the updated
+    weights, so it ends bit for bit as the uninterrupted run."""
+    import shutil
+
+    from conftest import write_jsonl
+    from test_rl import VOWELS
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about {i}.", "answer": str(i)}
+                                                       for i in range(24)])
+    (tmp_path / "my_rewards.py").write_text(VOWELS)
+
+    def run(name):
+        cfg = tiny_cfg(tmp_path, tiny_model_dir, prompts, "task=rl", "method.name=lora", "train.max_steps=6",
+                       "train.threads=1", "train.lr=5e-2", "train.micro_batch_size=2", "train.save_every_steps=1",
+                       "rl.updates=2", "rl.beta=0.1", "rl.group_size=3", "rl.max_new_tokens=8", "eval.samples=0",
+                       f"rl.rewards=[{{kind: function, path: {tmp_path / 'my_rewards.py'}:vowels}}]",
+                       f"output.name={name}", "output.resume=auto")
+        return cfg, train(cfg).run_dir
+
+    _, reference = run("rl-reference")
+    cfg, stopped = run("rl-stopped")
+    shutil.rmtree(stopped / "final")
+    for p in checkpoint.all_checkpoints(stopped)[3:]:  # the newest left: after step 3, the batch's first update
+        shutil.rmtree(p)
+    assert train(cfg).summary["resumed_from"] == 3
+    assert_same_run(reference, stopped)
+    rows = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("rollout_reused", 0) for r in rows if "reward" in r] == [0, 1] * 3

@@ -85,6 +85,15 @@ class Objective:
         """What the step just taken adds to its metrics.jsonl row (RL: rewards, lengths, KL)."""
         return {}
 
+    def resume_state(self) -> dict | None:
+        """What a checkpoint must keep of the objective for a resumed run to go on bit for bit (tensors and plain
+        containers; called on every process at every checkpoint), or None (the default: nothing is carried between
+        steps). RL keeps its rollouts while rl.updates > 1 steps train on them."""
+        return None
+
+    def restore_state(self, state: dict) -> None:
+        """Take back what `resume_state` returned, on resume."""
+
     def weight(self, example: Tokenized) -> int:
         """What a step's loss is averaged over: trained tokens (here), or 1 per class label or preference pair."""
         return int((example.labels[1:] != IGNORE).sum())

@@ -317,6 +317,25 @@ class OnlineRL(Objective):
         s, n = sums.get(key, (0.0, 0.0))
         sums[key] = (s + value, n + tokens)
 
+    def resume_state(self) -> dict | None:
+        """With rl.updates > 1, the batch of rollouts the next steps may still train on: every process's groups (with
+        their old and reference log-probs), so a run resumed between two updates goes on with the same rollouts
+        instead of sampling new ones from the updated weights (on any number of processes: groups are keyed by
+        example)."""
+        if self.steps_per_batch == 1 or self.batch_id is None:
+            return None
+        mine = {i: {k: _cpu(getattr(g, k)) for k in GROUP_STATE} for i, g in self.groups.items()}
+        groups = {i: g for part in _every_process(mine) for i, g in part.items()}
+        return {"batch": self.batch_id, "groups": groups, "token_scale": self.token_scale,
+                "rollout_metrics": self.rollout_metrics}
+
+    def restore_state(self, state: dict) -> None:
+        self.batch_id, self.token_scale = state["batch"], state["token_scale"]
+        self.rollout_metrics = dict(state["rollout_metrics"])
+        on_device = ("old_logps", "ref_logps")  # as _log_probs_before left them; the rest stays on the CPU
+        self.groups = {i: Group(i, **{k: v.to(self.device) if k in on_device and v is not None else v for k, v in g.items()})
+                       for i, g in state["groups"].items()}
+
     def step_metrics(self) -> dict:
         out = {k: v for k, v in self.metrics.items() if k != "_sums"}
         out["update_seconds"] = round(time.perf_counter() - self.updating_since, 2)  # the passes and the optimizer step
@@ -391,14 +410,33 @@ def _prompt_messages(messages: list[dict]) -> list[dict]:
     return messages[:last]
 
 
+def _cpu(value):
+    return value.cpu() if torch.is_tensor(value) else value
+
+
 def across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each tensor joined along its last dimension over the processes, in rank order, under torchrun (a collective:
     every rank calls it at every new batch of rollouts); alone, the tensors themselves."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return tensors
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, [t.cpu() for t in tensors])
+    parts = _every_process([t.cpu() for t in tensors])
     return tuple(torch.cat([p[k] for p in parts], dim=-1) for k in range(len(tensors)))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _every_process(obj) -> list:
+    """Every process's `obj`, in rank order (a collective under torchrun)."""
+    if not _distributed():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+GROUP_STATE = ("prompt_ids", "completions", "truncated", "rewards", "advantages", "old_logps", "ref_logps")
 
 
 OBJECTIVE = OnlineRL

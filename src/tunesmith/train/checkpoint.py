@@ -2,7 +2,8 @@
 
 A checkpoint is `runs/NAME/checkpoints/step-0000040/` with
   trainable.safetensors  the trainable weights (adapter or unfrozen weights)
-  state.pt               optimizer state and python/numpy/torch RNG states, as tensors and plain containers only:
+  state.pt               optimizer state, python/numpy/torch RNG states and what the objective carries between
+                         steps (RL's rollouts while rl.updates > 1), as tensors and plain containers only:
                          it loads with torch.load(weights_only=True), so a planted file cannot run code on resume
   progress.json          step, counters, metrics so far, and the fingerprint of data + base model (train/progress.py)
   manifest.json          size and sha256 of the three files above (written last)
@@ -45,8 +46,9 @@ class Checkpoint:
         return self.progress.step
 
 
-def save(run: RunDir, weights: dict, optimizer_state: dict, progress: Progress) -> Path:
-    """`weights`/`optimizer_state`: full tensors (distributed.full_weights / full_optimizer_state)."""
+def save(run: RunDir, weights: dict, optimizer_state: dict, progress: Progress, objective_state: dict | None = None) -> Path:
+    """`weights`/`optimizer_state`: full tensors (distributed.full_weights / full_optimizer_state); `objective_state`:
+    what the objective needs to go on bit for bit (Objective.resume_state: RL's rollouts between updates), or None."""
     run = RunDir(run)
     target = run.checkpoint(progress.step)
     target.parent.mkdir(exist_ok=True)
@@ -54,7 +56,7 @@ def save(run: RunDir, weights: dict, optimizer_state: dict, progress: Progress) 
 
     def write(tmp: Path) -> None:
         save_file(weights, tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "state.pt")
+        torch.save({"optimizer": optimizer_state, "rng": rng_state(), "objective": objective_state}, tmp / "state.pt")
         (tmp / "progress.json").write_text(json.dumps(progress.to_json(), indent=1))
         manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -113,12 +115,13 @@ def _file_size_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def save_or_warn(run: RunDir, weights: dict, optimizer_state: dict, progress: Progress, keep: int | None, log) -> Path | None:
+def save_or_warn(run: RunDir, weights: dict, optimizer_state: dict, progress: Progress, keep: int | None, log,
+                 objective_state: dict | None = None) -> Path | None:
     """Save; a save that fails for any reason (no space, a file too large, permissions, ...) is reported and training
     goes on, the previous checkpoint intact. Returns the checkpoint written, or None."""
     run = RunDir(run)
     try:
-        path = save(run, weights, optimizer_state, progress)
+        path = save(run, weights, optimizer_state, progress, objective_state)
     except Exception as e:  # safetensors raises SafetensorError, torch.save RuntimeError: not only OSError
         older = all_checkpoints(run)
         log(f"could not write the checkpoint at step {progress.step}: {_reason(e, run.checkpoints)}; "
@@ -204,8 +207,9 @@ def resume_point(run: RunDir, fingerprint: dict, force: bool, log) -> Checkpoint
     return ckpt
 
 
-def restore(ckpt: Checkpoint, model, optimizer) -> None:
-    """Trainable weights, optimizer state and RNG states, as they were when `ckpt` was saved."""
+def restore(ckpt: Checkpoint, model, optimizer) -> dict | None:
+    """Trainable weights, optimizer state and RNG states, as they were when `ckpt` was saved; returns the objective's
+    saved state (None when it kept none, and in checkpoints written before it could)."""
     weights = load_file(ckpt.path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -222,6 +226,7 @@ def restore(ckpt: Checkpoint, model, optimizer) -> None:
     set_weights(model, weights)
     load_optimizer_state(optimizer, state["optimizer"])
     set_rng_state(state["rng"])
+    return state.get("objective")
 
 
 def _load_state(path: Path) -> dict:

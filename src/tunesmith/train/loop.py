@@ -223,7 +223,8 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
     if ckpt:
         if note := resume_note(ckpt.progress.precision, precision, cfg, ckpt.step):
             log(note)  # auto resolved differently on another machine or backend
-        checkpoint.restore(ckpt, model, optimizer)
+        if (saved := checkpoint.restore(ckpt, model, optimizer)) is not None:
+            objective.restore_state(saved)  # RL between two updates on one batch of rollouts: that batch
         progress = ckpt.progress.continued(progress)
         total_steps = progress.planned_steps if budget else total_steps
         if progress.global_batch != global_batch:
@@ -339,9 +340,10 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
             written = None
             if (due or stopping) and not last:
                 state = distributed.full_weights(model, ddp.main), distributed.full_optimizer_state(optimizer, ddp.main)
+                kept = objective.resume_state()  # every rank: RL gathers the processes' rollouts
                 if ddp.main:
                     progress.eval_loss = record.get("eval_loss")
-                    written = checkpoint.save_or_warn(run_dir, *state, progress, cfg.train.keep_checkpoints, log)
+                    written = checkpoint.save_or_warn(run_dir, *state, progress, cfg.train.keep_checkpoints, log, kept)
             if stopping and not last:
                 bar.close()
                 trackers.close()
