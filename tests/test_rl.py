@@ -152,6 +152,7 @@ def test_grpo_raises_a_reward_and_logs_its_health(tmp_path, tiny_model_dir, prom
     first, last = (sum(r["reward"] for r in part) / len(part) for part in (steps[:4], steps[-4:]))
     assert last > first + 0.3, (first, last)
     assert steps[-1]["entropy"] < steps[0]["entropy"]
+    assert res.summary["forgetting"]["mean_kl"] > 0  # the policy moved on general text too, and the check says by how much
     for key in ("reward_std", "frac_reward_zero_std", "completion_length", "clipped_ratio", "rewards/vowels/mean",
                 "rollout_seconds", "reward_seconds", "update_seconds", "clip_ratio", "completion_tokens", "skipped_groups"):
         assert key in steps[0], key

@@ -136,6 +136,7 @@ class OnlineRL(Objective):
     task = "rl"
     examples_per_pass = 1   # a pass per prompt: its G completions share the prompt's computation
     generates = True
+    checks_forgetting = True  # a policy optimised on its own samples drifts too: general text against the base
 
     def __init__(self, cfg, data, tokenizer):
         super().__init__(cfg, data, tokenizer)
