@@ -250,3 +250,20 @@ def test_a_group_with_equal_rewards_is_skipped_exactly(tmp_path, tiny_model_dir,
 
     before, after = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(res.run_dir / "final")
     assert all(torch.equal(p, q) for p, q in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora-int8"])
+def test_reward_models_and_rl_train_over_a_quantized_base(tmp_path, wide_tiny_model_dir, prompts_file, vowel_reward, method):
+    """A reward model's adapter and head learn over a 4-bit / 8-bit base; GRPO samples, updates and measures its KL
+    against that base with the adapter off (0 before the first update, then not)."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Say something about {i}.", "chosen": f"Yes, {i} is fine.",
+                                                    "rejected": "No."} for i in range(40)])
+    rm = train(tiny_cfg(tmp_path, wide_tiny_model_dir, pairs, "task=reward", f"method.name={method}", "train.max_steps=8",
+                        "train.lr=1e-3", "output.name=rm"))
+    assert rm.summary["after"]["eval_margin"] > rm.summary["before"]["eval_margin"] + 0.2
+    res = train(tiny_cfg(tmp_path, wide_tiny_model_dir, prompts_file, "task=rl", f"method.name={method}", "train.max_steps=4",
+                         "rl.group_size=3", "rl.max_new_tokens=8", "rl.beta=0.1", "rl.updates=2", vowel_reward,
+                         "output.name=rl"))
+    steps = [r for r in (json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["kl"] > 0
+    assert (res.run_dir / "final" / "adapter_model.safetensors").exists()

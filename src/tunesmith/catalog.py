@@ -57,12 +57,12 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("lora", "lora", 1e-3, "low-rank adapters on the linear layers; the base frozen",
                TASK_NAMES, freeze_layers=True, lora_family=True, bf16_on_amx=True, settings=LORA_SETTINGS),
     MethodSpec("qlora", "qlora", 1e-3, "LoRA adapters over a 4-bit (NF4/FP4) base",
-               ("causal", "dpo"), {"classification": "bitsandbytes' CPU 4-bit backward fails on BERT-style encoders here "
+               ("causal", "dpo", "reward", "rl"), {"classification": "bitsandbytes' CPU 4-bit backward fails on BERT-style encoders here "
                                                      "(in-place op on a view of a leaf)"},
                quantized_bits=4, shardable=False, freeze_layers=True, lora_family=True,
                settings=LORA_SETTINGS + ("quant_type", "double_quant")),
     MethodSpec("lora-int8", "lora_int8", 1e-3, "LoRA adapters over an 8-bit (LLM.int8) base",
-               ("causal", "dpo"), {"classification": "not verified with a classification head yet"},
+               ("causal", "dpo", "reward", "rl"), {"classification": "not verified with a classification head yet"},
                quantized_bits=8, shardable=False, freeze_layers=True, lora_family=True, settings=LORA_SETTINGS),
     # IA3: peft's default rates make it look useless; it needs a rate ~10x LoRA's.
     MethodSpec("ia3", "ia3", 1e-2, "per-channel scales of keys, values and the feed-forward input",
