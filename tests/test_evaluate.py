@@ -182,3 +182,23 @@ def test_side_by_side_of_scores_or_labels_carries_no_rouge():
     assert "(right)" in format_table(rows, ["base", "tuned"], generated=False)
     assert "mean ROUGE-L vs reference" in format_table(rows, ["base", "tuned"])
     assert "ROUGE-L" in _side_by_side(rows)
+
+
+def test_forgetting_kl_over_the_top_tokens_is_a_lower_bound_of_the_full_kl_and_never_negative():
+    import torch
+
+    from tunesmith.evaluate.forgetting import top_k_kl
+
+    torch.manual_seed(0)
+    logits = torch.randn(50, 200) * 2
+    base = torch.log_softmax(logits, -1)
+    for tuned in (torch.log_softmax(logits * 1.5, -1), torch.log_softmax(logits + torch.randn(50, 200), -1), base):
+        full = (base.exp() * (base - tuned)).sum(-1)
+        top = base.topk(8, dim=-1).indices
+        b, t = base.gather(-1, top), tuned.gather(-1, top)
+        ours = top_k_kl(b, t)
+        assert (ours >= -1e-6).all() and (ours <= full + 1e-5).all()
+    sharper = torch.log_softmax(logits * 1.5, -1)
+    t = sharper.gather(-1, top)
+    assert (b.exp() * (b - t)).sum(-1).mean() < 0  # the top-k terms alone: negative for a sharper model
+    assert torch.allclose(top_k_kl(b, b), torch.zeros(50), atol=1e-6)

@@ -4,7 +4,8 @@ On a built-in set of short general texts (or the user's), compare tuned with bas
 change, and the mean KL divergence KL(base || tuned) of the next-token distributions. The base
 side is measured once (before training, or from the base model in `tunesmith eval`) and kept as
 each position's top-64 base tokens and log-probabilities, so the check needs no second model in
-memory; KL is computed over those tokens (they carry nearly all of the base's probability mass).
+memory; KL is computed over those tokens and one bucket for the rest of the vocabulary (a lower bound of the full
+KL, never negative; the top tokens carry nearly all of the base's probability mass).
 The check flags drift when perplexity rises more than `PPL_RISE` or KL exceeds `KL_LIMIT`.
 """
 from __future__ import annotations
@@ -66,9 +67,7 @@ def compare_to_base(model, base: dict[str, torch.Tensor]) -> dict:
         logp = _logprobs(model, ids).cpu()
         base_nll -= float(base[f"target_logp_{i}"].sum())
         tuned_nll -= float(logp.gather(-1, ids[1:, None].cpu()).sum())
-        b_logp = base[f"top_logp_{i}"]
-        t_logp = logp.gather(-1, base[f"top_idx_{i}"].long())
-        kl_sum += float((b_logp.exp() * (b_logp - t_logp)).sum())
+        kl_sum += float(top_k_kl(base[f"top_logp_{i}"], logp.gather(-1, base[f"top_idx_{i}"].long())).sum())
         tokens += len(ids) - 1
     model.train(was)
     base_ppl, tuned_ppl = math.exp(base_nll / tokens), math.exp(tuned_nll / tokens)
@@ -78,6 +77,16 @@ def compare_to_base(model, base: dict[str, torch.Tensor]) -> dict:
             "ppl_change_pct": round(100 * change, 2), "mean_kl": round(kl, 4),
             "drifted": bool(change > PPL_RISE or kl > KL_LIMIT),
             "limits": {"ppl_rise_pct": 100 * PPL_RISE, "kl": KL_LIMIT}}
+
+
+def top_k_kl(base_top: torch.Tensor, tuned_top: torch.Tensor) -> torch.Tensor:
+    """Per position, KL(base || tuned) over the base's top-k tokens plus one bucket for all other tokens, from the
+    two models' log-probs of those k tokens (..., k). A KL of coarsened distributions: never negative and never above
+    the full KL. (The top-k terms alone went negative when the tuned model put more mass on the base's top tokens,
+    e.g. -0.003 after GRPO on the TL;DR.)"""
+    rest_base = (1 - base_top.exp().sum(-1)).clamp(min=1e-12)
+    rest_tuned = (1 - tuned_top.exp().sum(-1)).clamp(min=1e-12)
+    return (base_top.exp() * (base_top - tuned_top)).sum(-1) + rest_base * (rest_base.log() - rest_tuned.log())
 
 
 def save_base(path: Path, base: dict[str, torch.Tensor]) -> None:
