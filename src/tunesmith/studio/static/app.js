@@ -207,7 +207,7 @@ const pages = {
         <div class="card"><div id="loss" class="chart"></div></div>
         <div class="card"><div id="lr" class="chart"></div></div>
         <div class="card"><div id="speed" class="chart"></div></div>
-        <div class="card"><h2>Log</h2><pre id="log"></pre></div>
+        <div class="card log-card"><h2>Log</h2><pre id="log"></pre></div>
       </div>
       <div id="exportbox" class="card" hidden><h2>Export</h2>
         <div class="row"><label for="format" style="margin:0">Format</label>
