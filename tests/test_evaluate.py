@@ -49,6 +49,23 @@ def test_eval_command_scores_base_and_tuned_and_writes_the_report(tmp_path, tiny
     assert ev["references"][0] == rows[0]["references"]
     assert ev["forgetting"]["drifted"] in (True, False)
     assert "rougeL (4 examples)" in (run / "report.html").read_text()
+    paired = ev["rouge_against"]["base"]["rougeL"]  # per example: the same examples decide
+    assert paired["mean_difference"] == pytest.approx(m["rougeL"] - ev["metrics"]["base"]["rougeL"], abs=0.01)
+    low, high = paired["mean_difference_ci95"]
+    assert low <= paired["mean_difference"] <= high and paired["won"] + paired["lost"] <= 4
+
+
+def test_paired_bootstrap_interval_matches_the_normal_one_and_is_reproducible():
+    import torch
+
+    from tunesmith.evaluate.evaluation import paired_bootstrap
+
+    diff = torch.randn(400, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    low, high = paired_bootstrap(diff)
+    half = 1.96 * float(diff.std()) / 20
+    assert low == pytest.approx(float(diff.mean()) - half, abs=0.02) and high == pytest.approx(float(diff.mean()) + half, abs=0.02)
+    assert paired_bootstrap(diff) == (low, high)
+    assert paired_bootstrap(torch.full((10,), 2.0, dtype=torch.float64)) == (2.0, 2.0)
 
 
 def test_eval_of_a_classifier(tmp_path, tiny_bert_dir, sentiment_file, capsys):

@@ -3,7 +3,9 @@ scored against the dataset's references -- never against another model's outputs
 
 Generative tasks: greedy, batched, KV-cached generation; ROUGE-1/2/L/Lsum, BLEU, chrF, METEOR,
 exact match, the share of outputs that end on their own, generation tokens/s; a side-by-side
-table with per-example ROUGE-L; the forgetting check against the base. Classification:
+table with per-example ROUGE-L; the forgetting check against the base; with two or more models, the tuned model
+against each other one per example (`rouge_against`: ROUGE-1 and ROUGE-L, the mean difference with a 95 % paired
+bootstrap interval, examples higher / lower with an exact sign test). Classification:
 accuracy, macro precision/recall/F1 and the majority-class baseline. Preference pairs (prompt /
 chosen / rejected, what a DPO run trains on): each model's preference accuracies, its DPO rewards
 against the base, and how many pairs the tuned model gets right that the base got wrong and the
@@ -30,7 +32,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
 from tunesmith.evaluate.closing import TRAINED, complete
 from tunesmith.evaluate.human import sign_test, wilson
-from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics
+from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics, rouge_each
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
 from tunesmith.methods.load import load_model, merge_adapter
@@ -43,6 +45,8 @@ from tunesmith.objectives.rewards import build_rewards, score_all
 from tunesmith.objectives.rl import rollouts_for
 from tunesmith.run import RunDir
 from tunesmith.run.files import write_json_atomic
+
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_base: bool = True,
@@ -154,6 +158,16 @@ def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int
     result = {"task": "rl" if rewards else "causal", "metrics": metrics, "generation_tok_s": speed, "side_by_side": rows,
               "forgetting": drift, "outputs": {n: [g.text for g in gens] for n, gens in outputs.items()},
               "references": references}
+    if len(outputs) > 1 and "tuned" in outputs:  # per example, so the same abstracts decide; ROUGE-1 and ROUGE-L
+        each = {n: {t: torch.tensor(v, dtype=torch.float64) for t, v in
+                    rouge_each([g.text for g in gens], references, ("rouge1", "rougeL")).items()} for n, gens in outputs.items()}
+        result["rouge_against"] = {name: {t: _paired_scores(each[name][t], each["tuned"][t]) for t in ("rouge1", "rougeL")}
+                                   for name in each if name != "tuned"}
+        log("tuned against the others, ROUGE per example (mean difference, 95 % paired bootstrap; higher / lower, sign "
+            "test): " + "; ".join(f"{name} " + ", ".join(
+                f"{t} {v['mean_difference']:+.2f} ({v['mean_difference_ci95'][0]:+.2f} .. {v['mean_difference_ci95'][1]:+.2f}; "
+                f"{v['won']} / {v['lost']}, p = {v['p_value']})" for t, v in per.items())
+                for name, per in result["rouge_against"].items()))
     if rewards and len(totals) > 1:
         result["tuned_against"] = {name: _paired_scores(totals[name], totals["tuned"]) for name in totals if name != "tuned"}
         log("tuned against the others, examples with a higher / lower total reward: " + ", ".join(
@@ -249,12 +263,26 @@ def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> d
 
 def _paired_scores(other: torch.Tensor, tuned: torch.Tensor) -> dict:
     """Examples where the tuned model scores higher (won) or lower (lost) than the other, ties left out, with the exact
-    two-sided sign-test p-value; and the mean difference."""
+    two-sided sign-test p-value; and the mean difference with its 95 % paired-bootstrap interval."""
     from scipy.stats import binomtest
 
     won, lost = int((tuned > other).sum()), int((tuned < other).sum())
     p = binomtest(won, won + lost).pvalue if won + lost else 1.0
-    return {"won": won, "lost": lost, "p_value": round(p, 4), "mean_difference": round(float((tuned - other).mean()), 5)}
+    diff = (tuned - other).double()
+    return {"won": won, "lost": lost, "p_value": round(p, 4), "mean_difference": round(float(diff.mean()), 5),
+            "mean_difference_ci95": [round(v, 5) for v in paired_bootstrap(diff)]}
+
+
+def paired_bootstrap(diff: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the mean of per-example differences: the examples resampled with replacement (seeded, so an
+    evaluation reads the same interval every time). A gain whose interval excludes 0 is not the luck of which
+    examples were drawn -- it says nothing of a reseeded training run."""
+    if len(diff) < 2:
+        return float(diff.mean()), float(diff.mean())
+    g = torch.Generator().manual_seed(seed)
+    means = diff[torch.randint(len(diff), (resamples, len(diff)), generator=g)].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype))
+    return float(low), float(high)
 
 
 def _paired_counts(base_right: torch.Tensor, tuned_right: torch.Tensor) -> dict:

@@ -18,15 +18,21 @@ METEOR_MISSING = ("METEOR skipped: it needs WordNet, which is not installed "
 
 
 def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    each = rouge_each(predictions, references)
+    n = max(1, len(predictions))
+    return {t: round(sum(v) / n, 2) for t, v in each.items()}
+
+
+def rouge_each(predictions: list[str], references: list[list[str]], types: tuple = ROUGE_TYPES) -> dict[str, list[float]]:
+    """Per example, 100 x the F-measure against its best reference, for each ROUGE type."""
+    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+    out = {t: [] for t in types}
     for pred, refs in zip(predictions, references):
-        for t in ROUGE_TYPES:
+        for t in types:
             # rougeLsum splits summaries into sentences on newlines
             p, rs = (pred.replace(". ", ".\n"), [r.replace(". ", ".\n") for r in refs]) if t == "rougeLsum" else (pred, refs)
-            totals[t] += max(scorer.score(r, p)[t].fmeasure for r in rs)
-    n = max(1, len(predictions))
-    return {t: round(100 * v / n, 2) for t, v in totals.items()}
+            out[t].append(100 * max(scorer.score(r, p)[t].fmeasure for r in rs))
+    return out
 
 
 def rouge_l_one(prediction: str, references: list[str]) -> float:
