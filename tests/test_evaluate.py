@@ -53,6 +53,7 @@ def test_eval_command_scores_base_and_tuned_and_writes_the_report(tmp_path, tiny
     assert paired["mean_difference"] == pytest.approx(m["rougeL"] - ev["metrics"]["base"]["rougeL"], abs=0.01)
     low, high = paired["mean_difference_ci95"]
     assert low <= paired["mean_difference"] <= high and paired["won"] + paired["lost"] <= 4
+    assert f"per example {paired['mean_difference']:+.2f}, 95 % paired bootstrap" in (run / "report.html").read_text()
 
 
 def test_paired_bootstrap_interval_matches_the_normal_one_and_is_reproducible():

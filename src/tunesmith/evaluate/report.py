@@ -91,7 +91,10 @@ def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:
         good = d < 0
     gen = (evaluation or {}).get("metrics")
     if gen and "base" in gen and "tuned" in gen and "rougeL" in gen["tuned"]:
-        claims.append(f"ROUGE-L against the references {gen['base']['rougeL']:.1f} &rarr; <b>{gen['tuned']['rougeL']:.1f}</b>")
+        paired = (((evaluation or {}).get("rouge_against") or {}).get("base") or {}).get("rougeL")
+        claims.append(f"ROUGE-L against the references {gen['base']['rougeL']:.1f} &rarr; <b>{gen['tuned']['rougeL']:.1f}</b>"
+                      + (f" (per example {paired['mean_difference']:+.2f}, 95 % paired bootstrap "
+                         f"{paired['mean_difference_ci95'][0]:+.2f} to {paired['mean_difference_ci95'][1]:+.2f})" if paired else ""))
         good = good and gen["tuned"]["rougeL"] > gen["base"]["rougeL"]
     drift = (evaluation or {}).get("forgetting") or summary.get("forgetting")
     if drift:
