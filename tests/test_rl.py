@@ -138,6 +138,11 @@ def test_rl_config_is_checked_before_loading(tmp_path, tiny_model_dir, prompts_f
     with pytest.raises(TunesmithError, match="not supported for task=rl"):
         tiny_cfg(tmp_path, tiny_model_dir, prompts_file, "task=rl", "method.name=ia3",
                  "rl.rewards=[{kind: length, min_words: 1, max_words: 3}]")
+    for reward, says in ((f"{{kind: model, path: {tmp_path / 'runs' / 'hh-reward'}}}", "no reward-model run"),
+                         (f"{{kind: function, path: {tmp_path / 'nope.py'}:f}}", "no file")):
+        with pytest.raises(TunesmithError, match=says):  # before the data and the model load
+            train(tiny_cfg(tmp_path, tiny_model_dir, prompts_file, "task=rl", f"rl.rewards=[{reward}]"))
+        assert not (tmp_path / "runs" / "t").exists()
 
 
 def test_grpo_raises_a_reward_and_logs_its_health(tmp_path, tiny_model_dir, prompts_file, vowel_reward):

@@ -298,6 +298,21 @@ def validate(raw: dict) -> Config:
     return cfg
 
 
+def check_reward_paths(cfg: Config) -> None:
+    """Before anything loads: every `function` reward's file and every `model` reward's run exist (recipes name them,
+    e.g. hh-grpo's `runs/hh-reward`, so a missing one is the usual first error)."""
+    if cfg.task != "rl":
+        return
+    for k, reward in enumerate(cfg.rl.rewards):
+        if reward.kind == "function" and not Path(reward.path.rsplit(":", 1)[0]).expanduser().is_file():
+            raise TunesmithError(f"rl.rewards[{k}] (kind: function): no file {reward.path.rsplit(':', 1)[0]!r} (path is "
+                                 f"file.py:function)")
+        if reward.kind == "model" and not Path(reward.path).expanduser().is_dir():
+            raise TunesmithError(f"rl.rewards[{k}] (kind: model): no reward-model run {reward.path!r}; train one "
+                                 f"(`tunesmith train hh-reward output.name=NAME`, or task=reward on your pairs) and pass "
+                                 f'"rl.rewards=[{{kind: model, path: runs/NAME}}]"')
+
+
 def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
     """Settings that are each valid but do not go together. `task` is the resolved task once the data is known."""
     task = task or (cfg.task if cfg.task != "auto" else None)
