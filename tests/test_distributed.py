@@ -101,6 +101,36 @@ def test_a_run_started_on_two_processes_resumes_on_one(tmp_path, tiny_model_dir,
     assert all((reference[k] - resumed[k]).abs().max() < 1e-5 for k in reference)
 
 
+def test_grpo_stopped_between_two_updates_on_two_processes_resumes_on_one(tmp_path, tiny_model_dir):
+    """rl.updates=2 on 2 processes, stopped after step 3 (the first update on the second batch of rollouts): the
+    checkpoint holds both processes' groups, so 1 process resumes on the same rollouts and ends as the 2 did."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from conftest import write_jsonl
+    from test_rl import VOWELS
+    from tunesmith.train.loop import train
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something about {i}.", "answer": str(i)}
+                                                       for i in range(24)])
+    (tmp_path / "my_rewards.py").write_text(VOWELS)
+    common = [*FLOAT32, "task=rl", "method.name=lora", "train.max_steps=4", "train.threads=1", "train.lr=5e-2",
+              "train.micro_batch_size=2", "train.save_every_steps=1", "rl.updates=2", "rl.group_size=3",
+              "rl.max_new_tokens=8", "eval.samples=0", f"rl.rewards=[{{kind: function, path: {tmp_path / 'my_rewards.py'}:vowels}}]"]
+    two = tiny_cfg(tmp_path, tiny_model_dir, prompts, *common, "train.grad_accum=1", "output.name=two")
+    (tmp_path / "two.yaml").write_text(dump_yaml(two))
+    assert main(["train", str(tmp_path / "two.yaml"), "--nproc", "2"]) == 0
+    run = tmp_path / "runs" / "two"
+    reference = load_file(run / "final" / "adapter_model.safetensors")
+    shutil.rmtree(run / "final")
+    one = tiny_cfg(tmp_path, tiny_model_dir, prompts, *common, "train.grad_accum=2", "output.name=two")
+    assert train(one, resume=run).summary["resumed_from"] == 3  # the newest checkpoint: mid-batch
+    resumed = load_file(run / "final" / "adapter_model.safetensors")
+    assert all((reference[k] - resumed[k]).abs().max() < 1e-5 for k in reference)
+    assert [r.get("rollout_reused", 0) for r in rows(run) if "reward" in r] == [0, 1, 0, 1]
+
+
 def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir, instruction_file):
     """FSDP2-sharded LoRA on 2 processes == 1 process: loss curve, held-out loss and the saved adapter. A small
     token budget per pass gives the ranks different numbers of passes (filler passes must count nothing)."""
