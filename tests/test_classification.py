@@ -99,3 +99,19 @@ def test_causal_lm_base_classifies_by_its_last_token(tmp_path, tiny_tokenizer, s
     single = [predict(model, [t], tiny_tokenizer.pad_token_id)[0][0] for t in val]
     assert batched == single
     assert sum(p == t.label for p, t in zip(batched, val)) / len(val) == pytest.approx(s["after"]["eval_accuracy"], abs=1e-5)
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "truncate_left"])
+def test_overlong_text_is_cut_at_the_chosen_end_keeping_both_special_tokens(tiny_tokenizer, overlong):
+    from collections import Counter
+    from tunesmith.data.classify import tokenize_classification
+    from tunesmith.data.shapes import Example
+
+    ex = Example([], "x:1", {"text": "good bad " * 30}, label="good")
+    whole = tiny_tokenizer(ex.fields["text"])["input_ids"]
+    counts = Counter()
+    _, _, (t,) = tokenize_classification([ex], ["good"], tiny_tokenizer, 12, overlong, counts)
+    kept = whole[:11] + whole[-1:] if overlong == "truncate" else whole[:1] + whole[-11:]
+    assert t.input_ids.tolist() == kept and t.truncated and counts["truncated"] == 1
+    assert tokenize_classification([ex], ["good"], tiny_tokenizer, 12, "drop", counts)[2] == []
+    assert counts["dropped_overlong"] == 1

@@ -3,7 +3,9 @@ import json
 import pytest
 
 from tunesmith.config import DataConfig
-from tunesmith.data.prepare import load_examples, prepare, split_examples
+from collections import Counter
+
+from tunesmith.data.prepare import load_examples, prepare, split_examples, tokenize_pairs
 from tunesmith.data.render import IGNORE, render, tokenize
 from tunesmith.data.shapes import Example
 from tunesmith.errors import TunesmithError
@@ -77,7 +79,7 @@ def test_chat_masking_trains_assistant_and_end_of_turn(tiny_tokenizer):
     ex = Example([{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "how are you"},
                   {"role": "user", "content": "again"}, {"role": "assistant", "content": "today"}], "x:1")
     r = render(ex, "chat", tiny_tokenizer)
-    (t,) = tokenize([r], tiny_tokenizer, "chat", 512, truncate=False)
+    (t,) = tokenize([r], tiny_tokenizer, "chat", 512, overlong="drop")
     # both assistant turns, each with its end-of-turn token; prompt and pad ids never decide the mask
     assert trained_text(tiny_tokenizer, t) == "how are you<|im_end|>\ntoday<|im_end|>\n"
     assert r.prompt.endswith("<|im_start|>assistant\n") and r.reference == "today"
@@ -87,7 +89,7 @@ def test_text_template_masking(tiny_tokenizer):
     ex = Example([], "x:1", {"instruction": "what is two plus two?", "input": "", "output": "four."})
     r = render(ex, "qa", tiny_tokenizer)
     assert r.text == "Question: what is two plus two?\nAnswer: four.<|im_end|>"  # optional [[input]] part dropped
-    (t,) = tokenize([r], tiny_tokenizer, "qa", 512, truncate=False)
+    (t,) = tokenize([r], tiny_tokenizer, "qa", 512, overlong="drop")
     assert trained_text(tiny_tokenizer, t).strip() == "four.<|im_end|>"
     r2 = render(ex, "Q: {instruction} A: {output}", tiny_tokenizer)
     assert r2.prompt == "Q: what is two plus two? A: "
@@ -96,11 +98,31 @@ def test_text_template_masking(tiny_tokenizer):
 def test_train_on_prompt_and_truncation(tiny_tokenizer):
     ex = Example([{"role": "user", "content": "hello world " * 20}, {"role": "assistant", "content": "hi"}], "x:1")
     r = render(ex, "chat", tiny_tokenizer)
-    assert tokenize([r], tiny_tokenizer, "chat", 10, truncate=False) == [None]   # dropped: too long
-    assert tokenize([r], tiny_tokenizer, "chat", 10, truncate=True) == [None]    # response truncated away
+    assert tokenize([r], tiny_tokenizer, "chat", 10, overlong="drop") == [None]   # dropped: too long
+    assert tokenize([r], tiny_tokenizer, "chat", 10, overlong="truncate") == [None]    # response truncated away
     full = render(ex, "chat", tiny_tokenizer, train_on_prompt=True)
-    (t,) = tokenize([full], tiny_tokenizer, "chat", 512, truncate=False)
+    (t,) = tokenize([full], tiny_tokenizer, "chat", 512, overlong="drop")
     assert (t.labels[1:] != IGNORE).all()
+
+
+def test_truncate_left_keeps_the_response_and_cuts_both_sides_of_a_pair_alike(tiny_tokenizer):
+    ex = Example([{"role": "user", "content": "hello world " * 20}, {"role": "assistant", "content": "the answer"}], "x:1")
+    r = render(ex, "chat", tiny_tokenizer)
+    (whole,) = tokenize([r], tiny_tokenizer, "chat", 512)
+    (t,) = tokenize([r], tiny_tokenizer, "chat", 16, overlong="truncate_left")
+    assert t.truncated and t.input_ids.tolist() == whole.input_ids[-16:].tolist()  # the end is kept, the start cut
+    assert t.labels.tolist() == whole.labels[-16:].tolist()                        # the response is trained whole
+
+    pair = Example([{"role": "user", "content": "hello world " * 20}], "x:2", chosen="yes", rejected="no, not at all " * 3)
+    cfg = DataConfig(path="x", overlong="truncate_left")
+    (whole_c,) = tokenize_pairs([pair], cfg.model_copy(update={"overlong": "drop"}), tiny_tokenizer, 512, Counter()).tokens
+    (c,) = tokenize_pairs([pair], cfg, tiny_tokenizer, 100, Counter()).tokens
+    j, whole_j = c.rejected, whole_c.rejected
+    cut = len(whole_j.input_ids) - 100                               # the longer side fits exactly
+    assert len(j.input_ids) == 100 and j.input_ids.tolist() == whole_j.input_ids[cut:].tolist()
+    assert c.input_ids.tolist() == whole_c.input_ids[cut:].tolist()  # the shorter side loses the same start
+    assert (c.labels != IGNORE).sum() == (whole_c.labels != IGNORE).sum()
+    assert tokenize_pairs([pair], cfg, tiny_tokenizer, 30, Counter()).tokens == []  # the chosen answer cut away
 
 
 def test_split_is_deterministic_and_keeps_groups_together():
@@ -198,10 +220,10 @@ def test_tokenizing_is_not_padded_by_what_an_earlier_batch_left_on_the_tokenizer
 
     texts = ["Return the sum.", "Open a file and read it, then return the sum of two numbers."]
     rendered = [Rendered(t, [(0, len(t))], "", t) for t in texts]
-    plain = [t.input_ids.tolist() for t in tokenize(rendered, tiny_tokenizer, "chat", 256, False)]
+    plain = [t.input_ids.tolist() for t in tokenize(rendered, tiny_tokenizer, "chat", 256, "drop")]
     side = tiny_tokenizer.padding_side
     tiny_tokenizer.padding_side = "left"
     tiny_tokenizer(texts, padding=True, truncation=True, max_length=8)
     tiny_tokenizer.padding_side = side
-    again = [t.input_ids.tolist() for t in tokenize(rendered, tiny_tokenizer, "chat", 256, False)]
+    again = [t.input_ids.tolist() for t in tokenize(rendered, tiny_tokenizer, "chat", 256, "drop")]
     assert again == plain and len(plain[0]) < len(plain[1])

@@ -39,7 +39,7 @@ class DataConfig(Section):
     system_prompt: Optional[str] = Field(None, description="System message added to chat-rendered examples that have none (the model's template may add its own default).")
     train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens (default: responses only; end-of-turn tokens are always trained).")
     max_length: int = Field(512, ge=8, description="Token cap per example (further capped by the model's context length).")
-    overlong: Literal["drop", "truncate"] = Field("drop", description="What to do with examples longer than `max_length`; counts are always reported.")
+    overlong: Literal["drop", "truncate", "truncate_left"] = Field("drop", description="Examples longer than `max_length`: dropped, cut at the end (`truncate`), or cut at the start (`truncate_left`: the answer and the latest turns are kept, as a reward model reads the last token; a pair's two sides lose the same tokens); counts are always reported.")
     val_size: float = Field(0.1, ge=0, description="Held-out share (<1) or count (>=1) split off the training data when `val_path` is unset.")
     max_examples: Optional[int] = Field(None, ge=1, description="Use at most this many training records (after the split).")
     seed: int = Field(0, description="Seed for the train/validation split and shuffling.")

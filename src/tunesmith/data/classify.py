@@ -1,8 +1,9 @@
 """Classification data: text (or a text pair) -> token ids, label name -> class index.
 
 Label names come from the training split, in natural order ("0" < "2" < "10", else alphabetical);
-a validation label never seen in training is an error naming the record. Over-long texts are cut
-(`data.overlong: truncate`) or dropped, and counted either way.
+a validation label never seen in training is an error naming the record. Over-long texts are cut at the end
+(`data.overlong: truncate`) or at the start (`truncate_left`), keeping the first and last special tokens, or
+dropped, and counted either way.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def label_names(examples: list[Example]) -> list[str]:
     return sorted(names, key=lambda n: (0, int(n), "") if n.lstrip("-").isdigit() else (1, 0, n))
 
 
-def tokenize_classification(examples: list[Example], labels: list[str], tokenizer, max_length: int, truncate: bool,
+def tokenize_classification(examples: list[Example], labels: list[str], tokenizer, max_length: int, overlong: str,
                             counts: Counter) -> tuple[list[Example], list[Rendered], list[Tokenized]]:
     index = {n: i for i, n in enumerate(labels)}
     for ex in examples:
@@ -36,11 +37,12 @@ def tokenize_classification(examples: list[Example], labels: list[str], tokenize
     kept_ex, kept_r, kept_t = [], [], []
     for ex, ids in zip(examples, enc):
         cut = len(ids) > max_length
-        if cut and not truncate:
+        if cut and overlong == "drop":
             counts["dropped_overlong"] += 1
             continue
-        if cut:  # keep the final special token (e.g. [SEP]) so the encoder sees a well-formed input
-            ids = list(ids[: max_length - 1]) + [ids[-1]]
+        if cut:  # keep the first and the final special token (e.g. [CLS], [SEP]): a well-formed input
+            ids = (list(ids[: max_length - 1]) + [ids[-1]] if overlong == "truncate"
+                   else [ids[0]] + list(ids[len(ids) - max_length + 1:]))
             counts["truncated"] += 1
         arr = np.asarray(ids, dtype=np.int32)
         kept_ex.append(ex)

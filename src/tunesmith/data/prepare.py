@@ -17,7 +17,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data import cache as data_cache
 from tunesmith.data.classify import label_names, tokenize_classification
 from tunesmith.data.read import read_records
-from tunesmith.data.render import ENCODE_CHUNK, IGNORE, PreparedData, Split, Tokenized, encode_texts, render, tokenize
+from tunesmith.data.render import ENCODE_CHUNK, IGNORE, PreparedData, Split, Tokenized, cut_start, encode_texts, render, tokenize
 from tunesmith.data.shapes import Example, detect_format, map_columns, to_example
 from tunesmith.errors import TunesmithError
 
@@ -89,7 +89,7 @@ def split_examples(examples: list[Example], val_size: float, seed: int) -> tuple
 def tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter,
                     keep_all: bool = False) -> Split:
     rendered = [render(ex, cfg.template, tokenizer, cfg.train_on_prompt, cfg.system_prompt) for ex in examples]
-    toks = tokenize(rendered, tokenizer, cfg.template, max_length, truncate=cfg.overlong == "truncate", drops=counts)
+    toks = tokenize(rendered, tokenizer, cfg.template, max_length, cfg.overlong, drops=counts)
     if keep_all:  # positions line up with `examples`; None where dropped
         return Split(examples, rendered, toks)
     keep = [i for i, t in enumerate(toks) if t is not None]
@@ -99,14 +99,22 @@ def tokenize_split(examples: list[Example], cfg: DataConfig, tokenizer, max_leng
 
 def tokenize_pairs(examples: list[Example], cfg: DataConfig, tokenizer, max_length: int, counts: Counter) -> Split:
     """Each pair as two conversations (prompt + chosen, prompt + rejected), trained on the response only;
-    a pair is kept when both sides fit (or are truncated with a response token left)."""
+    a pair is kept when both sides fit (or are truncated with a response token left). With `truncate_left` both
+    sides lose the same number of leading tokens, so the two answers are read after the same context (and share
+    its computation)."""
     def as_sft(ex: Example, response: str) -> Example:
         return Example(ex.messages + [{"role": "assistant", "content": response}], ex.where, {"instruction": _first_user(ex), "output": response})
 
-    chosen = tokenize_split([as_sft(ex, ex.chosen) for ex in examples], cfg, tokenizer, max_length, Counter(), keep_all=True)
-    rejected = tokenize_split([as_sft(ex, ex.rejected) for ex in examples], cfg, tokenizer, max_length, Counter(), keep_all=True)
+    left = cfg.overlong == "truncate_left"
+    side_cfg = cfg.model_copy(update={"overlong": "drop"}) if left else cfg
+    side_length = 1 << 30 if left else max_length  # cut below, once the two sides' lengths are known
+    chosen = tokenize_split([as_sft(ex, ex.chosen) for ex in examples], side_cfg, tokenizer, side_length, Counter(), keep_all=True)
+    rejected = tokenize_split([as_sft(ex, ex.rejected) for ex in examples], side_cfg, tokenizer, side_length, Counter(), keep_all=True)
     kept = Split([], [], [])
     for ex, r, c, j in zip(examples, chosen.rendered, chosen.tokens, rejected.tokens):
+        if left and c is not None and j is not None:
+            n = max(len(c.input_ids), len(j.input_ids)) - max_length
+            c, j = cut_start(c, n), cut_start(j, n)
         if c is None or j is None:
             counts["dropped_overlong"] += 1
             continue
@@ -198,8 +206,8 @@ def _prepare(cfg: DataConfig, tokenizer, max_length: int, keep_train_text: bool,
     if fmt == "classification":
         labels = label_names(train_ex)
         counts["labels"] = labels
-        train = Split(*tokenize_classification(train_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", train_counts))
-        val = Split(*tokenize_classification(val_ex, labels, tokenizer, max_length, cfg.overlong == "truncate", val_counts))
+        train = Split(*tokenize_classification(train_ex, labels, tokenizer, max_length, cfg.overlong, train_counts))
+        val = Split(*tokenize_classification(val_ex, labels, tokenizer, max_length, cfg.overlong, val_counts))
         counts["label_counts"] = {"train": _label_counts(train, labels), "val": _label_counts(val, labels)}
     elif prompts_only or fmt == "prompt":
         train = tokenize_prompts(train_ex, cfg, tokenizer, max_length, train_counts)

@@ -189,10 +189,11 @@ def _render_template(ex: Example, template: str, tokenizer) -> Rendered:
     return Rendered(prompt + answer, [(len(prompt), len(prompt) + len(answer))], prompt, ex.fields[response])
 
 
-def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int, truncate: bool,
+def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int, overlong: str = "drop",
              drops: Counter | None = None) -> list[Tokenized | None]:
     """Batched tokenization with offsets; None marks an example dropped, and `drops` counts why
-    ("dropped_overlong", or "dropped_no_labels" when no trained token is left)."""
+    ("dropped_overlong", or "dropped_no_labels" when no trained token is left). `overlong` is `data.overlong`:
+    an example over `max_length` is dropped, cut at its end (`truncate`) or cut at its start (`truncate_left`)."""
     drops = Counter() if drops is None else drops
     if not rendered:
         return []
@@ -201,7 +202,7 @@ def tokenize(rendered: list[Rendered], tokenizer, template: str, max_length: int
     for start in range(0, len(rendered), ENCODE_CHUNK):  # chunks bound the tokenizer's own memory
         chunk = rendered[start: start + ENCODE_CHUNK]
         for r, (ids, offsets) in zip(chunk, encode_texts(tokenizer, [r.text for r in chunk], add_special)):
-            out.append(_labelled(r, ids, offsets, max_length, truncate, drops))
+            out.append(_labelled(r, ids, offsets, max_length, overlong, drops))
     return out
 
 
@@ -227,7 +228,7 @@ def encode_texts(tokenizer, texts: list[str], add_special: bool):
         yield np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
 
 
-def _labelled(r: Rendered, ids: np.ndarray, offsets: np.ndarray, max_length: int, truncate: bool,
+def _labelled(r: Rendered, ids: np.ndarray, offsets: np.ndarray, max_length: int, overlong: str,
               drops: Counter) -> Tokenized | None:
     starts, ends = offsets[:, 0], offsets[:, 1]
     trained = np.zeros(len(ids), dtype=bool)
@@ -236,12 +237,25 @@ def _labelled(r: Rendered, ids: np.ndarray, offsets: np.ndarray, max_length: int
     trained &= ends > starts  # tokens with no text (e.g. an added BOS) are never targets
     truncated = len(ids) > max_length
     if truncated:
-        if not truncate:
+        if overlong == "drop":
             drops["dropped_overlong"] += 1
             return None
-        ids, trained = ids[:max_length], trained[:max_length]
+        ids, trained = (ids[:max_length], trained[:max_length]) if overlong == "truncate" else \
+            (ids[-max_length:], trained[-max_length:])
     trained[0] = False  # position 0 is never predicted
     if not trained.any():
         drops["dropped_no_labels"] += 1
         return None
     return Tokenized(ids, np.where(trained, ids, IGNORE).astype(np.int32), truncated)
+
+
+def cut_start(t: Tokenized, n: int) -> Tokenized | None:
+    """`t` without its first `n` tokens (`data.overlong: truncate_left`); None when no trained token is left."""
+    if n <= 0:
+        return t
+    labels = t.labels[n:].copy()
+    if len(labels):
+        labels[0] = IGNORE  # position 0 is never predicted
+    if not (labels != IGNORE).any():
+        return None
+    return Tokenized(t.input_ids[n:], labels, True, t.label)

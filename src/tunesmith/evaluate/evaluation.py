@@ -183,7 +183,8 @@ def _classification(models: dict, examples, cfg, dtype, device, log) -> dict:
         model = _load(path, dtype, device)
         own_tokenizer = load_tokenizer(path)  # `--runs` may name a run on another base (an encoder beside a decoder)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        _, _, tokens = tokenize_classification(examples, labels, own_tokenizer, cfg.data.max_length, True, Counter())
+        cut = "truncate_left" if cfg.data.overlong == "truncate_left" else "truncate"  # every test text is scored
+        _, _, tokens = tokenize_classification(examples, labels, own_tokenizer, cfg.data.max_length, cut, Counter())
         preds, total = predict(model, tokens, own_tokenizer.pad_token_id)
         metrics[name] = scores(preds, [t.label for t in tokens], total)
         outputs[name] = [labels[p] for p in preds]
