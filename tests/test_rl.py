@@ -143,6 +143,10 @@ def test_rl_config_is_checked_before_loading(tmp_path, tiny_model_dir, prompts_f
         with pytest.raises(TunesmithError, match=says):  # before the data and the model load
             train(tiny_cfg(tmp_path, tiny_model_dir, prompts_file, "task=rl", f"rl.rewards=[{reward}]"))
         assert not (tmp_path / "runs" / "t").exists()
+    (tmp_path / "runs" / "hh-reward-20261204-0101" / "final").mkdir(parents=True)  # an unnamed run of that recipe
+    with pytest.raises(TunesmithError, match="newest finished run of that recipe is .*hh-reward-20261204-0101"):
+        train(tiny_cfg(tmp_path, tiny_model_dir, prompts_file, "task=rl",
+                       f"rl.rewards=[{{kind: model, path: {tmp_path / 'runs' / 'hh-reward'}}}]"))
 
 
 def test_grpo_raises_a_reward_and_logs_its_health(tmp_path, tiny_model_dir, prompts_file, vowel_reward):

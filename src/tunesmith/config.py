@@ -308,9 +308,19 @@ def check_reward_paths(cfg: Config) -> None:
             raise TunesmithError(f"rl.rewards[{k}] (kind: function): no file {reward.path.rsplit(':', 1)[0]!r} (path is "
                                  f"file.py:function)")
         if reward.kind == "model" and not Path(reward.path).expanduser().is_dir():
-            raise TunesmithError(f"rl.rewards[{k}] (kind: model): no reward-model run {reward.path!r}; train one "
-                                 f"(`tunesmith train hh-reward output.name=NAME`, or task=reward on your pairs) and pass "
-                                 f'"rl.rewards=[{{kind: model, path: runs/NAME}}]"')
+            named = _newest_finished_run(Path(reward.path).expanduser())
+            found = (f"; the newest finished run of that recipe is {named}: pass "
+                     f'"rl.rewards=[{{kind: model, path: {named}}}]"') if named else (
+                "; train one (`tunesmith train hh-reward output.name=NAME`, or task=reward on your pairs) and pass "
+                '"rl.rewards=[{kind: model, path: runs/NAME}]"')
+            raise TunesmithError(f"rl.rewards[{k}] (kind: model): no reward-model run {reward.path!r}{found}")
+
+
+def _newest_finished_run(missing: Path) -> Optional[Path]:
+    """The newest `<name>-<date>-<time>` folder beside a missing run `<name>` that holds a final model (an unnamed run
+    of recipe `name` is called that: output.name)."""
+    runs = [p for p in missing.parent.glob(f"{missing.name}-*") if (p / "final").is_dir()] if missing.parent.is_dir() else []
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
 def check_combinations(cfg: Config, task: Optional[str] = None) -> None:
