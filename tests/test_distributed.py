@@ -56,7 +56,7 @@ def test_grpo_dapo_on_two_processes_matches_one(tmp_path, tiny_model_dir):
     """GRPO's rollouts are seeded per (batch, prompt, completion), so both runs sample the same completions; the dapo
     loss averages over the global step's completion tokens and the logged rollout statistics are over both processes'
     rollouts, so two processes train and log as one. Counted per process, as before, the first step's loss read
-    -0.0206 against -0.0199 and the reward was rank 0's half only (0.017 off)."""
+    -0.0206 against -0.0199 and the reward was rank 0's half only (0.017 off); entropy was rank 0's tokens'."""
     from conftest import write_jsonl
     from test_rl import VOWELS
 
@@ -66,7 +66,8 @@ def test_grpo_dapo_on_two_processes_matches_one(tmp_path, tiny_model_dir):
     common = [*FLOAT32, "task=rl", "method.name=lora", "train.max_steps=3", "train.threads=1", "train.lr=5e-2",
               "train.micro_batch_size=2", "rl.loss=dapo", "rl.group_size=3", "rl.max_new_tokens=10", "eval.samples=0",
               f"rl.rewards=[{{kind: function, path: {tmp_path / 'my_rewards.py'}:vowels}}]"]
-    run_one_and_two(tmp_path, tiny_model_dir, prompts, common, [], ("loss", "reward", "completion_length", "eval_reward"))
+    run_one_and_two(tmp_path, tiny_model_dir, prompts, common, [], ("loss", "reward", "completion_length", "entropy",
+                                                                    "clip_ratio", "skipped_groups", "eval_reward"))
 
 
 def test_full_fine_tuning_through_bfloat16_weight_copies_on_two_processes_matches_one(tmp_path, tiny_model_dir, instruction_file):

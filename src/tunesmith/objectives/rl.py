@@ -21,8 +21,8 @@ its gradient is exactly 0, so its pass is skipped; `skipped_groups` is the share
 averaged as rl.loss says: `grpo` per completion then over the group; `dr_grpo` summed over the group / (G x
 rl.max_new_tokens); `dapo` over all completion tokens of the global step. Under torchrun each process samples its
 share of the prompts, and the step's statistics (dapo's token count, rl.scale_rewards=batch's std, the logged reward,
-length and flat-group numbers) are taken over every process's rollouts, as TRL gathers them, so two processes train
-and log as one; entropy, clipping and KL are the first process's tokens'.
+length, flat-group, entropy, clipping and KL numbers) are taken over every process's rollouts and tokens, as TRL
+gathers them, so two processes train and log as one.
 
 With rl.updates = mu the same rollouts train mu consecutive optimizer steps (the loop repeats the step's batch,
 `steps_per_batch`). What every step logs (metrics.jsonl, report, studio): reward mean and std (overall and per reward),
@@ -338,9 +338,16 @@ class OnlineRL(Objective):
                        for i, g in state["groups"].items()}
 
     def step_metrics(self) -> dict:
+        """The step's numbers; the token-weighted ones (entropy, clip_ratio, kl, skipped_groups) summed over every
+        process first (a collective: every rank logs every step)."""
         out = {k: v for k, v in self.metrics.items() if k != "_sums"}
         out["update_seconds"] = round(time.perf_counter() - self.updating_since, 2)  # the passes and the optimizer step
-        for key, (s, n) in self.metrics.get("_sums", {}).items():
+        sums: dict[str, tuple[float, float]] = {}
+        for part in _every_process(self.metrics.get("_sums", {})):
+            for key, (s, n) in part.items():
+                total, count = sums.get(key, (0.0, 0.0))
+                sums[key] = (total + s, count + n)
+        for key, (s, n) in sums.items():
             out[key] = round(s / n, 5) if n else None
         return out
 
