@@ -43,9 +43,12 @@ def test_reward_model_learns_the_pairs_and_loads_in_plain_transformers(tmp_path,
     # tunesmith eval on a pair file: accuracy with its interval and the sign test, the base (an untrained head) left out
     from tunesmith.evaluate.evaluation import evaluate_run
 
-    ev = evaluate_run(res.run_dir, data_path=str(pairs_file), n=20, log=lambda *a: None)
+    rows = [json.loads(x) for x in pairs_file.read_text().splitlines()][:19]
+    rows.append({**rows[0], "prompt": "Is 0 a nice number? " + "Think it over. " * 300})  # over data.max_length
+    test_file = write_jsonl(tmp_path / "test_pairs.jsonl", rows)
+    ev = evaluate_run(res.run_dir, data_path=str(test_file), n=20, log=lambda *a: None)
     m = ev["metrics"]["tuned"]
-    assert "base" not in ev["metrics"] and m["eval_pairs"] == 20
+    assert "base" not in ev["metrics"] and m["eval_pairs"] == 20  # the long pair too, cut at its start
     assert m["pairs_right"] + m["pairs_wrong"] <= 20 and m["eval_accuracy"] > 0.9
     assert m["eval_accuracy_ci95"][0] < m["eval_accuracy"] <= m["eval_accuracy_ci95"][1]
     assert m["p_sign_test"] < 0.01

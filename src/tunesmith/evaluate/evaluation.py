@@ -212,12 +212,21 @@ def _one_tokenization(models: dict, tokenizer, cfg) -> None:
                                  f"compared on one tokenization, so evaluate that run on its own")
 
 
+def every_pair(examples, tokenizer, cfg) -> list:
+    """The test pairs, each scored: one over data.max_length loses its prompt's start (`truncate_left`), whatever the
+    run trained with, as every test text of a classifier is scored (dropping the long ones would pick the test set;
+    cutting their ends would read two answers cut to the same prompt, a tie). Only a pair whose answer alone is
+    longer than max_length is left out (`examples` in the result counts the pairs scored)."""
+    data = cfg.data.model_copy(update={"overlong": "truncate_left"})
+    return tokenize_pairs(examples, data, tokenizer, cfg.data.max_length, Counter()).tokens
+
+
 def _reward(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
     """Reward models on pairs: pairwise accuracy with its 95 % Wilson interval and the exact sign test of pairs scored
     right against pairs scored wrong (chance is 1/2); with `--runs`, the tuned model against each on the same pairs.
     The base is left out: its head is new and untrained, chance by construction."""
     _one_tokenization(models, tokenizer, cfg)
-    pairs = tokenize_pairs(examples, cfg.data, tokenizer, cfg.data.max_length, Counter()).tokens
+    pairs = every_pair(examples, tokenizer, cfg)
     metrics, right = {}, {}
     for name, path in models.items():
         if name == "base":
@@ -231,7 +240,7 @@ def _reward(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
         metrics[name] = {**reward_scores(scores, cfg.reward), "eval_accuracy_ci95": [round(low, 4), round(high, 4)],
                          "pairs_right": wins, "pairs_wrong": losses, "p_sign_test": round(sign_test(wins, losses), 6)}
         log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics[name].items()))
-    result = {"task": "reward", "metrics": metrics, "examples": len(pairs)}  # the pairs that fit data.max_length
+    result = {"task": "reward", "metrics": metrics, "examples": len(pairs)}
     others = [name for name in right if name != "tuned"]
     if others:
         result["tuned_against"] = {name: _paired_counts(right[name], right["tuned"]) for name in others}
@@ -242,7 +251,7 @@ def _reward(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
 
 def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
     _one_tokenization(models, tokenizer, cfg)  # and scored against the tuned run's base
-    pairs = tokenize_pairs(examples, cfg.data, tokenizer, cfg.data.max_length, Counter()).tokens
+    pairs = every_pair(examples, tokenizer, cfg)
     logps = {}
     for name, path in models.items():
         model = _load(path, dtype, device)
