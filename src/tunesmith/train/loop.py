@@ -21,20 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunesmith.assemble import Run, assemble
+from tunesmith.assemble import assemble
 from tunesmith.config import Config, changed_settings, dump_yaml, read_yaml, unused_settings
 from tunesmith.data.batching import collate, effective_length, epoch_plan, split_passes
 from tunesmith.data.render import prompt_format_of
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
 from tunesmith.evaluate.closing import TRAINED, Closing, close, improves, sample_indices
-from tunesmith.evaluate.side_by_side import format_table, mean_score, rouge_applies
+from tunesmith.evaluate.side_by_side import format_table, rouge_applies
 from tunesmith.methods import get_method, lora
 from tunesmith.methods.load import save_prompt_format
 from tunesmith.methods.precision import WeightCopies, resume_note
 from tunesmith.models import neftune, pick_device
 from tunesmith.models.generate import Generation
-from tunesmith.objectives import Context, Objective, objective_for
+from tunesmith.objectives import Context, objective_for
 from tunesmith.run import RunDir
 from tunesmith.run.files import append_jsonl, publish_dir, write_json_atomic, write_text_atomic
 from tunesmith.run.layout import choose_run_dir, create_run_dir
@@ -42,6 +42,7 @@ from tunesmith.run.lock import RunLock
 from tunesmith.run.log import RunLog, progress_bar
 from tunesmith.run.trackers import Trackers, check_installed
 from tunesmith.train import checkpoint, distributed, zero
+from tunesmith.train.console import data_lines, result_lines
 from tunesmith.train.interrupt import StopRequests, TrainingInterrupted
 from tunesmith.train.machine import available_cores, configure_threads, keep_heap_memory
 from tunesmith.train.plan import estimate
@@ -102,7 +103,8 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
     sequence_distill = bool(cfg.distill.teacher) and cfg.distill.mode == "sequence"
     run = assemble(cfg, device, keep_text=sequence_distill)  # keep prompts for the teacher to answer
     cfg = run.effective_config  # with train.batch_tokens as used
-    _log_data(run, log)
+    for line in data_lines(run):
+        log(line)
     model, params, precision = run.model, run.params, run.precision
     log(f"method: {cfg.method.name}, {precision.describe()} | trainable {params['trainable']:,} / {params['total']:,} "
         f"parameters ({params['percent']:.2f}%)")
@@ -424,7 +426,7 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
     rows, after, drift = summary["side_by_side"], summary["after"], summary["forgetting"]
     if rows:
         log(format_table(rows, ["base", "tuned"], generated=rouge_applies(rows, objective.generates)))
-    for line in _result_lines(objective, before, after, rows, drift):
+    for line in result_lines(objective, before, after, rows, drift):
         log(line)
     log(f"trained {total_steps} steps ({summary['epochs']:.2f} epochs) on {tokens_seen:,} tokens in {train_seconds:.0f} s "
         f"({summary['tok_s']:.0f} tok/s)" + (f" within the {cfg.train.max_minutes:g}-minute budget" if budget else "")
@@ -445,30 +447,6 @@ def _publish_final(run_dir: RunDir, write) -> None:
                 if older else "no checkpoint was written (set train.save_every_steps to have one to resume from)")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
         raise TunesmithError(f"could not save the trained model to {run_dir.final}: {reason}; {left}") from None
-
-
-def _log_data(run: Run, log) -> None:
-    st = run.data.stats
-    log(f"data: {st['format']} format, {st['records']} records -> train {st['train']['kept']} / val {st['val']['kept']} "
-        f"(dropped {st['train']['dropped_overlong'] + st['val']['dropped_overlong']} over {st['max_length']} tokens, "
-        f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
-        f"of which trained {st['train']['label_tokens']} ({100 * st['train']['label_share']:.0f}%)"
-        + (" [tokenized data from cache]" if "from_cache" in st else ""))
-    if run.task == "classification":
-        log(f"task: classification into {len(st['labels'])} labels: " + ", ".join(
-            f"{name} {n}" for name, n in st["label_counts"]["train"].items()))
-
-
-def _result_lines(objective: Objective, before: dict, after: dict, rows: list, drift: dict | None) -> list[str]:
-    """What a finished run reports: held-out before -> after, the side-by-side score, the forgetting check."""
-    lines = objective.results(before, after)
-    if rows and rouge_applies(rows, objective.generates):
-        lines.append(f"side-by-side mean ROUGE-L: base {mean_score(rows, 'base'):.1f} -> tuned {mean_score(rows, 'tuned'):.1f}")
-    if drift:
-        lines.append(f"forgetting check on {drift['texts']} general texts: perplexity {drift['base_ppl']:.2f} -> "
-                     f"{drift['tuned_ppl']:.2f} ({drift['ppl_change_pct']:+.1f}%), mean KL(base||tuned) "
-                     f"{drift['mean_kl']:.3f} nats/token" + (" -- DRIFTED beyond the limits" if drift["drifted"] else " -- within limits"))
-    return lines
 
 
 def _as_base(model):
