@@ -87,6 +87,7 @@ def test_adapter_export_has_a_card(tuned_run, tmp_path):
     assert main(["export", str(tuned_run), "--format", "adapter", "--out", str(tmp_path / "a")]) == 0
     card = (tmp_path / "a" / "README.md").read_text()
     assert "method `lora`" in card and "| loss |" in card
+    assert "AutoPeftModelForCausalLM.from_pretrained('<this folder>')" in card
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()
 
 

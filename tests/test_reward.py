@@ -98,3 +98,91 @@ def test_scores_of_a_pair_sharing_its_prompt_equal_plain_transformers_row_by_row
         ours = sequence_scores(model, ids, pad_id=0)[:, 0]
         plain = [float(model(input_ids=torch.cat([prompt, answer])[None]).logits[0, 0]) for answer in (chosen, rejected)]
     assert ours.tolist() == pytest.approx(plain, abs=1e-5)
+
+
+def test_mean_pooling_reads_the_answer_tokens_everywhere_a_reward_model_is_scored(tmp_path, tiny_model_dir, pairs_file):
+    """`reward.pooling: mean`: the score is the head's per-token score averaged over the answer's tokens. Training,
+    `tunesmith eval`, RL's reward-model scorer and the few lines docs/methods.md gives for plain transformers agree on
+    it, and it is not the last token's score (which a run that does not record its pooling would be read at)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.evaluate.evaluation import evaluate_run
+    from tunesmith.methods.load import REWARD_FILE, load_model, reward_pooling
+    from tunesmith.models.heads import sequence_scores
+    from tunesmith.objectives.reward import score_pairs
+    from tunesmith.objectives.rewards import RewardModelScorer, Rollouts
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, pairs_file, "task=reward", "method.name=full", "train.max_steps=12",
+                   "train.lr=1e-3", "reward.pooling=mean")
+    res = train(cfg)
+    final = res.run_dir / "final"
+    assert json.loads((final / REWARD_FILE).read_text()) == {"pooling": "mean"} and reward_pooling(final) == "mean"
+    assert res.summary["after"]["eval_accuracy"] > 0.9
+    tok_cfg = load_config(str(res.run_dir / "config.yaml"))
+    plain = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    pair = prepare(tok_cfg.data, RewardModelScorer(str(res.run_dir), torch.device("cpu")).tokenizer).val.tokens[0]
+    ids = torch.from_numpy(pair.input_ids).long()[None]
+    answer = torch.from_numpy(pair.labels != -100)
+    assert 0 < int(answer.sum()) < len(answer)
+    with torch.no_grad():  # docs/methods.md: the head at every position, averaged over the answer's tokens
+        per_token = plain.score(plain.model(input_ids=ids).last_hidden_state)[0, :, 0]
+        by_hand, last = float(per_token[answer].mean()), float(per_token[-1])
+    assert by_hand != pytest.approx(last, abs=1e-3)
+    ours = score_pairs(load_model(final, torch.float32, torch.device("cpu")).eval(), [pair], plain.config.pad_token_id, "mean")
+    assert float(ours[0, 0]) == pytest.approx(by_hand, abs=1e-4)
+    # RL's scorer renders the conversation and answer as training did and finds the answer's tokens itself
+    scorer = RewardModelScorer(str(res.run_dir), torch.device("cpu"))
+    text = scorer.tokenizer.decode(pair.input_ids)
+    user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    reply = text.split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>", 1)[0]
+    rollouts = Rollouts(["p", "p"], [reply, ""], [[1], [1]], [[{"role": "user", "content": user}]] * 2, {})
+    got = scorer(rollouts)
+    assert got[0] == pytest.approx(by_hand, abs=1e-4)
+    assert all(v == v for v in got)  # an empty answer is its end-of-turn tokens' score, not a division by zero
+    # tunesmith eval reads the pooling from the saved run
+    ev = evaluate_run(res.run_dir, data_path=str(pairs_file), n=10, log=lambda *a: None)
+    assert ev["metrics"]["tuned"]["eval_accuracy"] > 0.9
+    # exports carry it: the merged model beside its weights, the adapter export with a card that says how to load it
+    from tunesmith.cli.main import main
+
+    assert main(["export", str(res.run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert reward_pooling(tmp_path / "hf") == "mean"
+    assert main(["export", str(res.run_dir), "--format", "adapter", "--out", str(tmp_path / "ad")]) == 0
+    card = (tmp_path / "ad" / "README.md").read_text()
+    assert "AutoModelForSequenceClassification.from_pretrained('<this folder>', num_labels=1)" in card
+    assert "per-token scores over the answer's tokens" in card and reward_pooling(tmp_path / "ad") == "mean"
+    (final / REWARD_FILE).unlink()  # a run without the file is read at the last token
+    assert RewardModelScorer(str(res.run_dir), torch.device("cpu"))(rollouts)[0] != pytest.approx(by_hand, abs=1e-4)
+
+
+def test_mean_pooling_on_the_models_own_forward_equals_the_shared_prefix_path(monkeypatch):
+    """The path FSDP and prompt learning take (the model's forward, the head's per-token scores caught on the way) gives
+    the mean the shared-prefix path gives, and an encoder, whose head reads the whole sequence, is refused."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    from tunesmith.errors import TunesmithError
+    from tunesmith.models import heads
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    model = LlamaForSequenceClassification(config).eval()
+    prompt = torch.randint(3, 300, (40,))
+    ids = torch.zeros(2, 49, dtype=torch.long)
+    ids[0] = torch.cat([prompt, torch.randint(3, 300, (9,))])
+    ids[1, :45] = torch.cat([prompt, torch.randint(3, 300, (5,))])
+    answers = torch.zeros(2, 49, dtype=torch.bool)
+    answers[0, 40:49], answers[1, 40:45] = True, True
+    with torch.no_grad():
+        shared = heads.sequence_scores(model, ids, 0, answers)[:, 0]
+        per_token = model.score(model.model(input_ids=ids[1:, :45]).last_hidden_state)[0, 40:45, 0]
+        monkeypatch.setattr(heads, "_is_fsdp", lambda m: True)  # the path FSDP takes, on one process
+        forward = heads.sequence_scores(model, ids, 0, answers)[:, 0]
+    assert float(shared[1]) == pytest.approx(float(per_token.mean()), abs=1e-5)
+    assert forward.tolist() == pytest.approx(shared.tolist(), abs=1e-5)
+    encoder = BertForSequenceClassification(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                       intermediate_size=64, num_labels=1)).eval()
+    with pytest.raises(TunesmithError, match="reward.pooling: last"):
+        heads.sequence_scores(encoder, ids, 0, answers)

@@ -126,6 +126,7 @@ class DpoConfig(Section):
 class RewardConfig(Section):
     margin: float = Field(0.0, ge=0, description="`task: reward`: the chosen answer's score must beat the rejected one's by this much before the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) lets go of a pair (Llama 2's margin loss with one margin). 0 = plain Bradley-Terry.")
     center_coefficient: float = Field(0.0, ge=0, description="`task: reward`: adds this weight x (r_chosen + r_rejected)^2 per pair, which keeps the scores centred on 0 (TRL's `center_rewards_coefficient`; e.g. 0.01): a reward used in RL then needs no offset.")
+    pooling: Literal["last", "mean"] = Field("last", description="`task: reward`: where an answer's score is read. `last`: at the last token, as transformers' sequence classifiers read it (plain AutoModelForSequenceClassification gives the same score; what TRL expects of a reward model). `mean`: the score head at every token of the answer, averaged (the head applied to the answer's mean hidden state); it generalises better from a few thousand pairs (docs/results.md), and the saved model says so in final/tunesmith_reward.json, which tunesmith's eval and RL read; plain transformers needs the few lines in docs/methods.md.")
 
 
 class RewardFunction(Section):

@@ -35,7 +35,7 @@ from tunesmith.evaluate.human import sign_test, wilson
 from tunesmith.evaluate.metrics import METEOR_MISSING, generation_metrics, rouge_each
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
-from tunesmith.methods.load import load_model, merge_adapter
+from tunesmith.methods.load import load_model, merge_adapter, reward_pooling
 from tunesmith.models import load_tokenizer, pick_device
 from tunesmith.models.generate import Sampling, generate
 from tunesmith.objectives.classification import predict, scores
@@ -232,7 +232,7 @@ def _reward(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
         if name == "base":
             continue
         model = load_model(path, dtype, device).eval()
-        scores = score_pairs(model, pairs, tokenizer.pad_token_id)
+        scores = score_pairs(model, pairs, tokenizer.pad_token_id, reward_pooling(path))  # as that run reads scores
         del model
         right[name] = scores[:, 0] > scores[:, 1]
         wins, losses = int(right[name].sum()), int((scores[:, 0] < scores[:, 1]).sum())  # ties are neither

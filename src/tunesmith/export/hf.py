@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.catalog import METHODS
+from tunesmith.catalog import METHODS, has_class_head
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.load import MARKER, PROMPT_FILE, load_model, output_method
+from tunesmith.methods.load import ADAPTER_CONFIG, MARKER, PROMPT_FILE, REWARD_FILE, load_model, output_method, reward_pooling
 from tunesmith.models import load_tokenizer
 from tunesmith.run import RunDir
 from tunesmith.run.files import publish_dir
@@ -50,14 +50,16 @@ def export_hf(final: Path, out: Path, dtype: torch.dtype) -> Path:
             raise TunesmithError(f"--dtype f16: {len(big)} tensors (e.g. {big[0]}) hold values beyond float16's range "
                                  f"({torch.finfo(torch.float16).max:g}); export f32 instead")
     model = model.to(dtype)
-    if getattr(model.generation_config, "eos_token_id", None) is None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    generation = getattr(model, "generation_config", None)  # a classifier or reward model generates nothing
+    if generation is not None and generation.eos_token_id is None:
+        generation.eos_token_id = tokenizer.eos_token_id
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # with its chat template and EOS
-        if (final / PROMPT_FILE).exists():  # how the run prompts: generate/chat/serve read it from the export too
-            shutil.copy2(final / PROMPT_FILE, tmp / PROMPT_FILE)
+        for name in (PROMPT_FILE, REWARD_FILE):  # how the run prompts and reads scores: read from the export too
+            if (final / name).exists():
+                shutil.copy2(final / name, tmp / name)
         mark_export(tmp)
 
     publish_dir(out, write)
@@ -76,14 +78,14 @@ def export_adapter(run_dir: Path, out: Path) -> Path:
     def write(tmp: Path) -> None:
         for f in final.iterdir():
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        (tmp / "README.md").write_text(model_card(run.path, summary))
+        (tmp / "README.md").write_text(model_card(run.path, summary, final))
         mark_export(tmp)
 
     publish_dir(out, write)
     return out
 
 
-def model_card(run_dir: Path, s: dict) -> str:
+def model_card(run_dir: Path, s: dict, final: Path) -> str:
     before, after, data = s.get("before") or {}, s.get("after") or {}, s.get("data") or {}
     lines = [f"# {run_dir.name}", "", f"Fine-tuned with [tunesmith](https://example.invalid/tunesmith): "
              f"method `{s.get('method', '?')}` on base model `{s.get('model', '?')}`.", "",
@@ -94,6 +96,26 @@ def model_card(run_dir: Path, s: dict) -> str:
               if k in before and isinstance(after[k], (int, float)) and not k.endswith(("_tokens", "_examples"))]
     lines += ["", f"Trainable parameters: {(s.get('params') or {}).get('trainable', '?'):,}" if s.get("params") else "",
               f"Training: {s.get('steps', '?')} steps, {s.get('tokens', 0):,} tokens, {s.get('train_seconds', '?')} s.", "",
-              "## Use", "```python", "from peft import AutoPeftModelForCausalLM",
-              "model = AutoPeftModelForCausalLM.from_pretrained('<this folder>')", "```"]
+              "## Use", *use_lines(s.get("task"), final)]
     return "\n".join(lines) + "\n"
+
+
+def use_lines(task: str | None, final: Path) -> list[str]:
+    """How plain peft / transformers load the exported folder: the class its task needs, and for a reward model read
+    over its answer's tokens, where to find how (a tunesmith folder of another method loads through tunesmith)."""
+    head = "SequenceClassification" if has_class_head(task or "causal") else "CausalLM"
+    labels = final / "labels.json"  # a classifier adapter's labels (its base's config does not know them)
+    count = 1 if task == "reward" else len(json.loads(labels.read_text())) if labels.exists() else None
+    args = "'<this folder>'" + (f", num_labels={count}" if count else "")
+    if (final / ADAPTER_CONFIG).exists():
+        code = [f"from peft import AutoPeftModelFor{head}", f"model = AutoPeftModelFor{head}.from_pretrained({args})"]
+    elif (final / "config.json").exists():
+        code = [f"from transformers import AutoModelFor{head}", f"model = AutoModelFor{head}.from_pretrained({args})"]
+    else:
+        return ["A tunesmith folder (this method has no peft format): `tunesmith export <run> --format hf` writes a "
+                "merged model plain transformers loads."]
+    lines = ["```python", *code, "```"]
+    if reward_pooling(final) == "mean":
+        lines += ["", "A reward model whose score is the mean of the head's per-token scores over the answer's tokens "
+                      "(tunesmith_reward.json), not the last token's: tunesmith's docs/methods.md, \"Reward models\", shows how."]
+    return lines

@@ -25,6 +25,7 @@ from tunesmith.models import load_base_model, pick_device, resolve_model_dir
 MARKER = "tunesmith_method.json"
 ADAPTER_CONFIG = "adapter_config.json"
 PROMPT_FILE = "tunesmith_prompt.json"  # how the run rendered its prompts (data.render.PromptFormat)
+REWARD_FILE = "tunesmith_reward.json"  # a reward model: where its score is read (reward.pooling)
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.device] = None, task: str = "auto",
@@ -124,6 +125,17 @@ def prompt_format(model_dir: Path) -> PromptFormat:
         data = read_yaml(config).get("data") or {}
         return prompt_format_of(data.get("template", "chat"), data.get("system_prompt"), [])
     return PromptFormat()
+
+
+def save_reward_pooling(folder: Path, pooling: str) -> None:
+    (Path(folder) / REWARD_FILE).write_text(json.dumps({"pooling": pooling}) + "\n")
+
+
+def reward_pooling(model_dir: Path) -> str:
+    """Where a reward model's score is read (`reward.pooling`): its REWARD_FILE says; a model without one is read at
+    the last token (transformers' rule, and every reward run's before the setting existed)."""
+    path = Path(model_dir) / REWARD_FILE
+    return json.loads(path.read_text()).get("pooling", "last") if path.exists() else "last"
 
 
 def save_trainable(model, tokenizer, out_dir: Path, cfg, task: str, state_dict: dict | None = None) -> None:

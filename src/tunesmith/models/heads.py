@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.errors import TunesmithError
 from tunesmith.models import neftune
 
 IGNORE = -100
@@ -219,17 +220,47 @@ def last_token_positions(input_ids: torch.Tensor, pad_id: int | None) -> torch.T
     return (positions * (input_ids != pad_id)).argmax(-1)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+def sequence_scores(model, input_ids: torch.Tensor, pad_id: int | None,
+                    answer_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, labels) float32 scores of a sequence classifier on right-padded rows. A decoder's rows share their common
     prefix's computation (a reward model's chosen and rejected answers share the prompt) and the head runs on one
-    position per row; encoders, prompt learning and FSDP run the model's own forward with an attention mask."""
+    position per row; encoders, prompt learning and FSDP run the model's own forward with an attention mask.
+
+    Read at each row's last non-pad token (transformers' rule), or, with `answer_mask` (rows, T) marking each row's
+    answer tokens, the mean of the head's per-token scores over them (a reward model's `reward.pooling: mean`; the
+    head is linear, so that is the head applied to the answer's mean hidden state). A row whose mask is empty is read
+    at its last token."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     peft_config = getattr(model, "active_peft_config", None)
     prompt_learning = peft_config is not None and peft_config.is_prompt_learning
     last = last_token_positions(input_ids, pad_id)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    if answer_mask is not None:
+        answer_mask = answer_mask.clone()
+        answer_mask[rows, last] |= ~answer_mask.any(1)
+        if not hasattr(inner, "score") or getattr(inner.config, "is_encoder_decoder", False):
+            raise TunesmithError(f"a mean over the answer's tokens (reward.pooling: mean) reads a decoder's score head at "
+                                 f"every token; {type(inner).__name__} scores the whole sequence at once: use "
+                                 f"reward.pooling: last")
     if hasattr(inner, "score") and not prompt_learning and not _is_fsdp(model) and not inner.config.is_encoder_decoder:
         hidden = _backbone_hidden(getattr(inner, inner.base_model_prefix), input_ids)
-        return inner.score(hidden[rows, last]).float()
+        if answer_mask is None:
+            return inner.score(hidden[rows, last]).float()
+        weights = answer_mask.to(hidden.dtype)[..., None]
+        return inner.score((hidden * weights).sum(1) / weights.sum(1)).float()
     mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= last[:, None]).long()
-    return model(input_ids=input_ids, attention_mask=mask).logits.float()
+    if answer_mask is None:
+        return model(input_ids=input_ids, attention_mask=mask).logits.float()
+    captured = {}
+
+    def keep(module, args, out) -> None:  # the head's score at every position, before the model keeps the last one
+        captured["scores"] = out
+
+    hook = inner.score.register_forward_hook(keep)
+    try:
+        model(input_ids=input_ids, attention_mask=mask)
+    finally:
+        hook.remove()
+    scores = captured["scores"][:, -input_ids.shape[1]:].float()  # prompt tuning prepends virtual positions
+    weights = answer_mask.to(scores.dtype)[..., None]
+    return (scores * weights).sum(1) / weights.sum(1)

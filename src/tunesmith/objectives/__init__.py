@@ -120,6 +120,10 @@ class Objective:
         """What the finished run says about the held-out split, before -> after."""
         return []
 
+    # -- saving
+    def save(self, folder: Path) -> None:
+        """Files the saved model needs besides its weights and prompt format (a reward model: where its score is read)."""
+
 
 def generates(task: str) -> bool:
     """Whether a run of `task` generates text for its side-by-side table (`Objective.generates`), without building one."""

@@ -235,3 +235,6 @@ class Distill(Objective):
 
     def results(self, before: dict, after: dict) -> list[str]:
         return self.student.results(before, after)
+
+    def save(self, folder: Path) -> None:
+        self.student.save(folder)

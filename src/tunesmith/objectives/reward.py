@@ -4,9 +4,13 @@ scores higher (Bradley-Terry, as in InstructGPT and TRL's RewardTrainer):
     loss = -log sigmoid(r_chosen - r_rejected - margin) + c (r_chosen + r_rejected)^2
 
 with `reward.margin` (0 = plain Bradley-Terry) and `reward.center_coefficient` c (0 = off; TRL's
-`center_rewards_coefficient`, which keeps scores near 0). The model is a sequence classifier with one label (a
-decoder reads the score at the last token), so plain transformers loads a finished run with
-AutoModelForSequenceClassification and gets the same scores.
+`center_rewards_coefficient`, which keeps scores near 0). The model is a sequence classifier with one label, so plain transformers loads a finished run
+with AutoModelForSequenceClassification. `reward.pooling` says where an answer's score is read: `last`, at its last
+token (transformers' rule: plain transformers gets the same scores), or `mean`, the head's score at every token of
+the answer averaged (the answer tokens are those a pair's labels mark; saved in final/tunesmith_reward.json, which
+`tunesmith eval` and RL's reward-model scorer read). Why `mean` exists: on 1.5k HH-RLHF pairs, frozen SmolLM2 features
+averaged over the answer separate chosen from rejected better than the last token's at every layer from 12 up, and a
+LoRA reward model trained that way scores higher on the test pairs (docs/results.md).
 
 Each pair is a pass of its own, as in DPO: the two answers share the prompt's computation (models/heads.py,
 `sequence_scores`) and nothing is padded. Held-out: the pairwise accuracy (chosen scored higher; ties count half),
@@ -18,8 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pathlib import Path
+
 from tunesmith.data.batching import collate
-from tunesmith.data.render import Tokenized
+from tunesmith.data.render import IGNORE, Tokenized
+from tunesmith.methods.load import save_reward_pooling
 from tunesmith.models.generate import Generation
 from tunesmith.models.heads import sequence_scores
 from tunesmith.objectives import Objective
@@ -34,22 +41,23 @@ def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: f
     return loss
 
 
-def pair_scores(model, batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) scores of a batch of pairs (its chosen rows, then its rejected rows)."""
-    scores = sequence_scores(model, batch.input_ids, pad_id)[:, 0]
+def pair_scores(model, batch, pad_id: int, pooling: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores of a batch of pairs (its chosen rows, then its rejected rows), read as `pooling` says."""
+    answers = batch.labels != IGNORE if pooling == "mean" else None
+    scores = sequence_scores(model, batch.input_ids, pad_id, answers)[:, 0]
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
 
 @torch.no_grad()
-def score_pairs(model, pairs: list[Tokenized], pad_id: int) -> torch.Tensor:
+def score_pairs(model, pairs: list[Tokenized], pad_id: int, pooling: str = "last") -> torch.Tensor:
     """(n, 2) float64 scores of (chosen, rejected) for every pair, one pair per pass (as training runs them)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     for i, pair in enumerate(pairs):
-        c, r = pair_scores(model, collate([pair], pad_id, device), pad_id)
+        c, r = pair_scores(model, collate([pair], pad_id, device), pad_id, pooling)
         out[i, 0], out[i, 1] = float(c[0]), float(r[0])
     model.train(was)
     return out
@@ -80,15 +88,15 @@ class RewardModel(Objective):
         return 1  # the loss is averaged over pairs
 
     def loss(self, model, batch, examples: list[int]) -> torch.Tensor:
-        chosen, rejected = pair_scores(model, batch, self.pad_id)
+        chosen, rejected = pair_scores(model, batch, self.pad_id, self.cfg.reward.pooling)
         return bradley_terry_losses(chosen, rejected, self.cfg.reward.margin, self.cfg.reward.center_coefficient).sum()
 
     def measure(self, model, examples: list[Tokenized]) -> dict:
-        return reward_scores(score_pairs(model, examples, self.pad_id), self.cfg.reward)
+        return reward_scores(score_pairs(model, examples, self.pad_id, self.cfg.reward.pooling), self.cfg.reward)
 
     def samples(self, model, indices: list[int]) -> list[Generation]:
         """Each sample pair's two scores, for the side-by-side table (whose reference column is the chosen answer)."""
-        scores = score_pairs(model, [self.data.val.tokens[i] for i in indices], self.pad_id)
+        scores = score_pairs(model, [self.data.val.tokens[i] for i in indices], self.pad_id, self.cfg.reward.pooling)
         return [Generation(text=f"chosen {c:+.3f}, rejected {r:+.3f} ({'right' if c > r else 'wrong'})", new_tokens=0,
                            stopped=True) for c, r in scores.tolist()]
 
@@ -101,6 +109,9 @@ class RewardModel(Objective):
         return [f"held-out pairs ({after['eval_pairs']}): pairwise accuracy {before['eval_accuracy']:.3f} -> "
                 f"{after['eval_accuracy']:.3f}, mean margin {before['eval_margin']:+.3f} -> {after['eval_margin']:+.3f} "
                 f"(before: the base with a new, untrained head)"]
+
+    def save(self, folder: Path) -> None:
+        save_reward_pooling(folder, self.cfg.reward.pooling)
 
 
 OBJECTIVE = RewardModel

@@ -201,15 +201,17 @@ def _user_function(path: str, name: str) -> Callable[[Rollouts], list]:
 
 class RewardModelScorer:
     """A reward-model run's scores: each conversation plus answer rendered as the run rendered its pairs (its
-    tunesmith_prompt.json: chat template and system prompt, or text template), read at the last token."""
+    tunesmith_prompt.json: chat template and system prompt, or text template), read where that run reads them (its
+    tunesmith_reward.json: the last token, or the mean over the answer's tokens)."""
 
     def __init__(self, path: str, device: torch.device, batch_size: int = 16):
-        from tunesmith.methods.load import load_model, merge_adapter, prompt_format
+        from tunesmith.methods.load import load_model, merge_adapter, prompt_format, reward_pooling
         from tunesmith.models import load_tokenizer, resolve_model_dir
 
         model_dir = resolve_model_dir(path)
         self.tokenizer = load_tokenizer(model_dir)
         self.format = prompt_format(model_dir)
+        self.pooling = reward_pooling(model_dir)
         self.model = merge_adapter(load_model(model_dir, torch.float32, device)).eval()
         if getattr(self.model.config, "num_labels", None) != 1:
             raise TunesmithError(f"{path} is not a reward model (a sequence classifier with one score); train one with task=reward")
@@ -217,17 +219,22 @@ class RewardModelScorer:
             p.requires_grad_(False)
         self.device, self.batch_size = device, batch_size
 
-    def texts(self, r: Rollouts) -> list[str]:
+    def texts(self, r: Rollouts) -> list[tuple[str, str]]:
+        """(the prompt as rendered for the answer, the prompt and the answer) per rollout."""
         if self.format.template == "chat":
             out = []
             for conv, answer in zip(r.conversations, r.completions):
                 msgs = list(conv)
                 if self.format.system_prompt and msgs[0]["role"] != "system":
                     msgs = [{"role": "system", "content": self.format.system_prompt}] + msgs
-                out.append(self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False))
+                out.append((self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                            self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)))
             return out
-        return [self.format.render(conv, self.tokenizer) + answer + (self.tokenizer.eos_token or "")
-                for conv, answer in zip(r.conversations, r.completions)]
+        out = []
+        for conv, answer in zip(r.conversations, r.completions):
+            prompt = self.format.render(conv, self.tokenizer)
+            out.append((prompt, prompt + answer + (self.tokenizer.eos_token or "")))
+        return out
 
     @torch.no_grad()
     def __call__(self, r: Rollouts) -> list[float]:
@@ -239,10 +246,29 @@ class RewardModelScorer:
         scores: list[float] = []
         size = self.batch_size if pad is not None else 1  # no pad id: one text per pass, read at its end
         for s in range(0, len(texts), size):
-            ids = self.tokenizer(texts[s:s + size], add_special_tokens=add_special)["input_ids"]
+            chunk = texts[s:s + size]
+            ids = self.tokenizer([full for _, full in chunk], add_special_tokens=add_special)["input_ids"]
             width = max(len(x) for x in ids)
             batch = torch.full((len(ids), width), pad if pad is not None else 0, dtype=torch.long)
             for i, x in enumerate(ids):
                 batch[i, :len(x)] = torch.tensor(x)
-            scores.extend(sequence_scores(self.model, batch.to(self.device), pad)[:, 0].tolist())
+            answers = None
+            if self.pooling == "mean":  # the tokens after the prompt's, as a pair's labels mark them in training
+                prompts = self.tokenizer([prompt for prompt, _ in chunk], add_special_tokens=add_special)["input_ids"]
+                answers = torch.zeros((len(ids), width), dtype=torch.bool)
+                for i, (p, x) in enumerate(zip(prompts, ids)):
+                    answers[i, answer_start(p, x):len(x)] = True
+                answers = answers.to(self.device)
+            scores.extend(sequence_scores(self.model, batch.to(self.device), pad, answers)[:, 0].tolist())
         return scores
+
+
+def answer_start(prompt_ids: list[int], ids: list[int]) -> int:
+    """Where the answer begins in `ids` (prompt and answer tokenized together): after the tokens it shares with the
+    prompt tokenized alone (a merge across the boundary moves it back to where the two part)."""
+    n = 0
+    for a, b in zip(prompt_ids, ids):
+        if a != b:
+            break
+        n += 1
+    return n

@@ -371,6 +371,7 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
             def write(folder: Path) -> None:
                 method.save(model, run.tokenizer, folder, cfg.method, run.task, full_state)
                 save_prompt_format(folder, prompts)  # how to prompt it as it was trained
+                objective.save(folder)
 
             if ddp.main:
                 _publish_final(run_dir, write)
