@@ -186,3 +186,36 @@ def test_mean_pooling_on_the_models_own_forward_equals_the_shared_prefix_path(mo
                                                        intermediate_size=64, num_labels=1)).eval()
     with pytest.raises(TunesmithError, match="reward.pooling: last"):
         heads.sequence_scores(encoder, ids, 0, answers)
+
+
+def test_eval_completing_a_reward_run_with_its_best_weights_keeps_where_its_score_is_read(
+        tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    """`tunesmith eval` completing an interrupted closing evaluation publishes final/ again when it finishes with the
+    best evaluation's weights: the folder it writes is the one training writes, the reward model's pooling included."""
+    import os
+    import signal
+
+    from tunesmith.evaluate import closing
+    from tunesmith.evaluate.evaluation import evaluate_run
+    from tunesmith.methods.load import reward_pooling
+    from tunesmith.train import loop
+    from tunesmith.train.interrupt import TrainingInterrupted
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, pairs_file, "task=reward", "method.name=full", "train.max_steps=4",
+                   "reward.pooling=mean", "eval.every_steps=2", "train.select_best=eval_accuracy")
+    real_close = loop.close
+
+    def sigterm_then_close(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives as the closing evaluation starts
+        return real_close(*a, **kw)
+
+    monkeypatch.setattr(loop, "close", sigterm_then_close)
+    with pytest.raises(TrainingInterrupted, match="closing evaluation"):
+        train(cfg)
+    final = tmp_path / "runs" / "t" / "final"
+    assert reward_pooling(final) == "mean"
+    monkeypatch.undo()
+    monkeypatch.setattr(closing, "improves", lambda *a: False)  # the best evaluation's weights beat the last step's
+    evaluate_run(final.parent, n=4, log=lambda *_: None)
+    assert json.loads((final.parent / "eval.json").read_text())["state"] == "finished"
+    assert reward_pooling(final) == "mean"

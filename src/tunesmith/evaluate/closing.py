@@ -23,6 +23,8 @@ from tunesmith.data.shapes import user_text
 from tunesmith.evaluate import forgetting
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
+from tunesmith.methods import get_method
+from tunesmith.methods.load import save_prompt_format
 from tunesmith.models.generate import Generation
 from tunesmith.objectives import Objective
 from tunesmith.run import RunDir
@@ -98,12 +100,20 @@ def close(c: Closing, summary: dict) -> dict:
     return summary
 
 
+def write_final(folder: Path, model, tokenizer, cfg, task: str, objective: Objective, prompts,
+                state_dict: dict | None = None) -> None:
+    """What a run's final/ holds, as training publishes it and as the closing evaluation publishes it again with the
+    best weights: the method's weights, how to prompt the model as it was trained, the objective's own files."""
+    get_method(cfg.method.name).save(model, tokenizer, folder, cfg.method, task, state_dict)
+    save_prompt_format(folder, prompts)
+    objective.save(folder)
+
+
 def complete(run_dir, log=print) -> dict:
     """`tunesmith eval` of a run in state "trained": its closing evaluation, interrupted, done now (one process)."""
     from tunesmith.assemble import assemble
     from tunesmith.config import load_config
-    from tunesmith.methods import get_method
-    from tunesmith.methods.load import load_model, merge_adapter, prompt_format, save_prompt_format
+    from tunesmith.methods.load import load_model, merge_adapter, prompt_format
     from tunesmith.models import pick_device
     from tunesmith.objectives import objective_for
     from tunesmith.run.lock import RunLock
@@ -123,16 +133,10 @@ def complete(run_dir, log=print) -> dict:
         model = load_model(run_dir.final, dtype, device, run.task, labels=labels)
         baseline = json.loads(run_dir.baseline.read_text())
         baseline["base_outputs"] = [Generation(**g) for g in baseline["base_outputs"]]
-        method = get_method(cfg.method.name)
-
         prompts = prompt_format(run_dir.final)
 
         def save_final() -> None:
-            def write(folder) -> None:
-                method.save(model, run.tokenizer, folder, cfg.method, run.task)
-                save_prompt_format(folder, prompts)
-
-            publish_dir(run_dir.final, write)
+            publish_dir(run_dir.final, lambda folder: write_final(folder, model, run.tokenizer, cfg, run.task, objective, prompts))
 
         closing = Closing(run_dir, objective, model, summary["steps"], baseline, forgetting.load_base(run_dir.baseline_general),
                           lambda m: objective.measure(m, objective.val), save_final, lambda: load_weights(model, run_dir.best),

@@ -27,10 +27,9 @@ from tunesmith.data.batching import collate, effective_length, epoch_plan, split
 from tunesmith.data.render import prompt_format_of
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
-from tunesmith.evaluate.closing import TRAINED, Closing, close, improves, sample_indices
+from tunesmith.evaluate.closing import TRAINED, Closing, close, improves, sample_indices, write_final
 from tunesmith.evaluate.side_by_side import format_table, rouge_applies
-from tunesmith.methods import get_method, lora
-from tunesmith.methods.load import save_prompt_format
+from tunesmith.methods import lora
 from tunesmith.methods.precision import WeightCopies, resume_note
 from tunesmith.models import neftune, pick_device
 from tunesmith.models.generate import Generation
@@ -361,20 +360,13 @@ def _train(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ov
         if remove_noise:
             remove_noise()
         # -- 6. the trained weights on disk first; then the closing evaluation ---------------------
-        method = get_method(cfg.method.name)
-
         prompts = prompt_format_of(cfg.data.template, cfg.data.system_prompt, run.data.val.examples)
 
         def save_final() -> None:  # a collective under FSDP (every rank gathers), rank 0 writes
             full_state = distributed.full_state_dict(model) if ddp.fsdp else None
-
-            def write(folder: Path) -> None:
-                method.save(model, run.tokenizer, folder, cfg.method, run.task, full_state)
-                save_prompt_format(folder, prompts)  # how to prompt it as it was trained
-                objective.save(folder)
-
             if ddp.main:
-                _publish_final(run_dir, write)
+                _publish_final(run_dir, lambda folder: write_final(folder, model, run.tokenizer, cfg, run.task, objective,
+                                                                   prompts, full_state))
 
         examples_per_rank = distributed.gather(local_examples, ddp)
         tokens_seen, train_seconds = progress.tokens, progress.train_seconds
