@@ -246,8 +246,7 @@ def sequence_scores(model, input_ids: torch.Tensor, pad_id: int | None,
         hidden = _backbone_hidden(getattr(inner, inner.base_model_prefix), input_ids)
         if answer_mask is None:
             return inner.score(hidden[rows, last]).float()
-        weights = answer_mask.to(hidden.dtype)[..., None]
-        return inner.score((hidden * weights).sum(1) / weights.sum(1)).float()
+        return inner.score(_mean_over(hidden, answer_mask)).float()
     mask = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= last[:, None]).long()
     if answer_mask is None:
         return model(input_ids=input_ids, attention_mask=mask).logits.float()
@@ -262,5 +261,10 @@ def sequence_scores(model, input_ids: torch.Tensor, pad_id: int | None,
     finally:
         hook.remove()
     scores = captured["scores"][:, -input_ids.shape[1]:].float()  # prompt tuning prepends virtual positions
-    weights = answer_mask.to(scores.dtype)[..., None]
-    return (scores * weights).sum(1) / weights.sum(1)
+    return _mean_over(scores, answer_mask)
+
+
+def _mean_over(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(rows, ...) means of (rows, T, ...) values over the positions `mask` (rows, T) marks."""
+    weights = mask.to(values.dtype)[..., None]
+    return (values * weights).sum(1) / weights.sum(1)

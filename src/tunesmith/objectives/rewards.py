@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,19 +257,8 @@ class RewardModelScorer:
             if self.pooling == "mean":  # the tokens after the prompt's, as a pair's labels mark them in training
                 prompts = self.tokenizer([prompt for prompt, _ in chunk], add_special_tokens=add_special)["input_ids"]
                 answers = torch.zeros((len(ids), width), dtype=torch.bool)
-                for i, (p, x) in enumerate(zip(prompts, ids)):
-                    answers[i, answer_start(p, x):len(x)] = True
+                for i, (p, x) in enumerate(zip(prompts, ids)):  # after the tokens the text shares with its prompt alone
+                    answers[i, len(os.path.commonprefix([p, x])):len(x)] = True  # (a merge across the boundary: where they part)
                 answers = answers.to(self.device)
             scores.extend(sequence_scores(self.model, batch.to(self.device), pad, answers)[:, 0].tolist())
         return scores
-
-
-def answer_start(prompt_ids: list[int], ids: list[int]) -> int:
-    """Where the answer begins in `ids` (prompt and answer tokenized together): after the tokens it shares with the
-    prompt tokenized alone (a merge across the boundary moves it back to where the two part)."""
-    n = 0
-    for a, b in zip(prompt_ids, ids):
-        if a != b:
-            break
-        n += 1
-    return n
