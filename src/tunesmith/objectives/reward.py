@@ -4,13 +4,14 @@ scores higher (Bradley-Terry, as in InstructGPT and TRL's RewardTrainer):
     loss = -log sigmoid(r_chosen - r_rejected - margin) + c (r_chosen + r_rejected)^2
 
 with `reward.margin` (0 = plain Bradley-Terry) and `reward.center_coefficient` c (0 = off; TRL's
-`center_rewards_coefficient`, which keeps scores near 0). The model is a sequence classifier with one label, so plain transformers loads a finished run
-with AutoModelForSequenceClassification. `reward.pooling` says where an answer's score is read: `last`, at its last
-token (transformers' rule: plain transformers gets the same scores), or `mean`, the head's score at every token of
-the answer averaged (the answer tokens are those a pair's labels mark; saved in final/tunesmith_reward.json, which
-`tunesmith eval` and RL's reward-model scorer read). Why `mean` exists: on 1.5k HH-RLHF pairs, frozen SmolLM2 features
-averaged over the answer separate chosen from rejected better than the last token's at every layer from 12 up, and a
-LoRA reward model trained that way scores higher on the test pairs (docs/results.md).
+`center_rewards_coefficient`, which keeps scores near 0). The model is a sequence classifier with one label, so
+plain transformers loads a finished run with AutoModelForSequenceClassification. `reward.pooling` says where an
+answer's score is read: `last`, at its last token (transformers' rule: plain transformers gets the same scores), or
+`mean`, the head's score at every token of the answer averaged (the answer tokens are those a pair's labels mark;
+saved in final/tunesmith_reward.json, which `tunesmith eval` and RL's reward-model scorer read). Why `mean` exists: on
+1.5k HH-RLHF pairs, frozen SmolLM2 states averaged over the answer separate chosen from rejected better than the last
+token's at every layer probed, and a LoRA reward model trained that way scores higher on the test pairs
+(docs/results.md).
 
 Each pair is a pass of its own, as in DPO: the two answers share the prompt's computation (models/heads.py,
 `sequence_scores`) and nothing is padded. Held-out: the pairwise accuracy (chosen scored higher; ties count half),
