@@ -218,7 +218,7 @@ const pages = {
     const curves = {train: {x: [], y: []}, valid: {x: [], y: []}, lr: {x: [], y: []}, tps: {x: [], y: []},
                     reward: {x: [], y: []}, vreward: {x: [], y: []}, flat: {x: [], y: []}};  // reward*, flat: online RL
     const layout = (title, y) => ({title: {text: title, font: {size: 14}}, margin: {l: 50, r: 10, t: 34, b: 36},
-                                   xaxis: {title: {text: "step"}}, yaxis: {title: {text: y}}, legend: {orientation: "h"}});
+                                   xaxis: {title: {text: "step"}, zeroline: false}, yaxis: {title: {text: y}}, legend: {orientation: "h"}});
     const cfg = {displayModeBar: false, responsive: true};
     Plotly.newPlot("loss", [{x: [], y: [], name: "train loss", mode: "lines"}, {x: [], y: [], name: "held-out loss", mode: "lines+markers"}],
                    layout("Loss", "loss"), cfg);
@@ -345,7 +345,7 @@ const pages = {
       rows.push({name: n, info, after: (info.summary || {}).after || {}, before: (info.summary || {}).before || {}});
     }
     Plotly.newPlot("cmp", traces, {title: {text: "Loss", font: {size: 14}}, margin: {l: 50, r: 10, t: 34, b: 36},
-                                   xaxis: {title: {text: "step"}}, legend: {orientation: "h", y: -0.3, yanchor: "top"}},  // below the axis title, not on it
+                                   xaxis: {title: {text: "step"}, zeroline: false}, legend: {orientation: "h", y: -0.3, yanchor: "top"}},  // below the axis title, not on it
                    {displayModeBar: false, responsive: true});
     const keys = [...new Set(rows.flatMap(r => Object.keys(r.after)))].filter(k => (k.startsWith("eval_") || k.startsWith("rouge") || k.includes("accuracy")) && !k.endsWith("_tokens"));
     $("#cmptable").innerHTML = `<thead><tr><th>metric</th>${rows.map(r => `<th>${esc(r.name)}<div class="dim">${esc(r.info.method)} / ${esc(r.info.task)}</div></th>`).join("")}</tr></thead>
