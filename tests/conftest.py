@@ -8,6 +8,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The recipes' public data sets (`tunesmith data get`), read through the setting users have: this project's checkout
+# sits beside a copy of them (../shared/data, laid out as a data folder); elsewhere the tests that need one skip.
+_PROJECT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+if os.path.isdir(_PROJECT_DATA):
+    os.environ.setdefault("TUNESMITH_DATA_DIR", os.path.normpath(_PROJECT_DATA))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -31,7 +31,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: Union[str, list[str]] = Field("builtin:docstrings", description="Training data: a file, glob or list (JSONL, JSON, CSV/TSV, Parquet, TXT, a `save_to_disk` folder) or `builtin:docstrings` (one-line summaries of this Python's stdlib docstrings).")
+    path: Union[str, list[str]] = Field("builtin:docstrings", description="Training data: a file, glob or list (JSONL, JSON, CSV/TSV, Parquet, TXT, a `save_to_disk` folder), `builtin:docstrings` (one-line summaries of this Python's stdlib docstrings), or `datasets:NAME/FILE`: a public data set in the data folder (`--data-dir`, `$TUNESMITH_DATA_DIR`, default `~/.cache/tunesmith/data`; `tunesmith data get NAME` fills it, docs/data.md).")
     val_path: Optional[Union[str, list[str]]] = Field(None, description="Held-out data. When unset, `val_size` records are split off the training data.")
     format: Literal["auto", "text", "instruction", "prompt_completion", "chat", "sharegpt", "classification", "preference", "prompt"] = Field("auto", description="Record shape; `auto` detects it from the field names (`prompt`: prompts alone, for `task: rl`).")
     columns: dict[str, str] = Field(default_factory=dict, description="Map our field names to yours, e.g. `{instruction: question, output: answer}`.")

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if getattr(args, "data_dir", None):  # for this process and the ones it starts (torchrun workers, compare's runs)
+        os.environ["TUNESMITH_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
     try:
         return args.func(args) or 0
     except TunesmithError as e:
@@ -69,12 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--node-rank", type=int, default=0)
     t.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node)")
     t.add_argument("--master-port", type=int, default=29500)
+    _data_dir_flag(t)
     t.set_defaults(func=cmd_train)
 
     pl = sub.add_parser("plan", help="estimate peak memory and training time before running")
     pl.add_argument("config", nargs="?", help="recipe name or YAML file (default: the default recipe)")
     pl.add_argument("overrides", nargs="*", metavar="key=value")
     pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    _data_dir_flag(pl)
     pl.set_defaults(func=cmd_plan)
 
     ev = sub.add_parser("eval", help="score a finished run (and the base) against references; writes report.html")
@@ -87,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--show", type=int, default=8, help="examples in the side-by-side table")
     ev.add_argument("--max-new-tokens", type=int, help="generation cap (default: the run's eval.max_new_tokens)")
     ev.add_argument("--num-beams", type=int, help="beam search width (default: the run's eval.num_beams; 1 = greedy)")
+    _data_dir_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="merge and save as a Hugging Face model, a verified GGUF (+ Ollama Modelfile), or the adapter")
@@ -104,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--methods", default=",".join(COMPARED_METHODS),
                     help="comma-separated method names (default: %(default)s)")
     cm.add_argument("--out", help="output folder (default: runs/compare-<recipe>-<time>)")
+    _data_dir_flag(cm)
     cm.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("recipes", help="list the built-in recipes")
@@ -126,7 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("config", nargs="?", help="a data file, or a recipe name / YAML file (default: the default recipe)")
     di.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.columns={instruction: question}")
     di.add_argument("-n", type=int, default=3, help="rendered examples to show (default 3)")
+    _data_dir_flag(di)
     di.set_defaults(func=cmd_data_inspect)
+    dg = dsub.add_parser("get", help="download a built-in recipe's public data set, convert it, check its checksums")
+    dg.add_argument("names", nargs="+", metavar="NAME", help="data set names (`tunesmith data sources` lists them), or all")
+    _data_dir_flag(dg)
+    dg.set_defaults(func=cmd_data_get)
+    dl = dsub.add_parser("sources", help="list the public data sets behind the built-in recipes, and which are present")
+    _data_dir_flag(dl)
+    dl.set_defaults(func=cmd_data_sources)
 
     g = sub.add_parser("generate", help="generate text from a tuned run or a model")
     src = g.add_mutually_exclusive_group(required=True)
@@ -169,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "when it exists; repeatable)")
     st.set_defaults(func=cmd_studio)
     return p
+
+
+def _data_dir_flag(p) -> None:
+    p.add_argument("--data-dir", metavar="DIR", help="the folder `datasets:NAME/FILE` paths are read from (default: "
+                   "$TUNESMITH_DATA_DIR, else ~/.cache/tunesmith/data)")
 
 
 def _sampling_flags(p) -> None:
@@ -258,6 +277,7 @@ def cmd_train(args) -> int:
             raise TunesmithError(f"--resume {resume}: not a tunesmith run directory (no config.yaml)")
         config = str(resume / "config.yaml")
     cfg = load_config(config, overrides)  # validates before anything heavy loads
+    _check_data(cfg)
     from tunesmith.train.interrupt import TrainingInterrupted
     from tunesmith.train.loop import train
 
@@ -269,12 +289,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_data(cfg) -> None:
+    """A recipe's public data set missing from the data folder stops here, in one line naming the command that gets it."""
+    from tunesmith.data.sources import check_present
+
+    check_present(cfg.data.path, cfg.data.val_path)
+
+
 def _launch_torchrun(args) -> int:
     """Re-run this very command under torchrun (gloo on CPU, NCCL on GPU is chosen inside)."""
     from tunesmith.config import load_config
 
     config, overrides = _split_overrides(args)
-    load_config(str(Path(args.resume) / "config.yaml") if args.resume else config, overrides)  # fail here, not N times
+    _check_data(load_config(str(Path(args.resume) / "config.yaml") if args.resume else config, overrides))  # fail here, not N times
     rest = ([config] if config else []) + overrides
     for flag in ("overwrite", "force", "force_resume"):
         if getattr(args, flag):
@@ -295,7 +322,9 @@ def cmd_plan(args) -> int:
     from tunesmith.train.plan import plan_config
 
     config, overrides = _split_overrides(args)
-    plan = plan_config(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    _check_data(cfg)
+    plan = plan_config(cfg)
     if args.json:
         print(json.dumps({"parts": plan.parts, "total": plan.total, "available": plan.available, "fits": plan.fits,
                           "tokens": plan.tokens, "seconds": plan.seconds, "matmul_gflops": plan.matmul_gflops,
@@ -333,6 +362,7 @@ def cmd_compare(args) -> int:
 
     config, overrides = _split_overrides(args)
     cfg = load_config(config, overrides)  # fail fast on a bad recipe
+    _check_data(cfg)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
@@ -386,8 +416,29 @@ def cmd_data_inspect(args) -> int:
     if config and config not in list_recipes() and (config.startswith("builtin:") or Path(config).suffix not in (".yaml", ".yml")):
         config, overrides = None, [f"data.path={config}", "data.val_path=null"] + overrides  # a data file
     cfg = load_config(config, overrides)
+    _check_data(cfg)
     tokenizer = load_tokenizer(resolve_model_dir(cfg.model.name))
     print(printable(inspect_data(cfg, tokenizer, args.n, color=sys.stdout.isatty()), keep_colors=sys.stdout.isatty()))
+    return 0
+
+
+def cmd_data_get(args) -> int:
+    from tunesmith.data.sources import SOURCES, get
+
+    names = list(SOURCES) if args.names == ["all"] else args.names
+    for name in names:
+        get(name)
+    return 0
+
+
+def cmd_data_sources(args) -> int:
+    from tunesmith.data.sources import SOURCES, data_dir
+
+    root = data_dir()
+    print(f"data folder: {root}")
+    for s in SOURCES.values():
+        present = all((root / s.name / f).is_file() for f in s.outputs)
+        print(f"{s.name:<24} {'present' if present else 'missing'}  recipes: {', '.join(s.recipes)}\n  {s.origin}")
     return 0
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
 
+from tunesmith.data import sources
 from tunesmith.errors import TunesmithError
 
 
@@ -31,6 +32,9 @@ def expand_paths(spec: Union[str, list[str]]) -> list[str]:
     for s in specs:
         if s.startswith("builtin:"):
             out.append(s)
+            continue
+        if s.startswith(sources.PREFIX):  # a public data set in the data folder (data/sources.py)
+            out.append(str(sources.resolve(s)))
             continue
         p = Path(s).expanduser()
         if p.exists():

@@ -79,6 +79,15 @@ def resolve(spec: str) -> Path:
     return path
 
 
+def check_present(*specs) -> None:
+    """Stop at once (before a model loads or a run folder is made) if a `datasets:` path among data.path / val_path
+    specs is missing."""
+    for spec in specs:
+        for s in [spec] if isinstance(spec, str) else list(spec or ()):
+            if s.startswith(PREFIX):
+                resolve(s)
+
+
 # ---------------------------------------------------------------- fetching
 
 def urllib_fetch(url: str, dest: Path) -> None:
