@@ -17,9 +17,10 @@ from pathlib import Path
 
 from tunesmith.config import DataConfig
 from tunesmith.data.prepare import prepare
+from tunesmith.data.sources import data_dir
 from tunesmith.models.load import load_tokenizer, resolve_model_dir
 
-SOURCE = Path(__file__).resolve().parents[2] / "shared/data/instruct_mix/train.jsonl"
+SOURCE = data_dir() / "instruct_mix" / "train.jsonl"   # the data folder (TUNESMITH_DATA_DIR; docs/data.md)
 
 
 def main() -> None:

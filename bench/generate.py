@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.data.sources import data_dir
+
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
+DATA = data_dir()   # the data folder (TUNESMITH_DATA_DIR; docs/data.md): summarization_scitldr, instruct_mix
 
 
 def matmul_peak(seconds: float = 2.0) -> float:

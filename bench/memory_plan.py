@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/instruct_mix/train.jsonl"
+DATA = "datasets:instruct_mix/train.jsonl"   # read from the data folder (TUNESMITH_DATA_DIR; docs/data.md)
 CONFIGS = {
     "lora, 512 tokens/pass": ["train.batch_tokens=512"],
     "lora, 1024 tokens/pass": ["train.batch_tokens=1024"],

@@ -23,7 +23,7 @@ from tunesmith.config import load_config
 from tunesmith.data.render import IGNORE
 from tunesmith.methods.load import load_model
 
-DATA = "../shared/data/preference_hh_harmless"
+DATA = "datasets:preference_hh_harmless"   # the data folder (TUNESMITH_DATA_DIR); `tunesmith data get preference_hh_harmless`
 STRENGTHS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 

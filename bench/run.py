@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "instruct_mix" / "train.jsonl"
+# the data folder (TUNESMITH_DATA_DIR, default ~/.cache/tunesmith/data; docs/data.md)
+DEFAULT_DATA = Path(os.environ.get("TUNESMITH_DATA_DIR") or Path.home() / ".cache/tunesmith/data") / "instruct_mix" / "train.jsonl"
 PAIRS = [("tunesmith", "tutorial"), ("tunesmith", "trl"), ("tunesmith_2proc", "tutorial"), ("tunesmith_2proc", "trl"),
          ("tunesmith_2proc", "tunesmith"), ("tunesmith_full", "tutorial_full")]
 
