@@ -131,7 +131,7 @@ class RewardConfig(Section):
 
 class RewardFunction(Section):
     """One reward of `task: rl` (objectives/rewards.py): `kind` picks it, the other fields configure it."""
-    kind: Literal["exact", "numeric", "regex", "length", "rouge", "bleu", "chrf", "function", "model"] = Field(
+    kind: Literal["exact", "numeric", "regex", "length", "rouge", "bleu", "chrf", "function", "model", "countdown"] = Field(
         description="`exact`: 1 if the answer equals the `column`'s value (whitespace and case aside), else 0; `numeric`: 1 if the "
                     "last number in the answer equals the column's (the number after `####` in GSM8K-style answers); `regex`: 1 if "
                     "`pattern` matches the answer (re.search; `^...$` for the whole answer); `length`: 1 inside [`min_words`, "
@@ -139,7 +139,8 @@ class RewardFunction(Section):
                     "sentence scores in [0, 1] against the `column` (the data's response or `references` when unset); "
                     "`function`: your `path`, `file.py:function` with TRL's signature (prompts, completions, dataset columns "
                     "as keyword arguments -> a float or None per completion); `model`: a reward-model run (`path`: its run "
-                    "dir or final/), its score of prompt + answer.")
+                    "dir or final/), its score of prompt + answer; `countdown`: 1 if the answer's `a op b = c` lines are right, use "
+                    "the record's `numbers` each once and end on the `column`'s target (default `answer`; builtin:countdown).")
     weight: float = Field(1.0, description="Its weight in the total reward (each reward is also logged on its own).")
     column: Optional[str] = Field(None, description="`exact`, `numeric`, `rouge`, `bleu`, `chrf`: the data column holding the answer or reference (e.g. `answer`). Unset: the record's response (its completion / output / assistant turn), or its `references`.")
     pattern: Optional[str] = Field(None, description="`regex`: the pattern an answer must contain (Python re, DOTALL).")
@@ -181,7 +182,16 @@ class RLConfig(Section):
     updates: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (TRL's num_iterations, mu): the rollouts and their old log-probs are kept for this many consecutive steps, so a step after the first is an update on the same completions, clipped.")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="`grpo`: divide advantages by the std of the group's rewards, of the step's rewards, or not (Dr. GRPO recommends none). `rloo` never scales.")
     mask_truncated: bool = Field(False, description="Completions cut at rl.max_new_tokens take no part in the loss (DAPO's overlong filtering).")
+    headroom_examples: int = Field(32, ge=0, description="Before the first step, a run measures its headroom on this many held-out prompts: pass@1 of the greedy answer against pass@K of rl.headroom_samples samples (per reward; best-of-K for rewards that are not 0/1), logged to train.log, metrics.jsonl (step 0) and eval.json's `before`, with a warning when there is little to gain (docs/methods.md, \"Headroom\"). 0 = off.")
+    headroom_samples: int = Field(8, ge=0, description="K of the headroom check: answers sampled per held-out prompt at rl.temperature (0 = off; otherwise at least 2).")
     rewards: list[RewardFunction] = Field(default_factory=list, description="The rewards, summed with their weights: a list of `{kind, weight, column, pattern, min_words, max_words, path, name}` (docs/methods.md, \"Online RL\"), e.g. `[{kind: numeric, column: answer}, {kind: regex, pattern: \"#### -?[0-9]+\", weight: 0.2}]`.")
+
+    @field_validator("headroom_samples")
+    @classmethod
+    def _k_at_least_two(cls, value):
+        if value == 1:
+            raise ValueError("pass@K against pass@1 needs at least 2 samples per prompt (0 turns the check off)")
+        return value
 
 
 class DistillConfig(Section):

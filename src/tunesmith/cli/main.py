@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--show", type=int, default=8, help="examples in the side-by-side table")
     ev.add_argument("--max-new-tokens", type=int, help="generation cap (default: the run's eval.max_new_tokens)")
     ev.add_argument("--num-beams", type=int, help="beam search width (default: the run's eval.num_beams; 1 = greedy)")
+    ev.add_argument("--samples", type=int, metavar="K", help="headroom for RL: pass@1 (greedy) against pass@K of K samples "
+                    "(K >= 2), best-of-K for other rewards; checks: an RL run's rewards, or --check")
+    ev.add_argument("--check", action="append", default=[], metavar="KIND[:ARG]", help="with --samples: what a right "
+                    "answer is, e.g. numeric:answer, exact:answer, 'regex:#### -?[0-9]+', function:FILE.py:NAME, model:RUN")
+    ev.add_argument("--temperature", type=float, help="with --samples: sampling temperature (default: the run's rl.temperature)")
     _data_dir_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -338,6 +343,14 @@ def cmd_eval(args) -> int:
     from tunesmith.evaluate.evaluation import evaluate_run
 
     run = Path(args.run)
+    if args.samples is not None:
+        from tunesmith.evaluate.headroom import evaluate_headroom
+
+        evaluate_headroom(run, args.samples, args.data, args.n, tuple(args.check), not args.no_base,
+                          tuple(Path(r) for r in args.runs), args.temperature, args.max_new_tokens)
+        return 0
+    if args.check or args.temperature is not None:
+        raise TunesmithError("--check and --temperature go with --samples K")
     evaluate_run(run, args.data, args.n, not args.no_base, tuple(Path(r) for r in args.runs), args.show, args.max_new_tokens,
                  num_beams=args.num_beams)
     print(f"report: {run / 'report.html'}")

@@ -53,10 +53,10 @@ def cache_key(cfg: DataConfig, tokenizer, max_length: int) -> str | None:
 
 
 def _file_stats(path: str) -> list:
-    if path.startswith("builtin:arithmetic"):  # generated from a seed: its version is its identity
-        from tunesmith.data.arithmetic import VERSION
+    if path.startswith(("builtin:arithmetic", "builtin:countdown")):  # generated from a seed: its version is its identity
+        from tunesmith.data import arithmetic, countdown
 
-        return [[path, VERSION]]
+        return [[path, (arithmetic if path.startswith("builtin:arithmetic") else countdown).VERSION]]
     if path.startswith("builtin:"):
         from tunesmith.data.docstrings import cached_path
 

@@ -3,7 +3,8 @@
 Supported: JSONL, JSON (an array of objects, or {"data"/"train": [...]}), CSV/TSV, Parquet,
 plain text (`.txt`: one record per line; a file with blank-line-separated paragraphs or a
 single document is read as paragraphs), a folder written by `datasets.save_to_disk`,
-`builtin:docstrings` (data/docstrings.py) and `builtin:arithmetic` / `builtin:arithmetic-test` (data/arithmetic.py).
+`builtin:docstrings` (data/docstrings.py), `builtin:arithmetic` / `builtin:arithmetic-test` (data/arithmetic.py) and
+`builtin:countdown` / `builtin:countdown-test` (data/countdown.py).
 """
 from __future__ import annotations
 
@@ -63,14 +64,15 @@ def read_records(spec: Union[str, list[str]]) -> list[Record]:
 def _read_one(path: str) -> Iterator[Record]:
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
-        if name in ("arithmetic", "arithmetic-test"):
-            from tunesmith.data.arithmetic import records
+        if name in ("arithmetic", "arithmetic-test", "countdown", "countdown-test"):
+            from tunesmith.data import arithmetic, countdown
 
+            records = (arithmetic if name.startswith("arithmetic") else countdown).records
             yield from (Record(r, f"{path}:{i + 1}") for i, r in enumerate(records(name)))
             return
         if name != "docstrings":
             raise TunesmithError(f"unknown built-in dataset {path!r}; available: builtin:docstrings, builtin:arithmetic, "
-                                 f"builtin:arithmetic-test")
+                                 f"builtin:arithmetic-test, builtin:countdown, builtin:countdown-test")
         from tunesmith.data.docstrings import cached_path
 
         yield from _read_jsonl(cached_path(), shown="builtin:docstrings")
