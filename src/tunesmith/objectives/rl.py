@@ -31,6 +31,10 @@ rl.max_new_tokens, the policy's entropy, KL to the reference (rl.beta > 0), the 
 step's seconds split into rollouts / rewards / old and reference log-probs / update (bench/rl_step.py summarises them).
 The log warns when most groups stop varying or lengths rise to the cap.
 
+Before the first step (`prepare`, not on resume), the headroom check (headroom.py): pass@1 of the greedy answer
+against pass@K of rl.headroom_samples samples on rl.headroom_examples held-out prompts, logged with a warning when RL has
+little to gain or the format never comes out, and added as `headroom_*` keys to the base's held-out measurement.
+
 Held out: the greedy completion of every held-out prompt, scored by the same rewards: `eval_reward` (the weighted
 total) and `eval_reward_<name>` per reward, with the mean length.
 """
@@ -47,7 +51,10 @@ from tunesmith.data.render import Tokenized
 from tunesmith.models.engine import Engine, Request, Sampling
 from tunesmith.models.heads import hidden_and_head
 from tunesmith.objectives import Context, Objective
+from tunesmith.objectives.headroom import describe as describe_headroom
+from tunesmith.objectives.headroom import flat_metrics, measure_headroom
 from tunesmith.objectives.rewards import Reward, Rollouts, build_rewards, score_all
+from tunesmith.run import RunDir
 
 # warn when this share of a step's groups have all-equal rewards, for this many steps in a row (axolotl's threshold 0.8)
 FLAT_SHARE, FLAT_STEPS = 0.8, 3
@@ -155,6 +162,7 @@ class OnlineRL(Objective):
         self.capped_warned = -WARN_EVERY
         self.updating_since = time.perf_counter()
         self.log = print
+        self.headroom: dict | None = None
         self._val_index = {id(t): i for i, t in enumerate(data.val.tokens)}
 
     # -- before training
@@ -171,6 +179,26 @@ class OnlineRL(Objective):
             self.reference = copy.deepcopy(model).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
+        # a resumed run measured its headroom when it started (baseline.json, in the run folder beside cache_dir)
+        resuming = ctx.cache_dir is not None and RunDir(ctx.cache_dir.parent).baseline.exists()
+        if self.rl.headroom_samples and self.rl.headroom_examples and ctx.main and not resuming and self.data.val.tokens:
+            self.headroom = self.measure_headroom(model, ctx.log)
+
+    def measure_headroom(self, model, log=print) -> dict:
+        """pass@1 against pass@K (headroom.py) on rl.headroom_examples held-out prompts, spread over the split; logged,
+        with its warnings, and kept for the first held-out measurement (the base's: eval.json's `before`)."""
+        t0 = time.perf_counter()
+        n, K = len(self.data.val.tokens), self.rl.headroom_samples
+        idx = list(range(n))[:: max(1, n // self.rl.headroom_examples)][: self.rl.headroom_examples]
+        h = measure_headroom(model, self.tokenizer, [self.data.val.tokens[i].input_ids.tolist() for i in idx],
+                             lambda texts, ids, per: self._rollouts(self.data.val, idx, texts, ids, per), self.rewards,
+                             {spec.label: spec.kind for spec in self.rl.rewards}, K, self.rl.temperature, self.rl.top_p,
+                             self.rl.max_new_tokens, seed=self.cfg.train.seed)
+        log(f"headroom before training ({time.perf_counter() - t0:.0f} s, temperature {self.rl.temperature:g}): "
+            + describe_headroom(h))
+        for warning in h["warnings"]:
+            log(f"warning: headroom: {warning}")
+        return h
 
     def weight(self, example: Tokenized) -> int:
         return 1  # a step's loss is averaged over its prompts
@@ -375,6 +403,9 @@ class OnlineRL(Objective):
         out["eval_length"] = round(float(lengths.mean()), 2)
         out["eval_truncated"] = round(float(sum(r.finish_reason == "length" for r in requests) / len(requests)), 4)
         out["eval_prompts"] = len(requests)
+        if self.headroom is not None:  # measured in prepare, before training: it joins the base's measurement, once
+            out.update(flat_metrics(self.headroom))
+            self.headroom = None
         return out
 
     def describe(self, m: dict) -> str:
@@ -392,6 +423,10 @@ class OnlineRL(Objective):
                 lines.append(f"  {r.name}: {b:.3f} -> {a:.3f}")
         lines.append(f"  completion length {before['eval_length']:.1f} -> {after['eval_length']:.1f} tokens, cut at the cap "
                      f"{before['eval_truncated']:.0%} -> {after['eval_truncated']:.0%}")
+        K = before.get("headroom_samples")
+        if K and f"headroom_pass@{K}" in before:
+            lines.append(f"  headroom before training ({before['headroom_prompts']} prompts): pass@1 "
+                         f"{before['headroom_pass@1']:.1%}, pass@{K} {before[f'headroom_pass@{K}']:.1%}")
         return lines
 
 
