@@ -122,3 +122,168 @@ def test_one_forward_backward_and_optim_step_is_one_tunesmith_training_step(stud
     print(f"after one step: max |A diff| {worst_a:.2e}, max |B diff| {worst_b:.2e} (B moved by up to {moved:.2e})")
     assert worst_a == 0.0 or worst_a < 1e-7  # the same initialisation (A gets no gradient at step 1: B starts at 0)
     assert moved > 1e-3 and worst_b < 1e-5
+
+
+def test_sampling_from_saved_weights_and_the_base(service, tiny_model_dir, tiny_tokenizer):
+    tc = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=0).result()
+    prompt = types.ModelInput.from_ints(tiny_tokenizer.encode("Return the sum"))
+    sc = tc.save_weights_and_get_sampling_client().result()
+    out = sc.sample(prompt, 3, types.SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=1),
+                    include_prompt_logprobs=True).result()
+    assert len(out.sequences) == 3
+    for s in out.sequences:
+        assert 1 <= len(s.tokens) <= 6 and len(s.logprobs) == len(s.tokens) and all(lp <= 0 for lp in s.logprobs)
+        assert s.stop_reason in ("stop", "length")
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == prompt.length
+    # the sampled tokens' log-probs are the model's: forward on the same tokens gives them back
+    seq = out.sequences[0]
+    full = prompt.to_ints() + seq.tokens
+    fwd = tc.forward([datum(full)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(fwd[prompt.length - 1:], seq.logprobs, atol=1e-4)
+    np.testing.assert_allclose(fwd[:prompt.length - 1], out.prompt_logprobs[1:], atol=1e-4)
+    # greedy is deterministic; a stop token ends a sequence with it; max_tokens bounds it
+    greedy = types.SamplingParams(max_tokens=5, temperature=0.0)
+    a, b = (sc.sample(prompt, 1, greedy).result().sequences[0].tokens for _ in range(2))
+    assert a == b and len(a) <= 5
+    stop_at = a[1]
+    stopped = sc.sample(prompt, 1, types.SamplingParams(max_tokens=5, temperature=0.0, stop=[stop_at])).result()
+    assert stopped.sequences[0].tokens == a[:a.index(stop_at) + 1] and stopped.sequences[0].stop_reason == "stop"
+    # compute_logprobs; and a sampler of the base model, named by create_sampling_client
+    lps = sc.compute_logprobs(prompt).result()
+    assert lps[0] is None and len(lps) == prompt.length
+    base = service.create_sampling_client(base_model=str(tiny_model_dir))
+    assert base.get_base_model() == str(tiny_model_dir)
+    assert len(base.sample(prompt, 2, types.SamplingParams(max_tokens=3)).result().sequences) == 2
+
+
+def rl_datum(tokens: list[int], sampled_logprobs: list[float], advantages: list[float]) -> types.Datum:
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": sampled_logprobs,
+                                       "advantages": advantages})
+
+
+def test_policy_gradient_losses_are_tinkers_and_custom_losses_run(service, tiny_model_dir, tiny_tokenizer):
+    tc = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=0).result()
+    tokens = tiny_tokenizer.encode("Open a file and read it.")
+    lp = tc.forward([datum(tokens)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    n = len(lp)
+    rng = np.random.default_rng(0)
+    q = (lp + rng.normal(0, 0.5, n)).astype(np.float32)   # the sampler's log-probs: ratios on both sides of the clip
+    adv = rng.normal(0, 1, n).astype(np.float32)
+    ratio = np.exp(lp - q)
+    expected = {
+        "importance_sampling": -(ratio * adv).sum(),
+        "ppo": -np.minimum(ratio * adv, np.clip(ratio, 0.9, 1.1) * adv).sum(),
+        "cispo": -(np.clip(ratio, 0.9, 1.1) * lp * adv).sum(),
+    }
+    assert (np.clip(ratio, 0.9, 1.1) != ratio).sum() >= 2  # the clip is exercised
+    for loss_fn, value in expected.items():
+        config = None if loss_fn == "importance_sampling" else {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+        out = tc.forward([rl_datum(tokens, q.tolist(), adv.tolist())], loss_fn, config).result()
+        assert out.metrics["loss:sum"] == pytest.approx(float(value), rel=1e-4, abs=1e-4), loss_fn
+    # a positive advantage on every token makes the sequence more likely after a step
+    before = lp.sum()
+    tc.forward_backward([rl_datum(tokens, lp.tolist(), [1.0] * n)], "importance_sampling")
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after = tc.forward([datum(tokens)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy().sum()
+    assert after > before + 0.1
+    # forward_backward_custom: the SDK runs forward, differentiates the loss itself, sends cross_entropy weights
+    custom = tc.forward_backward_custom([datum(tokens)], lambda data, lps: (-sum(x.sum() for x in lps), {"n": 1.0}))
+    res = custom.result()
+    assert res.metrics["n"] == 1.0
+    # an unknown loss and a wrong shape are refused with a message
+    with pytest.raises(Exception, match="not supported here"):
+        tc.forward([datum(tokens)], "dro").result()
+    bad = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:3]})
+    with pytest.raises(Exception, match="expected"):
+        tc.forward([bad], "cross_entropy").result()
+
+
+def adapter_of(studio, tc, name):
+    from safetensors.torch import load_file
+
+    return load_file(state_folder(studio, tc.save_state(name).result().path) / "adapter_model.safetensors")
+
+
+def test_save_and_load_state_with_the_optimizer_continue_exactly(studio, service, tiny_model_dir, tiny_tokenizer):
+    data = [datum(tiny_tokenizer.encode(t)) for t in ("Open a file and read it.", "def add(a, b): return a + b")]
+    adam = types.AdamParams(learning_rate=1e-2)
+
+    def step(tc):
+        tc.forward_backward(data, "cross_entropy")
+        tc.optim_step(adam).result()
+
+    a = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=3).result()
+    step(a), step(a)
+    path = a.save_state("two-steps").result().path
+    assert path.startswith("tinker://") and path.endswith("/weights/two-steps")
+    step(a)
+    straight = adapter_of(studio, a, "three-steps")
+
+    b = service.create_training_client_from_state_with_optimizer(path).result()
+    assert b.get_info().lora_rank == 4
+    step(b)
+    resumed = adapter_of(studio, b, "resumed")
+    assert max(float((resumed[k] - straight[k]).abs().max()) for k in straight) < 1e-6
+
+    c = service.create_training_client_from_state(path).result()  # weights only: Adam starts again
+    step(c)
+    fresh = adapter_of(studio, c, "fresh-optimizer")
+    assert max(float((fresh[k] - straight[k]).abs().max()) for k in straight) > 1e-4
+    with pytest.raises(Exception, match="no saved state"):
+        service.create_training_client_from_state("tinker://nope:train:0/weights/x").result()
+
+
+def test_clients_share_one_base_and_keep_their_own_adapters(studio, tiny_model_dir, tiny_tokenizer):
+    s1 = tinker.ServiceClient(base_url=studio.url, api_key=studio.key)
+    s2 = tinker.ServiceClient(base_url=studio.url, api_key=studio.key)
+    data = [datum(tiny_tokenizer.encode("hello world, how are you today?"))]
+    one = s1.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=0).result()
+    two = s2.create_lora_training_client(base_model=str(tiny_model_dir), rank=8, seed=0).result()
+    loss = lambda tc: tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    start_two = loss(two)
+    for _ in range(3):
+        one.forward_backward(data, "cross_entropy")
+        one.optim_step(types.AdamParams(learning_rate=3e-2)).result()
+    assert loss(one) < start_two - 0.5 and loss(two) == pytest.approx(start_two, abs=1e-6)
+    held = studio.http.get("/api/v1/tunesmith/status").json()
+    assert held["base_models_loaded"] == 1 and held["training_clients"] >= 2
+    s1.close("success").result()
+    s2.close("success").result()
+    after = studio.http.get("/api/v1/tunesmith/status").json()
+    assert after["training_clients"] == held["training_clients"] - 2
+
+
+def test_the_key_guards_the_tinker_routes(studio):
+    assert studio.key.startswith("tml-")  # the SDK refuses keys without it; the studio makes its key in that shape
+    with pytest.raises(Exception) as refused:
+        tinker.ServiceClient(base_url=studio.url, api_key="tml-wrong-key").create_lora_training_client(
+            base_model="x", rank=4)
+    assert "401" in str(refused.value) or "Authentication" in type(refused.value).__name__
+    import httpx
+
+    r = httpx.post(f"{studio.url}/api/v1/create_session", json={"tags": [], "sdk_version": "x"},
+                   headers={"X-API-Key": "tml-wrong-key"})
+    assert r.status_code == 401
+    r = httpx.post(f"{studio.url}/api/v1/create_session", json={"tags": [], "sdk_version": "x"},
+                   headers={"X-API-Key": studio.key})
+    assert r.status_code == 200 and r.json()["session_id"]
+
+
+def test_a_saved_state_becomes_a_studio_run_served_by_name(studio, service, tiny_model_dir, tiny_tokenizer):
+    tc = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=0).result()
+    data = [datum(tiny_tokenizer.encode("Say hello world"))]
+    for _ in range(3):
+        tc.forward_backward(data, "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=3e-2)).result()
+    path = tc.save_state("for-the-page").result().path
+    r = studio.http.post("/api/v1/tunesmith/export_run", json={"path": path, "name": "from-tinker"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"run": "from-tinker"}
+    assert "from-tinker" in [m["id"] for m in studio.http.get("/v1/models").json()["data"]]
+    assert studio.http.get("/v1/studio/runs/from-tinker").status_code == 200
+    out = studio.client().completions.create(model="from-tinker", prompt="Say", max_tokens=3, temperature=0)
+    assert out.choices[0].text is not None
+    again = studio.http.post("/api/v1/tunesmith/export_run", json={"path": path, "name": "from-tinker"})
+    assert again.status_code == 409
+    assert str(studio.app.state.runner.home) not in again.text

@@ -189,6 +189,11 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
 
     # -------------------------------------------------------------- tunesmith's addition
 
+    @router.get("/tunesmith/status")
+    async def status():
+        """What the Tinker side holds now: sessions, training clients, samplers, base models in memory, adapters."""
+        return service.status()
+
     @router.post("/tunesmith/export_run")
     async def export_run(req: proto.ExportRunRequest):
         """A saved state (`tinker://.../weights/NAME`) becomes a studio run: listed in the page, served by name."""

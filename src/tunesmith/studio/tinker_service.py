@@ -558,6 +558,12 @@ class TinkerService:
 
         return self._submit(s.host, work), ids
 
+    def status(self) -> dict:
+        with self.lock:
+            return {"sessions": len(self.sessions), "training_clients": len(self.models), "samplers": len(self.samplers),
+                    "base_models_loaded": len(self.hosts), "adapters": sum(len(h.adapters) for h in self.hosts.values()),
+                    "idle_seconds": self.limits.idle_seconds}
+
     # ------------------------------------------------------------------ a saved state as a studio run
 
     def export_run(self, path: str, name: Optional[str]) -> str:
@@ -589,7 +595,7 @@ def _lora_config(model, settings: dict):
     else:
         targets = sorted({n.split(".")[-1] for n, m in inner.named_modules() if isinstance(m, torch.nn.Linear)
                           and ".layers." in f".{n}" and _is_attention(n) == settings["train_attn"]})
-    if settings["train_unembed"]:
+    if settings["train_unembed"] and not _tied(inner):
         head = inner.get_output_embeddings()
         head_name = next(n for n, m in inner.named_modules() if m is head)
         targets = ([targets] if isinstance(targets, str) else list(targets))
@@ -601,6 +607,13 @@ def _lora_config(model, settings: dict):
                         task_type=lora.peft_task("causal"))
     config._register_custom_module({torch.nn.Linear: lora.MergedLoraLinear})
     return config
+
+
+def _tied(model) -> bool:
+    """The output head shares the input embeddings' weight: an adapter on it would, once merged for serving, change
+    the embeddings too, so `train_unembed` is not applied to such models (SmolLM2 is one)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 def _is_attention(module_name: str) -> bool:
