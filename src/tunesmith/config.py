@@ -306,6 +306,24 @@ def validate(raw: dict) -> Config:
     except ValidationError as e:
         raise TunesmithError(_explain(e.errors()[0], raw)) from None
     check_combinations(cfg)
+    return judged_run_prompts(cfg)
+
+
+def judged_run_prompts(cfg: Config) -> Config:
+    """Data that is a run's judgements (`runs/NAME/judgements.jsonl`, data/judgements.py) is rendered as the judged run
+    rendered its prompts: an unset `data.system_prompt` is taken from that run's config.yaml (and so recorded in this
+    run's config and served with its model), and a template or system prompt other than the judged run's is refused."""
+    path = Path(cfg.data.path).expanduser() if isinstance(cfg.data.path, str) else None
+    if path is None or path.name != "judgements.jsonl" or not (path.parent / "config.yaml").is_file():
+        return cfg
+    judged = read_yaml(path.parent / "config.yaml").get("data") or {}
+    template, system_prompt = judged.get("template", "chat"), judged.get("system_prompt")
+    if cfg.data.system_prompt is None and system_prompt:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"system_prompt": system_prompt})})
+    for key, theirs, ours in (("template", template, cfg.data.template), ("system_prompt", system_prompt, cfg.data.system_prompt)):
+        if ours != theirs:
+            raise TunesmithError(f"{path} judges answers to prompts rendered with data.{key}: {theirs!r} (the judged run's "
+                                 f"config.yaml), but this config has {ours!r}; set data.{key} as the judged run had it")
     return cfg
 
 

@@ -3,7 +3,8 @@
 Detected format and field mapping, counts (records, kept, dropped, truncated per split), token
 lengths, the trained share, label distribution for classification, and the first N rendered
 examples with the masked prompt and the trained response told apart: colours on a terminal,
-`[train]...[/train]` markers otherwise.
+`[train]...[/train]` markers otherwise. Preference pairs show their prompt as the model reads it; a judgements file
+also lists every judgement it dropped (ties, identical answers, unusable lines with `file:line`).
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import numpy as np
 
 from tunesmith.catalog import SFT_FORMATS
 from tunesmith.config import Config
+from tunesmith.data.judgements import is_judgements_file, read_judgements
 from tunesmith.data.prepare import load_examples, prepare
-from tunesmith.data.render import IGNORE
+from tunesmith.data.read import expand_paths
+from tunesmith.data.render import IGNORE, render
+from tunesmith.data.shapes import Example
 
 DIM, GREEN, BOLD, RESET = "\033[2m", "\033[32m", "\033[1m", "\033[0m"
 
@@ -31,8 +35,29 @@ def inspect_data(cfg: Config, tokenizer, n: int = 3, color: bool = False, max_ch
     elif fmt == "classification":
         out += _classification(examples, tokenizer, n)
     else:
-        out += _preference(examples, tokenizer, n, max_chars)
+        for path in (p for p in expand_paths(dc.path) if is_judgements_file(p)):
+            out += _judgements(path, dc)
+        out += _preference(examples, tokenizer, n, max_chars, dc)
     return "\n".join(out)
+
+
+def _judgements(path: str, dc, most: int = 20) -> list[str]:
+    """What a judgements file held: its pairs, and each judgement left out with where and why."""
+    got = read_judgements(path)
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+    out = [f"judgements: {got.describe(first_unusable=False)}"]
+    if got.ties:
+        out.append(f"  ties (dropped): {listed(got.ties)}")
+    if got.identical:
+        out.append(f"  identical answers (dropped): {listed(got.identical)}")
+    out += [f"  unusable (dropped): {line}" for line in got.unusable[:most]]
+    if len(got.unusable) > most:
+        out.append(f"  ... and {len(got.unusable) - most} more unusable lines")
+    out.append(f"  prompts rendered with data.template={dc.template!r}, data.system_prompt={dc.system_prompt!r}")
+    return out
 
 
 def _sft(cfg: Config, tokenizer, n: int, color: bool, max_chars: int) -> list[str]:
@@ -84,12 +109,15 @@ def _classification(examples, tokenizer, n: int) -> list[str]:
     return out
 
 
-def _preference(examples, tokenizer, n: int, max_chars: int) -> list[str]:
+def _preference(examples, tokenizer, n: int, max_chars: int, dc) -> list[str]:
     out = [f"pairs: {len(examples)}; prompt " + _lengths([" ".join(m["content"] for m in ex.messages) for ex in examples], tokenizer),
            "chosen " + _lengths([ex.chosen for ex in examples], tokenizer),
            "rejected " + _lengths([ex.rejected for ex in examples], tokenizer), f"\nfirst {min(n, len(examples))} pairs:"]
     for ex in examples[:n]:
         prompt = " | ".join(f"{m['role']}: {m['content']}" for m in ex.messages)
-        out += [f"--- {ex.where}", f"  prompt:   {prompt[:max_chars]}", f"  chosen:   {ex.chosen[:max_chars]}",
-                f"  rejected: {ex.rejected[:max_chars]}"]
+        read = render(Example(ex.messages + [{"role": "assistant", "content": ex.chosen}], ex.where), dc.template, tokenizer,
+                      system_prompt=dc.system_prompt).prompt if dc.template == "chat" else None
+        out += [f"--- {ex.where}", f"  prompt:   {prompt[:max_chars]}"]
+        out += [f"  as read:  {read[:max_chars]!r}"] if read is not None else []
+        out += [f"  chosen:   {ex.chosen[:max_chars]}", f"  rejected: {ex.rejected[:max_chars]}"]
     return out

@@ -85,6 +85,11 @@ def _read_one(path: str) -> Iterator[Record]:
         yield from _read_saved_dataset(p)
         return
     suffix = p.suffix.lower()
+    from tunesmith.data.judgements import is_judgements_file, pair_records
+
+    if is_judgements_file(p):  # a run's blind A/B judgements: its decided ones as preference pairs
+        yield from (Record(fields, where) for fields, where in pair_records(p))
+        return
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
                ".tsv": _read_csv, ".parquet": _read_parquet, ".txt": _read_text, ".text": _read_text}
     if suffix not in readers:

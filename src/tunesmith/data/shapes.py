@@ -9,7 +9,8 @@
 | sharegpt          | conversations: [{from: human/gpt/system, value}, ...]                    |
 | classification    | text (optional text_pair), label                                         |
 | preference        | prompt, chosen, rejected — or OpenAI DPO: input.messages,                |
-|                   | preferred_output, non_preferred_output                                   |
+|                   | preferred_output, non_preferred_output; a run's judgements.jsonl is read |
+|                   | as these pairs (winner chosen, loser rejected: data/judgements.py)       |
 | prompt            | prompt (text, or a list of messages ending in a user turn): prompts      |
 |                   | alone, for online RL; other columns go to the rewards                    |
 

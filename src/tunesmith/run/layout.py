@@ -9,6 +9,7 @@ report, `export`, `serve`, the studio) names its files through `RunDir`.
       baseline_general.safetensors the base on general text, for the forgetting check
       eval.json                    the run's results: before/after, side-by-side outputs, forgetting, timings
       evaluation.json, evaluations/  `tunesmith eval`: the latest evaluation, and every one, numbered
+      judgements.jsonl             the studio's blind A/B judgements of the run (evaluate/human.py); a child run's data
       report.html (+ training.png, metrics.png, rl.png)
       checkpoints/step-NNNNNNN/    mid-run checkpoints (train/checkpoint.py)
       best/                        train.select_best: the best weights so far
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from tunesmith.config import check_name
+from tunesmith.config import check_name, read_yaml
 from tunesmith.errors import TunesmithError
 
 
@@ -82,6 +83,10 @@ class RunDir:
     def report(self) -> Path:
         return self.path / "report.html"
 
+    @property
+    def judgements(self) -> Path:
+        return self.path / "judgements.jsonl"
+
     def plot(self, name: str) -> Path:
         """The report's PNGs: training.png, metrics.png, rl.png (online RL)."""
         return self.path / f"{name}.png"
@@ -115,6 +120,43 @@ class RunDir:
 
     def is_finished(self) -> bool:
         return self.final.is_dir()
+
+
+@dataclass(frozen=True)
+class TrainedFrom:
+    """A run's lineage, as its config.yaml records it: the run it continued (`model.name` naming a run folder) and the
+    judgements it learned from (`data.path` naming a run's judgements file, data/judgements.py)."""
+    parent: RunDir | None
+    judgements: Path | None
+
+
+def trained_from(run: RunDir) -> TrainedFrom:
+    """The parent run and judgements file of `run`; relative paths in its config.yaml are read from the folder the run
+    was started in (the one holding `output.dir`), then from here."""
+    run = RunDir(run)
+    if not run.is_run():
+        return TrainedFrom(None, None)
+    cfg = read_yaml(run.config)
+    out_dir = Path(str((cfg.get("output") or {}).get("dir") or "runs"))
+    above = run.path.resolve().parents  # the run is <started>/<output.dir>/NAME
+    relative = not out_dir.is_absolute() and ".." not in out_dir.parts and len(out_dir.parts) < len(above)
+    started = above[len(out_dir.parts)] if relative else None
+
+    def found(value) -> Path | None:
+        if not isinstance(value, str) or not value or value.startswith(("builtin:", "datasets:")):
+            return None
+        path = Path(value).expanduser()
+        for candidate in ([started / path] if started and not path.is_absolute() else []) + [path]:
+            if candidate.exists():
+                return candidate
+        return None
+
+    model = found((cfg.get("model") or {}).get("name"))
+    data = found((cfg.get("data") or {}).get("path"))
+    parent = RunDir(model) if model is not None and model.is_dir() and RunDir(model).is_run() else None
+    judged = data if data is not None and data.is_file() and (data.name == "judgements.jsonl"
+                                                             or data.name.endswith("-judgements.jsonl")) else None
+    return TrainedFrom(parent, judged)
 
 
 RUN_MARKER = ".tunesmith-run"        # written when tunesmith creates a run folder: only such a folder is ever replaced
