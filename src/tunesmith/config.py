@@ -182,6 +182,9 @@ class RLConfig(Section):
     updates: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (TRL's num_iterations, mu): the rollouts and their old log-probs are kept for this many consecutive steps, so a step after the first is an update on the same completions, clipped.")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="`grpo`: divide advantages by the std of the group's rewards, of the step's rewards, or not (Dr. GRPO recommends none). `rloo` never scales.")
     mask_truncated: bool = Field(False, description="Completions cut at rl.max_new_tokens take no part in the loss (DAPO's overlong filtering).")
+    importance: Literal["token", "sequence"] = Field("token", description="The probability ratio of the clipped surrogate: `token`, one per answer token (GRPO, PPO); `sequence`, one per answer, exp of the mean per-token log-ratio over its tokens, clipped as a whole (GSPO, TRL's `importance_sampling_level: sequence`; GSPO uses small clip ranges, e.g. epsilon 3e-4, epsilon_high 4e-4). Differs from `token` only with rl.updates > 1 (on a batch's first update every ratio is 1).")
+    overlong_penalty: float = Field(0.0, ge=0, description="Subtracted from the total reward of an answer that never ends: cut at rl.max_new_tokens without an end-of-sequence token (TRL's `missing_eos_penalty`, e.g. 1.0). With rl.overlong_buffer, a soft ramp instead (DAPO's overlong punishment). Logged as `overlong_penalty` (the step's mean). 0 = off.")
+    overlong_buffer: int = Field(0, ge=0, description="With rl.overlong_penalty: the penalty ramps linearly from 0 at (rl.max_new_tokens - buffer) answer tokens to the full rl.overlong_penalty at rl.max_new_tokens (DAPO's soft overlong punishment: L_cache = buffer, L_max = max_new_tokens; e.g. a quarter of the cap). 0 = only answers cut at the cap are penalised.")
     headroom_examples: int = Field(32, ge=0, description="Before the first step, a run measures its headroom on this many held-out prompts: pass@1 of the greedy answer against pass@K of rl.headroom_samples samples (per reward; best-of-K for rewards that are not 0/1), logged to train.log, metrics.jsonl (step 0) and eval.json's `before`, with a warning when there is little to gain (docs/methods.md, \"Headroom\"). 0 = off.")
     headroom_samples: int = Field(8, ge=0, description="K of the headroom check: answers sampled per held-out prompt at rl.temperature (0 = off; otherwise at least 2).")
     rewards: list[RewardFunction] = Field(default_factory=list, description="The rewards, summed with their weights: a list of `{kind, weight, column, pattern, min_words, max_words, path, name}` (docs/methods.md, \"Online RL\"), e.g. `[{kind: numeric, column: answer}, {kind: regex, pattern: \"#### -?[0-9]+\", weight: 0.2}]`.")
@@ -192,6 +195,12 @@ class RLConfig(Section):
         if value == 1:
             raise ValueError("pass@K against pass@1 needs at least 2 samples per prompt (0 turns the check off)")
         return value
+
+    @model_validator(mode="after")
+    def _buffer_below_cap(self):
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"rl.overlong_buffer ({self.overlong_buffer}) must be below rl.max_new_tokens ({self.max_new_tokens})")
+        return self
 
 
 class DistillConfig(Section):

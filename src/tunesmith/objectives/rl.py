@@ -5,7 +5,10 @@ Each step, for every prompt of the step (`begin_step`):
   1. sample `rl.group_size` completions on the generation engine (models/engine.py): the prompt is prefilled once and
      its KV cache copied to the group's rows, rows decode together in one batch with a KV cache and leave it when they
      end, a LoRA model runs its kept merged weights; the sampling is seeded per (step, prompt, completion);
-  2. score them with the rewards (rewards.py), weighted and summed;
+  2. score them with the rewards (rewards.py), weighted and summed; an answer that never ends (cut at
+     rl.max_new_tokens without an end-of-sequence token) loses rl.overlong_penalty (TRL's missing_eos_penalty), or with
+     rl.overlong_buffer a share of it rising linearly over the last `buffer` tokens before the cap (DAPO's soft overlong
+     punishment), before the advantages;
   3. advantages within the group: `grpo` A = r - mean(group) (/ std(group) with rl.scale_rewards=group, / std(step)
      with batch); `rloo` A = r - mean(the group's other completions);
   4. with rl.updates > 1, the completions' log-probs now (old_logps) and, with rl.beta > 0, the reference's
@@ -17,6 +20,9 @@ its gradient is exactly 0, so its pass is skipped; `skipped_groups` is the share
 
     ratio = exp(logp - old_logp)      (old_logp = logp, detached, on a batch's first update: ratio 1, gradient A)
     l = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + beta (exp(ref - logp) - (ref - logp) - 1)
+
+(rl.importance=sequence, GSPO: ratio = exp(mean over the completion's tokens of (logp - old_logp)), one per
+completion, the same at each of its tokens)
 
 averaged as rl.loss says: `grpo` per completion then over the group; `dr_grpo` summed over the group / (G x
 rl.max_new_tokens); `dapo` over all completion tokens of the global step. Under torchrun each process samples its
@@ -120,10 +126,30 @@ def group_advantages(rewards: torch.Tensor, algorithm: str, scale: str, step_std
     return centred.float()
 
 
+def overlong_penalties(lengths: torch.Tensor, truncated: torch.Tensor, cfg) -> torch.Tensor:
+    """(n,) float64 amounts taken off each completion's total reward for not ending (module docstring): without
+    rl.overlong_buffer, rl.overlong_penalty for a completion cut at the cap; with it, DAPO's soft ramp, 0 up to
+    (max_new_tokens - buffer) tokens, rising linearly to the full penalty at max_new_tokens."""
+    if not cfg.overlong_penalty:
+        return torch.zeros(len(lengths), dtype=torch.float64)
+    if not cfg.overlong_buffer:
+        return cfg.overlong_penalty * truncated.to(torch.float64)
+    start = cfg.max_new_tokens - cfg.overlong_buffer
+    ramp = ((lengths.to(torch.float64) - start) / cfg.overlong_buffer).clamp(0.0, 1.0)
+    return cfg.overlong_penalty * torch.where(truncated, torch.ones_like(ramp), ramp)
+
+
 def surrogate(logps, old_logps, ref_logps, advantages, mask, cfg) -> tuple[torch.Tensor, dict]:
-    """Per-token loss (G, L) of the clipped surrogate (+ KL) and, detached, what was clipped and the KL."""
+    """Per-token loss (G, L) of the clipped surrogate (+ KL) and, detached, what was clipped and the KL.
+    rl.importance=sequence (GSPO): every token of a completion carries its sequence's ratio, exp of the mean log-ratio
+    over the completion's tokens (`mask`), clipped as one."""
     old = logps.detach() if old_logps is None else old_logps
-    ratio = torch.exp(logps - old)
+    log_ratio = logps - old
+    if cfg.importance == "sequence":
+        m = mask.to(log_ratio.dtype)
+        per_sequence = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = per_sequence.expand_as(logps)
+    ratio = torch.exp(log_ratio)
     a = advantages[:, None]
     high = cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
     unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - cfg.epsilon, 1 + high) * a
@@ -220,6 +246,7 @@ class OnlineRL(Objective):
         total, table = score_all(self.rewards, rollouts)
         t2 = time.perf_counter()
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
+        total = total - overlong_penalties(lengths, truncated, self.rl)  # answers that never end
         # the step's statistics are over every process's rollouts (torchrun), so two processes train and log as one
         every_total, every_table, every_length, every_truncated = across_processes(total, table, lengths, truncated)
         step_std = float(every_total.std()) if len(every_total) > 1 else 0.0
@@ -242,6 +269,8 @@ class OnlineRL(Objective):
              "completion_length_max": int(lengths.max()), "clipped_ratio": round(float(truncated.double().mean()), 4),
              "rollout_seconds": round(t1 - t0, 2), "reward_seconds": round(t2 - t1, 2),
              "logp_seconds": round(time.perf_counter() - t2, 2), "completion_tokens": int(lengths.sum())}
+        if self.rl.overlong_penalty:
+            m["overlong_penalty"] = round(float(overlong_penalties(lengths, truncated, self.rl).mean()), 5)
         for reward, row in zip(self.rewards, table):
             known = row[~torch.isnan(row)]
             m[f"rewards/{reward.name}/mean"] = round(float(known.mean()), 5) if len(known) else None
