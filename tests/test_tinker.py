@@ -287,3 +287,50 @@ def test_a_saved_state_becomes_a_studio_run_served_by_name(studio, service, tiny
     again = studio.http.post("/api/v1/tunesmith/export_run", json={"path": path, "name": "from-tinker"})
     assert again.status_code == 409
     assert str(studio.app.state.runner.home) not in again.text
+
+
+def test_an_idle_session_is_closed_and_its_memory_freed(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """A client that stops calling (no heartbeat): after idle_seconds its adapters, optimizer and base model go, and
+    a late request gets a clear 404. The router alone on an app here (the studio mounts the same one)."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+
+    from tunesmith.studio.tinker_routes import tinker_router
+    from tunesmith.studio.tinker_service import Limits
+
+    app = FastAPI()
+    app.include_router(tinker_router(tmp_path, lambda name: tiny_model_dir if name == "tiny" else None,
+                                     lambda: ["tiny"], Limits(idle_seconds=2.0)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=60)
+        sid = http.post("/create_session", json={"tags": [], "sdk_version": "test"}).json()["session_id"]
+        fut = http.post("/create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": "tiny",
+                                               "lora_config": {"rank": 4}}).json()
+        created = http.post("/retrieve_future", json={"request_id": fut["request_id"]}).json()
+        assert "model_id" in created, created
+        model_id = created["model_id"]
+        assert http.get("/tunesmith/status").json()["base_models_loaded"] == 1
+        bad = http.post("/create_model", json={"session_id": sid, "model_seq_id": 1, "base_model": "/etc"})
+        assert bad.status_code == 400 and "not offered" in bad.json()["error"]["message"]
+        time.sleep(6)
+        held = http.get("/tunesmith/status").json()
+        assert held["sessions"] == held["training_clients"] == held["adapters"] == held["base_models_loaded"] == 0
+        late = http.post("/get_info", json={"model_id": model_id})
+        assert late.status_code == 404 and "idle" in late.json()["error"]["message"]
+        assert http.post("/session_heartbeat", json={"session_id": sid}).status_code == 410
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

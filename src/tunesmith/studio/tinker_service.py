@@ -23,8 +23,9 @@ poll.
     `HOME/tinker/<training run>/<kind>/<name>`, named `tinker://<training run>/<kind>/<name>`. `export_run` turns a
     saved state into a studio run folder (`HOME/runs/<name>`, its `final/` the adapter) that the page and the
     OpenAI endpoints serve like any run.
-  * A session that sends nothing (the SDK heartbeats every 10 s) for `idle_seconds` is closed: its adapters,
-    optimizers and samplers are deleted, queued work for them fails, and a base with nothing left on it is freed.
+  * A session that sends nothing (the SDK heartbeats every 10 s) and has no work queued or running for
+    `idle_seconds` is closed: its adapters, optimizers and samplers are deleted, and a base with nothing left on it is
+    freed; a late request gets 404. A client that hangs up leaves at most the work it had queued, which runs out.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class Future:
     error: Optional[str] = None
     category: str = "server"
     finished: float = 0.0
+    session_id: Optional[str] = None     # polling for it counts as the session being alive
 
 
 @dataclass
@@ -174,12 +176,15 @@ class TinkerService:
             self._drop_sampler(sid)
 
     def _sweep_loop(self) -> None:
-        while not self._stop.wait(5.0):
+        while not self._stop.wait(min(5.0, self.limits.idle_seconds / 2)):
             self.sweep()
 
     def sweep(self) -> None:
         now = time.monotonic()
         with self.lock:
+            busy = {f.session_id for f in self.futures.values() if not f.done.is_set()}  # work queued or running
+            for sid in busy & set(self.sessions):
+                self.sessions[sid].last_seen = now
             idle = [s.session_id for s in self.sessions.values() if now - s.last_seen > self.limits.idle_seconds]
             old = [f.id for f in self.futures.values()
                    if f.done.is_set() and now - f.finished > self.limits.futures_kept_seconds]
@@ -201,8 +206,8 @@ class TinkerService:
 
     # ------------------------------------------------------------------ futures and the worker
 
-    def _submit(self, host: Host, work: Callable[[], Any]) -> Future:
-        fut = Future("tf-" + secrets.token_hex(10))
+    def _submit(self, host: Host, work: Callable[[], Any], session_id: Optional[str] = None) -> Future:
+        fut = Future("tf-" + secrets.token_hex(10), session_id=session_id)
         with self.lock:
             self.futures[fut.id] = fut
 
@@ -223,7 +228,10 @@ class TinkerService:
 
     def future(self, request_id: str) -> Optional[Future]:
         with self.lock:
-            return self.futures.get(request_id)
+            fut = self.futures.get(request_id)
+            if fut is not None and fut.session_id in self.sessions:
+                self.sessions[fut.session_id].last_seen = time.monotonic()
+            return fut
 
     @staticmethod
     def _worker(host: Host) -> None:
@@ -291,6 +299,7 @@ class TinkerService:
                 raise UserError(f"model {model_id} exists already")
         self._check_capacity()
         host = self._host_for(req.base_model)
+        self.touch(req.session_id)  # loading the base may have taken a while
         name = self._new_adapter_name("t")
         settings = lora_cfg.model_dump()
 
@@ -305,7 +314,7 @@ class TinkerService:
                 session.models.append(model_id)
             return {"model_id": model_id, "type": "create_model"}
 
-        return self._submit(host, work)
+        return self._submit(host, work, req.session_id)
 
     def training_model(self, model_id: str) -> TrainingModel:
         with self.lock:
@@ -329,7 +338,7 @@ class TinkerService:
             self._drop_model(model_id)
             return {"model_id": model_id, "type": "unload_model"}
 
-        return self._submit(m.host, work)
+        return self._submit(m.host, work, m.session_id)
 
     def _drop_model(self, model_id: str) -> None:
         with self.lock:
@@ -364,7 +373,7 @@ class TinkerService:
                                               not fb.forward_only, self.limits.pass_tokens)
             return proto.write_forward_backward_output(outputs, {"loss:sum": loss})
 
-        return self._submit(m.host, work)
+        return self._submit(m.host, work, m.session_id)
 
     def optim_step(self, req: proto.OptimStepRequest) -> Future:
         m = self.training_model(req.model_id)
@@ -378,7 +387,7 @@ class TinkerService:
                 raise UserError("the training client was closed", 404)
             return {"metrics": _optim_step(m, adam), "type": "optim_step"}
 
-        return self._submit(m.host, work)
+        return self._submit(m.host, work, m.session_id)
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -407,7 +416,7 @@ class TinkerService:
             return {"path": f"tinker://{m.model_id}/{kind}/{name}", "type": "save_weights" if kind == "weights"
                     else "save_weights_for_sampler"}
 
-        return self._submit(m.host, work)
+        return self._submit(m.host, work, m.session_id)
 
     def save_weights_for_sampler(self, req: proto.SaveWeightsForSamplerRequest) -> Future:
         if req.path is not None:
@@ -432,7 +441,7 @@ class TinkerService:
                 self._drop_sampler(old, now=True)
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
-        return self._submit(m.host, work)
+        return self._submit(m.host, work, m.session_id)
 
     def load_weights(self, req: proto.LoadWeightsRequest) -> Future:
         _, _, _, folder = self._parse_path(req.path)
@@ -448,7 +457,7 @@ class TinkerService:
                 _load_adapter(m, folder, req.optimizer)
                 return {"path": req.path, "model_id": m.model_id, "type": "load_weights"}
 
-            return self._submit(m.host, work)
+            return self._submit(m.host, work, m.session_id)
         if req.session_id is None or req.model_seq_id is None:
             raise UserError("load_weights: model_id, or session_id with model_seq_id")
         create = proto.CreateModelRequest(session_id=req.session_id, model_seq_id=req.model_seq_id,
@@ -464,7 +473,7 @@ class TinkerService:
             _load_adapter(self.models[model_id], folder, req.optimizer)
             return {"path": req.path, "model_id": model_id, "type": "load_weights"}
 
-        return self._submit(host, work)  # after create_model's work on the same worker
+        return self._submit(host, work, req.session_id)  # after create_model's work on the same worker
 
     # ------------------------------------------------------------------ sampling
 
@@ -556,7 +565,7 @@ class TinkerService:
                                       bool(req.prompt_logprobs), req.prompt_logprobs_last_n)
             return proto.write_sample_response(seqs, prompt_lp)
 
-        return self._submit(s.host, work), ids
+        return self._submit(s.host, work, s.session_id), ids
 
     def status(self) -> dict:
         with self.lock:
