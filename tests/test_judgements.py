@@ -193,3 +193,62 @@ def test_lineage_reads_relative_paths_from_the_folder_the_child_was_started_in(t
     assert got.parent.path == work / "runs" / "parent" and got.judgements == work / "runs" / "parent" / "judgements.jsonl"
     for run in ("work/runs/parent", "work/runs/nothing"):
         assert (trained_from(RunDir(run)).parent, trained_from(RunDir(run)).judgements) == (None, None)
+
+
+def verdicts(a: str, b: str, winners: str) -> list[dict]:
+    """Judgement lines of `a` vs `b`, one per letter of `winners` (a, b, or t for a tie)."""
+    return [judgement(f"Question {i}?", f"answer {i} of {a}", f"answer {i} of {b}", {"t": "tie"}.get(w, w))
+            | {"a": a, "b": b} for i, w in enumerate(winners)]
+
+
+def fake_run(runs, name: str, model: str, data: str = "builtin:docstrings", judged: list[dict] = ()) -> RunDir:
+    run = RunDir(runs / name)
+    run.path.mkdir(parents=True)
+    run.config.write_text(json.dumps({"model": {"name": model}, "data": {"path": data}, "output": {"dir": "runs"}}))
+    if judged:
+        write_jsonl(run.judgements, list(judged))
+    return run
+
+
+def test_lineage_from_the_base_with_each_generations_win_rate_over_its_parent(tmp_path, monkeypatch):
+    from tunesmith.evaluate.lineage import lineage
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    base = "smollm2-135m-instruct"
+    fake_run(runs, "v0", base, judged=verdicts(base, "v0", "bbbbbbbbaat"))  # the studio's default pair: base vs run
+    fake_run(runs, "v1", "runs/v0", "runs/v0/judgements.jsonl",
+             judged=verdicts("runs/v0", "v1", "bbbbbbbbbbbbbbatt")    # as the studio names the parent: config's model.name
+             + verdicts(base, "v1", "aaaa"))                          # v1 against the base: not its parent, not counted
+    fake_run(runs, "v2", "runs/v1", "runs/v1/judgements.jsonl")
+    with open(runs / "v1" / "judgements.jsonl", "a") as fh:           # v2 judged on v1's page, v2 shown as `a`
+        fh.write("".join(json.dumps(r) + "\n" for r in verdicts("ft:v2-id", "v1", "aaab")))
+        fh.write('{"a": "ft:v2-id", "b": "v1", "winner": "a", "ans')  # torn: skipped
+
+    gens = lineage(runs / "v2", aliases={"ft:v2-id": runs / "v2"})
+    assert [(g.name, g.parent) for g in gens] == [(base, None), ("v0", base), ("v1", "v0"), ("v2", "v1")]
+    assert gens[0].run is None and gens[0].vs_parent is None and gens[1].judgements is None
+    assert gens[2].judgements.resolve() == (runs / "v0" / "judgements.jsonl").resolve()
+    v0, v1, v2 = (g.vs_parent for g in gens[1:])
+    assert (v0.wins, v0.losses, v0.ties, v0.win_rate) == (8, 2, 1, 0.8)
+    assert (v1.wins, v1.losses, v1.ties) == (14, 1, 2)
+    assert v1.ci95 == pytest.approx((0.7018, 0.9881), abs=1e-3)   # Wilson 95 % for 14 / 15
+    assert v1.p_sign_test == pytest.approx(2 * 16 / 2 ** 15)      # P(<= 1 loss of 15 | p = 1/2), both sides
+    assert (v2.wins, v2.losses, v2.ties) == (3, 1, 0) and v2.p_sign_test == pytest.approx(0.625)
+    # without the alias the studio's id for v2 names no run: no record against v1
+    assert lineage(runs / "v2")[-1].vs_parent is None
+    # a run that names itself (a loop) ends the chain
+    assert [g.name for g in lineage(fake_run(runs, "loop", "runs/loop"))] == ["runs/loop", "loop"]
+
+
+def test_unjudged_prompts_leave_out_every_prompt_a_judgement_used(tmp_path, instruction_file):
+    from tunesmith.evaluate.lineage import unjudged_prompts
+
+    data = load_config(None, [f"data.path={instruction_file}", "data.val_size=10"]).data
+    held_out = heldout_prompts(data, 100)
+    assert len(held_out) == 10
+    judged = write_jsonl(tmp_path / "judgements.jsonl", [
+        studio_judgement(1, i, p, "base", "run", "x", "y", "a", "a") for i, p in enumerate(held_out[:4])])
+    fresh = unjudged_prompts(data, [judged, tmp_path / "none.jsonl"], 100)
+    assert fresh == held_out[4:]
+    assert unjudged_prompts(data, [judged], 2) == held_out[4:6]
