@@ -7,6 +7,7 @@ one or more of
 
     numeric[:COLUMN]   the answer's final number (after `####`) equals the column's (default: the record's response)
     exact[:COLUMN]     the answer equals the column's, case and spacing aside
+    countdown[:COLUMN] a number puzzle's working is right and ends on the column's target (builtin:countdown)
     regex:PATTERN      PATTERN is found in the answer (a format check)
     function:FILE.py:NAME   your reward function (TRL's signature), 0/1 for pass@k, any float for best-of-K
     model:RUN          a reward-model run's score (best-of-K)
@@ -40,7 +41,7 @@ from tunesmith.objectives.rl import rollouts_for
 from tunesmith.run import RunDir
 from tunesmith.run.files import write_json_atomic
 
-CHECK_KINDS = ("numeric", "exact", "regex", "function", "model", "rouge", "bleu", "chrf")
+CHECK_KINDS = ("numeric", "exact", "countdown", "regex", "function", "model", "rouge", "bleu", "chrf")
 
 
 def parse_check(text: str) -> RewardFunction:

@@ -7,8 +7,8 @@ wins all started with pass@k well above pass@1: docs/methods.md, "Online RL").
 
 For each prompt: the greedy answer and K samples at the given temperature, all scored by the rewards (rewards.py).
 Per reward:
-  * a binary one (every value 0 or 1: `numeric`, `exact`, `regex`, a `function` that returns 0/1): pass@1 of the greedy
-    answer, the mean of the samples (pass@1 sampled) and pass@k for k = 2, 4, ... K by the unbiased estimator of Chen
+  * a binary one (every value 0 or 1: `numeric`, `exact`, `countdown`, `regex`, a 0/1 `function`): pass@1 of the
+    greedy answer, the mean of the samples (pass@1 sampled) and pass@k for k = 2, 4, ... K by the unbiased estimator of Chen
     et al. 2021 (Codex, eq. 1: 1 - C(n - c, k) / C(n, k) per problem with c of n samples right, averaged);
   * any other (`model`, `rouge`, `length`, ...): the greedy answer's mean, the samples' mean and best-of-K (the best
     of a prompt's K samples, averaged over prompts).
@@ -35,7 +35,7 @@ from tunesmith.models.engine import Engine, Request, Sampling, supports
 from tunesmith.objectives.rewards import Reward, Rollouts, score_all
 
 MIN_GAIN = 0.05           # pass@K - pass@1 below this (5 points): little for RL to gain
-ANSWER_KINDS = ("numeric", "exact", "function")  # a reward of these kinds that is binary checks the answer
+ANSWER_KINDS = ("numeric", "exact", "function", "countdown")  # binary ones of these kinds check the answer
 BOOTSTRAP_RESAMPLES = 2000
 Z95 = 1.959963984540054
 
@@ -123,8 +123,8 @@ def _means(g: torch.Tensor, s: torch.Tensor, best: torch.Tensor) -> dict:
 
 
 def answer_check(rewards: list[Reward], kinds: dict[str, str], table: dict) -> str | None:
-    """The reward that says an answer is right: the first binary reward of kind numeric / exact / function (weight 0
-    counts too: a logged strict check), else None."""
+    """The reward that says an answer is right: the first binary reward of kind numeric / exact / function /
+    countdown (weight 0 counts too: a logged strict check), else None."""
     for r in rewards:
         if kinds.get(r.name) in ANSWER_KINDS and (table.get(r.name) or {}).get("binary"):
             return r.name
