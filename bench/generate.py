@@ -63,7 +63,7 @@ def hf(model, tok, prompts: list[str], new: int, batch: int, sample: bool = Fals
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         tb = time.perf_counter()
         kw = dict(max_new_tokens=new, pad_token_id=tok.pad_token_id, eos_token_id=eos, num_return_sequences=copies)
         kw.update(dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else
