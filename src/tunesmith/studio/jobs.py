@@ -14,6 +14,7 @@ files are the truth and a subprocess's pipes are not (a restarted server has no 
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import math
@@ -28,9 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
+
 from tunesmith.catalog import METHODS, SFT_FORMATS
 from tunesmith.config import list_recipes, load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.models.load import BUNDLED
+from tunesmith.paths import child_env
 from tunesmith.run import RunDir
 from tunesmith.run.lock import holder
 from tunesmith.studio.store import TERMINAL, Store
@@ -38,9 +43,145 @@ from tunesmith.studio.store import TERMINAL, Store
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 STUDIO_OWNS = ("output.dir", "output.name", "output.resume", "output")
 STOP_WAIT_SECONDS = 120  # a stopping job finishes its step and writes a checkpoint in this time, or is killed
+MAX_JOB_ERRORS = 5       # one job's step failing this many times in a row fails that job (and nothing else)
 # what an online-RL step adds to its metrics event (objectives/rl.py): the live page charts the reward
 RL_HEALTH = ("reward", "reward_std", "frac_reward_zero_std", "clipped_ratio", "completion_length", "entropy", "kl",
              "rollout_reused")
+
+
+# What `tunesmith.overrides` may set over HTTP: `task`, `model.dtype` and the keys of these sections, except the ones
+# that name a file or a model on the server (NOT_OVER_HTTP). Rewards and teachers are checked on the resolved config.
+OVERRIDE_KEYS = ("task", "model.dtype")
+OVERRIDE_SECTIONS = ("data", "method", "train", "eval", "dpo", "reward", "rl", "distill")
+NOT_OVER_HTTP = {
+    "model.name": "the model is the job's `model` field",
+    "data.path": "data comes from uploaded files (training_file, validation_file)",
+    "data.val_path": "data comes from uploaded files (training_file, validation_file)",
+    "train.deepspeed_config": "it names a file on the server",
+}
+DATA_KEYS = ("data.path", "data.val_path")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the studio's operator let HTTP requests reach, when starting it (`tunesmith studio` flags)."""
+    allow_code: bool = False                 # --allow-code: any config key, function rewards, teachers, hub ids
+    models_dirs: tuple[Path, ...] = ()       # --models DIR: models under these folders may be named
+    data_roots: tuple[Path, ...] = ()        # --data-root DIR: data.path / data.val_path under these folders
+
+    def roots(self) -> dict[str, Path]:
+        """The operator's folders by the names messages give them (never their server paths)."""
+        out = {f"<models {i + 1}>" if len(self.models_dirs) > 1 else "<models>": Path(d)
+               for i, d in enumerate(self.models_dirs)}
+        out.update({f"<data root {i + 1}>" if len(self.data_roots) > 1 else "<data root>": Path(d)
+                    for i, d in enumerate(self.data_roots)})
+        return out
+
+
+def public_text(text: str, home: Path, policy: Policy = Policy()) -> str:
+    """A message for a client: the studio home and the operator's folders by a name, never as server paths."""
+    folders = {"<studio home>": Path(home), **policy.roots()}
+    for label, folder in sorted(folders.items(), key=lambda kv: -len(str(kv[1]))):
+        text = text.replace(str(folder), label)
+    return text
+
+
+def under(path: Path, roots) -> Optional[Path]:
+    """The root that holds `path` (symbolic links followed), or None."""
+    real = os.path.realpath(path)
+    for root in roots:
+        r = os.path.realpath(root)
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return Path(root)
+    return None
+
+
+def model_in_folders(name: str, roots) -> Optional[tuple[Path, str]]:
+    """(the model's folder or .gguf file, its id: the path inside its --models folder) for a model named by that id or
+    by its absolute path under one of the folders; None for anything else (nothing is looked at outside them)."""
+    if not roots or not name or "\\" in name or any(p == ".." for p in Path(name).parts):
+        return None
+    p = Path(name)
+    candidates = [p] if p.is_absolute() else [Path(r) / p for r in roots]
+    for c in candidates:
+        root = under(c, roots)
+        if root is None or os.path.realpath(c) == os.path.realpath(root):
+            continue
+        if (c.is_dir() and (c / "config.json").is_file()) or (c.is_file() and c.suffix == ".gguf"):
+            return c, Path(os.path.relpath(c, root)).as_posix()
+    return None
+
+
+def check_overrides(user: list[str], policy: Policy) -> list[str]:
+    """The job's key=value overrides as they may run, or JobError naming the first key HTTP may not set."""
+    out = []
+    for item in user:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key in STUDIO_OWNS or key.startswith("output."):
+            raise JobError(f"tunesmith.overrides: {key} is set by the studio (each job's run is HOME/runs/<job id>)",
+                           "tunesmith.overrides")
+        parts = key.split(".")
+        head = ".".join(parts[:2])
+        if policy.allow_code:
+            out.append(item)
+            continue
+        if head in DATA_KEYS and policy.data_roots:
+            out.append(f"{key}={json.dumps(_data_value(key, value, policy.data_roots))}")
+            continue
+        if head in NOT_OVER_HTTP:
+            raise JobError(f"tunesmith.overrides: {key} cannot be set over HTTP: {NOT_OVER_HTTP[head]}"
+                           + (" (or a --data-root folder the studio's operator lists)" if head in DATA_KEYS else ""),
+                           "tunesmith.overrides", "override_not_allowed")
+        if key not in OVERRIDE_KEYS and not (len(parts) >= 2 and parts[0] in OVERRIDE_SECTIONS):
+            raise JobError(f"tunesmith.overrides: {key} cannot be set over HTTP; allowed: {', '.join(OVERRIDE_KEYS)} and "
+                           f"the keys of {', '.join(OVERRIDE_SECTIONS)} (not {', '.join(NOT_OVER_HTTP)})",
+                           "tunesmith.overrides", "override_not_allowed")
+        out.append(item)
+    return out
+
+
+def _data_value(key: str, value: str, roots) -> object:
+    """data.path / data.val_path under the operator's --data-root folders: absolute, every match inside them."""
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    items = parsed if isinstance(parsed, list) else [parsed]
+    out = []
+    for item in items:
+        if item is None:
+            out.append(None)
+            continue
+        text = str(item)
+        p = Path(text)
+        if any(part == ".." for part in p.parts):
+            raise JobError(f"tunesmith.overrides: {key}: '..' is not allowed", "tunesmith.overrides", "override_not_allowed")
+        full = p if p.is_absolute() else Path(roots[0]) / p
+        root = under(Path(os.path.normpath(full)).parent if glob.has_magic(text) else full, roots)
+        if root is None or any(under(Path(m), roots) is None for m in glob.glob(str(full))):
+            raise JobError(f"tunesmith.overrides: {key}: only files under the studio's --data-root folders may be "
+                           f"named", "tunesmith.overrides", "override_not_allowed")
+        out.append(os.path.normpath(full))
+    return out if isinstance(parsed, list) else out[0]
+
+
+def check_resolved(cfg, policy: Policy) -> None:
+    """What a config may reach once resolved (a recipe and overrides together): no code and no model outside the
+    operator's folders unless --allow-code."""
+    if policy.allow_code:
+        return
+    for k, reward in enumerate(cfg.rl.rewards):
+        if reward.kind == "function":
+            raise JobError(f"tunesmith.overrides: rl.rewards[{k}] (kind: function) runs code on the server; the studio "
+                           f"runs it only when started with --allow-code", "tunesmith.overrides", "override_not_allowed")
+        if reward.kind == "model" and model_in_folders(reward.path, policy.models_dirs) is None:
+            raise JobError(f"tunesmith.overrides: rl.rewards[{k}] (kind: model): a reward model must be under the "
+                           f"studio's --models folders", "tunesmith.overrides", "override_not_allowed")
+    teacher = cfg.distill.teacher
+    if teacher and teacher not in BUNDLED and model_in_folders(teacher, policy.models_dirs) is None:
+        raise JobError("tunesmith.overrides: distill.teacher must be a bundled model or one under the studio's --models "
+                       "folders (or the studio started with --allow-code)", "tunesmith.overrides", "override_not_allowed")
 
 
 class JobError(Exception):
@@ -66,7 +207,8 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: Optional[Path]) -> Plan:
+def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: Optional[Path],
+             policy: Policy = Policy()) -> Plan:
     """The `tunesmith train` command of a job request (OpenAI's fields plus the `tunesmith` extension). Raises
     JobError naming the field when the request cannot run (the config is loaded, so a bad key fails here)."""
     method = req.get("method") or {"type": "supervised"}
@@ -77,12 +219,7 @@ def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: 
     hp.update((method.get(kind) or {}).get("hyperparameters") or {})
     ext = req.get("tunesmith") or {}
     recipe = ext.get("recipe")
-    user = list(ext.get("overrides") or [])
-    for item in user:
-        key = item.partition("=")[0].strip()
-        if key in STUDIO_OWNS or key.startswith("output."):
-            raise JobError(f"tunesmith.overrides: {key} is set by the studio (each job's run is HOME/runs/<job id>)",
-                           "tunesmith.overrides")
+    user = check_overrides(list(ext.get("overrides") or []), policy)
     if recipe is not None and recipe not in list_recipes():
         raise JobError(f"tunesmith.recipe: no recipe {recipe!r}; available: {', '.join(list_recipes())}", "tunesmith.recipe")
     source = recipe or str(DEFAULT_CONFIG)
@@ -98,6 +235,7 @@ def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: 
         cfg = load_config(source, over + resolved["overrides"] + user)  # the user's key=value wins
     except TunesmithError as e:
         raise JobError(str(e), "tunesmith.overrides" if user else "hyperparameters") from None
+    check_resolved(cfg, policy)
     return Plan(source, over + resolved["overrides"] + user, resolved["values"], base, cfg.task, recipe or "studio")
 
 
@@ -157,10 +295,15 @@ class Running:
 
 
 class Runner:
-    def __init__(self, store: Store, home: Path, workers: int = 1, results: Callable[[dict], dict] = lambda job: {}):
+    def __init__(self, store: Store, home: Path, workers: int = 1, results: Callable[[dict], dict] = lambda job: {},
+                 public: Callable[[str], str] = lambda text: text, allow_code: bool = False):
         self.store, self.home, self.workers = store, Path(home), max(1, workers)
+        self.public = public          # a message as a client may see it (no server paths)
+        self.allow_code = allow_code  # without it, jobs run offline (no hub download a request could ask for)
         self.running: dict[str, Running] = {}
-        self.read: dict[str, dict] = {}  # job id -> {"metrics": lines read, "log": lines read}
+        self.read: dict[str, dict] = {}  # job id -> {"metrics": lines read, "log": lines read}, as committed
+        self.errors: dict[str, int] = {}  # job id -> its steps that raised in a row
+        self.last_error: Optional[str] = None
         self.results = results  # a succeeded job's fields (its model id, result files), written with its status
         self.lock = threading.RLock()
         self.stopping = threading.Event()  # no new work: the studio is shutting down
@@ -189,21 +332,51 @@ class Runner:
             if not self.stopping.is_set():
                 try:
                     self.tick()
-                except Exception as e:  # the scheduler must outlive any one job's trouble
+                except Exception as e:  # the scheduler must outlive anything (each job's trouble is its own: _guarded)
+                    self.last_error = f"{type(e).__name__}"
                     print(f"studio: scheduler error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             self.done.wait(0.5)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
     def tick(self) -> None:
         with self.lock:
             for job in self.store.oldest("validating_files"):
-                self._validate(job)
+                self._guarded(job["id"], self._validate, job)
             for job_id in list(self.running):
-                self._follow(job_id)
+                self._guarded(job_id, self._follow, job_id)
             orphans = [j for j in self.store.oldest("running") if j["id"] not in self.running]
             for job in orphans + self.store.oldest("queued"):
                 if len(self.running) >= self.workers:
                     break
-                self._launch(job)
+                self._guarded(job["id"], self._launch, job)
+
+    def _guarded(self, job_id: str, step, *args) -> None:
+        """One job's step; an exception stays that job's: after MAX_JOB_ERRORS in a row the job is failed (its
+        process stopped, its checkpoints kept: it can be resumed) and the scheduler goes on with the others."""
+        try:
+            step(*args)
+            self.errors.pop(job_id, None)
+        except Exception as e:
+            n = self.errors[job_id] = self.errors.get(job_id, 0) + 1
+            self.last_error = f"{type(e).__name__} in job {job_id}"
+            print(f"studio: job {job_id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if n < MAX_JOB_ERRORS:
+                return
+            self.errors.pop(job_id, None)
+            r = self.running.pop(job_id, None)
+            if r is not None and r.proc.poll() is None:
+                _signal(r.proc, signal.SIGTERM)
+            try:
+                self.store.update_job(job_id, status="failed", stop=None, finished_at=int(time.time()),
+                                      error=json.dumps({"code": "studio_error", "param": None, "message":
+                                                        f"the studio could not follow this job ({type(e).__name__}); "
+                                                        f"resume it to continue from its newest checkpoint"}))
+                self.store.add_event(job_id, f"The studio could not follow this job ({type(e).__name__})", level="error")
+            except Exception:
+                pass
 
     # ---- states
     def _validate(self, job: dict) -> None:
@@ -234,7 +407,9 @@ class Runner:
         cmd = [sys.executable, "-m", "tunesmith.cli.main", "train", plan["source"], *plan["overrides"],
                f"output.dir={run.path.parent}", f"output.name={run.name}", "output.resume=auto"]
         out = open(self.home / "jobs" / f"{job['id']}.log", "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**child_env(), "PYTHONUNBUFFERED": "1"}  # PYTHONSAFEPATH: nothing is imported from HOME
+        if not self.allow_code:
+            env["HF_HUB_OFFLINE"] = "1"
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
                                 env=env, start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
@@ -258,39 +433,32 @@ class Runner:
 
     def _read_files(self, job_id: str) -> None:
         """New lines of the run's metrics.jsonl and train.log become events (a resumed run rewrites its metrics to
-        the checkpoint's step: lines past a shorter file are read again, as they are trained again)."""
-        run, seen = self.run_dir(job_id), self.read.setdefault(job_id, {"metrics": 0, "log": 0})
+        the checkpoint's step: lines past a shorter file are read again, as they are trained again). How far each
+        file was read is committed with its events in one transaction, so a restarted studio goes on from there."""
+        run = self.run_dir(job_id)
+        seen = self.read.get(job_id) or self.store.offsets(job_id) or {"metrics": 0, "log": 0}
+        new, tokens = [], None
         for kind, path in (("log", run.log), ("metrics", run.metrics)):
             lines = _lines(path)
-            seen[kind] = min(seen[kind], len(lines))
-            for line in lines[seen[kind]:]:
+            start = min(seen.get(kind, 0), len(lines))
+            for line in lines[start:]:
                 if kind == "log":  # the run's folder as the studio home's runs/NAME, not as a path on the server
-                    text = line.split(" ", 1)[1] if line[:1].isdigit() else line
-                    self.store.add_event(job_id, text.replace(str(run.path), f"runs/{run.name}"))
-                else:
-                    self._metrics_event(job_id, line)
-            seen[kind] = len(lines)
-
-    def _metrics_event(self, job_id: str, line: str) -> None:
-        try:
-            row = json.loads(line)
-        except ValueError:
+                    new.append((self.public(line.replace(str(run.path), f"runs/{run.name}")), "info", "message", None))
+                elif (event := _metrics_event(line)) is not None:
+                    new.append(event)
+                    if event[3].get("tokens") is not None and "train_loss" in event[3]:
+                        tokens = int(event[3]["tokens"])
+            seen = {**seen, kind: len(lines)}
+        if not new and self.read.get(job_id) == seen:
             return
-        data = {"step": row.get("step"), "total_steps": row.get("total_steps"), "train_loss": row.get("loss"),
-                "valid_loss": row.get("eval_loss"), "learning_rate": row.get("lr"), "tokens": row.get("tokens"),
-                "tokens_per_second": row.get("tok_s"), "elapsed": row.get("elapsed"), "epoch": row.get("epoch")}
-        data = {k: v for k, v in data.items() if v is not None}
-        data.update({k: v for k, v in row.items() if k.startswith("eval_") and k != "eval_loss"})
-        data.update({k: row[k] for k in RL_HEALTH if k in row})  # online RL: the live page charts the reward
-        if "train_loss" in data:
-            message = f"Step {data['step']}/{data.get('total_steps', '?')}: training loss={data['train_loss']:.4f}"
-            if row.get("tokens") is not None:
-                self.store.update_job(job_id, trained_tokens=int(row["tokens"]))
-        elif "valid_loss" in data:
-            message = f"Step {data['step']}: held-out loss={data['valid_loss']:.4f}"
-        else:
-            return
-        self.store.add_event(job_id, message, type="metrics", data=data)
+        with self.store.transaction():
+            for message, level, type_, data in new:
+                self.store.add_event(job_id, message, level=level, type=type_, data=data)
+            fields = {"offsets": json.dumps(seen)}
+            if tokens is not None:
+                fields["trained_tokens"] = tokens
+            self.store.update_job(job_id, **fields)
+        self.read[job_id] = seen
 
     def _settle(self, job_id: str, code: int, stop: Optional[str]) -> None:
         run = self.run_dir(job_id)
@@ -307,7 +475,7 @@ class Runner:
             self._end(job_id, "succeeded", message="The job has successfully completed")
             return
         self._end(job_id, "failed", error={"code": "training_failed", "param": None,
-                                           "message": _failure(self.home / "jobs" / f"{job_id}.log", code)})
+                                           "message": self.public(_failure(self.home / "jobs" / f"{job_id}.log", code))})
 
     def _end(self, job_id: str, status: str, message: Optional[str] = None, error: Optional[dict] = None) -> None:
         fields = {"status": status, "stop": None}
@@ -315,12 +483,14 @@ class Runner:
             fields["finished_at"] = int(time.time())
         if error:
             fields["error"] = json.dumps(error)
-        if status == "succeeded":
-            fields.update(self.results(self.store.job(job_id)))
-        self.store.update_job(job_id, **fields)
-        self.store.add_event(job_id, message or error["message"], level="error" if error else "info")
-        if fields.get("fine_tuned_model"):
-            self.store.add_event(job_id, f"New fine-tuned model created: {fields['fine_tuned_model']}")
+        with self.store.transaction():  # the status, its result and its events: all or none
+            if status == "succeeded":
+                fields["error"] = None
+                fields.update(self.results(self.store.job(job_id)))
+            self.store.update_job(job_id, **fields)
+            self.store.add_event(job_id, message or error["message"], level="error" if error else "info")
+            if fields.get("fine_tuned_model"):
+                self.store.add_event(job_id, f"New fine-tuned model created: {fields['fine_tuned_model']}")
 
     # ---- requests
     def stop(self, job_id: str, how: str) -> None:
@@ -343,8 +513,9 @@ class Runner:
 
     def resume(self, job_id: str) -> None:
         with self.lock:
-            self.store.update_job(job_id, status="queued", finished_at=None, error=None)
-            self.store.add_event(job_id, "Fine-tuning job resumed; queued")
+            with self.store.transaction():  # its files are checked again: they must still be there
+                self.store.update_job(job_id, status="validating_files", finished_at=None, error=None)
+                self.store.add_event(job_id, "Fine-tuning job resumed; validating its files")
 
     def shutdown(self, wait: float = STOP_WAIT_SECONDS) -> None:
         """Stop the scheduler; running jobs checkpoint and stay `running`, to continue when the studio starts again."""
@@ -360,8 +531,11 @@ class Runner:
                 except subprocess.TimeoutExpired:
                     r.proc.kill()
                     r.proc.wait()
-                self._read_files(job_id)
-                self._settle(job_id, r.proc.returncode, "shutdown")
+                try:  # shutdown completes whatever one job's files hold
+                    self._read_files(job_id)
+                    self._settle(job_id, r.proc.returncode, "shutdown")
+                except Exception as e:
+                    print(f"studio: job {job_id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             self.running.clear()
         self.done.set()
         if self.thread:
@@ -374,8 +548,11 @@ def metrics_csv(run: RunDir) -> bytes:
     w = csv.writer(out)
     w.writerow(["step", "train_loss", "valid_loss", "learning_rate", "tokens", "tokens_per_second", "elapsed"])
     for line in _lines(run.metrics):
-        row = json.loads(line)
-        if "loss" in row or "eval_loss" in row:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn line
+        if isinstance(row, dict) and ("loss" in row or "eval_loss" in row):
             w.writerow([row.get("step"), row.get("loss", ""), row.get("eval_loss", ""), row.get("lr", ""),
                         row.get("tokens", ""), row.get("tok_s", ""), row.get("elapsed", "")])
     return out.getvalue().encode()
@@ -402,6 +579,32 @@ def checkpoints(run: RunDir) -> list[dict]:
     return found
 
 
+def _metrics_event(line: str) -> Optional[tuple]:
+    """(message, level, type, data) of a metrics.jsonl line, or None for a line that is not a step's metrics."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict):
+        return None
+    data = {"step": row.get("step"), "total_steps": row.get("total_steps"), "train_loss": row.get("loss"),
+            "valid_loss": row.get("eval_loss"), "learning_rate": row.get("lr"), "tokens": row.get("tokens"),
+            "tokens_per_second": row.get("tok_s"), "elapsed": row.get("elapsed"), "epoch": row.get("epoch")}
+    data = {k: v for k, v in data.items() if v is not None}
+    data.update({k: v for k, v in row.items() if k.startswith("eval_") and k != "eval_loss"})
+    data.update({k: row[k] for k in RL_HEALTH if k in row})  # online RL: the live page charts the reward
+    try:
+        if "train_loss" in data:
+            message = f"Step {data['step']}/{data.get('total_steps', '?')}: training loss={float(data['train_loss']):.4f}"
+        elif "valid_loss" in data:
+            message = f"Step {data['step']}: held-out loss={float(data['valid_loss']):.4f}"
+        else:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return message, "info", "metrics", data
+
+
 def _lines(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -409,6 +612,12 @@ def _lines(path: Path) -> list[str]:
         return []
     lines = text.split("\n")
     return [ln for ln in lines[:-1] if ln.strip()]  # the last piece has no newline yet: not a whole line
+
+
+def resumable(job: dict, run: RunDir) -> bool:
+    """A job that `resume` continues: paused, cancelled, or failed with a checkpoint to continue from (a full disk, a
+    killed process, a studio that could not follow it)."""
+    return job["status"] in ("paused", "cancelled") or (job["status"] == "failed" and _last_step(run) is not None)
 
 
 def _last_step(run: RunDir) -> Optional[int]:

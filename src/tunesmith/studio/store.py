@@ -6,6 +6,7 @@ a job's row says which run is its own, what was asked, and where it stands.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -37,7 +38,22 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
-        self.lock = threading.Lock()
+        if "offsets" not in {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}:  # a studio.db from before
+            self.db.execute("ALTER TABLE jobs ADD COLUMN offsets TEXT")
+        self.lock = threading.RLock()
+        self.version = 0  # bumped by every write: an event stream queries only when it moved
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Writes that belong together: all of them or none (BEGIN IMMEDIATE ... COMMIT, one lock held)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def _all(self, sql: str, args=()) -> list[dict]:
         with self.lock:
@@ -50,6 +66,7 @@ class Store:
     def _run(self, sql: str, args=()) -> None:
         with self.lock:
             self.db.execute(sql, args)
+            self.version += 1
 
     # files
     def add_file(self, row: dict) -> None:
@@ -101,7 +118,13 @@ class Store:
             seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
             self.db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (job_id, seq, int(time.time()), level, type, message, json.dumps(data) if data else None))
+            self.version += 1
         return seq
+
+    def offsets(self, job_id: str) -> Optional[dict]:
+        """How far the job's run files have been read into events (lines per file), as last committed."""
+        row = self._one("SELECT offsets FROM jobs WHERE id = ?", (job_id,))
+        return json.loads(row["offsets"]) if row and row["offsets"] else None
 
     def events(self, job_id: str, after_seq: Optional[int] = None, before_seq: Optional[int] = None,
                limit: int = 20, newest_first: bool = True) -> list[dict]:
