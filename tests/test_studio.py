@@ -13,24 +13,30 @@ import uvicorn
 
 from conftest import write_jsonl
 from tunesmith.cli.main import main
-from tunesmith.studio.app import Studio, build_studio
+from tunesmith.studio.app import Studio, build_studio, server_config
 
 
 class Running:
+    """A studio in a thread, configured as `tunesmith studio` runs it (server_config); `key` is its API key (made at
+    its start unless given), and `http` an httpx client that sends it."""
+
     def __init__(self, home, **kw):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.app = build_studio(Studio(home, **kw))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.app = build_studio(Studio(home, **kw), port=self.port)
+        self.key = self.app.state.api_key
+        self.server = uvicorn.Server(server_config(self.app, "127.0.0.1", self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"} if self.key else {},
+                                 timeout=60)
 
-    def client(self, key="unused"):
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+    def client(self, key=None):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.key or "unused", max_retries=0)
 
     def stop(self):
         self.server.should_exit = True
@@ -38,8 +44,8 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    s = Running(tmp_path_factory.mktemp("studio"))
+def studio(tmp_path_factory, tiny_model_dir):
+    s = Running(tmp_path_factory.mktemp("studio"), models_dirs=(tiny_model_dir.parent,))
     yield s
     s.stop()
 
@@ -189,11 +195,11 @@ def test_bad_uploads_bad_requests_and_unknown_models_get_openai_errors(studio, t
     odd = tmp_path / "odd.jsonl"
     write_jsonl(odd, chat_rows(4))
     with open(odd, "rb") as fh:
-        r = httpx.post(f"{studio.url}/v1/files", files={"file": ("../../escape.jsonl", fh)}, data={"purpose": "fine-tune"})
+        r = studio.http.post("/v1/files", files={"file": ("../../escape.jsonl", fh)}, data={"purpose": "fine-tune"})
     assert r.status_code == 200 and r.json()["filename"] == "escape.jsonl"
     home = studio.app.state.runner.home
     assert not (home.parent / "escape.jsonl").exists() and (home / "files" / f"{r.json()['id']}.jsonl").exists()
-    r = httpx.post(f"{studio.url}/v1/files", files={"file": ("x.exe", b"MZ")}, data={"purpose": "fine-tune"})
+    r = studio.http.post("/v1/files", files={"file": ("x.exe", b"MZ")}, data={"purpose": "fine-tune"})
     assert r.status_code == 400 and "unsupported file type" in r.json()["error"]["message"]
 
     assert c.files.delete(good.id).deleted and good.id not in [x.id for x in c.files.list()]
@@ -203,7 +209,7 @@ def test_pause_resume_cancel_and_a_restart_continue_from_checkpoints(tmp_path, t
     """A long job: paused mid-run (a checkpoint), resumed (its steps go on past the checkpoint, not from 1), the
     studio stopped and started again on the same home (the job continues by itself), then cancelled mid-run."""
     home = tmp_path / "home"
-    s = Running(home)
+    s = Running(home, models_dirs=(tiny_model_dir.parent,))
     c = s.client()
     f = upload(c, write_jsonl(tmp_path / "train.jsonl", chat_rows(24)))
     job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id,
@@ -222,7 +228,7 @@ def test_pause_resume_cancel_and_a_restart_continue_from_checkpoints(tmp_path, t
     assert at + 1 in newest and newest.count(1) == 1  # continued from the checkpoint, not from the start
 
     s.stop()  # the job checkpoints and stays `running` in the records
-    s = Running(home)
+    s = Running(home, models_dirs=(tiny_model_dir.parent,))
     c = s.client()
     assert c.fine_tuning.jobs.retrieve(job.id).status == "running"
     before = max(steps_of(c, job.id))
@@ -240,8 +246,8 @@ def test_pause_resume_cancel_and_a_restart_continue_from_checkpoints(tmp_path, t
 
     # the live stream replays from Last-Event-ID and ends once the job has ended
     all_events = c.fine_tuning.jobs.list_events(job.id, limit=10_000).data
-    with httpx.stream("GET", f"{s.url}/v1/fine_tuning/jobs/{job.id}/events/stream",
-                      headers={"Last-Event-ID": "3"}, timeout=30) as r:
+    with s.http.stream("GET", f"/v1/fine_tuning/jobs/{job.id}/events/stream",
+                       headers={"Last-Event-ID": "3"}, timeout=30) as r:
         ids, end = [], None
         for line in r.iter_lines():
             if line.startswith("id: "):
@@ -269,7 +275,7 @@ def test_an_api_key_guards_everything_and_other_addresses_need_one(tmp_path, cap
 
 
 def test_jobs_wait_their_turn_and_a_queued_job_cancels_at_once(tmp_path, tiny_model_dir):
-    s = Running(tmp_path / "home", workers=1)
+    s = Running(tmp_path / "home", workers=1, models_dirs=(tiny_model_dir.parent,))
     try:
         c = s.client()
         f = upload(c, write_jsonl(tmp_path / "train.jsonl", chat_rows(24)))
@@ -294,22 +300,22 @@ def test_runs_started_from_the_cli_are_listed_and_served(tmp_path, tiny_model_di
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"Say {i}.", "output": f"{i} {i}"} for i in range(30)])
     run = train(tiny_cfg(tmp_path, tiny_model_dir, data, "train.max_steps=3", "output.name=from-cli")).run_dir
-    s = Running(tmp_path / "home", runs_dirs=(tmp_path / "runs",))
+    s = Running(tmp_path / "home", runs_dirs=(tmp_path / "runs",), models_dirs=(tiny_model_dir.parent,))
     try:
-        rows = httpx.get(f"{s.url}/v1/studio/runs").json()["data"]
+        rows = s.http.get("/v1/studio/runs").json()["data"]
         mine = next(r for r in rows if r["name"] == "from-cli")
         assert (mine["status"], mine["job"], mine["step"], mine["metric"]) == ("succeeded", None, 3, "eval_loss")
         assert mine["value"] < mine["before"]
-        metrics = httpx.get(f"{s.url}/v1/studio/runs/from-cli/metrics").json()["data"]
+        metrics = s.http.get("/v1/studio/runs/from-cli/metrics").json()["data"]
         assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
         c = s.client()
-        assert {"from-cli", str(tiny_model_dir)} <= {m.id for m in c.models.list()}
+        assert {"from-cli", tiny_model_dir.name} <= {m.id for m in c.models.list()}  # ids, not server paths
         answer = c.chat.completions.create(model="from-cli", messages=[{"role": "user", "content": "Say 2."}],
                                            max_tokens=4, temperature=0)
         assert answer.model == "from-cli"
-        assert httpx.get(f"{s.url}/v1/studio/runs/from-cli/files/report.html").text.startswith("<!doctype html>")
-        assert httpx.get(f"{s.url}/v1/studio/runs/from-cli/files/train.log").status_code == 404  # only what is listed
-        assert httpx.get(f"{s.url}/v1/studio/runs/nope").status_code == 404
+        assert s.http.get("/v1/studio/runs/from-cli/files/report.html").text.startswith("<!doctype html>")
+        assert s.http.get("/v1/studio/runs/from-cli/files/train.log").status_code == 404  # only what is listed
+        assert s.http.get("/v1/studio/runs/nope").status_code == 404
         assert run.exists()
     finally:
         s.stop()

@@ -184,7 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: this machine only)")
     st.add_argument("--port", type=int, default=8765)
     st.add_argument("--home", default="studio", help="where files, jobs, runs and studio.db live (default ./studio)")
-    st.add_argument("--api-key", help="require `Authorization: Bearer KEY` (needed to bind a non-loopback address)")
+    st.add_argument("--api-key", help="the key clients send (Authorization: Bearer KEY or X-API-Key: KEY; default: a "
+                    "key made at the first start and kept in HOME/.token; needed to bind a non-loopback address)")
+    st.add_argument("--no-auth", action="store_true", help="no key at all (loopback only): every local process and user "
+                    "can then use the studio, i.e. run jobs and read its files")
+    st.add_argument("--models", action="append", default=[], metavar="DIR", help="a folder of models requests may name "
+                    "(by their path inside DIR); repeatable. Default: bundled models and the studio's own jobs only")
+    st.add_argument("--data-root", action="append", default=[], metavar="DIR", help="a folder whose files data.path / "
+                    "data.val_path may name over HTTP; repeatable. Default: uploaded files only")
+    st.add_argument("--allow-code", action="store_true", help="let requests run code and reach anything: function "
+                    "rewards, teachers and data by path, hub downloads, any config key")
     st.add_argument("--workers", type=int, default=1, help="jobs trained at once; the rest wait in the queue (default 1)")
     st.add_argument("--max-file-mb", type=int, default=512, help="largest upload accepted (default 512 MB)")
     st.add_argument("--runs", action="append", default=[], help="a runs folder the web page lists too (default: ./runs "
@@ -240,25 +249,39 @@ def cmd_serve(args) -> int:
 
 
 def cmd_studio(args) -> int:
-    import uvicorn
-
     from tunesmith.export.serve import is_loopback
-    from tunesmith.studio.app import Studio, build_studio
+    from tunesmith.studio.app import Studio, build_studio, run_studio
 
     loopback = is_loopback(args.host)
     if not loopback and not args.api_key:
         raise TunesmithError(f"--host {args.host} is reachable from other machines: pass --api-key KEY (clients send "
-                             f"Authorization: Bearer KEY)")
+                             f"Authorization: Bearer KEY), and put TLS in front of it (docs/studio.md, Security)")
+    if args.no_auth and (not loopback or args.api_key):
+        raise TunesmithError("--no-auth is for a loopback address only, and without --api-key")
     if args.workers < 1:
         raise TunesmithError("--workers must be at least 1")
+    for flag, folders in (("--models", args.models), ("--data-root", args.data_root)):
+        missing = [f for f in folders if not Path(f).is_dir()]
+        if missing:
+            raise TunesmithError(f"{flag} {missing[0]}: no such folder")
     home = Path(args.home).resolve()
     studio = Studio(home, api_key=args.api_key, loopback_only_hosts=loopback, workers=args.workers,
-                    max_file_bytes=args.max_file_mb << 20,
+                    max_file_bytes=args.max_file_mb << 20, no_auth=args.no_auth, allow_code=args.allow_code,
+                    models_dirs=tuple(Path(d).resolve() for d in args.models),
+                    data_roots=tuple(Path(d).resolve() for d in args.data_root),
                     runs_dirs=tuple(Path(r).resolve() for r in args.runs or (["runs"] if Path("runs").is_dir() else [])))
-    app = build_studio(studio)
-    print(f"tunesmith studio on http://{args.host}:{args.port}/ (web page; OpenAI fine-tuning API at /v1), home {home}"
-          + ("" if args.api_key else "; no API key (loopback only)"), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = build_studio(studio, port=args.port)
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}:{args.port}/"
+    if studio.api_key:
+        print(f"tunesmith studio, home {home}\n  web page:   {url}?token={studio.api_key}\n  OpenAI API: "
+              f"base_url={url}v1 api_key={studio.api_key}" + ("" if args.api_key else f" (kept in {home / '.token'})"),
+              flush=True)
+    else:
+        print(f"tunesmith studio on {url} (OpenAI API at {url}v1), home {home}; --no-auth: any local process or user "
+              f"can use it", flush=True)
+    if args.allow_code:
+        print("  --allow-code: requests may run code and read files as this user", flush=True)
+    run_studio(app, args.host, args.port)
     return 0
 
 

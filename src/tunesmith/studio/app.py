@@ -12,13 +12,21 @@ works by changing `base_url`; docs/studio.md has the SDK example and what differ
 Every upload is read and checked by the data layer at once, as training would read it (status `processed`, or
 `error` with the file's line and field); it is stored as `HOME/files/<file id>`: a client's file name is shown,
 never used as a path. Jobs run as `tunesmith train` subprocesses (jobs.py), recorded in SQLite (store.py); the
-models are served by pool.py. Security as `tunesmith serve`'s (export/serve.py: harden): loopback by default, and
-an API key required on any other address.
+models are served by pool.py.
+
+Who may call it and what a request may reach (docs/studio.md, "Security"): every request is checked by guard.py
+before any route runs and before its body is read -- a key (made at the first start, kept in `HOME/.token`), the
+Host on a loopback bind, the Origin of state-changing requests, the body's size. A router added to this app later is
+behind the same checks with nothing to do (guard.py says how). What a request may name is the operator's choice at
+start (`Policy`, jobs.py): `model` is a bundled name, a finished job's model or a model under a `--models` folder;
+data comes from uploads (or `--data-root` folders); `tunesmith.overrides` are held to an allow-list, and code
+(function rewards, teachers by path, hub ids) runs only with `--allow-code`. Error bodies name no server path.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import re
 import time
@@ -28,15 +36,17 @@ from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi import Request as HTTPRequest
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.data.prepare import check_file
 from tunesmith.errors import TunesmithError
-from tunesmith.export.serve import add_generation_routes, harden, openai_error
+from tunesmith.export.serve import add_generation_routes, openai_error
 from tunesmith.run.files import write_bytes_atomic
 from tunesmith.models.load import BUNDLED
-from tunesmith.studio.jobs import JobError, Runner, checkpoints, metrics_csv, new_id, plan_job
+from tunesmith.studio.check import check_upload
+from tunesmith.studio.guard import guard, load_or_make_token
+from tunesmith.studio.jobs import (JobError, Policy, Runner, checkpoints, metrics_csv, model_in_folders, new_id,
+                                   plan_job, public_text, resumable)
 from tunesmith.studio.pool import ModelPool, created, installed_bundled
 from tunesmith.studio.store import TERMINAL, Store
 from tunesmith.studio.ui import add_ui_routes, static_routes
@@ -57,6 +67,16 @@ class Studio:
     max_prompts: int = 16
     max_loaded_models: int = 2
     runs_dirs: tuple = ()          # more runs folders the web page lists (runs started from the CLI)
+    no_auth: bool = False          # --no-auth: no key at all (loopback only; the CLI refuses it elsewhere)
+    models_dirs: tuple = ()        # --models DIR: models a request may name (by their path inside DIR)
+    data_roots: tuple = ()         # --data-root DIR: data.path / data.val_path a request may name
+    allow_code: bool = False       # --allow-code: function rewards, teachers by path, hub ids, any config key
+    max_check_bytes: int = 1 << 30  # decoded data one upload's check may build (check.py)
+    max_streams: int = 64           # event streams open at once
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.allow_code, tuple(Path(d) for d in self.models_dirs), tuple(Path(d) for d in self.data_roots))
 
 
 # ---------------------------------------------------------------- request bodies (OpenAI's shapes)
@@ -104,26 +124,38 @@ class JobRequest(BaseModel):
 
 # ---------------------------------------------------------------- the app
 
-def build_studio(studio: Studio):
+def build_studio(studio: Studio, port: int = 0):
     home = Path(studio.home)
     for sub in ("files", "runs", "jobs"):
         (home / sub).mkdir(parents=True, exist_ok=True)
+    home_lock = _lock_home(home, port)  # one studio per home, held until the app has shut down
+    if studio.api_key is None and not studio.no_auth:
+        studio.api_key = load_or_make_token(home)
+    policy = studio.policy
     store = Store(home / "studio.db")
     pool = ModelPool(store, studio, studio.max_loaded_models)
-    runner = Runner(store, home, studio.workers, results=lambda job: _results(store, home, job))
+    pool.models_dirs = policy.models_dirs
+    runner = Runner(store, home, studio.workers, results=lambda job: _results(store, home, job),
+                    public=lambda text: public_text(text, home, policy), allow_code=policy.allow_code)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         runner.start()
         yield
-        await asyncio.to_thread(runner.shutdown)  # running jobs checkpoint, and continue when the studio starts again
-        pool.stop()
-        store.close()
+        try:
+            await asyncio.to_thread(runner.shutdown)  # running jobs checkpoint, and continue when the studio starts again
+            pool.stop()
+            store.close()
+        finally:
+            home_lock.close()
 
     app = FastAPI(title="tunesmith studio", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.store, app.state.runner, app.state.pool = store, runner, pool
-    harden(app, studio, body_limit=lambda path: studio.max_file_bytes if path == "/v1/files" else studio.max_body_bytes)
+    app.state.store, app.state.runner, app.state.pool, app.state.api_key = store, runner, pool, studio.api_key
+    guard(app, studio.api_key, studio.loopback_only_hosts,
+          body_limit=lambda path: studio.max_file_bytes + (1 << 20) if path == "/v1/files" else studio.max_body_bytes)
     error = openai_error
+
+    streams = {"open": 0}  # event streams now open (at most studio.max_streams)
 
     def not_found(kind: str, ident: str, param: str):
         return error(404, f"no {kind} with id {ident!r}", param, f"{kind.replace(' ', '_')}_not_found")
@@ -140,16 +172,23 @@ def build_studio(studio: Studio):
                               f"{', '.join(FILE_SUFFIXES)}", "file")
         file_id = new_id("file")
         stored = home / "files" / f"{file_id}{suffix}"
-        data = await file.read()
-        if len(data) > studio.max_file_bytes:
-            return error(413, f"{filename}: larger than the studio's limit of {studio.max_file_bytes} bytes", "file")
-        write_bytes_atomic(stored, data)
         try:
-            fmt, records = await asyncio.to_thread(check_file, stored, filename)
+            size = await asyncio.to_thread(_save_upload, file.file, stored)  # spooled by Starlette; copied, not held
+        except OSError as e:
+            stored.with_name(stored.name + ".part").unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                return error(507, f"{filename}: the studio's disk is full; free space and upload it again", "file",
+                             "insufficient_storage")
+            raise
+        if size > studio.max_file_bytes:
+            stored.unlink(missing_ok=True)
+            return error(413, f"{filename}: larger than the studio's limit of {studio.max_file_bytes} bytes", "file")
+        try:
+            fmt, records = await asyncio.to_thread(check_upload, stored, filename, studio.max_check_bytes)
             status, details = "processed", None
         except TunesmithError as e:
-            fmt, records, status, details = None, None, "error", str(e)
-        store.add_file({"id": file_id, "filename": filename, "purpose": purpose, "bytes": len(data),
+            fmt, records, status, details = None, None, "error", public_text(str(e), home, policy)
+        store.add_file({"id": file_id, "filename": filename, "purpose": purpose, "bytes": size,
                         "created_at": int(time.time()), "status": status, "status_details": details,
                         "stored": stored.name, "format": fmt, "records": records})
         return _file_object(store.file(file_id))
@@ -172,17 +211,19 @@ def build_studio(studio: Studio):
         row = store.file(file_id)
         if not row:
             return not_found("file", file_id, "file_id")
-        return Response((home / "files" / row["stored"]).read_bytes(), media_type="application/octet-stream")
+        return FileResponse(home / "files" / row["stored"], media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str):
         row = store.file(file_id)
         if not row:
             return not_found("file", file_id, "file_id")
-        users = [j["id"] for j in store.jobs(limit=10_000) if j["status"] not in TERMINAL + ("paused",)
-                 and file_id in (json.loads(j["request"]).get("training_file"), json.loads(j["request"]).get("validation_file"))]
+        users = [j["id"] for j in store.jobs(limit=10_000)
+                 if file_id in (json.loads(j["request"]).get("training_file"), json.loads(j["request"]).get("validation_file"))
+                 and (j["status"] not in TERMINAL or resumable(j, runner.run_dir(j["id"])))]
         if users:
-            return error(409, f"file {file_id} is used by job {users[0]}, which has not ended", "file_id", "file_in_use")
+            return error(409, f"file {file_id} is used by job {users[0]}, which has not ended or can still be resumed",
+                         "file_id", "file_in_use")
         store.delete_file(file_id)
         (home / "files" / row["stored"]).unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}
@@ -191,9 +232,9 @@ def build_studio(studio: Studio):
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(req: JobRequest):
         try:
-            body = await asyncio.to_thread(_prepare_job, store, home, req)
+            body = await asyncio.to_thread(_prepare_job, store, home, req, policy)
         except JobError as e:
-            return error(e.status, str(e), e.param, e.code)
+            return error(e.status, public_text(str(e), home, policy), e.param, e.code)
         job_id = body.pop("_id")
         store.add_job(job_id, body, str(runner.run_dir(job_id).path), "validating_files")
         store.add_event(job_id, f"Created fine-tuning job: {job_id}")
@@ -238,9 +279,10 @@ def build_studio(studio: Studio):
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
     async def resume(job_id: str):
-        return change(job_id, lambda row: row["status"] in ("paused", "cancelled") and not row["stop"]
+        return change(job_id, lambda row: resumable(row, runner.run_dir(job_id)) and not row["stop"]
                       and job_id not in runner.running,
-                      "a paused or cancelled job can be resumed once its process has stopped",
+                      "a paused or cancelled job, or a failed one with a checkpoint, can be resumed once its process "
+                      "has stopped",
                       lambda: runner.resume(job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -259,7 +301,11 @@ def build_studio(studio: Studio):
             return err
         last = http.headers.get("last-event-id")
         start = int(last) if last and last.isdigit() else (after or 0)
-        return StreamingResponse(_event_stream(store, job_id, start, http), media_type="text/event-stream",
+        if streams["open"] >= studio.max_streams:
+            return error(429, f"{studio.max_streams} event streams are open already; poll /events or retry shortly",
+                         code="rate_limit_exceeded", headers={"Retry-After": "5"})
+        return StreamingResponse(_event_stream(store, job_id, start, http, streams, runner.stopping),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
@@ -277,26 +323,71 @@ def build_studio(studio: Studio):
     # ---- models
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": created(pool)}
+        return {"object": "list", "data": await asyncio.to_thread(created, pool)}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        found = next((m for m in created(pool) if m["id"] == model_id), None)
+        found = next((m for m in await asyncio.to_thread(created, pool) if m["id"] == model_id), None)
         return found or error(404, f"model {model_id!r} does not exist", "model", "model_not_found")
 
     add_generation_routes(app, pool.target, pool.names, studio)
     add_ui_routes(app, home, [Path(d) for d in studio.runs_dirs], store, pool,
-                  prepare_files=lambda req: _job_inputs(store, home, req))
+                  prepare_files=lambda req: _job_inputs(store, home, req, policy), policy=policy)
     static_routes(app)
+    from tunesmith.studio.tinker_routes import studio_tinker_router  # the Tinker training API, /api/v1 (its docstring)
+    app.include_router(studio_tinker_router(home, studio))
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "jobs_running": len(runner.running), "models_loaded": len(pool.loaded)}
+        ok = runner.alive or runner.thread is None
+        body = {"status": "ok" if ok else "job scheduler not running", "jobs_running": len(runner.running),
+                "models_loaded": len(pool.loaded), "scheduler_error": runner.last_error}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     return app
 
 
+def run_studio(app, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, which ends within seconds even with event streams open (they are closed after
+    `timeout_graceful_shutdown`); then the running jobs checkpoint."""
+    import uvicorn
+
+    uvicorn.Server(server_config(app, host, port)).run()
+
+
+def server_config(app, host: str, port: int, **kw):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, **{"log_level": "warning", "limit_concurrency": 512,
+                                                         "timeout_graceful_shutdown": 5, **kw})
+
+
 # ---------------------------------------------------------------- helpers
+
+def _lock_home(home: Path, port: int):
+    """`HOME/.studio.lock`, locked (flock) for the studio's life and naming its pid and port; a second studio on the
+    same home is refused with the first one's."""
+    import fcntl
+    import os
+
+    fh = open(home / ".studio.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        try:
+            first = json.loads(fh.read() or "{}")
+        except ValueError:
+            first = {}
+        fh.close()
+        raise TunesmithError(f"the studio home {home} is in use by another studio (pid {first.get('pid', '?')}, port "
+                             f"{first.get('port', '?')}); stop it first, or pass another --home") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "port": port}))
+    fh.flush()
+    return fh
+
 
 def _display_name(name: str) -> str:
     """What a client called its file, for display only: the last path part, printable, at most 200 characters."""
@@ -305,26 +396,44 @@ def _display_name(name: str) -> str:
     return name[-200:]
 
 
-def _resolve_model(store: Store, name: str) -> tuple[str, str]:
-    """(what model.name gets, the base's label in fine_tuned_model ids) for a job's `model`."""
+def _save_upload(src, stored: Path) -> int:
+    """Copy an upload's spooled file into the studio's files folder; its size in bytes."""
+    import shutil
+
+    src.seek(0)
+    tmp = stored.with_name(stored.name + ".part")
+    with open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    size = tmp.stat().st_size
+    tmp.replace(stored)
+    return size
+
+
+def _resolve_model(store: Store, name: str, policy: Policy = Policy()) -> tuple[str, str, str]:
+    """(what model.name gets, the base's label in fine_tuned_model ids, the model's id in /v1/models) for a job's
+    `model`: a finished job's model, a bundled name, or a model under the operator's --models folders. Nothing
+    outside those is looked at, so the refusal says the same whether such a path exists or not."""
     if name.startswith("ft:"):
         parent = next((j for j in store.jobs(limit=10_000) if j["fine_tuned_model"] == name), None)
         if parent is None or parent["status"] != "succeeded":
             raise JobError(f"model {name!r}: no finished job made it", "model", "model_not_available")
-        return parent["run_dir"], name.split(":")[1]
+        return parent["run_dir"], name.split(":")[1], name
     if name in BUNDLED:
         if name not in installed_bundled():
             raise JobError(f"model {name!r}: its weights package is not installed ({' '.join(BUNDLED[name].pip_names)})",
                            "model", "model_not_available")
-        return name, name
-    path = Path(name).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
-        return str(path.resolve()), path.stem if path.is_file() else path.name
-    available = ", ".join(installed_bundled() + ["a local model folder or .gguf file", "a fine_tuned_model id"])
-    raise JobError(f"model {name!r} is not available here; available: {available}", "model", "model_not_available")
+        return name, name, name
+    found = model_in_folders(name, policy.models_dirs)
+    if found:
+        path, ident = found
+        return str(path.resolve()), path.stem if path.is_file() else path.name, ident
+    available = ", ".join(installed_bundled() + ["a fine_tuned_model id"]
+                          + (["a model under the studio's --models folders, by its name there"] if policy.models_dirs else []))
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    raise JobError(f"model {shown!r} is not available here; available: {available}", "model", "model_not_available")
 
 
-def _job_inputs(store: Store, home: Path, req: dict) -> tuple[str, str, Path, Optional[Path]]:
+def _job_inputs(store: Store, home: Path, req: dict, policy: Policy = Policy()) -> tuple[str, str, Path, Optional[Path], str]:
     """(model.name, base label, training file, validation file) of a job request; raises JobError naming the field."""
     files = {}
     for param in ("training_file", "validation_file"):
@@ -341,21 +450,21 @@ def _job_inputs(store: Store, home: Path, req: dict) -> tuple[str, str, Path, Op
         if f["status"] != "processed":
             raise JobError(f"{param}: file {ident} could not be read: {f['status_details']}", param, "invalid_" + param)
         files[param] = home / "files" / f["stored"]
-    model_name, base = _resolve_model(store, req["model"])
-    return model_name, base, files["training_file"], files.get("validation_file")
+    model_name, base, ident = _resolve_model(store, req["model"], policy)
+    return model_name, base, files["training_file"], files.get("validation_file"), ident
 
 
-def _prepare_job(store: Store, home: Path, req: JobRequest) -> dict:
+def _prepare_job(store: Store, home: Path, req: JobRequest, policy: Policy = Policy()) -> dict:
     """The job's stored request: what was asked plus its resolved plan (`_plan`); raises JobError on a bad request."""
     if req.integrations:
         raise JobError("integrations are not served here (metrics are in the job's events and result file)", "integrations")
     if req.suffix is not None and not SUFFIX_RE.match(req.suffix):
         raise JobError("suffix: 1-40 letters, digits, '-' or '_'", "suffix")
     body = req.model_dump(exclude_none=True)
-    model_name, base, train_path, val_path = _job_inputs(store, home, body)
-    plan = plan_job(body, model_name, base, train_path, val_path)
+    model_name, base, train_path, val_path, ident = _job_inputs(store, home, body, policy)
+    plan = plan_job(body, model_name, base, train_path, val_path, policy)
     job_id = new_id("ftjob")
-    body.update({"_id": job_id, "_model_source": model_name, "_plan": asdict(plan)})
+    body.update({"_id": job_id, "_model_source": model_name, "_model_id": ident, "_plan": asdict(plan)})
     return body
 
 
@@ -447,26 +556,34 @@ def _checkpoint_object(job: dict, c: dict) -> dict:
             "fine_tuning_job_id": job["id"], "metrics": c["metrics"], "step_number": c["step"]}
 
 
-async def _event_stream(store: Store, job_id: str, after: int, http: HTTPRequest):
+async def _event_stream(store: Store, job_id: str, after: int, http: HTTPRequest, streams: dict, stopping):
     """Every event after `after` (SSE `id:` = the event's number, so a client reconnecting with Last-Event-ID gets what
-    it missed), then new ones as they come, until the job has ended and all of its events are sent."""
-    quiet = 0.0
-    while True:
-        rows = store.events(job_id, after_seq=after, limit=500, newest_first=False)
-        for e in rows:
-            after = e["seq"]
-            yield f"id: {e['seq']}\nevent: {e['type']}\ndata: {json.dumps(_event_object(job_id, e))}\n\n"
-        job = store.job(job_id)
-        if not rows and job["status"] in TERMINAL and not job["stop"]:  # ended, its process gone
-            yield f"event: end\ndata: {json.dumps({'status': job['status']})}\n\n"
-            return
-        if rows:
-            quiet = 0.0
-            continue
-        await asyncio.sleep(0.25)
-        quiet += 0.25
-        if quiet >= 15:  # a comment keeps proxies from closing an idle stream
-            quiet = 0.0
-            yield ": keep-alive\n\n"
-        if await http.is_disconnected():
-            return
+    it missed), then new ones as they come, until the job has ended and all of its events are sent, the client
+    leaves, or the studio shuts down. The database is asked only when something was written (`store.version`)."""
+    streams["open"] += 1
+    try:
+        quiet, version = 0.0, -1
+        while not stopping.is_set():
+            rows = []
+            if store.version != version:
+                version = store.version
+                rows = store.events(job_id, after_seq=after, limit=500, newest_first=False)
+                for e in rows:
+                    after = e["seq"]
+                    yield f"id: {e['seq']}\nevent: {e['type']}\ndata: {json.dumps(_event_object(job_id, e))}\n\n"
+                job = store.job(job_id)
+                if not rows and job["status"] in TERMINAL and not job["stop"]:  # ended, its process gone
+                    yield f"event: end\ndata: {json.dumps({'status': job['status']})}\n\n"
+                    return
+            if rows:
+                quiet, version = 0.0, -1  # there may be more than one page
+                continue
+            await asyncio.sleep(0.25)
+            quiet += 0.25
+            if quiet >= 15:  # a comment keeps proxies from closing an idle stream
+                quiet = 0.0
+                yield ": keep-alive\n\n"
+            if await http.is_disconnected():
+                return
+    finally:
+        streams["open"] -= 1

@@ -38,7 +38,8 @@ from tunesmith.models.engine import Request, Sampling
 from tunesmith.run import RunDir
 from tunesmith.run.files import append_jsonl, read_jsonl, write_json_atomic
 from tunesmith.run.lock import holder
-from tunesmith.studio.jobs import JobError, plan_job
+from tunesmith.paths import child_env
+from tunesmith.studio.jobs import JobError, Policy, model_in_folders, plan_job, public_text
 from tunesmith.studio.pool import installed_bundled
 
 STATIC = Path(__file__).with_name("static")
@@ -94,8 +95,9 @@ def static_routes(app) -> None:
         return FileResponse(files[name], media_type=kind)
 
 
-def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_files) -> None:
-    error = openai_error
+def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_files, policy: Policy = Policy()) -> None:
+    def error(status, message, *rest, **kw):
+        return openai_error(status, public_text(message, home, policy), *rest, **kw)
 
     def run_index() -> dict[str, Path]:
         """Run name -> folder, over the runs folders (the studio's own first: its name wins)."""
@@ -127,11 +129,14 @@ def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_f
                 base = load_config(str(p / "config.yaml")).model.name
             except TunesmithError:
                 continue
-            if Path(base).exists() or base in installed_bundled():
+            if base in installed_bundled():
                 found.setdefault(base, (base, 0))
+            elif (model := model_in_folders(base, policy.models_dirs)):  # listed by its id, not by its path
+                found.setdefault(model[1], (str(model[0]), 0))
         return found
 
     pool.extra_sources = cli_runs
+    exporting = asyncio.Lock()  # one export at a time (each may take minutes and a model's size in memory)
 
     @app.get("/v1/studio/options")
     async def options():
@@ -144,8 +149,8 @@ def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_f
     def settings_config(s: Settings):
         req = {"model": s.model, "training_file": s.training_file, "method": {"type": s.method},
                "hyperparameters": s.hyperparameters, "tunesmith": {"recipe": s.recipe, "overrides": s.overrides}}
-        model_name, base, train_path, val_path = prepare_files(req)
-        plan = plan_job(req, model_name, base, train_path, val_path)
+        model_name, base, train_path, val_path, _ = prepare_files(req)
+        plan = plan_job(req, model_name, base, train_path, val_path, policy)
         return load_config(plan.source, plan.overrides)
 
     @app.post("/v1/studio/inspect")
@@ -163,7 +168,7 @@ def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_f
         for ident in (s.training_file, s.validation_file):  # the files as the user named them
             if ident and (f := store.file(ident)):
                 text = text.replace(str(home / "files" / f["stored"]), f["filename"])
-        return {"text": text}
+        return {"text": public_text(text, home, policy)}
 
     @app.post("/v1/studio/plan")
     async def plan(s: Settings):
@@ -175,25 +180,29 @@ def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_f
             p = await asyncio.to_thread(work)
         except (JobError, TunesmithError) as e:
             return error(400, str(e), getattr(e, "param", None))
-        return {"text": p.describe(), "fits": p.fits, "total_bytes": p.total, "available_bytes": p.available,
+        return {"text": public_text(p.describe(), home, policy), "fits": p.fits, "total_bytes": p.total, "available_bytes": p.available,
                 "seconds": p.seconds, "tokens": p.tokens}
 
     @app.get("/v1/studio/runs")
     async def runs():
-        jobs = jobs_by_run()
-        return {"object": "list", "data": [_run_row(name, RunDir(p), jobs.get(name)) for name, p in
-                                           sorted(run_index().items(), key=lambda kv: -kv[1].stat().st_mtime)]}
+        def rows():  # reads every run's files: off the event loop
+            jobs = jobs_by_run()
+            return [_run_row(name, RunDir(p), jobs.get(name)) for name, p in
+                    sorted(run_index().items(), key=lambda kv: -kv[1].stat().st_mtime)]
+        return {"object": "list", "data": await asyncio.to_thread(rows)}
 
     @app.get("/v1/studio/runs/{name}")
     async def run_info(name: str):
-        run, err = run_or_404(name)
-        if err:
-            return err
-        row = _run_row(name, run, jobs_by_run().get(name))
-        row["summary"] = _json(run.summary)
-        row["config"] = run.config.read_text() if run.config.exists() else ""
-        row["human"] = summarize(judgements(run.path))
-        return row
+        def work():
+            run, err = run_or_404(name)
+            if err:
+                return err
+            row = _run_row(name, run, jobs_by_run().get(name))
+            row["summary"] = _json(run.summary)
+            row["config"] = public_text(run.config.read_text(), home, policy) if run.config.exists() else ""
+            row["human"] = summarize(judgements(run.path))
+            return row
+        return await asyncio.to_thread(work)
 
     @app.get("/v1/studio/runs/{name}/metrics")
     async def run_metrics(name: str):
@@ -304,8 +313,13 @@ def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_f
             return err
         if not run.is_finished():
             return error(400, f"run {name} has not finished training (no final/)", "run")
+        if exporting.locked():
+            return error(429, "an export is running; one at a time (retry when it has finished)",
+                         code="rate_limit_exceeded", headers={"Retry-After": "10"})
         cmd = [sys.executable, "-m", "tunesmith.cli.main", "export", str(run.path), "--format", body.format, "--overwrite"]
-        done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=3600)
+        async with exporting:
+            done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=3600,
+                                           env=child_env())
         lines = (done.stdout + done.stderr).strip().splitlines()
         if done.returncode != 0:
             message = next((ln[7:] for ln in reversed(lines) if ln.startswith("error: ")), lines[-1] if lines else "failed")
