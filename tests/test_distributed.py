@@ -20,6 +20,29 @@ def test_shards_cover_each_step_once():
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+def test_each_gpu_process_takes_its_local_rank_s_gpu(monkeypatch):
+    """On GPUs every torchrun process selects the GPU of its LOCAL_RANK before NCCL starts (they all took cuda:0,
+    which NCCL refuses for two ranks); checked without a GPU by recording the calls."""
+    import torch
+    import torch.distributed as dist
+
+    from tunesmith.train import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    d = distributed.setup(torch.device("cuda"), "fsdp")
+    assert calls == [("set_device", 1), ("init", "nccl")] and (d.rank, d.world, d.fsdp) == (1, 2, True)
+    calls.clear()
+    distributed.setup(torch.device("cpu"))
+    assert calls == [("init", "gloo")]
+
+
 def rows(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -368,13 +368,13 @@ def test_plan_times_full_fine_tunings_weight_copies_in_bfloat16(tiny_model_dir, 
     from tunesmith.train import plan
 
     timed = []
-    monkeypatch.setattr(plan, "matmul_gflops", lambda seconds, dtype: timed.append(dtype) or 100.0)
+    monkeypatch.setattr(plan, "matmul_gflops", lambda seconds, dtype, device: timed.append((dtype, device.type)) or 100.0)
     model = load_model(tiny_model_dir, torch.float32)
     stats = {"train": {"length_max": 64, "tokens": 6400, "kept": 100, "label_share": 0.5}, "val": {"tokens": 640}}
     cfg = load_config(None, ["method.name=full"])
     assert plan.estimate(cfg, model, 1, stats, 10, time_it=0.1).dtype == torch.float32
     copies = plan.estimate(cfg, model, 1, stats, 10, time_it=0.1, matmuls=torch.bfloat16)
-    assert copies.dtype == torch.bfloat16 and timed == [torch.float32, torch.bfloat16]
+    assert copies.dtype == torch.bfloat16 and timed == [(torch.float32, "cpu"), (torch.bfloat16, "cpu")]  # where the model is
     assert "measured in bfloat16" in copies.describe()
 
 

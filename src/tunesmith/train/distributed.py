@@ -54,6 +54,8 @@ def setup(device: torch.device, backend: str = "ddp", timeout_minutes: float = 3
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
+    if device.type == "cuda":  # each process on its own GPU (torchrun's LOCAL_RANK); "cuda" then means that one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", world)), backend == "fsdp",

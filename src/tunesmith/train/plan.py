@@ -156,7 +156,7 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, t
     tokens = int(total_steps * examples_per_step * mean_len)
     fpt = flops_per_token(config, mean_len, train["label_share"], spec.weight_grads, frozen)
     dtype = matmuls or matmul_dtype(model)
-    gflops = matmul_gflops(time_it, dtype) if time_it else 0.0
+    gflops = matmul_gflops(time_it, dtype, next(model.parameters()).device) if time_it else 0.0
     seconds = tokens * fpt / (gflops * 1e9 * STEP_EFFICIENCY[dtype]) if gflops else 0.0
     budget_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes else None
     plan = Plan(parts, available_memory(), tokens, fpt, gflops, seconds, dtype, budget_seconds)
@@ -190,16 +190,24 @@ def available_memory() -> float:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def matmul_gflops(seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
-    """Matmul throughput of this machine now in `dtype`, on an MLP-like shape."""
-    a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+def matmul_gflops(seconds: float = 1.0, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> float:
+    """Matmul throughput of this machine now in `dtype` on `device` (where the model trains: a GPU run measured on the
+    host's CPU was planned at a hundredth of its speed), on an MLP-like shape (8x the rows on a GPU, whose kernel
+    launches would otherwise dominate; synchronised before the clock is read)."""
+    device = torch.device(device or "cpu")
+    rows = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(rows, 576, dtype=dtype, device=device), torch.randn(576, 1536, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     n, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
-        a @ b
-        n += 1
-    return n * 2 * 1024 * 576 * 1536 / (time.perf_counter() - t) / 1e9
+        for _ in range(8 if device.type == "cuda" else 1):
+            a @ b
+            n += 1
+        sync()
+    return n * 2 * rows * 576 * 1536 / (time.perf_counter() - t) / 1e9
 
 
 def _duration(seconds: float) -> str:
