@@ -276,3 +276,14 @@ def test_reward_models_and_rl_train_over_a_quantized_base(tmp_path, wide_tiny_mo
     steps = [r for r in (json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["kl"] > 0
     assert (res.run_dir / "final" / "adapter_model.safetensors").exists()
+
+
+def test_a_reward_without_its_answer_column_stops_before_the_run_starts(tmp_path, tiny_model_dir, prompts_file):
+    """The prompts have an `answer` column and no responses: a reward reading another column, or comparing with the
+    response, stops in one line before the run folder exists and before anything is sampled."""
+    for reward, says in (("{kind: numeric, column: gold}", r"rl.rewards\[0\] \(numeric\): the data has no column 'gold' "
+                                                            r"\(columns: answer, prompt\)"),
+                         ("{kind: exact}", r"rl.rewards\[0\] \(exact\): no `column` is set and the records have no response")):
+        with pytest.raises(TunesmithError, match=says):
+            train(tiny_cfg(tmp_path, tiny_model_dir, prompts_file, "task=rl", f"rl.rewards=[{reward}]"))
+        assert not (tmp_path / "runs" / "t").exists()

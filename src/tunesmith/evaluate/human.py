@@ -5,12 +5,16 @@ winner: "a" | "b" | "tie", shown_first: "a" | "b", at}. `a` is the reference (us
 (the tuned model). The summary counts wins, losses and ties; the win rate is b's share of the decided pairs, with a
 95 % Wilson interval, and an exact two-sided sign test of "b wins as often as it loses" (ties dropped, as the sign
 test does). Written here because the statistic is three lines and scipy is not a dependency.
+
+`wilson` and `sign_test` are the intervals and test of every win rate in tunesmith (judged comparisons, evaluate/judge.py,
+too); `wilson` lives with the headroom check (objectives/headroom.py), which an RL run uses below this layer.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+from tunesmith.objectives.headroom import wilson  # the one Wilson interval (headroom's pass@k uses it too)
 from tunesmith.run.files import read_jsonl
 
 JUDGEMENTS = "judgements.jsonl"
@@ -36,13 +40,6 @@ def summarize(rows: list[dict]) -> dict:
     low, high = wilson(wins, decided) if decided else (None, None)
     return {"a": a, "b": b, "n": len(mine), "wins": wins, "losses": losses, "ties": ties, "win_rate": rate,
             "ci95": [low, high], "p_sign_test": sign_test(wins, losses)}
-
-
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def sign_test(wins: int, losses: int) -> float:

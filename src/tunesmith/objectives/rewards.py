@@ -61,6 +61,27 @@ def build_rewards(specs, device: torch.device) -> list[Reward]:
     return rewards
 
 
+ANSWER_COLUMN_KINDS = ("exact", "numeric", "countdown")  # compared with a gold answer: a column or the response
+
+
+def check_columns(specs, columns: set[str], has_reference: bool) -> None:
+    """Before any sampling: every reward that reads a column finds it in the data (`columns`: the records' fields), and
+    one compared with the record's response (no `column`) has responses to compare with."""
+    for k, spec in enumerate(specs):
+        wanted = [spec.column] if spec.column else []
+        if spec.kind == "countdown":
+            wanted = [spec.column or "answer", "numbers"]
+        for column in wanted:
+            if column not in columns and column not in ("reference", "references"):
+                raise TunesmithError(f"rl.rewards[{k}] ({spec.kind}): the data has no column {column!r} (columns: "
+                                     f"{', '.join(sorted(columns))}); set `column` to the one holding the answer, or "
+                                     f"map yours with data.columns")
+        if spec.kind in ANSWER_COLUMN_KINDS and not wanted and not has_reference:
+            raise TunesmithError(f"rl.rewards[{k}] ({spec.kind}): no `column` is set and the records have no response "
+                                 f"to compare with (prompts only); set `column` to the data's answer column (columns: "
+                                 f"{', '.join(sorted(columns))})")
+
+
 def score_all(rewards: list[Reward], rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, per_reward): the weighted sum per completion (rewards that gave None left out; 0 if every one did) and a
     (rewards, completions) float64 table with NaN for None."""

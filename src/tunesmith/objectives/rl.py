@@ -59,7 +59,7 @@ from tunesmith.models.heads import hidden_and_head
 from tunesmith.objectives import Context, Objective
 from tunesmith.objectives.headroom import describe as describe_headroom
 from tunesmith.objectives.headroom import flat_metrics, measure_headroom
-from tunesmith.objectives.rewards import Reward, Rollouts, build_rewards, score_all
+from tunesmith.objectives.rewards import Reward, Rollouts, build_rewards, check_columns, score_all
 from tunesmith.run import RunDir
 
 # warn when this share of a step's groups have all-equal rewards, for this many steps in a row (axolotl's threshold 0.8)
@@ -194,6 +194,9 @@ class OnlineRL(Objective):
     # -- before training
     def load(self, ctx: Context, examples_needed: int) -> None:
         self.log, self.device = ctx.log, ctx.device
+        split = self.data.train  # before the run folder exists and anything is sampled: the answer columns are there
+        check_columns(self.rl.rewards, {c for ex in split.examples[:200] for c in ex.columns},
+                      any(r.reference for r in split.rendered))
         self.rewards = build_rewards(self.rl.rewards, ctx.device)
         ctx.log("rl: " + ", ".join(f"{r.name} x {r.weight:g}" for r in self.rewards) + f" | {self.rl.algorithm}, loss "
                 f"{self.rl.loss}, {self.rl.group_size} completions per prompt up to {self.rl.max_new_tokens} tokens, "
