@@ -2,7 +2,7 @@
 
 On randomly initialised models of real architectures (Qwen2.5-0.5B and Qwen2.5-1.5B shapes, written out below: speed
 and memory do not need trained weights, and no weights travel), on a memorisation set built here (64 rows, trained
-for ~4 epochs, so the loss must fall), each tunesmith / baseline pair runs in a fresh process of its own (tunesmith
+for 4 epochs, so the loss must fall), each tunesmith / baseline pair runs in a fresh process of its own (tunesmith
 first) and is timed the same way as bench/run.py times the CPU benchmark:
 
   peak           bf16 matmul throughput measured in this run (8192^3), the denominator of every MFU
@@ -98,8 +98,8 @@ class Scale:
     sizes: dict
     rows: int                 # memorisation rows
     words: tuple[int, int]    # answer length range in words
-    sft_steps: int            # x 8 rows
-    dpo_steps: int            # x 8 pairs
+    sft_steps: int            # x 8 rows: whole epochs, so every implementation trains on the same rows
+    dpo_steps: int            # x 8 pairs: one epoch
     grpo_steps: int
     grpo_prompts: int         # per step (x GROUP completions)
     new_tokens: int           # GRPO completions and generation
@@ -109,7 +109,7 @@ class Scale:
 
 
 GROUP = 8
-GPU_SCALE = Scale(GPU_SIZES, rows=64, words=(30, 330), sft_steps=30, dpo_steps=10, grpo_steps=4, grpo_prompts=4,
+GPU_SCALE = Scale(GPU_SIZES, rows=64, words=(30, 330), sft_steps=32, dpo_steps=8, grpo_steps=4, grpo_prompts=4,
                   new_tokens=64, gen_prompts=64, matmul=8192, on_gpu=True)
 DRY_SCALE = Scale(DRY_SIZES, rows=16, words=(5, 40), sft_steps=4, dpo_steps=2, grpo_steps=2, grpo_prompts=2,
                   new_tokens=8, gen_prompts=8, matmul=512, on_gpu=False)
@@ -133,11 +133,13 @@ def plan(scale: Scale) -> list[Section]:
     second size's full fine-tuning and QLoRA (the same code paths as the first size's)."""
     small, large = list(scale.sizes)
     pair = lambda kind, size, s, other="tutorial": [Section(kind, size, "tunesmith", s), Section(kind, size, other, s)]  # noqa: E731
+    # seconds: guesses for an H100 (imports, model load, 32 steps, tunesmith's evaluations and save); a run's JSON
+    # has every section's wall_s to correct them
     return [Section("peak", seconds=10), Section("models", seconds=25),
-            *pair("lora", small, 25), *pair("lora", large, 30), Section("generate", small, seconds=40),
-            Section("fsdp", seconds=45), *pair("full", small, 30), *pair("qlora", small, 30),
-            *pair("dpo", small, 35, "trl"), *pair("grpo", small, 45, "trl"),
-            *(pair("full", large, 45) + pair("qlora", large, 35) if scale.on_gpu else [])]
+            *pair("lora", small, 15), *pair("lora", large, 20), Section("generate", small, seconds=30),
+            Section("fsdp", seconds=40), *pair("full", small, 20), *pair("qlora", small, 20),
+            *pair("dpo", small, 25, "trl"), *pair("grpo", small, 35, "trl"),
+            *(pair("full", large, 35) + pair("qlora", large, 25) if scale.on_gpu else [])]
 
 
 def groups_of(sections: list[Section], dry: bool) -> list[list[Section]]:
@@ -675,7 +677,7 @@ def section_sft(work, scale, device, size, impl, kind) -> dict:
     if kind == "qlora":
         check_bitsandbytes(device)
     n_rows = scale.sft_steps * 8
-    trained = [rows[i % len(rows)] for i in range(n_rows)]  # what both see: ~4 epochs of the rows
+    trained = [rows[i % len(rows)] for i in range(n_rows)]  # what both see: whole epochs of the rows
     real, flops = model_flops(model_dir, tok, trained, kind == "full")
     if impl == "tunesmith":
         method = (["method.name=full", "method.freeze_embeddings=false", f"train.lr={FULL_LR}"] if kind == "full"
@@ -693,9 +695,9 @@ def section_sft(work, scale, device, size, impl, kind) -> dict:
         note += "; its own held-out loss after: " + fmt((summary.get("after") or {}).get("eval_loss"), 3)
         if kind == "qlora":
             note += "; memorised loss read with the adapter on the bf16 base (tunesmith's final/ de-quantizes)"
-        if summary["tokens"] != real:
+        if summary["tokens"] != real:  # whole epochs make them equal
             note += f"; trained {summary['tokens']} tokens (planned {real})"
-            real = summary["tokens"]
+            real, flops = summary["tokens"], flops * summary["tokens"] / real
     else:
         seconds, model, times, history = tutorial_sft(model_dir, tok, trained, scale.sft_steps, kind, device)
         peak = peak_mib(device)
