@@ -11,10 +11,12 @@ first) and is timed the same way as bench/run.py times the CPU benchmark:
   qlora          tunesmith QLoRA vs the QLoRA tutorial (4-bit NF4 + double quant, prepare_model_for_kbit_training:
                  gradient checkpointing on, as that recipe has it); skipped with the reason when bitsandbytes' CUDA kernels
                  do not load
-  dpo            tunesmith DPO (LoRA) vs TRL's DPOTrainer + PEFT (its default: reference log-probs every step, the
-                 adapter switched off; tunesmith computes them once before its loop, outside its timed loop)
+  dpo            tunesmith DPO (LoRA) vs TRL's DPOTrainer + PEFT (its defaults: reference log-probs every step with the
+                 adapter switched off, gradient checkpointing on; tunesmith computes the reference log-probs once before
+                 its loop, outside its timed loop)
   grpo           a few tunesmith GRPO steps (rollouts on its generation engine) vs TRL's GRPOTrainer + PEFT
-                 (model.generate), same prompts, group size, completion length and reward
+                 (model.generate; gradient checkpointing on, its default), same prompts, group size, completion length
+                 and reward
   generate       tunesmith's generation engine vs model.generate (left-padded batches of 16) on the same prompts,
                  greedy, 64 new tokens (bench/generate.py's functions)
   fsdp           `tunesmith train --nproc 1 train.distributed=fsdp` under torchrun on a tiny model (one process trains
@@ -820,7 +822,7 @@ def section_dpo(work, scale, device, size, impl, **_) -> dict:
         seconds, times, history = trl_dpo(model_dir, tok, trained, scale.dpo_steps, device)
         losses = [h["loss"] for h in history if "loss" in h]
         first, last = (losses[0], losses[-1]) if losses else (None, None)
-        note = "TRL DPOTrainer + PEFT LoRA, reference = adapter off, every step; batch 4 x 2"
+        note = "TRL DPOTrainer + PEFT LoRA, reference = adapter off, every step; batch 4 x 2; TRL's default gradient checkpointing"
     return {"tok_s": round(real / seconds, 1), "steady_tok_s": r1(steady(times, real)), "peak_mib": round(peak_mib(device)),
             "flops": flops, "seconds": round(seconds, 2), "loss_first": first, "loss_last": last, "tokens": real, "note": note}
 
@@ -877,7 +879,7 @@ def section_grpo(work, scale, device, size, impl, **_) -> dict:
         seconds, times, history = trl_grpo(model_dir, prompts, scale, device)
         lengths = [h["completions/mean_length"] for h in history if "completions/mean_length" in h]
         completions = round(sum(lengths) * scale.grpo_prompts * GROUP)
-        note = "TRL GRPOTrainer + PEFT LoRA, rollouts with model.generate"
+        note = "TRL GRPOTrainer + PEFT LoRA, rollouts with model.generate; TRL's default gradient checkpointing"
     return {"tok_s": round(completions / seconds, 1), "steady_tok_s": None, "peak_mib": round(peak_mib(device)),
             "seconds": round(seconds, 2), "s_per_step": round(seconds / max(len(times), 1), 2), "tokens": completions,
             "note": f"completion tokens/s; {round(seconds / max(len(times), 1), 2)} s/step; " + note}
