@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith.catalog import has_class_head
+from tunesmith.catalog import TASKS, has_class_head
 from tunesmith.data.render import PromptFormat, prompt_format_of
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_base_model, pick_device, resolve_model_dir
@@ -33,7 +33,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.devic
     """Any model `model.name` resolves to (models.resolve_model_dir): a base, or a tuned output rebuilt on its base."""
     device = device or pick_device()
     if (model_dir / ADAPTER_CONFIG).exists():
-        return _load_adapter_model(model_dir, dtype, device)
+        return _load_adapter_model(model_dir, dtype, device, task, labels)
     if (model_dir / MARKER).exists():
         model = load_trainable(model_dir, lambda base, t, meta: load_model(
             _base_dir(model_dir, base), dtype, device, t, labels=list((meta.get("id2label") or {}).values()) or None))
@@ -41,19 +41,39 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.devic
     return load_base_model(model_dir, dtype, device, task, quantization, labels)
 
 
-def _load_adapter_model(adapter_dir: Path, dtype, device):
-    """A peft adapter on its base, de-quantized (a QLoRA adapter is applied to the full-precision base)."""
+def _load_adapter_model(adapter_dir: Path, dtype, device, task: str = "auto", labels: Optional[list[str]] = None):
+    """A peft adapter on its base, de-quantized (a QLoRA adapter is applied to the full-precision base). A classifier's
+    or reward model's adapter comes back as the classifier it trained; a causal adapter asked for as a sequence
+    classifier (`task` classification or reward: a reward model started from an SFT run) comes back merged, under a
+    fresh score head for `labels` (a reward model: one scalar)."""
     from peft import PeftModel
 
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     base_dir = _base_dir(adapter_dir, config["base_model_name_or_path"])
-    if config.get("task_type") == "SEQ_CLS":
-        labels = json.loads((adapter_dir / "labels.json").read_text())
-        base = load_model(base_dir, dtype, device, "classification", labels=labels)
+    classifier = config.get("task_type") == "SEQ_CLS"
+    if classifier:
+        base = load_model(base_dir, dtype, device, "classification",
+                          labels=json.loads((adapter_dir / "labels.json").read_text()))
     else:
         base = load_model(base_dir, dtype, device)
     base = merge_adapter(base)  # the base may itself be a tuned adapter run (e.g. DPO after SFT)
-    return PeftModel.from_pretrained(base, adapter_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    if classifier or task not in TASKS or not has_class_head(task):
+        return model
+    if model.active_peft_config.is_prompt_learning:
+        raise TunesmithError(f"{adapter_dir}: a {output_method(adapter_dir)} run cannot start a {task} model: its soft "
+                             "prompt cannot be merged into the weights a score head reads (start from its base instead)")
+    model = _under_score_head(merge_adapter(model), base_dir, dtype, device, task, labels)
+    model.name_or_path = str(adapter_dir)  # what a new adapter on it names as its base (assemble.load_method_model)
+    return model
+
+
+def _under_score_head(tuned, base_dir: Path, dtype, device, task: str, labels: Optional[list[str]]):
+    """`tuned` (a causal LM) as a sequence classifier for `task`: its base's classifier (a fresh head) with `tuned`'s
+    backbone weights. Both architectures keep the backbone under the same `base_model` prefix."""
+    model = load_model(base_dir, dtype, device, task, labels=labels)
+    model.base_model.load_state_dict(tuned.base_model.state_dict())  # strict: every backbone weight is replaced
+    return model
 
 
 def merge_adapter(model):

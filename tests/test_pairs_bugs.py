@@ -1,0 +1,85 @@
+"""Preference pairs from tuned runs and text templates: a reward model and a classifier start from an adapter (LoRA)
+run -- its adapter merged into the base, a fresh score head on top; text templates render preference pairs as they
+render a supervised record with no input; a judgements file's dropped ties and unusable lines are in the data stats
+the run records."""
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from test_train import tiny_cfg
+from tunesmith.train.loop import train
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [{"prompt": f"Is {i} a nice number?", "chosen": f"Yes, {i} is a fine number.", "rejected": "No. Go away."}
+            for i in range(48)]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+@pytest.fixture
+def lora_parent(tmp_path, tiny_model_dir, instruction_file):
+    """A tiny supervised LoRA run whose adapter moved the weights (lr 1e-2)."""
+    return train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "method.name=lora", "train.max_steps=3",
+                          "eval.samples=0", "output.name=parent")).run_dir
+
+
+def backbone_states(model, ids):
+    """The last hidden states of a model's backbone (the part a causal LM and a sequence classifier share)."""
+    with torch.no_grad():
+        return model.base_model(input_ids=ids).last_hidden_state
+
+
+@pytest.mark.parametrize("task,labels", [("reward", None), ("classification", ["no", "yes", "maybe"])])
+def test_a_score_model_loaded_from_an_adapter_run_has_the_merged_adapter_under_a_fresh_head(lora_parent, tiny_model_dir,
+                                                                                               task, labels):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.methods.load import load_model, merge_adapter
+
+    cpu = torch.device("cpu")
+    tuned = merge_adapter(load_model(lora_parent / "final", torch.float32, cpu)).eval()  # the parent as it generates
+    model = load_model(lora_parent / "final", torch.float32, cpu, task, labels=labels).eval()
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert model.config.num_labels == (1 if task == "reward" else 3)
+    if labels:
+        assert [model.config.id2label[i] for i in range(3)] == labels
+    ids = torch.tensor([[1, 5, 9, 40, 7]])
+    ours = backbone_states(model, ids)
+    assert torch.allclose(ours, backbone_states(tuned, ids), atol=1e-5)  # the adapter is in the weights
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert not torch.allclose(ours, backbone_states(base, ids), atol=1e-3)  # ... and it moved them
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (1, model.config.num_labels)
+
+
+def test_reward_model_trains_from_an_adapter_run(tmp_path, lora_parent, pairs_file):
+    """Was: `score_pairs` crashed ("only one element tensors can be converted to Python scalars"): the parent's
+    adapter was loaded on a causal LM, whose vocabulary logits were read as the score."""
+    res = train(tiny_cfg(tmp_path, str(lora_parent), pairs_file, "task=reward", "method.name=lora", "train.max_steps=16",
+                         "eval.samples=0", "output.name=rm"))
+    s = res.summary
+    assert s["task"] == "reward"
+    assert s["after"]["eval_accuracy"] > 0.9 and s["after"]["eval_loss"] < s["before"]["eval_loss"]
+    config = json.loads((res.run_dir / "final" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == str(lora_parent / "final")
+    # reloaded (the parent merged, the reward adapter and its head on top), it scores the held-out pairs as training did
+    from tunesmith.evaluate.evaluation import evaluate_run
+
+    ev = evaluate_run(res.run_dir, n=10_000, log=lambda *a: None)
+    tuned = ev["metrics"]["tuned"]
+    assert tuned["eval_pairs"] == s["after"]["eval_pairs"]
+    assert tuned["eval_accuracy"] == pytest.approx(s["after"]["eval_accuracy"])
+    assert tuned["eval_loss"] == pytest.approx(s["after"]["eval_loss"], rel=1e-3, abs=1e-4)
+
+
+def test_a_prompt_tuning_run_cannot_start_a_reward_model(tmp_path, tiny_model_dir, instruction_file):
+    from tunesmith.errors import TunesmithError
+    from tunesmith.methods.load import load_model
+
+    run = train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "method.name=prompt-tuning", "train.max_steps=1",
+                         "eval.samples=0", "output.name=soft")).run_dir
+    with pytest.raises(TunesmithError, match="prompt-tuning run cannot start a reward model"):
+        load_model(run / "final", torch.float32, torch.device("cpu"), "reward")
