@@ -10,7 +10,9 @@ are dropped (they cannot change the loss).
 """
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +45,20 @@ def epoch_plan(lengths: list[int], examples_per_step: int, seed: int, epoch: int
         steps.extend(chunk[j:j + examples_per_step] for j in range(0, len(chunk), examples_per_step))
     rng.shuffle(steps)
     return steps
+
+
+def step_plan(lengths: list[int], examples_per_step: int, seed: int, repeats: int = 1,
+              start: int = 0) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, the step's examples) for every optimizer step from step `start` (0-based) on, without end: each epoch's
+    steps (`epoch_plan`), each trained `repeats` steps in a row (online RL's several updates on one batch of rollouts).
+    A pure function of its arguments, so a resumed run starts at its checkpoint's step and gets the steps the first
+    launch would have had, without building a batch."""
+    def every_step():
+        for epoch in itertools.count():
+            for examples in epoch_plan(lengths, examples_per_step, seed, epoch):
+                for _ in range(repeats):
+                    yield epoch, examples
+    return itertools.islice(every_step(), start, None)
 
 
 def split_passes(step: list[int], lengths: list[int], micro_batch_size: int, batch_tokens: int | None) -> list[list[int]]:

@@ -5,14 +5,17 @@
 `train.select_best`, the best evaluation's weights when they beat the last step's: final/ is published again with
 them), its side-by-side outputs next to the base's, the forgetting check, then eval.json in state "finished" and
 report.html. A signal or a crash during it leaves final/ and a run in state "trained", which `tunesmith eval RUN`
-completes with the same code (`complete`).
+completes with the same code (`complete`). Its mirror at the start of a run is `open_baseline`: the base's held-out
+metrics and outputs (and its reference for the forgetting check), measured before the first step and written to
+baseline.json, which the closing evaluation compares the tuned model with.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.data.shapes import user_text
+from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
 from tunesmith.evaluate.report import write_report
 from tunesmith.evaluate.side_by_side import build_rows
@@ -57,6 +61,40 @@ class Closing:
 def sample_indices(n_val: int, samples: int) -> list[int]:
     """The held-out examples the side-by-side table shows: `samples` of them, spread over the split."""
     return sorted({i * n_val // samples for i in range(samples)}) if n_val and samples else []
+
+
+def open_baseline(run_dir: RunDir, objective: Objective, model, tokenizer, measure: Callable[[object], dict],
+                  record: Callable[[dict], None], resuming: bool, main: bool = True,
+                  joins_forwards: bool = True) -> tuple[dict, dict | None]:
+    """(baseline, base_general): the base's held-out metrics ("before") and side-by-side outputs ("base_outputs"), and
+    the base on general text for the forgetting check (or None). Measured before the first step (the model without
+    its adapter: prompt/prefix tuning start from non-neutral virtual tokens) and written to baseline.json, with the
+    metrics as metrics.jsonl's step 0; a resumed run reads what its first launch measured."""
+    if resuming:
+        baseline = json.loads(run_dir.baseline.read_text())
+        baseline["base_outputs"] = [Generation(**g) for g in baseline["base_outputs"]]
+        return baseline, forgetting.load_base(run_dir.baseline_general)
+    idx = sample_indices(len(objective.data.val.rendered), objective.cfg.eval.samples)  # spread over the split
+    with _as_base(model):
+        baseline = {"before": measure(model), "base_outputs": objective.samples(model, idx) if idx and joins_forwards else []}
+        # the forgetting check's reference: the base model on general text unlike the training data
+        base_general = forgetting.measure_base(model, tokenizer) if objective.checks_forgetting and joins_forwards else None
+    if main:
+        try:
+            write_json_atomic(run_dir.baseline, {**baseline, "base_outputs": [asdict(g) for g in baseline["base_outputs"]]})
+            if base_general:
+                forgetting.save_base(run_dir.baseline_general, base_general)
+        except Exception as e:  # before the first step: nothing trained is lost
+            raise TunesmithError(f"could not write the base model's measurements into {run_dir}: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if baseline["before"]:
+        record({"step": 0, **baseline["before"]})
+    return baseline, base_general
+
+
+def _as_base(model):
+    """The model without its adapter (peft methods), for measuring the base in place."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
 def improves(metric: str | None, record: dict, best: dict | None) -> bool:

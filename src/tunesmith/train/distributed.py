@@ -19,33 +19,13 @@ count and any backend. `train.distributed=deepspeed` (DeepSpeed ZeRO stage 1/2) 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_world: int = 1
-    fsdp: bool = False  # weights sharded across ranks: every forward is a collective
-    zero: bool = False  # DeepSpeed ZeRO (train/zero.py): its engine reduces the gradients during backward
-
-    @property
-    def lockstep(self) -> bool:
-        """Every rank must run the same number of forward/backward passes per step (their collectives pair up)."""
-        return self.fsdp or self.zero
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
+# the collectives objectives need too live one floor down; the loop reaches them all through this module
+from tunesmith.collectives import Dist, any_true, from_main, gather, shard, sum_float  # noqa: F401
 
 
 def setup(device: torch.device, backend: str = "ddp", timeout_minutes: float = 30) -> Dist:
@@ -181,11 +161,6 @@ def _like(value: torch.Tensor, p) -> torch.Tensor:
     return distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
 
 
-def shard(step_examples: list[int], d: Dist) -> list[int]:
-    """This rank's examples of a (length-sorted) global step: interleaved, so every rank gets a similar mix of lengths."""
-    return step_examples[d.rank::d.world]
-
-
 def all_reduce_grads(params: list[torch.Tensor], d: Dist) -> None:
     if not d.active or d.lockstep:  # FSDP and ZeRO reduce(-scatter) the gradients during backward
         return
@@ -197,39 +172,6 @@ def all_reduce_grads(params: list[torch.Tensor], d: Dist) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
-
-
-def sum_float(x: float, d: Dist) -> float:
-    if not d.active:
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t)
-
-
-def any_true(flag: bool, d: Dist) -> bool:
-    if not d.active:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)
-
-
-def from_main(obj, d: Dist):
-    """rank 0's value of a picklable object, on every rank."""
-    if not d.active:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather(obj, d: Dist) -> list:
-    if not d.active:
-        return [obj]
-    out = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def combine_heldout(m: dict, d: Dist) -> dict:
