@@ -399,3 +399,39 @@ def test_the_model_pool_never_holds_more_than_its_limit(tmp_path, tiny_model_dir
         assert asyncio.run(p.target("b")) is not None and list(p.loaded) == ["b"]
     finally:
         p.stop()
+
+
+# ---------------------------------------------------------------- M8: work that grows with the runs is off the loop
+
+def test_health_answers_while_200_runs_are_listed(tmp_path, tiny_model_dir):
+    import shutil
+
+    from test_train import tiny_cfg
+    from tunesmith.train.loop import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"Say {i}.", "output": f"{i} {i}"} for i in range(30)])
+    run = train(tiny_cfg(tmp_path, tiny_model_dir, data, "train.max_steps=2", "eval.samples=0",
+                         "output.name=r000")).run_dir
+    for i in range(1, 200):
+        shutil.copytree(run, run.parent / f"r{i:03d}")
+    s = Running(tmp_path / "home", runs_dirs=(run.parent,), models_dirs=(tiny_model_dir.parent,))
+    try:
+        listed, worst = {}, [0.0]
+
+        def list_runs():
+            listed["runs"] = s.http.get("/v1/studio/runs", timeout=300).json()["data"]
+            listed["models"] = s.http.get("/v1/models", timeout=300).json()["data"]
+        t = threading.Thread(target=list_runs)
+        t.start()
+        with httpx.Client(base_url=s.url) as h:
+            while t.is_alive():
+                started = time.perf_counter()
+                assert h.get("/health").status_code == 200
+                worst[0] = max(worst[0], time.perf_counter() - started)
+                time.sleep(0.02)
+        t.join()
+        assert len(listed["runs"]) == 200 and len(listed["models"]) >= 200
+        print(f"/health worst {worst[0] * 1000:.0f} ms while 200 runs and their models were listed")
+        assert worst[0] < 0.5, worst  # once: 6.4 s (the audit's M8), the listing on the event loop
+    finally:
+        s.stop()
