@@ -83,3 +83,37 @@ def test_a_prompt_tuning_run_cannot_start_a_reward_model(tmp_path, tiny_model_di
                          "eval.samples=0", "output.name=soft")).run_dir
     with pytest.raises(TunesmithError, match="prompt-tuning run cannot start a reward model"):
         load_model(run / "final", torch.float32, torch.device("cpu"), "reward")
+
+
+@pytest.mark.parametrize("template,sft_fields", [("alpaca", ("instruction", "output")), ("qa", ("instruction", "output")),
+                                                  ("instruct", ("instruction", "output")),
+                                                  ("{prompt} => {completion}", ("prompt", "completion"))])
+def test_text_templates_render_each_side_of_a_pair_as_a_supervised_record_with_no_input(tmp_path, tiny_tokenizer,
+                                                                                       template, sft_fields):
+    """Was: every pair failed with "data.template uses {input} but the record has fields: instruction, output"."""
+    from collections import Counter
+
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import load_examples, tokenize_pairs, tokenize_split
+
+    pairs = [{"prompt": f"Is {i} a nice number?", "chosen": f"Yes, {i} is fine.", "rejected": "No."} for i in range(4)]
+    prompt_key, answer_key = sft_fields
+    sides = {side: write_jsonl(tmp_path / f"{side}.jsonl", [{prompt_key: p["prompt"], answer_key: p[side]} for p in pairs])
+             for side in ("chosen", "rejected")}
+    cfg = load_config(None, [f"data.path={write_jsonl(tmp_path / 'pairs.jsonl', pairs)}", f"data.template={json.dumps(template)}"]).data
+    fmt, examples, _ = load_examples(cfg, cfg.path)
+    assert fmt == "preference"
+    got = tokenize_pairs(examples, cfg, tiny_tokenizer, 256, Counter())
+    assert len(got.tokens) == 4
+    for side in ("chosen", "rejected"):
+        fmt, records, _ = load_examples(cfg, str(sides[side]))
+        assert fmt in ("instruction", "prompt_completion")
+        sft = tokenize_split(records, cfg, tiny_tokenizer, 256, Counter())
+        for pair, record in zip(got.tokens, sft.tokens):
+            ours = pair if side == "chosen" else pair.rejected
+            assert ours.input_ids.tolist() == record.input_ids.tolist()
+            assert ours.labels.tolist() == record.labels.tolist()
+    assert [r.text for r in got.rendered] == [r.text for r in tokenize_split(
+        load_examples(cfg, str(sides["chosen"]))[1], cfg, tiny_tokenizer, 256, Counter()).rendered]
+    if template == "qa":  # no input: the optional part is left out, not rendered empty
+        assert got.rendered[0].prompt == "Question: Is 0 a nice number?\nAnswer: "

@@ -102,8 +102,8 @@ def tokenize_pairs(examples: list[Example], cfg: DataConfig, tokenizer, max_leng
     a pair is kept when both sides fit (or are truncated with a response token left). With `truncate_left` both
     sides lose the same number of leading tokens, so the two answers are read after the same context (and share
     its computation)."""
-    def as_sft(ex: Example, response: str) -> Example:
-        return Example(ex.messages + [{"role": "assistant", "content": response}], ex.where, {"instruction": _first_user(ex), "output": response})
+    def as_sft(ex: Example, response: str) -> Example:  # a text template renders it as a record with no input
+        return Example(ex.messages + [{"role": "assistant", "content": response}], ex.where, _answered_fields(ex, response))
 
     left = cfg.overlong == "truncate_left"
     side_cfg = cfg.model_copy(update={"overlong": "drop"}) if left else cfg
@@ -153,8 +153,14 @@ def with_answer_turn(ex: Example) -> Example:
         return ex
     answer = ex.chosen or ""
     return replace(ex, messages=ex.messages + [{"role": "assistant", "content": answer}],
-                   fields={"instruction": _first_user(ex), "input": "", "output": answer, "prompt": _first_user(ex),
-                           "completion": answer, **ex.fields})
+                   fields={**_answered_fields(ex, answer), **ex.fields})
+
+
+def _answered_fields(ex: Example, answer: str) -> dict:
+    """A text template's fields for a prompt and `answer`: those of a single-turn record with no input (an instruction
+    record, a prompt/completion record or a one-turn chat; data/shapes.py), so a pair renders as supervised data does."""
+    user = _first_user(ex)
+    return {"instruction": user, "input": "", "output": answer, "prompt": user, "completion": answer}
 
 
 def _first_user(ex: Example) -> str:
