@@ -13,7 +13,7 @@ a message; nothing the server knows (a path, a traceback) is in a response.
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -176,9 +176,10 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
         if fut is None:
             return _error(404, f"no request {req.request_id!r} (unknown, or its result was dropped after "
                                f"{limits.futures_kept_seconds:g} s)")
-        deadline = time.monotonic() + POLL_SECONDS
-        while not fut.done.is_set() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        woken = asyncio.Event()
+        if fut.wake_when_done(asyncio.get_running_loop(), woken):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(woken.wait(), POLL_SECONDS)
         if not fut.done.is_set():
             return {"type": "try_again", "request_id": fut.id, "queue_state": "active"}
         if fut.error is not None:

@@ -83,6 +83,50 @@ class Future:
     category: str = "server"
     finished: float = 0.0
     session_id: Optional[str] = None     # polling for it counts as the session being alive
+    _waiters: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def finish(self, result: Any = None, error: Optional[str] = None, category: str = "server") -> None:
+        with self._lock:
+            self.result, self.error, self.category = result, error, category
+            self.finished = time.monotonic()
+            self.done.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    def wake_when_done(self, loop, event) -> bool:
+        """Set the asyncio `event` (on `loop`) when this finishes; False if it has finished already."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self._waiters.append((loop, event))
+            return True
+
+
+def _run_reporting(fut: Future, work: Callable[[], Any]) -> None:
+    try:
+        fut.finish(work())
+    except UserError as e:
+        fut.finish(error=str(e), category="user")
+    except Exception:  # the traceback stays in the server's log
+        ref = secrets.token_hex(6)
+        log.exception("tinker request %s failed (reference %s)", fut.id, ref)
+        fut.finish(error=f"internal error (reference {ref})", category="server")
+
+
+@dataclass
+class SampleJob:
+    """A sample request waiting on its host's worker; queued ones run together in one engine batch."""
+    fut: Future
+    check: Callable[[], None]            # raises UserError when the sampler was closed meanwhile
+    adapter: Optional[str]
+    prompt: list[int]
+    n: int
+    params: Any
+    max_tokens: int
+    prompt_logprobs: bool
+    last_n: Optional[int]
 
 
 @dataclass
@@ -210,20 +254,7 @@ class TinkerService:
         fut = Future("tf-" + secrets.token_hex(10), session_id=session_id)
         with self.lock:
             self.futures[fut.id] = fut
-
-        def run() -> None:
-            try:
-                fut.result = work()
-            except UserError as e:
-                fut.error, fut.category = str(e), "user"
-            except Exception:  # the traceback stays in the server's log
-                ref = secrets.token_hex(6)
-                log.exception("tinker request %s failed (reference %s)", fut.id, ref)
-                fut.error, fut.category = f"internal error (reference {ref})", "server"
-            fut.finished = time.monotonic()
-            fut.done.set()
-
-        host.jobs.put(run)
+        host.jobs.put(lambda: _run_reporting(fut, work))
         return fut
 
     def future(self, request_id: str) -> Optional[Future]:
@@ -234,13 +265,31 @@ class TinkerService:
             return fut
 
     @staticmethod
-    def _worker(host: Host) -> None:
+    def _worker(host: Host, pass_tokens: int = 2048) -> None:
         torch.set_grad_enabled(True)
+        held = None
         while True:
-            job = host.jobs.get()
+            job = held if held is not None else host.jobs.get()
+            held = None
             if job is None:
                 return
-            job()
+            if not isinstance(job, SampleJob):
+                job()
+                continue
+            batch = [job]  # the sample requests queued behind it join its engine batch (RL: a step's rollouts)
+            while len(batch) < 256:
+                try:
+                    nxt = host.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(nxt, SampleJob):
+                    batch.append(nxt)
+                else:
+                    held = nxt if nxt is not None else _STOP
+                    break
+            _run_samples(host, batch, pass_tokens)
+            if held is _STOP:
+                return
 
     # ------------------------------------------------------------------ base models
 
@@ -262,7 +311,8 @@ class TinkerService:
             if key in self.hosts:  # another request loaded it meanwhile
                 return self.hosts[key]
             host = Host(key, Path(model_dir), tokenizer, model)
-            host.thread = threading.Thread(target=self._worker, args=(host,), name="tinker-worker", daemon=True)
+            host.thread = threading.Thread(target=self._worker, args=(host, self.limits.pass_tokens),
+                                           name="tinker-worker", daemon=True)
             host.thread.start()
             self.hosts[key] = host
         return host
@@ -557,15 +607,17 @@ class TinkerService:
             raise UserError("top-k log-probs, target prompt log-probs and alternative tokens are not supported here")
         ids = [f"{s.sampler_id}:{req.seq_id or 0}:{i}" for i in range(req.num_samples)]
 
-        def work() -> bytes:
+        def check() -> None:
             with self.lock:
                 if s.sampler_id not in self.samplers:
                     raise UserError("the sampler was closed", 404)
-            seqs, prompt_lp = _sample(s.host, s.adapter, prompt, req.num_samples, params, max_tokens,
-                                      bool(req.prompt_logprobs), req.prompt_logprobs_last_n)
-            return proto.write_sample_response(seqs, prompt_lp)
 
-        return self._submit(s.host, work, s.session_id), ids
+        fut = Future("tf-" + secrets.token_hex(10), session_id=s.session_id)
+        with self.lock:
+            self.futures[fut.id] = fut
+        s.host.jobs.put(SampleJob(fut, check, s.adapter, prompt, req.num_samples, params, max_tokens,
+                                  bool(req.prompt_logprobs), req.prompt_logprobs_last_n))
+        return fut, ids
 
     def status(self) -> dict:
         with self.lock:
@@ -902,56 +954,86 @@ def _write_run(folder: Path, meta: dict, target: Path, path: str) -> None:
 # ---------------------------------------------------------------- sampling
 
 
-def _sample(host: Host, adapter: Optional[str], prompt: list[int], n: int, params: proto.SamplingSettings,
-            max_tokens: int, want_prompt_logprobs: bool, last_n: Optional[int]):
+_STOP = object()
+
+
+def _run_samples(host: Host, jobs: list[SampleJob], pass_tokens: int) -> None:
+    """Sample requests in one engine batch (each request seeded on its own, so a result does not depend on the
+    batch), then the log-probs of every sequence (and of the prompts asked for) in scoring passes per adapter."""
     from tunesmith.models.engine import BASE, Engine, Request
     from tunesmith.models.sampling import Sampling
 
-    model = host.model
-    peft = hasattr(model, "peft_config")
-    if host.engine is None or host.engine_for != id(model):
-        host.engine, host.engine_for = Engine(model, host.tokenizer, max_rows=64), id(model)
-    model.eval()
-    stop = params.stop if isinstance(params.stop, list) else ([params.stop] if params.stop else [])
-    stop_strings = [s for s in stop if isinstance(s, str)]
-    stop_tokens = {s for s in stop if isinstance(s, int)}
-    seed = params.seed if params.seed is not None else secrets.randbelow(2 ** 31)
-    greedy = params.temperature < 1e-5
-    sampling = [Sampling(max_new_tokens=max_tokens, do_sample=not greedy, temperature=max(params.temperature, 1e-5),
-                         top_k=params.top_k if params.top_k > 0 else 0, top_p=params.top_p, seed=seed + i)
-                for i in range(n)]
-    requests = [Request(prompt_ids=list(prompt), sampling=s, stop=stop_strings,
-                        adapter=adapter if adapter is not None else (BASE if peft else None)) for s in sampling]
-    with torch.no_grad():
-        host.engine.run(requests)
-    for r in requests:
-        if r.error:
-            raise RuntimeError(f"generation failed: {r.error}")
-    sequences = []
-    for r in requests:
-        tokens = list(r.output_ids)
-        reason = "stop" if r.finish_reason == "stop" else "length"
-        cut = next((j for j, t in enumerate(tokens) if t in stop_tokens), None)
-        if cut is not None:
-            tokens, reason = tokens[:cut + 1], "stop"
-        sequences.append(proto.Sequence(tokens, [], reason))
-    # the log-probs: one scoring pass over prompt + completion (temperature 1), under the sampler's weights
-    rows = [prompt + s.tokens for s in sequences]
-    pad = host.tokenizer.pad_token_id if host.tokenizer.pad_token_id is not None else 0
-    with torch.no_grad(), _weights(host, adapter):
-        inputs = [row[:-1] if len(row) > 1 else row for row in rows]
-        targets = [torch.tensor(row[1:] if len(row) > 1 else row, dtype=torch.long) for row in rows]
-        lps = token_logprobs(model, inputs, targets, pad)
-    p = len(prompt)
-    for s, lp in zip(sequences, lps):
-        s.logprobs = lp[p - 1:p - 1 + len(s.tokens)].tolist() if s.tokens else []
-    prompt_lp = None
-    if want_prompt_logprobs:
-        first = lps[0][:p - 1].tolist()
-        prompt_lp = [math.nan] + first
-        if last_n is not None:
-            prompt_lp = [math.nan] * (p - last_n) + prompt_lp[p - last_n:]
-    return sequences, prompt_lp
+    live = []
+    for job in jobs:
+        try:
+            job.check()
+            live.append(job)
+        except UserError as e:
+            job.fut.finish(error=str(e), category="user")
+    if not live:
+        return
+    try:
+        model = host.model
+        peft = hasattr(model, "peft_config")
+        if host.engine is None or host.engine_for != id(model):
+            host.engine, host.engine_for = Engine(model, host.tokenizer, max_rows=64), id(model)
+        model.eval()
+        per_job = []
+        for job in live:
+            p = job.params
+            stop = p.stop if isinstance(p.stop, list) else ([p.stop] if p.stop else [])
+            seed = p.seed if p.seed is not None else secrets.randbelow(2 ** 31)
+            greedy = p.temperature < 1e-5
+            requests = [Request(prompt_ids=list(job.prompt), stop=[x for x in stop if isinstance(x, str)],
+                                adapter=job.adapter if job.adapter is not None else (BASE if peft else None),
+                                sampling=Sampling(max_new_tokens=job.max_tokens, do_sample=not greedy,
+                                                  temperature=max(p.temperature, 1e-5),
+                                                  top_k=p.top_k if p.top_k > 0 else 0, top_p=p.top_p, seed=seed + i))
+                        for i in range(job.n)]
+            per_job.append((job, requests, {x for x in stop if isinstance(x, int)}))
+        with torch.no_grad():
+            host.engine.run([r for _, requests, _ in per_job for r in requests])
+        scored: dict = {}  # adapter -> list of (job index, row)
+        results = []
+        for j, (job, requests, stop_tokens) in enumerate(per_job):
+            failed = next((r.error for r in requests if r.error), None)
+            if failed:
+                raise RuntimeError(f"generation failed: {failed}")
+            sequences = []
+            for r in requests:
+                tokens, reason = list(r.output_ids), ("stop" if r.finish_reason == "stop" else "length")
+                cut = next((k for k, t in enumerate(tokens) if t in stop_tokens), None)
+                if cut is not None:
+                    tokens, reason = tokens[:cut + 1], "stop"
+                sequences.append(proto.Sequence(tokens, [], reason))
+                scored.setdefault(job.adapter, []).append((j, len(sequences) - 1, job.prompt + tokens))
+            results.append(sequences)
+        logprobs = {}
+        pad = host.tokenizer.pad_token_id if host.tokenizer.pad_token_id is not None else 0
+        for adapter, rows in scored.items():
+            with torch.no_grad(), _weights(host, adapter):
+                for indices in _passes([len(r[2]) for r in rows], pass_tokens):
+                    chunk = [rows[i] for i in indices]
+                    inputs = [r[2][:-1] if len(r[2]) > 1 else r[2] for r in chunk]
+                    targets = [torch.tensor(r[2][1:] if len(r[2]) > 1 else r[2], dtype=torch.long) for r in chunk]
+                    for r, lp in zip(chunk, token_logprobs(host.model, inputs, targets, pad)):
+                        logprobs[(r[0], r[1])] = lp.float().cpu()
+    except Exception:
+        ref = secrets.token_hex(6)
+        log.exception("tinker sampling failed (reference %s)", ref)
+        for job in live:
+            job.fut.finish(error=f"internal error (reference {ref})", category="server")
+        return
+    for j, (job, _, _) in enumerate(per_job):
+        p = len(job.prompt)
+        for k, seq in enumerate(results[j]):
+            seq.logprobs = logprobs[(j, k)][p - 1:p - 1 + len(seq.tokens)].tolist() if seq.tokens else []
+        prompt_lp = None
+        if job.prompt_logprobs:
+            prompt_lp = [math.nan] + logprobs[(j, 0)][:p - 1].tolist()
+            if job.last_n is not None:
+                prompt_lp = [math.nan] * (p - job.last_n) + prompt_lp[p - job.last_n:]
+        job.fut.finish(proto.write_sample_response(results[j], prompt_lp))
 
 
 class _weights:
