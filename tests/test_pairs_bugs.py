@@ -117,3 +117,25 @@ def test_text_templates_render_each_side_of_a_pair_as_a_supervised_record_with_n
         load_examples(cfg, str(sides["chosen"]))[1], cfg, tiny_tokenizer, 256, Counter()).rendered]
     if template == "qa":  # no input: the optional part is left out, not rendered empty
         assert got.rendered[0].prompt == "Question: Is 0 a nice number?\nAnswer: "
+
+
+def test_a_judgements_files_dropped_lines_are_in_the_data_stats_the_run_records(tmp_path, tiny_model_dir):
+    """Was: the counts of ties and unusable lines went to stderr before the run log opened; the run recorded only the
+    pairs."""
+    rows = [{"prompt": [{"role": "user", "content": f"Is {i} a nice number?"}], "a": "base", "b": "run",
+             "answer_a": f"Yes, {i} is.", "answer_b": "No.", "winner": "ab"[i % 2]} for i in range(22)]
+    rows[3]["winner"] = rows[7]["winner"] = "tie"
+    rows[5]["answer_b"] = rows[5]["answer_a"]  # two identical answers
+    judged = write_jsonl(tmp_path / "judgements.jsonl", rows)
+    with open(judged, "a") as fh:
+        fh.write('{"prompt": "torn by a cra')  # line 23
+    res = train(tiny_cfg(tmp_path, tiny_model_dir, judged, "task=dpo", "train.max_steps=1", "eval.samples=0",
+                         "data.val_size=4"))
+    expected = {"file": str(judged), "judgements": 23, "pairs": 19, "dropped_ties": 2, "dropped_identical": 1,
+                "dropped_unusable": 1}
+    for recorded in (res.summary["data"], json.loads((res.run_dir / "eval.json").read_text())["data"]):
+        assert recorded["records"] == 19
+        [got] = recorded["judgements"]
+        assert {k: got[k] for k in expected} == expected
+        [torn] = got["unusable_samples"]
+        assert torn.startswith(f"{judged}:23: not valid JSON (Unterminated string")

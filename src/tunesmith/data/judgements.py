@@ -52,6 +52,12 @@ class JudgedPairs:
         return (f"{self.path}: {self.judgements} judgements -> {len(self.pairs)} preference pairs (winner chosen, loser "
                 f"rejected); dropped " + ", ".join(dropped))
 
+    def counts(self) -> dict:
+        """What a run records of the file in its data stats (summary.json, eval.json: data.prepare.load_examples)."""
+        return {"file": self.path, "judgements": self.judgements, "pairs": len(self.pairs), "dropped_ties": len(self.ties),
+                "dropped_identical": len(self.identical), "dropped_unusable": len(self.unusable),
+                "unusable_samples": self.unusable[:3]}
+
 
 def is_judgements_file(path) -> bool:
     """Named as the studio names a judgements file, or a JSON-lines file whose first record is a judgement."""

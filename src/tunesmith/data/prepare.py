@@ -16,7 +16,8 @@ from tunesmith.catalog import SFT_FORMATS
 from tunesmith.config import DataConfig
 from tunesmith.data import cache as data_cache
 from tunesmith.data.classify import label_names, tokenize_classification
-from tunesmith.data.read import read_records
+from tunesmith.data.judgements import is_judgements_file, read_judgements
+from tunesmith.data.read import expand_paths, read_records
 from tunesmith.data.render import ENCODE_CHUNK, IGNORE, PreparedData, Split, Tokenized, cut_start, encode_texts, render, tokenize
 from tunesmith.data.shapes import Example, detect_format, map_columns, to_example
 from tunesmith.errors import TunesmithError
@@ -40,6 +41,9 @@ def load_examples(cfg: DataConfig, path) -> tuple[str, list[Example], dict]:
     if not examples:
         raise TunesmithError(f"no usable records in {path}: {len(bad)} bad, e.g. {bad[0] if bad else '-'}")
     counts = {"records": len(records), "bad_skipped": len(bad), "bad_samples": bad[:3]}
+    judged = [read_judgements(p).counts() for p in expand_paths(path) if is_judgements_file(p)]
+    if judged:  # what each judgements file dropped (ties, identical answers, unusable lines); `records` counts its pairs
+        counts["judgements"] = judged
     if cfg.dedup:
         seen, kept = set(), []
         for ex in examples:
