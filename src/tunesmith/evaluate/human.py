@@ -16,12 +16,13 @@ from pathlib import Path
 
 from tunesmith.objectives.headroom import wilson  # the one Wilson interval (headroom's pass@k uses it too)
 from tunesmith.run.files import read_jsonl
+from tunesmith.run.layout import RunDir
 
-JUDGEMENTS = "judgements.jsonl"
+JUDGEMENTS = RunDir(".").judgements.name  # the file's name, spelled in run/layout.py (studio/ui.py imports it)
 
 
 def judgements(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / JUDGEMENTS
+    path = RunDir(run_dir).judgements
     return read_jsonl(path) if path.exists() else []
 
 
