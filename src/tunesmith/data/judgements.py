@@ -11,7 +11,8 @@ pairs read as the judged model read them.
 
 The file is an append-only log (several sessions, several people, exported files joined), so a line that is not a
 usable judgement (torn by a crash mid-write, a field edited by hand) is dropped with its `file:line` and the reason
-instead of stopping the run: `tunesmith data inspect` lists every dropped line, and training prints the counts.
+instead of stopping the run: `tunesmith data inspect` lists every dropped line, training prints the counts, and the
+run records them in its data stats (`JudgedPairs.counts`).
 Judgements of the same prompt share a `group`, so a held-out split never holds a prompt that training learned from.
 
 A file is read as judgements when it is named `judgements.jsonl` (or `NAME-judgements.jsonl`, the studio's download)
