@@ -15,8 +15,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    s = Running(tmp_path_factory.mktemp("studio-ui"))
+def studio(tmp_path_factory, tiny_model_dir):
+    s = Running(tmp_path_factory.mktemp("studio-ui"), models_dirs=(tiny_model_dir.parent,))
     yield s
     s.stop()
 
@@ -38,6 +38,8 @@ def page(browser, studio):
     pg = context.new_page()
     errors = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(f"{studio.url}/?token={studio.key}")  # as `tunesmith studio` prints it: the token becomes a cookie
+    assert pg.url == f"{studio.url}/"             # and leaves the address bar
     yield pg
     context.close()
     assert not errors, errors  # no script error on any page
@@ -82,7 +84,8 @@ def test_launch_watch_stop_refresh_resume_finish(page, studio, tmp_path, tiny_mo
     page.wait_for_url("**/#/run/ftjob-*")
     run = page.url.split("/")[-1]
     try:
-        page.wait_for_function("Number(document.querySelector('#loss')?.dataset.points || 0) >= 3", timeout=30_000)
+        # a job's process starts, loads the model and evaluates before its first step: >30 s on a busy 2-core machine
+        page.wait_for_function("Number(document.querySelector('#loss')?.dataset.points || 0) >= 3", timeout=120_000)
     except Exception:
         print("DEBUG", page.inner_text("body"))
         print("EVENTS", [e.message for e in studio.client().fine_tuning.jobs.list_events(run, limit=30)])
@@ -139,7 +142,7 @@ def test_runs_compare_playground_and_blind_judging(page, studio, tmp_path, tiny_
 
     page.goto(f"{studio.url}/#/playground")
     page.wait_for_selector("#ma")
-    page.select_option("#ma", str(tiny_model_dir))
+    page.select_option("#ma", tiny_model_dir.name)  # /v1/models lists ids, not server paths
     page.select_option("#mb", jobs[0].fine_tuned_model)
     page.fill("#prompt", "Say 3.")
     page.fill("#maxt", "8")
