@@ -795,10 +795,12 @@ LOSSES = {"cross_entropy": _loss_cross_entropy, "importance_sampling": _loss_imp
           "ppo": _loss_ppo, "cispo": _loss_cispo}
 
 
-def token_logprobs(model, rows: list[list[int]], targets: list[torch.Tensor], pad_id: int) -> list[torch.Tensor]:
-    """log p(target_t | row[:t+1]) for every position of every row, through the backbone + output head split that
-    training uses (models.heads.hidden_and_head), or the model's own logits when the head is adapted. Rows are
-    right-padded and run without an attention mask: with causal attention no real token sees a pad to its right."""
+def token_logprobs(model, rows: list[list[int]], targets: list[torch.Tensor], pad_id: int,
+                   starts: Optional[list[int]] = None) -> list[torch.Tensor]:
+    """log p(target_t | row[:t+1]) for the positions t >= starts[i] (default 0) of every row, through the backbone +
+    output head split that training uses (models.heads.hidden_and_head: rows sharing a prefix compute it once), or
+    the model's own logits when the head is adapted. Rows are right-padded and run without an attention mask: with
+    causal attention no real token sees a pad to its right."""
     from tunesmith.models.heads import hidden_and_head
 
     width = max(len(r) for r in rows)
@@ -811,22 +813,35 @@ def token_logprobs(model, rows: list[list[int]], targets: list[torch.Tensor], pa
     logits_all = None if parts is not None else model(input_ids=ids, use_cache=False).logits
     out = []
     for i, (r, t) in enumerate(zip(rows, targets)):
-        n = len(r)
-        logits = parts[0][i, :n] @ parts[1].T if parts is not None else logits_all[i, :n]
-        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, t.to(device)[:, None]).squeeze(-1)
+        start, n = (starts[i] if starts else 0), len(r)
+        logits = parts[0][i, start:n] @ parts[1].T if parts is not None else logits_all[i, start:n]
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, t[start:n].to(device)[:, None]).squeeze(-1)
         out.append(lp)
     return out
 
 
-def _passes(lengths: list[int], budget: int) -> list[list[int]]:
-    """Datum indices in passes of at most `budget` padded tokens (a longer datum gets its own pass)."""
-    passes, current, width = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and max(width, n) * (len(current) + 1) > budget:
-            passes.append(current)
-            current, width = [], 0
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _passes(rows: list[list[int]], budget: int, min_shared: int = 16) -> list[list[int]]:
+    """Row indices in passes of at most `budget` padded tokens (a longer row gets its own pass). A pass whose rows
+    share a prefix of `min_shared`+ tokens (one prompt's samples) ends where that sharing would end, so the prefix
+    is computed once for it (hidden_and_head)."""
+    passes, current, width, shared = [], [], 0, 0
+    for i, row in enumerate(rows):
+        if current:
+            s = _common_prefix(rows[current[0]], row, shared)
+            if max(width, len(row)) * (len(current) + 1) > budget or (len(current) > 1 and shared >= min_shared > s):
+                passes.append(current)
+                current, width = [], 0
+            else:
+                shared = s
+        if not current:
+            shared = len(row)
         current.append(i)
-        width = max(width, n)
+        width = max(width, len(row))
     if current:
         passes.append(current)
     return passes
@@ -841,7 +856,7 @@ def _forward_backward(host: Host, adapter: str, data, loss_fn: str, config: dict
     loss_of = LOSSES[loss_fn]
     outputs: list[Optional[dict]] = [None] * len(data)
     total = 0.0
-    for indices in _passes([len(d[0]) for d in data], pass_tokens):
+    for indices in _passes([d[0] for d in data], pass_tokens):
         with torch.set_grad_enabled(backward):
             lps = token_logprobs(model, [data[i][0] for i in indices], [data[i][1]["target_tokens"] for i in indices], pad)
             loss = sum(loss_of(lp, data[i][1], config) for i, lp in zip(indices, lps))
@@ -1012,12 +1027,15 @@ def _run_samples(host: Host, jobs: list[SampleJob], pass_tokens: int) -> None:
         pad = host.tokenizer.pad_token_id if host.tokenizer.pad_token_id is not None else 0
         for adapter, rows in scored.items():
             with torch.no_grad(), _weights(host, adapter):
-                for indices in _passes([len(r[2]) for r in rows], pass_tokens):
+                for indices in _passes([r[2] for r in rows], pass_tokens):
                     chunk = [rows[i] for i in indices]
                     inputs = [r[2][:-1] if len(r[2]) > 1 else r[2] for r in chunk]
                     targets = [torch.tensor(r[2][1:] if len(r[2]) > 1 else r[2], dtype=torch.long) for r in chunk]
-                    for r, lp in zip(chunk, token_logprobs(host.model, inputs, targets, pad)):
-                        logprobs[(r[0], r[1])] = lp.float().cpu()
+                    # the head runs on the completion only, and on the prompt too where its log-probs were asked for
+                    starts = [0 if (live[r[0]].prompt_logprobs and r[1] == 0) else max(0, len(live[r[0]].prompt) - 1)
+                              for r in chunk]
+                    for r, st, lp in zip(chunk, starts, token_logprobs(host.model, inputs, targets, pad, starts)):
+                        logprobs[(r[0], r[1])] = torch.cat([torch.full((st,), math.nan), lp.float().cpu()])
     except Exception:
         ref = secrets.token_hex(6)
         log.exception("tinker sampling failed (reference %s)", ref)
