@@ -80,3 +80,13 @@ def gather(obj, d: Dist) -> list:
     out = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor joined along its last dimension over the processes of the initialised group, in rank order (a
+    collective: every rank calls it, online RL at every new batch of rollouts); alone, the tensors themselves."""
+    d = joined()
+    if not d.active:
+        return tensors
+    parts = gather([t.cpu() for t in tensors], d)
+    return tuple(torch.cat([p[k] for p in parts], dim=-1) for k in range(len(tensors)))

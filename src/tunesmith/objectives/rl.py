@@ -51,8 +51,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from tunesmith.collectives import across_processes, gather, joined
 from tunesmith.data.render import Tokenized
 from tunesmith.models.engine import Engine, Request, Sampling
 from tunesmith.models.heads import hidden_and_head
@@ -489,26 +489,9 @@ def _cpu(value):
     return value.cpu() if torch.is_tensor(value) else value
 
 
-def across_processes(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each tensor joined along its last dimension over the processes, in rank order, under torchrun (a collective:
-    every rank calls it at every new batch of rollouts); alone, the tensors themselves."""
-    if not _distributed():
-        return tensors
-    parts = _every_process([t.cpu() for t in tensors])
-    return tuple(torch.cat([p[k] for p in parts], dim=-1) for k in range(len(tensors)))
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _every_process(obj) -> list:
-    """Every process's `obj`, in rank order (a collective under torchrun)."""
-    if not _distributed():
-        return [obj]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
+    """Every process's `obj`, in rank order (a collective under torchrun; tunesmith/collectives.py, shared with the loop)."""
+    return gather(obj, joined())
 
 
 GROUP_STATE = ("prompt_ids", "completions", "truncated", "rewards", "advantages", "old_logps", "ref_logps")
