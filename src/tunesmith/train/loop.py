@@ -205,10 +205,12 @@ def setup(cfg: Config, resume: Path | None, force_resume: bool, force: bool, ove
         + f", {cfg.train.schedule} schedule, {warmup} warm-up steps")
     progress = Progress(planned_steps=total_steps, global_batch=global_batch, precision=precision.settings(),
                         fingerprint=run.fingerprint)
-    s = Session(cfg, run, ddp, device, threads, started, log, run_dir, replaced, trackers, model, trainable, copies,
-                objective, optimizer, engine, baseline, base_general, lengths,
-                [objective.weight(t) for t in objective.train], repeats, global_batch, steps_per_epoch, step_cap, budget,
-                total_steps, warmup, peak_lr, progress, ckpt)
+    s = Session(cfg=cfg, run=run, dist=ddp, device=device, threads=threads, started=started, log=log, run_dir=run_dir,
+                replaced=replaced, trackers=trackers, model=model, trainable=trainable, copies=copies, objective=objective,
+                optimizer=optimizer, engine=engine, baseline=baseline, base_general=base_general, lengths=lengths,
+                weights=[objective.weight(t) for t in objective.train], repeats=repeats, global_batch=global_batch,
+                steps_per_epoch=steps_per_epoch, step_cap=step_cap, budget=budget, total_steps=total_steps,
+                warmup=warmup, peak_lr=peak_lr, progress=progress, ckpt=ckpt)
     if ckpt:
         _resume(s, ckpt)
     return s
