@@ -110,11 +110,12 @@ def test_an_rl_run_measures_its_headroom_before_the_first_step(tmp_path, tiny_mo
     before = res.summary["before"]
     for row in (first, before):
         assert row["headroom_samples"] == 4 and row["headroom_prompts"] == 8
-        assert row["headroom_numeric_pass@1"] == pytest.approx(row["eval_reward_numeric"], abs=1e-4)
+        assert row["headroom_numeric_pass_at_1"] == pytest.approx(row["eval_reward_numeric"], abs=1e-4)
         assert row["headroom_vowels_greedy"] == pytest.approx(row["eval_reward_vowels"], abs=1e-4)
         assert row["headroom_vowels_greedy"] != row["headroom_vowels_best_of_4"]
-        assert 0 <= row["headroom_numeric_pass@1"] <= row["headroom_numeric_pass@4"] <= 1
-    if before["headroom_numeric_pass@4"] == 0:  # the random tiny model never says the number: it says so
+        assert 0 <= row["headroom_numeric_pass_at_1"] <= row["headroom_numeric_pass_at_4"] <= 1
+    assert "headroom before training (8 prompts): pass@1" in (res.run_dir / "report.html").read_text()
+    if before["headroom_numeric_pass_at_4"] == 0:  # the random tiny model never says the number: it says so
         assert "warning: headroom: no sample of 4 was right (numeric)" in log and "warm up with SFT first" in log
     off = train(tiny_cfg(tmp_path, tiny_model_dir, number_prompts, "task=rl", "method.name=lora", "train.max_steps=1",
                          "rl.group_size=2", "rl.max_new_tokens=4", "rl.headroom_samples=0", "output.name=plain",

@@ -125,6 +125,8 @@ def test_a_judge_endpoint_that_does_not_answer_stops_before_anything_loads(tmp_p
     assert main(["eval", str(run), "--judge", url, "--judge-model", "m"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"judge endpoint {url} does not answer" in err
+    assert main(["eval", str(run), "--judge", url, "--samples", "4"]) == 2
+    assert "two evaluations" in capsys.readouterr().err
     assert main(["eval", str(run), "--judge", url]) == 2
     assert "--judge-model NAME" in capsys.readouterr().err
     assert main(["eval", str(run), "--judge", str(tmp_path / "nowhere")]) == 2

@@ -75,6 +75,10 @@ def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:
         if against:
             claims.append(f"on {evaluation['examples']} examples the tuned model's reward is higher on {against['won']}, lower on "
                           f"{against['lost']} (sign test p = {against['p_value']})")
+        K = before.get("headroom_samples")
+        if K and f"headroom_pass_at_{K}" in before:  # measured before the first step (objectives/headroom.py)
+            claims.append(f"headroom before training ({before['headroom_prompts']} prompts): pass@1 "
+                          f"{before['headroom_pass_at_1']:.1%}, pass@{K} {before[f'headroom_pass_at_{K}']:.1%}")
     elif "eval_margin" in after:  # a reward model: which answer of a pair it scores higher
         claims.append(f"held-out pairwise accuracy {before.get('eval_accuracy', 0.5):.1%} &rarr; <b>{after['eval_accuracy']:.1%}</b> "
                       f"(mean margin chosen - rejected {before.get('eval_margin', 0):+.3f} &rarr; {after['eval_margin']:+.3f}; "

@@ -226,17 +226,18 @@ def measure_headroom(model, tokenizer, prompts: list[list[int]], rollouts_of: Ca
 
 def flat_metrics(h: dict) -> dict:
     """The numbers as flat `headroom_*` keys (metrics.jsonl's step-0 row, eval.json's `before`, trackers): the answer
-    check's pass@1 / pass@K, each reward's pass@1 / pass@K (0/1 rewards) or greedy / best-of-K means, the total's."""
+    check's pass@1 / pass@K, each reward's pass@1 / pass@K (0/1 rewards) or greedy / best-of-K means, the total's.
+    `pass_at_K`, not `pass@K`: MLflow's metric names take letters, digits, `_ - . /` and spaces only."""
     K = h["samples"]
     out = {"headroom_samples": K, "headroom_prompts": h["prompts"], "headroom_warnings": len(h["warnings"])}
     if h["check"]:
-        out["headroom_pass@1"] = h["rewards"][h["check"]]["pass@1"]
-        out[f"headroom_pass@{K}"] = h["rewards"][h["check"]][f"pass@{K}"]
+        out["headroom_pass_at_1"] = h["rewards"][h["check"]]["pass@1"]
+        out[f"headroom_pass_at_{K}"] = h["rewards"][h["check"]][f"pass@{K}"]
     for name, r in h["rewards"].items():
         if r is None:
             continue
         if r["binary"]:
-            out[f"headroom_{name}_pass@1"], out[f"headroom_{name}_pass@{K}"] = r["pass@1"], r[f"pass@{K}"]
+            out[f"headroom_{name}_pass_at_1"], out[f"headroom_{name}_pass_at_{K}"] = r["pass@1"], r[f"pass@{K}"]
         else:
             out[f"headroom_{name}_greedy"], out[f"headroom_{name}_best_of_{K}"] = r["greedy_mean"], r["best_of_k_mean"]
     out["headroom_reward_greedy"] = h["total"]["greedy_mean"]

@@ -456,9 +456,9 @@ class OnlineRL(Objective):
         lines.append(f"  completion length {before['eval_length']:.1f} -> {after['eval_length']:.1f} tokens, cut at the cap "
                      f"{before['eval_truncated']:.0%} -> {after['eval_truncated']:.0%}")
         K = before.get("headroom_samples")
-        if K and f"headroom_pass@{K}" in before:
+        if K and f"headroom_pass_at_{K}" in before:
             lines.append(f"  headroom before training ({before['headroom_prompts']} prompts): pass@1 "
-                         f"{before['headroom_pass@1']:.1%}, pass@{K} {before[f'headroom_pass@{K}']:.1%}")
+                         f"{before['headroom_pass_at_1']:.1%}, pass@{K} {before[f'headroom_pass_at_{K}']:.1%}")
         return lines
 
 
