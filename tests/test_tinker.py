@@ -152,6 +152,9 @@ def test_sampling_from_saved_weights_and_the_base(service, tiny_model_dir, tiny_
     stop_at = a[1]
     stopped = sc.sample(prompt, 1, types.SamplingParams(max_tokens=5, temperature=0.0, stop=[stop_at])).result()
     assert stopped.sequences[0].tokens == a[:a.index(stop_at) + 1] and stopped.sequences[0].stop_reason == "stop"
+    text = tiny_tokenizer.decode(a[:2])
+    by_text = sc.sample(prompt, 1, types.SamplingParams(max_tokens=5, temperature=0.0, stop=[text])).result()
+    assert by_text.sequences[0].stop_reason == "stop" and by_text.sequences[0].tokens == a[:2]
     # compute_logprobs; and a sampler of the base model, named by create_sampling_client
     lps = sc.compute_logprobs(prompt).result()
     assert lps[0] is None and len(lps) == prompt.length
@@ -229,6 +232,12 @@ def test_save_and_load_state_with_the_optimizer_continue_exactly(studio, service
     step(b)
     resumed = adapter_of(studio, b, "resumed")
     assert max(float((resumed[k] - straight[k]).abs().max()) for k in straight) < 1e-6
+
+    d = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=11).result()
+    d.load_state_with_optimizer(path).result()  # the older, deprecated way into an existing client
+    step(d)
+    loaded = adapter_of(studio, d, "loaded")
+    assert max(float((loaded[k] - straight[k]).abs().max()) for k in straight) < 1e-6
 
     c = service.create_training_client_from_state(path).result()  # weights only: Adam starts again
     step(c)
@@ -338,3 +347,52 @@ def test_an_idle_session_is_closed_and_its_memory_freed(tmp_path, tiny_model_dir
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# ---------------------------------------------------------------- tinker-cookbook's own loops, unmodified, on SmolLM2
+
+def cookbook_studio(tmp_path, monkeypatch):
+    """The studio serving the bundled SmolLM2, named by its folder (so the SDK's and the cookbook's tokenizer lookups
+    read that folder, offline), with TINKER_BASE_URL / TINKER_API_KEY pointing the cookbook at it."""
+    pytest.importorskip("tinker_cookbook")
+    from tunesmith.models.load import resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir("smollm2-135m-instruct")
+    except Exception as e:  # the weights package is not installed
+        pytest.skip(str(e))
+    studio = Running(tmp_path / "studio", models_dirs=(model_dir.parent,))
+    monkeypatch.setenv("TINKER_BASE_URL", studio.url)
+    monkeypatch.setenv("TINKER_API_KEY", studio.key)
+    return studio, str(model_dir)
+
+
+def cookbook_metrics(log_path) -> list[dict]:
+    return [json.loads(x) for x in (log_path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_cookbook_supervised_loop_runs_unmodified_and_its_loss_falls(tmp_path, monkeypatch):
+    import asyncio
+
+    from tinker_cookbook.supervised import train
+    from tinker_cookbook.supervised.data import FromConversationFileBuilder
+    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+    studio, model = cookbook_studio(tmp_path, monkeypatch)
+    rows = [{"messages": [{"role": "user", "content": f"What is the capital of country number {i}?"},
+                          {"role": "assistant", "content": f"The capital of country {i} is City{i}."}]} for i in range(64)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=model, renderer_name="qwen3_instruct",
+                                            max_length=128, batch_size=8)
+    config = train.Config(log_path=str(tmp_path / "sl"), model_name=model, recipe_name="tunesmith_test",
+                          renderer_name="qwen3_instruct", learning_rate=3e-4, lora_rank=8, max_steps=8,
+                          dataset_builder=FromConversationFileBuilder(file_path=str(data), common_config=common),
+                          save_every=0, eval_every=0, infrequent_eval_every=0)
+    try:
+        asyncio.run(train.main(config))
+    finally:
+        studio.stop()
+    nll = [m["train_mean_nll"] for m in cookbook_metrics(tmp_path / "sl")]
+    print("cookbook supervised loop, train_mean_nll per step:", [round(x, 3) for x in nll])
+    assert len(nll) == 8 and nll[-1] < 0.5 * nll[0]

@@ -500,8 +500,9 @@ class TinkerService:
             m = self.training_model(req.model_id)
             if Path(meta["model_dir"]).resolve() != m.host.model_dir.resolve():
                 raise UserError(f"{req.path} was trained on {meta['base_model']!r}, this client on {m.base_model!r}")
-            if meta["lora"]["rank"] != m.lora["rank"] or meta["lora"] != m.lora:
-                raise UserError(f"{req.path} has LoRA settings {meta['lora']}, this client {m.lora}")
+            shape = lambda lora: {k: v for k, v in lora.items() if k != "seed"}  # noqa: E731
+            if shape(meta["lora"]) != shape(m.lora):
+                raise UserError(f"{req.path} has LoRA settings {shape(meta['lora'])}, this client {shape(m.lora)}")
 
             def work() -> dict:
                 _load_adapter(m, folder, req.optimizer)
