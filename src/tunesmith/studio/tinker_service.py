@@ -274,7 +274,10 @@ class TinkerService:
             if job is None:
                 return
             if not isinstance(job, SampleJob):
-                job()
+                try:
+                    job()  # requests report their own errors; housekeeping (freeing adapters) only logs them
+                except Exception:
+                    log.exception("tinker housekeeping failed")
                 continue
             batch = [job]  # the sample requests queued behind it join its engine batch (RL: a step's rollouts)
             while len(batch) < 256:
