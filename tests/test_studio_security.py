@@ -349,6 +349,8 @@ def test_shutdown_completes_with_an_event_stream_open_and_jobs_do_not_import_fro
     job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id, extra_body={
         "tunesmith": {"overrides": FAST + ["train.max_steps=3000", "train.save_every_steps=5"]}})
     wait(c, job.id, lambda j: len(steps_of(c, j.id)) >= 2)
+    lines = s.http.get(f"/v1/studio/runs/{job.id}/log").json()["lines"]  # L1: the run's log with no server path
+    assert any(f"runs/{job.id}" in ln for ln in lines) and not any(str(home) in ln for ln in lines)
     opened = threading.Event()
 
     def listen():
@@ -435,3 +437,28 @@ def test_health_answers_while_200_runs_are_listed(tmp_path, tiny_model_dir):
         assert worst[0] < 0.5, worst  # once: 6.4 s (the audit's M8), the listing on the event loop
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- M4: resumable while its checkpoints exist
+
+def test_a_job_that_may_resume_keeps_its_file_and_a_failed_one_with_a_checkpoint_resumes(studio, tmp_path):
+    c = studio.client()
+    f = upload(c, write_jsonl(tmp_path / "chat.jsonl", chat_rows(4)))
+    store, runner = studio.app.state.store, studio.app.state.runner
+    plan = {"source": "studio", "overrides": [], "hyperparameters": {"n_epochs": 1}, "base": "tiny", "task": "causal",
+            "recipe": "studio"}
+    request = {"model": "tiny", "training_file": f.id, "_plan": plan, "_model_source": "x", "_model_id": "tiny"}
+    store.add_job("ftjob-paused0", request, str(runner.run_dir("ftjob-paused0").path), "paused")
+    with pytest.raises(openai.ConflictError):  # once: deleted, and the paused job could never continue
+        c.files.delete(f.id)
+    store.update_job("ftjob-paused0", status="failed")  # e.g. a full disk stopped it ...
+    ckpt = runner.run_dir("ftjob-paused0").checkpoints / "step-0000005"
+    ckpt.mkdir(parents=True)                           # ... after its checkpoint at step 5
+    with pytest.raises(openai.ConflictError):
+        c.files.delete(f.id)
+    job = c.fine_tuning.jobs.resume("ftjob-paused0")   # once: 400, "a paused or cancelled job can be resumed"
+    assert job.status == "validating_files"
+    try:  # its made-up plan would fail at start anyway
+        c.fine_tuning.jobs.cancel("ftjob-paused0")
+    except openai.BadRequestError:
+        pass

@@ -215,6 +215,7 @@ def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_f
         if err:
             return err
         text = run.log.read_text(errors="replace") if run.log.exists() else ""
+        text = public_text(text.replace(str(run.path), f"runs/{name}"), home, policy)  # no server paths
         return {"lines": text.splitlines()[-max(1, min(lines, 5000)):]}
 
     @app.get("/v1/studio/runs/{name}/files/{file}")
