@@ -19,11 +19,15 @@ def pairs_file(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
 
 
+def sft_run(tmp_path, tiny_model_dir, instruction_file, method: str):
+    """A tiny supervised run whose method moved the weights (lr 1e-2)."""
+    return train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, f"method.name={method}", "train.max_steps=3",
+                          "eval.samples=0", "output.name=parent")).run_dir
+
+
 @pytest.fixture
 def lora_parent(tmp_path, tiny_model_dir, instruction_file):
-    """A tiny supervised LoRA run whose adapter moved the weights (lr 1e-2)."""
-    return train(tiny_cfg(tmp_path, tiny_model_dir, instruction_file, "method.name=lora", "train.max_steps=3",
-                          "eval.samples=0", "output.name=parent")).run_dir
+    return sft_run(tmp_path, tiny_model_dir, instruction_file, "lora")
 
 
 def backbone_states(model, ids):
@@ -32,16 +36,18 @@ def backbone_states(model, ids):
         return model.base_model(input_ids=ids).last_hidden_state
 
 
+@pytest.mark.parametrize("method", ["lora", "adapters"])  # a peft adapter; a partial method's tensors (also bitfit)
 @pytest.mark.parametrize("task,labels", [("reward", None), ("classification", ["no", "yes", "maybe"])])
-def test_a_score_model_loaded_from_an_adapter_run_has_the_merged_adapter_under_a_fresh_head(lora_parent, tiny_model_dir,
-                                                                                               task, labels):
+def test_a_score_model_loaded_from_a_tuned_run_has_its_weights_under_a_fresh_head(tmp_path, tiny_model_dir,
+                                                                                  instruction_file, method, task, labels):
     from transformers import AutoModelForCausalLM
 
     from tunesmith.methods.load import load_model, merge_adapter
 
+    parent = sft_run(tmp_path, tiny_model_dir, instruction_file, method)
     cpu = torch.device("cpu")
-    tuned = merge_adapter(load_model(lora_parent / "final", torch.float32, cpu)).eval()  # the parent as it generates
-    model = load_model(lora_parent / "final", torch.float32, cpu, task, labels=labels).eval()
+    tuned = merge_adapter(load_model(parent / "final", torch.float32, cpu)).eval()  # the parent as it generates
+    model = load_model(parent / "final", torch.float32, cpu, task, labels=labels).eval()
     assert type(model).__name__ == "LlamaForSequenceClassification"
     assert model.config.num_labels == (1 if task == "reward" else 3)
     if labels:
@@ -53,6 +59,22 @@ def test_a_score_model_loaded_from_an_adapter_run_has_the_merged_adapter_under_a
     assert not torch.allclose(ours, backbone_states(base, ids), atol=1e-3)  # ... and it moved them
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape == (1, model.config.num_labels)
+    assert model.name_or_path == str(parent / "final")  # what a new adapter on it names as its base
+
+
+def test_an_adapter_on_a_partial_method_run_names_that_run_as_its_base(tmp_path, tiny_model_dir, instruction_file,
+                                                                       pairs_file):
+    """Was: a LoRA child of a bottleneck-adapters (or BitFit) run named the base model, so loading the child left out
+    its parent's tensors."""
+    from tunesmith.methods.load import load_model
+
+    parent = sft_run(tmp_path, tiny_model_dir, instruction_file, "adapters")
+    child = train(tiny_cfg(tmp_path, str(parent), pairs_file, "task=dpo", "method.name=lora", "train.max_steps=1",
+                           "eval.samples=0", "output.name=child")).run_dir
+    config = json.loads((child / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(parent / "final")
+    loaded = load_model(child / "final", torch.float32, torch.device("cpu"))
+    assert sum(type(m).__name__ == "Bottleneck" for m in loaded.modules()) == 2  # the parent's, one per block
 
 
 def test_reward_model_trains_from_an_adapter_run(tmp_path, lora_parent, pairs_file):

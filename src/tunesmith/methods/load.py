@@ -35,8 +35,12 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: Optional[torch.devic
     if (model_dir / ADAPTER_CONFIG).exists():
         return _load_adapter_model(model_dir, dtype, device, task, labels)
     if (model_dir / MARKER).exists():
+        saved = json.loads((model_dir / MARKER).read_text())["task"]
+        fresh_head = _new_score_head(saved, task)  # e.g. a reward model started from a causal run: a fresh head
         model = load_trainable(model_dir, lambda base, t, meta: load_model(
-            _base_dir(model_dir, base), dtype, device, t, labels=list((meta.get("id2label") or {}).values()) or None))
+            _base_dir(model_dir, base), dtype, device, t,
+            labels=labels if fresh_head else list((meta.get("id2label") or {}).values()) or None), task if fresh_head else None)
+        model.name_or_path = str(model_dir)  # what a new adapter or method on it names as its base (not the base below)
         return model.to(device)
     return load_base_model(model_dir, dtype, device, task, quantization, labels)
 
@@ -58,7 +62,7 @@ def _load_adapter_model(adapter_dir: Path, dtype, device, task: str = "auto", la
         base = load_model(base_dir, dtype, device)
     base = merge_adapter(base)  # the base may itself be a tuned adapter run (e.g. DPO after SFT)
     model = PeftModel.from_pretrained(base, adapter_dir)
-    if classifier or task not in TASKS or not has_class_head(task):
+    if not _new_score_head("classification" if classifier else "causal", task):
         return model
     if model.active_peft_config.is_prompt_learning:
         raise TunesmithError(f"{adapter_dir}: a {output_method(adapter_dir)} run cannot start a {task} model: its soft "
@@ -66,6 +70,12 @@ def _load_adapter_model(adapter_dir: Path, dtype, device, task: str = "auto", la
     model = _under_score_head(merge_adapter(model), base_dir, dtype, device, task, labels)
     model.name_or_path = str(adapter_dir)  # what a new adapter on it names as its base (assemble.load_method_model)
     return model
+
+
+def _new_score_head(saved_task: str, task: str) -> bool:
+    """Whether a tuned output saved for `saved_task` is asked for as a sequence classifier it is not (its weights
+    under a fresh score head)."""
+    return task in TASKS and has_class_head(task) and not (saved_task in TASKS and has_class_head(saved_task))
 
 
 def _under_score_head(tuned, base_dir: Path, dtype, device, task: str, labels: Optional[list[str]]):
@@ -106,6 +116,8 @@ def _base_dir(output: Path, recorded: str) -> Path:
     """The base folder a tuned output names. A bundled base is recorded as its cache folder, which clearing
     ~/.cache/tunesmith removes: then the run's own config (final/../config.yaml) names it again (model.name), and
     resolving that rebuilds it."""
+    if (Path(recorded) / MARKER).exists():  # a partial method's run (its final/ has no config.json)
+        return Path(recorded)
     if Path(recorded).exists():
         return resolve_model_dir(recorded)
     config = Path(output).parent / "config.yaml"
@@ -169,14 +181,17 @@ def save_trainable(model, tokenizer, out_dir: Path, cfg, task: str, state_dict: 
     tokenizer.save_pretrained(out_dir)
 
 
-def load_trainable(out_dir: Path, load_base):
-    """`load_base(path, task, meta)` returns the base model; the method is re-applied and the tensors loaded."""
+def load_trainable(out_dir: Path, load_base, task: str | None = None):
+    """`load_base(path, task, meta)` returns the base model; the method is re-applied and the tensors loaded. `task`:
+    the task the model is rebuilt for (default: the one it trained; a classifier's task on a causal run's tensors
+    leaves the score head fresh)."""
     from tunesmith.config import MethodConfig
     from tunesmith.methods import get_method
 
     meta = json.loads((Path(out_dir) / MARKER).read_text())
-    model = load_base(meta["base_model_name_or_path"], meta["task"], meta)
-    model = get_method(meta["method"]).apply(model, MethodConfig(**meta["method_config"]), meta["task"])
+    task = task or meta["task"]
+    model = load_base(meta["base_model_name_or_path"], task, meta)
+    model = get_method(meta["method"]).apply(model, MethodConfig(**meta["method_config"]), task)
     weights = load_file(Path(out_dir) / "trainable.safetensors")
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
