@@ -18,7 +18,6 @@ from tunesmith.objectives.headroom import wilson  # the one Wilson interval (hea
 from tunesmith.run.files import read_jsonl
 from tunesmith.run.layout import RunDir
 
-JUDGEMENTS = RunDir(".").judgements.name  # the file's name, spelled in run/layout.py (studio/ui.py imports it)
 
 
 def judgements(run_dir: Path) -> list[dict]:

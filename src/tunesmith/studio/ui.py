@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.catalog import METHOD_NAMES
 from tunesmith.config import list_recipes, load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.human import JUDGEMENTS, judgements, summarize
+from tunesmith.evaluate.human import judgements, summarize
 from tunesmith.evaluate.report import write_report
 from tunesmith.export.serve import openai_error
 from tunesmith.models.engine import Request, Sampling
@@ -289,7 +289,7 @@ def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_f
         p = session["pairs"][index]
         second = "b" if p["first"] == "a" else "a"
         winner = {"first": p["first"], "second": second, "tie": "tie"}[body.choice]
-        append_jsonl(run.path / JUDGEMENTS, {
+        append_jsonl(run.judgements, {
             "session": session["created_at"], "index": index, "prompt": p["messages"], "reference": p["reference"],
             "a": session["a"], "b": session["b"], "answer_a": p["answer_a"], "answer_b": p["answer_b"],
             "winner": winner, "shown_first": p["first"], "at": int(time.time())})
@@ -302,7 +302,7 @@ def add_ui_routes(app, home: Path, runs_dirs: list[Path], store, pool, prepare_f
         run, err = run_or_404(name)
         if err:
             return err
-        path = run.path / JUDGEMENTS
+        path = run.judgements
         return Response(path.read_bytes() if path.exists() else b"", media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="{name}-judgements.jsonl"'})
 
