@@ -158,6 +158,10 @@ def test_sampling_from_saved_weights_and_the_base(service, tiny_model_dir, tiny_
     # compute_logprobs; and a sampler of the base model, named by create_sampling_client
     lps = sc.compute_logprobs(prompt).result()
     assert lps[0] is None and len(lps) == prompt.length
+    named = tc.save_weights_for_sampler("named").result().path
+    assert named.endswith("/sampler_weights/named")
+    again = service.create_sampling_client(model_path=named).sample(prompt, 1, greedy).result()
+    assert again.sequences[0].tokens == a  # the same weights, loaded from what was saved
     base = service.create_sampling_client(base_model=str(tiny_model_dir))
     assert base.get_base_model() == str(tiny_model_dir)
     assert len(base.sample(prompt, 2, types.SamplingParams(max_tokens=3)).result().sequences) == 2
@@ -419,6 +423,8 @@ def test_cookbook_rl_loop_runs_unmodified_and_its_mean_reward_rises(tmp_path, mo
         asyncio.run(train.main(config))
     finally:
         studio.stop()
-    reward = [m["env/all/reward/total"] for m in cookbook_metrics(tmp_path / "rl")]
+    steps = [m for m in cookbook_metrics(tmp_path / "rl") if "env/all/reward/total" in m]  # (a last summary line)
+    reward = [m["env/all/reward/total"] for m in steps]
+    print("answers ending with the stop token per step:", [round(m["env/all/format"], 3) for m in steps])
     print("cookbook RL loop, mean reward per step:", [round(x, 3) for x in reward])
     assert len(reward) == 5 and sum(reward[-2:]) / 2 > reward[0] + 0.03
