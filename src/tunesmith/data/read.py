@@ -3,8 +3,9 @@
 Supported: JSONL, JSON (an array of objects, or {"data"/"train": [...]}), CSV/TSV, Parquet,
 plain text (`.txt`: one record per line; a file with blank-line-separated paragraphs or a
 single document is read as paragraphs), a folder written by `datasets.save_to_disk`,
-`builtin:docstrings` (data/docstrings.py), `builtin:arithmetic` / `builtin:arithmetic-test` (data/arithmetic.py) and
-`builtin:countdown` / `builtin:countdown-test` (data/countdown.py).
+`builtin:docstrings` (data/docstrings.py), `builtin:arithmetic` / `builtin:arithmetic-test` (data/arithmetic.py),
+`builtin:countdown` / `builtin:countdown-test` (data/countdown.py), and
+`datasets:NAME/FILE`, a public data set in the data folder (data/sources.py).
 """
 from __future__ import annotations
 
