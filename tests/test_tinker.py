@@ -2,7 +2,6 @@
 studio), on a tiny model built here: every primitive, the numbers against tunesmith's own training, and the house
 rules (the key, idle sessions, a saved state served as a run)."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -70,7 +70,7 @@ class Limits:
     pass_tokens: int = 2048             # tokens per forward pass (activation memory)
     max_samples: int = 64
     max_sample_tokens: int = 1024
-    max_adapters: int = 16              # training clients + kept samplers, all bases together
+    max_adapters: int = 64              # adapters held (training clients, snapshots, loaded samplers), all bases
     futures_kept_seconds: float = 900.0
 
 
