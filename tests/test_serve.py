@@ -235,3 +235,35 @@ def test_chat_loop(tiny_model_dir):
     chat_loop(model, load_tokenizer(tiny_model_dir), Sampling(max_new_tokens=4), read=lambda _: next(lines), write=out.append)
     text = "".join(out)
     assert text.count("bot> ") == 2 and "system message set" in text and "conversation cleared" in text
+
+
+def _chat(url, **body):
+    return httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                      json={"model": "alpha", "messages": [{"role": "user", "content": "Say 1."}], **body})
+
+
+def test_an_out_of_range_seed_is_a_400_and_a_failed_submit_leaves_nothing_generating(server, monkeypatch):
+    """Audit M9: `seed: 2**64` was a 500, and the completions submitted before the failure went on for nobody."""
+    url, served = server
+    for seed in (2**64 - 7, 2**63, -2**63 - 1):
+        r = _chat(url, seed=seed, n=8, max_tokens=4)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    r = _chat(url, seed=2**63 - 1, n=3, max_tokens=2)  # seed + k wraps within torch's int64
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+    engine, real, seen = served.engine, served.engine.submit, []
+
+    def failing(req):
+        if len(seen) == 2:
+            raise RuntimeError("submit failed")
+        seen.append(req)
+        return real(req)
+
+    monkeypatch.setattr(engine, "submit", failing)
+    r = _chat(url, n=4, max_tokens=200)
+    assert r.status_code == 500 and len(seen) == 2
+    assert all(q.cancelled for q in seen)  # rolled back, not generating for nobody
+    monkeypatch.undo()
+    deadline = time.time() + 10
+    while engine.pending() and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.pending() == 0

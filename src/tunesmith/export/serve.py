@@ -86,7 +86,7 @@ class Common(BaseModel):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[dict] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, lt=2**63)  # what torch.Generator.manual_seed takes (int64)
     n: int = Field(1, ge=1, le=8)
     user: Optional[str] = None
     presence_penalty: float = Field(0.0, ge=0, le=0)   # accepted at 0, the only value served
@@ -239,7 +239,7 @@ def add_generation_routes(app, target, names, limits) -> None:
         for p, (ids, sampling, stops) in enumerate(prepared):
             for k in range(req.n):
                 index = p * req.n + k
-                s = sampling if k == 0 else Sampling(**{**sampling.__dict__, "seed": sampling.seed + k})
+                s = sampling if k == 0 else Sampling(**{**sampling.__dict__, "seed": _wrap_seed(sampling.seed + k)})
                 reqs.append(Request(list(ids), s, stops, t.model.adapter,
                                     on_text=(lambda x, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, "text", x)))
                                     if stream else None,
@@ -253,6 +253,10 @@ def add_generation_routes(app, target, names, limits) -> None:
                 r.cancel()
             return None, None, error(429, "the server is busy: too many requests are waiting; retry shortly",
                                      code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        except Exception:  # nothing of this request may go on generating for nobody
+            for r in submitted:
+                r.cancel()
+            raise
         return reqs, queue, None
 
     async def wait_all(http: HTTPRequest, reqs: list[Request], queue: asyncio.Queue) -> bool:
@@ -392,6 +396,11 @@ async def _completion_stream(http, reqs, queue, cid, created, model, finish_reas
                                                        "type": "server_error"}}) + "\n\n"
             yield chunk(index, "", finish_reason(value))
     yield "data: [DONE]\n\n"
+
+
+def _wrap_seed(seed: int) -> int:
+    """`seed` folded into the signed 64-bit range torch's generators take (seed + k of the k-th completion)."""
+    return (seed + 2**63) % 2**64 - 2**63
 
 
 def _public(message: str | None) -> str:
