@@ -267,3 +267,25 @@ def test_an_out_of_range_seed_is_a_400_and_a_failed_submit_leaves_nothing_genera
     while engine.pending() and time.time() < deadline:
         time.sleep(0.05)
     assert engine.pending() == 0
+
+
+def test_health_answers_while_a_1_mib_prompt_is_tokenised(server):
+    """Audit M8: rendering and tokenising a prompt ran on the event loop (a 1 MiB one stalled /health for seconds).
+    The issue's goal is 100 ms; asserted at 0.5 s because the machine is shared (the worst time is printed)."""
+    url, served = server
+    served.max_body_bytes, old = 4 << 20, served.max_body_bytes
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            big = pool.submit(_chat, url, messages=[{"role": "user", "content": "word " * (1 << 18)}])
+            worst, polls = 0.0, 0
+            while not big.done():
+                t0 = time.perf_counter()
+                assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+                worst, polls = max(worst, time.perf_counter() - t0), polls + 1
+                time.sleep(0.02)
+            r = big.result()
+    finally:
+        served.max_body_bytes = old
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    print(f"/health worst {worst * 1000:.0f} ms over {polls} polls while a 1 MiB prompt was tokenised")
+    assert polls >= 3 and worst < 0.5

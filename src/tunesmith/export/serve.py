@@ -231,6 +231,20 @@ def add_generation_routes(app, target, names, limits) -> None:
                             seed=req.seed if req.seed is not None else uuid.uuid4().int & 0x7FFFFFFF)
         return (ids, sampling, stops), None
 
+    def render_and_prepare(t: Target, req: ChatRequest):
+        fmt = t.model.prompts
+        prompt = fmt.render([m.model_dump(exclude_none=True) for m in req.messages], t.tokenizer)
+        return prepare(t, req, prompt, fmt.add_special_tokens)
+
+    def prepare_all(t: Target, req: CompletionRequest, prompts: list[str]):
+        prepared = []
+        for prompt in prompts:
+            ready, err = prepare(t, req, prompt, False)
+            if err:
+                return None, err
+            prepared.append(ready)
+        return prepared, None
+
     async def submit_all(t: Target, req: Common, prepared: list, stream: bool):
         """Submit n completions of each prompt; returns (requests, queue of (index, kind, value)) or an error."""
         loop = asyncio.get_running_loop()
@@ -291,8 +305,7 @@ def add_generation_routes(app, target, names, limits) -> None:
         fmt = t.model.prompts
         if fmt.template == "chat" and not getattr(t.tokenizer, "chat_template", None):
             return error(400, "this model has no chat template; use /v1/completions with a prompt", "messages")
-        prompt = fmt.render([m.model_dump(exclude_none=True) for m in req.messages], t.tokenizer)
-        ready, err = prepare(t, req, prompt, fmt.add_special_tokens)
+        ready, err = await asyncio.to_thread(render_and_prepare, t, req)  # off the event loop: a 1 MiB prompt takes seconds
         if err:
             return err
         reqs, queue, err = await submit_all(t, req, [ready], req.stream)
@@ -320,12 +333,9 @@ def add_generation_routes(app, target, names, limits) -> None:
         t = await target(req.model)
         if t is None:
             return unknown(req.model)
-        prepared = []
-        for prompt in prompts:
-            ready, err = prepare(t, req, prompt, False)
-            if err:
-                return err
-            prepared.append(ready)
+        prepared, err = await asyncio.to_thread(prepare_all, t, req, prompts)  # off the event loop, as in chat
+        if err:
+            return err
         reqs, queue, err = await submit_all(t, req, prepared, req.stream)
         if err:
             return err
