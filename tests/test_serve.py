@@ -289,3 +289,18 @@ def test_health_answers_while_a_1_mib_prompt_is_tokenised(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     print(f"/health worst {worst * 1000:.0f} ms over {polls} polls while a 1 MiB prompt was tokenised")
     assert polls >= 3 and worst < 0.5
+
+
+def test_default_max_tokens_is_the_rest_of_the_context(server):
+    """Audit L6: a request without max_tokens asked for 256 new tokens and was refused on a small context."""
+    url, served = server
+    n_prompt = _chat(url, max_tokens=1).json()["usage"]["prompt_tokens"]
+    served.context, old = n_prompt + 5, served.context
+    try:
+        r = _chat(url, temperature=0)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5, r.text
+        served.context = n_prompt
+        r = _chat(url, temperature=0)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        served.context = old

@@ -17,7 +17,10 @@ one batch, and hands each request its text through a queue of its own. So:
   * /health says whether the engine's worker is alive (503 when it is not); error bodies carry no traceback or path.
 
 Prompts are rendered as each run was trained (data.render.PromptFormat: its chat template and system prompt, or its
-text template); /v1/completions takes the prompt as it is.
+text template); /v1/completions takes the prompt as it is. Rendering and tokenising run in a worker thread, not on the
+event loop (a 1 MiB prompt takes seconds to tokenise). A request without `max_tokens` may generate the rest of the
+context (OpenAI's default), within `max_tokens_cap`. `seed` is a signed 64-bit integer; a request whose completions
+cannot all be submitted cancels those that were.
 """
 from __future__ import annotations
 
@@ -217,7 +220,12 @@ def add_generation_routes(app, target, names, limits) -> None:
 
     def prepare(t: Target, req: Common, prompt: str, special: bool):
         ids = t.tokenizer(prompt, add_special_tokens=special)["input_ids"]
-        wanted = req.max_completion_tokens or req.max_tokens or 256
+        wanted = req.max_completion_tokens or req.max_tokens
+        if wanted is None:  # OpenAI's default: the rest of the context (within the server's cap)
+            if len(ids) >= t.context:
+                return None, error(400, f"this model's context is {t.context} tokens; the prompt has {len(ids)}, "
+                                        "leaving none to generate", "messages", "context_length_exceeded")
+            wanted = t.context - len(ids)
         max_new = min(wanted, limits.max_tokens_cap)
         if len(ids) + max_new > t.context:
             return None, error(400, f"this model's context is {t.context} tokens; the prompt has {len(ids)} and "
