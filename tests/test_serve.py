@@ -291,6 +291,26 @@ def test_health_answers_while_a_1_mib_prompt_is_tokenised(server):
     assert polls >= 3 and worst < 0.5
 
 
+def test_the_key_is_checked_before_the_body_is_read(server):
+    """Audit M1: the body was buffered (up to the limit) before the key was checked. Here a client without the key
+    announces 500 kB and sends 100 bytes: the 401 must come at once, without waiting for the rest."""
+    url, served = server
+    host, port = url.removeprefix("http://").split(":")
+    served.api_key = "s3cret"
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 500000\r\n\r\n" + b"x" * 100)
+            s.settimeout(3)
+            head = s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 401"), head
+        r = httpx.post(f"{url}/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2},
+                       headers={"authorization": "Bearer s3cret"}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        served.api_key = None
+
+
 def test_default_max_tokens_is_the_rest_of_the_context(server):
     """Audit L6: a request without max_tokens asked for 256 new tokens and was refused on a small context."""
     url, served = server

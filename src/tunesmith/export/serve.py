@@ -12,8 +12,9 @@ one batch, and hands each request its text through a queue of its own. So:
   * a generation that fails ends its own request (a JSON error, or an SSE error event then [DONE]) and nothing else;
   * admission is bounded: past `max_waiting` queued requests the answer is 429 with Retry-After; `max_tokens` is
     capped by `max_tokens_cap`; bodies over `max_body_bytes` get 413, chunked ones too (the bytes are counted);
-  * `--api-key` requires `Authorization: Bearer KEY` on /v1; a non-loopback bind without one is refused unless
-    `--insecure`; on loopback only loopback Host headers are served (a web page cannot rebind a name to it);
+  * `--api-key` requires `Authorization: Bearer KEY` on /v1, checked from the headers before any of the body is read;
+    a non-loopback bind without one is refused unless `--insecure`; on loopback only loopback Host headers are served
+    (a web page cannot rebind a name to it);
   * /health says whether the engine's worker is alive (503 when it is not); error bodies carry no traceback or path.
 
 Prompts are rendered as each run was trained (data.render.PromptFormat: its chat template and system prompt, or its
@@ -162,20 +163,7 @@ def harden(app, guard, body_limit=None) -> None:
         log.exception("request %s failed", ref)  # the traceback stays in the server's log
         return openai_error(500, f"internal error (reference {ref})")
 
-    @app.middleware("http")
-    async def check(request: HTTPRequest, call_next):
-        if guard.loopback_only_hosts and _host(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
-            return openai_error(400, "this server answers requests to a loopback address only")
-        if guard.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {guard.api_key}".encode()):
-                return openai_error(401, "a valid API key is required (Authorization: Bearer KEY)")
-        limit = limit_for(request.url.path)
-        if int(request.headers.get("content-length") or 0) > limit:
-            return openai_error(413, f"request body larger than {limit} bytes")
-        return await call_next(request)
-
-    app.add_middleware(_BodyLimit, limit_for=limit_for)
+    app.add_middleware(_Check, guard=guard, limit_for=limit_for)
 
 
 def build_app(served: Served):
@@ -432,41 +420,60 @@ def _host(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-class _BodyLimit:
-    """An ASGI wrapper that reads a request's body itself, counting the bytes as they arrive (a chunked body has no
-    Content-Length to check), answers 413 past the limit, and hands the application the body it read."""
+class _Check:
+    """The ASGI middleware of `harden`: Host and key are checked from the headers alone, before a byte of the body is
+    read (an unauthenticated client cannot make the server hold its body); then `limit_body`."""
 
-    def __init__(self, app, limit_for):
-        self.app, self.limit_for = app, limit_for
+    def __init__(self, app, guard, limit_for):
+        self.app, self.guard, self.limit_for = app, guard, limit_for
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        chunks, size, more, limit = [], 0, True, self.limit_for(scope["path"])
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before sending its body
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > limit:
-                body = json.dumps({"error": {"message": f"request body larger than {limit} bytes",
-                                             "type": "invalid_request_error", "param": None, "code": None}}).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        replayed = False
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.guard.loopback_only_hosts and _host(headers.get("host", "")) not in LOOPBACK_HOSTS:
+            return await openai_error(400, "this server answers requests to a loopback address only")(scope, receive, send)
+        key = self.guard.api_key
+        if key and scope["path"].startswith("/v1"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {key}".encode()):
+                return await openai_error(401, "a valid API key is required (Authorization: Bearer KEY)")(
+                    scope, receive, send)
+        await limit_body(self.app, scope, receive, send, self.limit_for(scope["path"]), headers)
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: the disconnect, when it comes
 
-        await self.app(scope, replay, send)
+async def limit_body(app, scope, receive, send, limit: int, headers: dict) -> None:
+    """Run the ASGI `app` on an http request whose body may be at most `limit` bytes: a Content-Length past it is
+    answered 413 at once; a chunked body is counted as the application reads it and answered 413 the moment it passes
+    the limit (the application is told the client left). Nothing is buffered here."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return await openai_error(413, f"request body larger than {limit} bytes")(scope, receive, send)
+    state = {"size": 0, "over": False, "started": False}
+
+    async def counted():
+        message = await receive()
+        if message["type"] == "http.request":
+            state["size"] += len(message.get("body", b""))
+            if state["size"] > limit:
+                state["over"] = True
+                return {"type": "http.disconnect"}  # the application stops reading; the answer is ours
+        return message
+
+    async def guarded_send(message):
+        if state["over"]:
+            return
+        if message["type"] == "http.response.start":
+            state["started"] = True
+        await send(message)
+
+    try:
+        await app(scope, counted, guarded_send)
+    except Exception:
+        if not state["over"]:
+            raise
+    if state["over"] and not state["started"]:
+        await openai_error(413, f"request body larger than {limit} bytes")(scope, receive, send)
 
 
 def is_loopback(host: str) -> bool:
