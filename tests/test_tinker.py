@@ -1,6 +1,7 @@
 """The studio's Tinker training API driven by the official `tinker` SDK (TINKER_BASE_URL / TINKER_API_KEY pointed at the
 studio), on a tiny model built here: every primitive, the numbers against tunesmith's own training, and the house
-rules (the key, idle sessions, a saved state served as a run)."""
+rules (the key, idle sessions, a saved state served as a run); and, marked slow, tinker-cookbook's supervised and RL
+loops run unmodified on the bundled SmolLM2."""
 import json
 
 import numpy as np
