@@ -863,7 +863,8 @@ def _forward_backward(host: Host, adapter: str, data, loss_fn: str, config: dict
     for indices in _passes([d[0] for d in data], pass_tokens):
         with torch.set_grad_enabled(backward):
             lps = token_logprobs(model, [data[i][0] for i in indices], [data[i][1]["target_tokens"] for i in indices], pad)
-            loss = sum(loss_of(lp, data[i][1], config) for i, lp in zip(indices, lps))
+            loss = sum(loss_of(lp, {k: v.to(lp.device) for k, v in data[i][1].items()}, config)
+                       for i, lp in zip(indices, lps))
         if backward:
             loss.backward()
         total += float(loss.detach())
