@@ -301,6 +301,16 @@ def test_a_saved_state_becomes_a_studio_run_served_by_name(studio, service, tiny
     assert studio.http.get("/v1/studio/runs/from-tinker").status_code == 200
     out = studio.client().completions.create(model="from-tinker", prompt="Say", max_tokens=3, temperature=0)
     assert out.choices[0].text is not None
+    # a finished LoRA run is offered for sampling (not training) through the Tinker API too
+    caps = tinker.RestClient(base_url=studio.url, api_key=studio.key).get_server_capabilities().result()
+    listed = {m.model_name: m.trainable for m in caps.supported_models}
+    assert listed.get("from-tinker") is False
+    prompt = types.ModelInput.from_ints(tiny_tokenizer.encode("Say"))
+    greedy = types.SamplingParams(max_tokens=4, temperature=0.0)
+    from_run = service.create_sampling_client(base_model="from-tinker").sample(prompt, 1, greedy).result()
+    from_client = tc.save_weights_and_get_sampling_client().result().sample(prompt, 1, greedy).result()
+    assert from_run.sequences[0].tokens == from_client.sequences[0].tokens
+    np.testing.assert_allclose(from_run.sequences[0].logprobs, from_client.sequences[0].logprobs, atol=1e-5)
     again = studio.http.post("/api/v1/tunesmith/export_run", json={"path": path, "name": "from-tinker"})
     assert again.status_code == 409
     assert str(studio.app.state.runner.home) not in again.text

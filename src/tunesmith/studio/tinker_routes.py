@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,10 +34,11 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], offered: Callable[[], list[str]],
-                  limits: Limits = Limits()) -> APIRouter:
+                  limits: Limits = Limits(), resolve_run: Callable[[str], Optional[Path]] = lambda name: None,
+                  runs: Callable[[], list[str]] = lambda: []) -> APIRouter:
     """`resolve_base(name)`: the model folder a base model name may load (None: not offered); `offered()`: the names
-    the capabilities list."""
-    service = TinkerService(home, resolve_base, offered, limits)
+    the capabilities list as trainable; `resolve_run(name)` / `runs()`: finished LoRA runs, offered for sampling."""
+    service = TinkerService(home, resolve_base, offered, limits, resolve_run)
     router = APIRouter(prefix="/api/v1")
     router.service = service  # for tests and the app's shutdown
 
@@ -70,8 +72,9 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
 
     @router.get("/get_server_capabilities")
     async def capabilities():
-        names = await asyncio.to_thread(offered)
-        return {"supported_models": [{"model_name": n, "trainable": True, "sampleable": True} for n in names]}
+        names, finished = await asyncio.to_thread(lambda: (offered(), runs()))
+        return {"supported_models": [{"model_name": n, "trainable": True, "sampleable": True} for n in names]
+                + [{"model_name": n, "trainable": False, "sampleable": True} for n in finished]}
 
     @router.post("/telemetry")
     async def telemetry():
@@ -228,4 +231,15 @@ def studio_tinker_router(home: Path, studio) -> APIRouter:
                 names += sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
         return names
 
-    return tinker_router(home, resolve_base, offered)
+    def resolve_run(name: str) -> Optional[Path]:
+        """A finished LoRA run in the studio's runs folder (a job's or an exported state's), by its name."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name or ""):
+            return None
+        final = Path(home) / "runs" / name / "final"
+        return final if (final / "adapter_config.json").is_file() else None
+
+    def runs() -> list[str]:
+        folder = Path(home) / "runs"
+        return sorted(p.name for p in folder.iterdir() if resolve_run(p.name)) if folder.is_dir() else []
+
+    return tinker_router(home, resolve_base, offered, resolve_run=resolve_run, runs=runs)

@@ -178,10 +178,11 @@ class Session:
 
 class TinkerService:
     def __init__(self, home: Path, resolve_base: Callable[[str], Optional[Path]], offered: Callable[[], list[str]],
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), resolve_run: Callable[[str], Optional[Path]] = lambda name: None):
         self.home = Path(home)
         self.store = self.home / "tinker"
         self.resolve_base, self.offered, self.limits = resolve_base, offered, limits
+        self.resolve_run = resolve_run  # a finished LoRA run's final/ folder by its name: sampled, not trained
         self.lock = threading.RLock()
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, TrainingModel] = {}
@@ -301,6 +302,9 @@ class TinkerService:
         model_dir = self.resolve_base(base_model)
         if model_dir is None:
             raise UserError(f"base model {base_model!r} is not offered here; offered: {', '.join(self.offered()) or 'none'}")
+        return self._host_at(Path(model_dir))
+
+    def _host_at(self, model_dir: Path) -> Host:
         key = str(Path(model_dir).resolve())
         with self.lock:
             if key in self.hosts:
@@ -545,6 +549,8 @@ class TinkerService:
             if done.error:
                 raise UserError(done.error)
             sampler = Sampler(sampler_id, req.session_id, meta["base_model"], host, name, req.model_path, owned=True)
+        elif req.base_model and (final := self.resolve_run(req.base_model)) is not None:
+            sampler = self._run_sampler(sampler_id, req.session_id, req.base_model, final)
         elif req.base_model:
             sampler = Sampler(sampler_id, req.session_id, req.base_model, self._host_for(req.base_model), None)
         else:
@@ -553,6 +559,24 @@ class TinkerService:
             self.samplers[sampler_id] = sampler
             self.sessions[req.session_id].samplers.append(sampler_id)
         return sampler_id
+
+    def _run_sampler(self, sampler_id: str, session_id: str, run: str, final: Path) -> Sampler:
+        """A finished LoRA run (its adapter on its base, which the run names) as a sampler."""
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(str(final))
+        if getattr(config.peft_type, "value", config.peft_type) != "LORA":
+            raise UserError(f"run {run!r} is a {config.peft_type} run: only LoRA runs can be sampled through this API")
+        from tunesmith.models.load import resolve_model_dir
+
+        self._check_capacity()
+        host = self._host_at(resolve_model_dir(config.base_model_name_or_path))
+        name = self._new_adapter_name("r")
+        done = self._submit(host, lambda: _add_saved_adapter(host, name, final))
+        done.done.wait()
+        if done.error:
+            raise UserError(done.error)
+        return Sampler(sampler_id, session_id, run, host, name, owned=True)
 
     def sampler(self, sampler_id: str) -> Sampler:
         with self.lock:
@@ -706,6 +730,25 @@ def _add_adapter(host: Host, name: str, settings: dict, folder: Optional[Path] =
 
         set_peft_model_state_dict(host.model, load_file(folder / "adapter_model.safetensors"), adapter_name=name)
         lora.weights_changed()
+
+
+def _add_saved_adapter(host: Host, name: str, folder: Path) -> None:
+    """A LoRA adapter saved by peft (a tunesmith run's final/) added to the host's model as it was trained."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from tunesmith.methods import lora
+
+    config = LoraConfig.from_pretrained(str(folder))
+    config.inference_mode = True
+    if hasattr(host.model, "peft_config"):
+        host.model.add_adapter(name, config)
+    else:
+        host.model = get_peft_model(host.model, config, adapter_name=name)
+    host.adapters.add(name)
+    set_peft_model_state_dict(host.model, load_file(folder / "adapter_model.safetensors"), adapter_name=name)
+    lora.weights_changed()
 
 
 def _delete_adapter(host: Host, name: str) -> None:
