@@ -87,6 +87,8 @@ def test_cli_inspects_judgements_and_trains_dpo_and_reward_children_that_record_
               "eval.max_examples=4", "eval.samples=0", f"output.dir={runs}"]
     assert main(["train", "task=dpo", *common, "train.max_steps=12", "train.lr=1e-2", "dpo.beta=0.5", "output.name=v1"]) == 0
     child = RunDir(runs / "v1")
+    assert f"judgements: {judged}: 21 judgements -> 16 pairs; dropped 4 ties, 0 between identical answers, 1 unusable" \
+        in child.log.read_text()
     summary = json.loads(child.summary.read_text())
     assert summary["task"] == "dpo" and summary["data"]["records"] == 16
     assert summary["after"]["eval_reward_accuracy"] > summary["before"]["eval_reward_accuracy"] == 0.5

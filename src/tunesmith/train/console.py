@@ -15,6 +15,11 @@ def data_lines(run: Run) -> list[str]:
              f"truncated {st['train']['truncated']}); train tokens {st['train']['tokens']}, "
              f"of which trained {st['train']['label_tokens']} ({100 * st['train']['label_share']:.0f}%)"
              + (" [tokenized data from cache]" if "from_cache" in st else "")]
+    for j in st.get("judgements", ()):
+        lines.append(f"judgements: {j['file']}: {j['judgements']} judgements -> {j['pairs']} pairs; dropped "
+                     f"{j['dropped_ties']} ties, {j['dropped_identical']} between identical answers, "
+                     f"{j['dropped_unusable']} unusable lines"
+                     + (f" (first: {j['unusable_samples'][0]})" if j["unusable_samples"] else ""))
     if run.task == "classification":
         lines.append(f"task: classification into {len(st['labels'])} labels: " + ", ".join(
             f"{name} {n}" for name, n in st["label_counts"]["train"].items()))
