@@ -228,6 +228,8 @@ def test_save_and_load_state_with_the_optimizer_continue_exactly(studio, service
     step(a), step(a)
     path = a.save_state("two-steps").result().path
     assert path.startswith("tinker://") and path.endswith("/weights/two-steps")
+    info = tinker.RestClient(base_url=studio.url, api_key=studio.key).get_weights_info_by_tinker_path(path).result()
+    assert info.base_model == str(tiny_model_dir) and info.is_lora and info.lora_rank == 4
     step(a)
     straight = adapter_of(studio, a, "three-steps")
 

@@ -99,6 +99,10 @@ class LoadWeightsRequest(_Body):
     optimizer: bool = False
 
 
+class WeightsInfoRequest(_Body):
+    tinker_path: str
+
+
 class CreateSamplingSessionRequest(_Body):
     session_id: str
     sampling_session_seq_id: int = 0

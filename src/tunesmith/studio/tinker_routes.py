@@ -140,6 +140,10 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
     async def load_weights(req: proto.LoadWeightsRequest):
         return future_body(await call(service.load_weights, req))
 
+    @router.post("/weights_info")
+    async def weights_info(req: proto.WeightsInfoRequest):
+        return await call(service.weights_info, req.tinker_path)
+
     # -------------------------------------------------------------- sampling
 
     @router.post("/create_sampling_session")

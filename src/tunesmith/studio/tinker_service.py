@@ -533,6 +533,13 @@ class TinkerService:
 
         return self._submit(host, work, req.session_id)  # after create_model's work on the same worker
 
+    def weights_info(self, path: str) -> dict:
+        _, _, _, folder = self._parse_path(path)
+        meta = json.loads((folder / "tinker.json").read_text())
+        lora = meta["lora"]
+        return {"base_model": meta["base_model"], "is_lora": True, "lora_rank": lora["rank"],
+                "train_unembed": lora["train_unembed"], "train_mlp": lora["train_mlp"], "train_attn": lora["train_attn"]}
+
     # ------------------------------------------------------------------ sampling
 
     def create_sampler(self, req: proto.CreateSamplingSessionRequest) -> str:
