@@ -20,8 +20,8 @@ What one request goes through, in this order, from its headers alone:
   4. The body's size: a Content-Length past the path's limit is refused at once; a chunked body is counted as the
      application reads it and refused (413) the moment it passes the limit -- nothing is buffered here.
 
-Own code rather than serve.py's `harden`: that one buffers the whole body before the application sees it (fine
-for 1 MiB of JSON, not for 512 MiB uploads from anyone), and knows nothing of cookies, origins or tokens.
+Own code rather than serve.py's `harden`, which knows nothing of cookies, origins or tokens; step 4 is serve.py's
+`limit_body` (export is below studio in the import layers).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from tunesmith.export.serve import LOOPBACK_HOSTS, _host, openai_error
+from tunesmith.export.serve import LOOPBACK_HOSTS, _host, limit_body, openai_error
 
 log = logging.getLogger("tunesmith.studio")
 TOKEN_FILE = ".token"
@@ -108,35 +108,7 @@ class Guard:
             return await refusal(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.body_limit(path)
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            return await openai_error(413, f"request body larger than {limit} bytes")(scope, receive, send)
-        state = {"size": 0, "over": False, "started": False}
-
-        async def counted():
-            message = await receive()
-            if message["type"] == "http.request":
-                state["size"] += len(message.get("body", b""))
-                if state["size"] > limit:
-                    state["over"] = True
-                    return {"type": "http.disconnect"}  # the application stops reading; the answer is ours
-            return message
-
-        async def guarded_send(message):
-            if state["over"]:
-                return
-            if message["type"] == "http.response.start":
-                state["started"] = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted, guarded_send)
-        except Exception:
-            if not state["over"]:
-                raise
-        if state["over"] and not state["started"]:
-            await openai_error(413, f"request body larger than {limit} bytes")(scope, receive, send)
+        await limit_body(self.app, scope, receive, send, self.body_limit(path), headers)  # step 4, shared with serve
 
     def _refusal(self, scope, headers: dict, path: str, method: str):
         host = headers.get("host", "")
