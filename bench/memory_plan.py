@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 DATA = "datasets:instruct_mix/train.jsonl"   # read from the data folder (TUNESMITH_DATA_DIR; docs/data.md)
 CONFIGS = {

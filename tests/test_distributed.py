@@ -246,7 +246,6 @@ def test_a_one_process_checkpoint_resumes_under_deepspeed_zero1(tmp_path, tiny_m
 
 def _workers(parent_pid: int) -> dict[int, int]:
     """LOCAL_RANK -> pid of the torchrun workers below `parent_pid` (read from /proc)."""
-    import os
     from pathlib import Path
 
     children: dict[int, list[int]] = {}

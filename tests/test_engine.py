@@ -1,7 +1,6 @@
 """The generation engine (continuous batching): greedy answers are token-identical to model.generate, alone or in a
 busy batch; sampling is reproducible with a seed whatever else runs; rows join and leave; a shared prefix is copied;
 stop strings, cancellation and several LoRA adapters in one batch."""
-import threading
 
 import pytest
 import torch

@@ -76,7 +76,7 @@ def test_kill_minus_9_at_random_points_then_resume_equals_uninterrupted(tmp_path
         proc = cli("train", str(write_config(tmp_path, cfg)))
         run = tmp_path / "runs" / cfg.output.name
         first = rng.choice([2, 6, 10, 14])
-        wait_for(lambda: (run / "checkpoints" / f"step-{first:07d}").exists(), proc)
+        wait_for(lambda run=run, first=first: (run / "checkpoints" / f"step-{first:07d}").exists(), proc)
         time.sleep(rng.uniform(0, 0.15))  # anywhere: mid-step, mid-save, mid-log
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -110,7 +110,6 @@ def test_mean_pooling_reads_the_answer_tokens_everywhere_a_reward_model_is_score
     from tunesmith.data.prepare import prepare
     from tunesmith.evaluate.evaluation import evaluate_run
     from tunesmith.methods.load import REWARD_FILE, load_model, reward_pooling
-    from tunesmith.models.heads import sequence_scores
     from tunesmith.objectives.reward import score_pairs
     from tunesmith.objectives.rewards import RewardModelScorer, Rollouts
 

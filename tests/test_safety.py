@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError

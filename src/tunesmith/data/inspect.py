@@ -73,7 +73,7 @@ def _sft(cfg: Config, tokenizer, n: int, color: bool, max_chars: int) -> list[st
                    f"{s['length_p95']}/{s['length_max']}")
     legend = f"{DIM}masked prompt{RESET} {GREEN}{BOLD}trained{RESET}" if color else "[train]...[/train] = trained tokens; the rest is masked"
     out.append(f"\nfirst {min(n, len(data.train.tokens))} training examples as the model sees them ({legend}):")
-    for i, (ex, tok) in enumerate(zip(data.train.examples[:n], data.train.tokens[:n]), 1):
+    for ex, tok in zip(data.train.examples[:n], data.train.tokens[:n]):
         out.append(f"--- {ex.where} ({len(tok.input_ids)} tokens, {int((tok.labels != IGNORE).sum())} trained)")
         out.append(_show_mask(tok, tokenizer, color, max_chars))
     return out

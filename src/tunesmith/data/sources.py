@@ -16,7 +16,6 @@ import ast
 import gzip
 import hashlib
 import html
-import io
 import json
 import os
 import random

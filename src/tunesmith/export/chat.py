@@ -53,7 +53,7 @@ def chat_loop(model, tokenizer, sampling: Sampling, fmt: PromptFormat = PromptFo
             kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         else:
             kw.update(temperature=None, top_p=None, top_k=None)
-        worker = threading.Thread(target=lambda: _generate(model, kw))
+        worker = threading.Thread(target=_generate, args=(model, kw))
         worker.start()
         write("bot> ")
         reply = ""

@@ -25,11 +25,12 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), batch_size: int = 16,
+def generate(model, tokenizer, prompts: list[str], sampling: Sampling | None = None, batch_size: int = 16,
              add_special_tokens: bool = False, progress: str | None = None, stop: list[str] | None = None,
              rows: int = 32) -> list[Generation]:
     """Answers in the order of `prompts`. `progress`: a label for a progress bar over the prompts on stderr (long
     generations: eval, a teacher's answers). `rows`: the engine's batch; `batch_size`: model.generate's."""
+    sampling = sampling or Sampling()
     was_training = model.training
     model.eval()
     torch.manual_seed(sampling.seed)

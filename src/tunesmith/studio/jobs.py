@@ -17,7 +17,6 @@ import csv
 import glob
 import io
 import json
-import math
 import os
 import signal
 import subprocess

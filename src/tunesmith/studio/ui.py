@@ -24,7 +24,6 @@ import zipfile
 from pathlib import Path
 from typing import Literal, Optional
 
-from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
