@@ -34,10 +34,11 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], offered: Callable[[], list[str]],
-                  limits: Limits = Limits(), resolve_run: Callable[[str], Optional[Path]] = lambda name: None,
+                  limits: Optional[Limits] = None, resolve_run: Callable[[str], Optional[Path]] = lambda name: None,
                   runs: Callable[[], list[str]] = lambda: []) -> APIRouter:
     """`resolve_base(name)`: the model folder a base model name may load (None: not offered); `offered()`: the names
     the capabilities list as trainable; `resolve_run(name)` / `runs()`: finished LoRA runs, offered for sampling."""
+    limits = limits or Limits()
     service = TinkerService(home, resolve_base, offered, limits, resolve_run)
     router = APIRouter(prefix="/api/v1")
     router.service = service  # for tests and the app's shutdown

@@ -178,10 +178,10 @@ class Session:
 
 class TinkerService:
     def __init__(self, home: Path, resolve_base: Callable[[str], Optional[Path]], offered: Callable[[], list[str]],
-                 limits: Limits = Limits(), resolve_run: Callable[[str], Optional[Path]] = lambda name: None):
+                 limits: Optional[Limits] = None, resolve_run: Callable[[str], Optional[Path]] = lambda name: None):
         self.home = Path(home)
         self.store = self.home / "tinker"
-        self.resolve_base, self.offered, self.limits = resolve_base, offered, limits
+        self.resolve_base, self.offered, self.limits = resolve_base, offered, limits or Limits()
         self.resolve_run = resolve_run  # a finished LoRA run's final/ folder by its name: sampled, not trained
         self.lock = threading.RLock()
         self.sessions: dict[str, Session] = {}
