@@ -274,8 +274,8 @@ def cmd_studio(args) -> int:
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}:{args.port}/"
     if studio.api_key:
         print(f"tunesmith studio, home {home}\n  web page:   {url}?token={studio.api_key}\n  OpenAI API: "
-              f"base_url={url}v1 api_key={studio.api_key}" + ("" if args.api_key else f" (kept in {home / '.token'})"),
-              flush=True)
+              f"base_url={url}v1 api_key={studio.api_key}" + ("" if args.api_key else f" (kept in {home / '.token'})")
+              + f"\n  Tinker API: TINKER_BASE_URL={url.rstrip('/')} TINKER_API_KEY={studio.api_key}", flush=True)
     else:
         print(f"tunesmith studio on {url} (OpenAI API at {url}v1), home {home}; --no-auth: any local process or user "
               f"can use it", flush=True)
