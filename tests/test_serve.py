@@ -324,3 +324,10 @@ def test_default_max_tokens_is_the_rest_of_the_context(server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     finally:
         served.context = old
+
+
+def test_an_empty_prompt_is_a_400(server):
+    """An empty prompt made the engine's submit raise: a 500 (found while fixing M9)."""
+    url, _ = server
+    r = httpx.post(f"{url}/v1/completions", json={"model": "alpha", "prompt": ["hi", ""], "max_tokens": 2}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text

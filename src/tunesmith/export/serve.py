@@ -208,6 +208,8 @@ def add_generation_routes(app, target, names, limits) -> None:
 
     def prepare(t: Target, req: Common, prompt: str, special: bool):
         ids = t.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        if not ids:
+            return None, error(400, "the prompt is empty: there is nothing to continue", "prompt")
         wanted = req.max_completion_tokens or req.max_tokens
         if wanted is None:  # OpenAI's default: the rest of the context (within the server's cap)
             if len(ids) >= t.context:
