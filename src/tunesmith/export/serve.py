@@ -19,7 +19,9 @@ one batch, and hands each request its text through a queue of its own. So:
 
 Prompts are rendered as each run was trained (data.render.PromptFormat: its chat template and system prompt, or its
 text template); /v1/completions takes the prompt as it is. Rendering and tokenising run in a worker thread, not on the
-event loop (a 1 MiB prompt takes seconds to tokenise). A request without `max_tokens` may generate the rest of the
+event loop (a 1 MiB prompt takes seconds to tokenise), and a prompt longer than the context times `chars_per_token`
+characters (32: more than any tokenizer averages) is refused before it is tokenised, so one request's tokenising is
+bounded by the model's context, not by the body limit. A request without `max_tokens` may generate the rest of the
 context (OpenAI's default), within `max_tokens_cap`. `seed` is a signed 64-bit integer; a request whose completions
 cannot all be submitted cancels those that were.
 """
@@ -62,6 +64,7 @@ class Served:
     max_tokens_cap: int = 1024
     max_body_bytes: int = 1 << 20
     max_prompts: int = 16           # prompts in one /v1/completions call
+    chars_per_token: int = 32       # a prompt over context x this many characters cannot fit: refused untokenised
     api_key: Optional[str] = None
     loopback_only_hosts: bool = True  # serve only requests whose Host is a loopback name (a loopback bind)
 
@@ -207,6 +210,10 @@ def add_generation_routes(app, target, names, limits) -> None:
         return error(404, f"model {name!r} does not exist; available: {', '.join(names())}", "model", "model_not_found")
 
     def prepare(t: Target, req: Common, prompt: str, special: bool):
+        if len(prompt) > t.context * limits.chars_per_token:  # bounded work: no tokenizer averages more per token
+            return None, error(400, f"this model's context is {t.context} tokens; the prompt has {len(prompt)} "
+                                    f"characters, more than {limits.chars_per_token} per token of context",
+                               "messages", "context_length_exceeded")
         ids = t.tokenizer(prompt, add_special_tokens=special)["input_ids"]
         if not ids:
             return None, error(400, "the prompt is empty: there is nothing to continue", "prompt")
