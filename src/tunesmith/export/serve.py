@@ -201,7 +201,7 @@ def build_app(served: Served):
 
 def add_generation_routes(app, target, names, limits) -> None:
     """/v1/chat/completions and /v1/completions. `await target(name)` is the Target a request's `model` names (None:
-    a 404 listing `names()`); `limits` carries max_tokens_cap and max_prompts (read per request)."""
+    a 404 listing `names()`); `limits` carries max_tokens_cap, max_prompts and chars_per_token (read per request)."""
     from fastapi.responses import StreamingResponse
 
     error = openai_error

@@ -65,6 +65,7 @@ class Studio:
     max_body_bytes: int = 1 << 20
     max_tokens_cap: int = 1024
     max_prompts: int = 16
+    chars_per_token: int = 32      # a prompt over the context x this many characters is refused untokenised (serve.py)
     max_loaded_models: int = 2
     runs_dirs: tuple = ()          # more runs folders the web page lists (runs started from the CLI)
     no_auth: bool = False          # --no-auth: no key at all (loopback only; the CLI refuses it elsewhere)
