@@ -101,3 +101,19 @@ def test_a_bare_no_is_the_value_no_not_false(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML 1.1 reads no as false
     (tmp_path / "r.yaml").write_text("train:\n  mixed_precision: no\n")
     assert load_config(str(tmp_path / "r.yaml"), []).train.mixed_precision == "no"
+
+
+def test_a_missing_start_run_names_the_recipe_that_makes_it_or_the_newest_finished_one(tmp_path):
+    """arithmetic-grpo starts from runs/arithmetic-sft: without it the error was a failed hub lookup."""
+    from tunesmith.config import check_start_run
+
+    runs = tmp_path / "runs"
+    cfg = load_config("arithmetic-grpo", [f"model.name={runs}/arithmetic-sft", f"output.dir={runs}"])
+    with pytest.raises(TunesmithError, match="train it first: `tunesmith train arithmetic-sft`"):
+        check_start_run(cfg)
+    (runs / "arithmetic-sft-20261207-101010" / "final").mkdir(parents=True)
+    with pytest.raises(TunesmithError, match="newest finished run of that recipe is .*arithmetic-sft-20261207-101010"):
+        check_start_run(cfg)
+    (runs / "arithmetic-sft").mkdir()
+    check_start_run(cfg)  # present: nothing to say
+    check_start_run(load_config("arithmetic-grpo", ["model.name=smollm2-135m-instruct"]))  # not a run: not this check's

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.catalog import METHODS, MethodSpec
-from tunesmith.config import Config, check_combinations, check_reward_paths
+from tunesmith.config import Config, check_combinations, check_reward_paths, check_start_run
 from tunesmith.data import PreparedData, prepare, resolve_task
 from tunesmith.methods import get_method, parameter_report, quantization
 from tunesmith.methods.load import context_length, load_model, merge_adapter
@@ -46,6 +46,7 @@ def assemble(cfg: Config, device: torch.device, with_model: bool = True, keep_te
     """Resolve and load everything a run of `cfg` is made of. `keep_text`: the training split keeps its examples and
     rendered text (a teacher answers its prompts); `with_model=False` stops before loading the model (eval)."""
     check_reward_paths(cfg)
+    check_start_run(cfg)
     model_dir = resolve_model_dir(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
     rl = cfg.task == "rl"  # its objective reads the prompts' text, references and columns

@@ -354,6 +354,22 @@ def check_reward_paths(cfg: Config) -> None:
             raise TunesmithError(f"rl.rewards[{k}] (kind: model): no reward-model run {reward.path!r}{found}")
 
 
+def check_start_run(cfg: Config) -> None:
+    """Before anything loads: a `model.name` inside the runs folder (`runs/NAME`, as arithmetic-grpo names its warm-up
+    run) exists, else one line that says which run to pass or which recipe makes it (it was a hub lookup's error)."""
+    name = Path(cfg.model.name).expanduser()
+    if name.exists() or name.parent != Path(cfg.output.dir).expanduser():
+        return
+    named = _newest_finished_run(name)
+    if named:
+        hint = f"; the newest finished run of that recipe is {named}: pass model.name={named}"
+    elif name.name in list_recipes():
+        hint = f"; train it first: `tunesmith train {name.name}` (or pass model.name=runs/YOUR_RUN)"
+    else:
+        hint = "; pass model.name= a finished run, a local model folder or a bundled name"
+    raise TunesmithError(f"model.name: no run {cfg.model.name!r}{hint}")
+
+
 def _newest_finished_run(missing: Path) -> Optional[Path]:
     """The newest `<name>-<date>-<time>` folder beside a missing run `<name>` that holds a final model (an unnamed run
     of recipe `name` is called that: output.name)."""
