@@ -191,7 +191,7 @@ def test_a_planted_checkpoint_is_refused_not_run(tmp_path, tiny_model_dir, instr
     with open(ckpt / "state.pt", "wb") as f:
         pickle.dump({"optimizer": _Planted()}, f)
     manifest = json.loads((ckpt / "manifest.json").read_text())  # the checksum is rewritten too, as an attacker would
-    manifest["state.pt"] = {"bytes": (ckpt / "state.pt").stat().st_size, "sha256": checkpoint._sha256(ckpt / "state.pt")}
+    manifest["state.pt"] = {"bytes": (ckpt / "state.pt").stat().st_size, "sha256": checkpoint.sha256_of(ckpt / "state.pt")}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TunesmithError, match="holds objects a checkpoint does not"):
         train(cfg, resume=run)

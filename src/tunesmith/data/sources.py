@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import gzip
-import hashlib
 import html
 import json
 import os
@@ -30,6 +29,7 @@ from typing import Callable, Optional
 
 from tunesmith.errors import TunesmithError
 from tunesmith.paths import cache_root
+from tunesmith.run.files import sha256_of
 
 PREFIX = "datasets:"
 ENV = "TUNESMITH_DATA_DIR"
@@ -97,14 +97,6 @@ def urllib_fetch(url: str, dest: Path) -> None:
     except OSError as e:  # URLError, timeouts, refused connections
         raise TunesmithError(f"cannot download {url}: {getattr(e, 'reason', e)} (no network? copy the data set folder "
                              f"from a machine that has one and point --data-dir or {ENV} at its parent)") from None
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def jsonl_bytes(rows: list[dict]) -> bytes:

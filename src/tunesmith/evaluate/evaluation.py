@@ -65,16 +65,7 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     models.update({p.name: RunDir(p).final for p in other_runs})
     if with_base:
         models = {"base": run.model_dir, **models}
-    if data_path:
-        fmt, examples, _ = load_examples(cfg.data, data_path)
-        resolve_task(run.task, fmt)  # a file of another shape than the run trained on is an error naming both
-        if run.task == "rl":  # a pair file's prompts, the chosen answer as the reference, as in training
-            examples = [with_answer_turn(ex) for ex in examples]
-    else:
-        examples = run.data.val.examples
-    examples = examples[:: max(1, len(examples) // n)][:n] if len(examples) > n else examples
-    if not examples:
-        raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
+    examples = eval_examples(run, cfg, data_path, n)
     log(f"evaluating {', '.join(models)} on {len(examples)} examples from {data_path or 'the run validation split'}")
     dtype = run.precision.dtype  # as the run trained
     if run.task == "dpo":
@@ -96,6 +87,23 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
     write_report(run_dir.path)
     log(f"saved: {kept} (and as {run_dir.evaluation}, the latest)")
     return result
+
+
+def eval_examples(run, cfg, data_path, n: int) -> list:
+    """The examples an evaluation scores: `data_path`'s (which must have the run's shape; an RL run reads a pair file's
+    prompts with the chosen answer as the reference, as in training) or the run's validation split, `n` of them spread
+    over it. `tunesmith eval`, its `--samples` and its `--judge` all score these."""
+    if data_path:
+        fmt, examples, _ = load_examples(cfg.data, data_path)
+        resolve_task(run.task, fmt)  # a file of another shape than the run trained on is an error naming both
+        if run.task == "rl":
+            examples = [with_answer_turn(ex) for ex in examples]
+    else:
+        examples = run.data.val.examples
+    examples = examples[:: max(1, len(examples) // n)][:n] if len(examples) > n else examples
+    if not examples:
+        raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
+    return examples
 
 
 def _next_evaluation_path(run_dir: RunDir, data_path: str | None, n: int) -> Path:

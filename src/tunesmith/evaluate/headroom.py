@@ -28,12 +28,10 @@ import torch
 
 from tunesmith.assemble import assemble
 from tunesmith.config import RewardFunction, load_config
-from tunesmith.data.prepare import load_examples, with_answer_turn
 from tunesmith.data.render import render
-from tunesmith.data.shapes import resolve_task
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.closing import TRAINED, complete
-from tunesmith.evaluate.evaluation import _load, _next_evaluation_path
+from tunesmith.evaluate.evaluation import _load, _next_evaluation_path, eval_examples
 from tunesmith.models import load_tokenizer, pick_device
 from tunesmith.objectives.headroom import describe, measure_headroom
 from tunesmith.objectives.rewards import build_rewards
@@ -87,16 +85,7 @@ def evaluate_headroom(run_dir: Path, samples: int, data_path: str | None = None,
     device = torch.device(pick_device())
     run = assemble(cfg, device, with_model=False)
     rl = run.task == "rl"
-    if data_path:
-        fmt, examples, _ = load_examples(cfg.data, data_path)
-        resolve_task(run.task, fmt)
-        if rl:
-            examples = [with_answer_turn(ex) for ex in examples]
-    else:
-        examples = run.data.val.examples
-    examples = examples[:: max(1, len(examples) // n)][:n] if len(examples) > n else examples
-    if not examples:
-        raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
+    examples = eval_examples(run, cfg, data_path, n)
     for spec in specs:  # a column the data lacks: said now, not after minutes of sampling
         if spec.column and spec.column not in examples[0].columns and spec.column not in ("reference", "references"):
             raise TunesmithError(f"check {spec.label!r}: the data has no column {spec.column!r} (columns: "

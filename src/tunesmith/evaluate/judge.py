@@ -61,11 +61,9 @@ import torch
 
 from tunesmith.assemble import assemble
 from tunesmith.config import load_config, read_yaml
-from tunesmith.data.prepare import load_examples, with_answer_turn
 from tunesmith.data.render import render
-from tunesmith.data.shapes import resolve_task
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.evaluation import _load, _next_evaluation_path
+from tunesmith.evaluate.evaluation import _load, _next_evaluation_path, eval_examples
 from tunesmith.evaluate.human import sign_test, wilson
 from tunesmith.models import load_tokenizer, pick_device
 from tunesmith.models.generate import Sampling, generate
@@ -249,16 +247,7 @@ def judge_runs(run_dir: Path, judge: str, judge_model: str | None = None, other_
     cfg = load_config(str(run_dir.config))
     device = torch.device(pick_device())
     run = assemble(cfg, device, with_model=False)
-    if data_path:
-        fmt, examples, _ = load_examples(cfg.data, data_path)
-        resolve_task(run.task, fmt)
-        if run.task == "rl":
-            examples = [with_answer_turn(ex) for ex in examples]
-    else:
-        examples = run.data.val.examples
-    examples = examples[:: max(1, len(examples) // n)][:n] if len(examples) > n else examples
-    if not examples:
-        raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
+    examples = eval_examples(run, cfg, data_path, n)
     cap = max_new_tokens or (cfg.rl.max_new_tokens if run.task == "rl" else cfg.eval.max_new_tokens)
     tokenizer = load_tokenizer(run_dir.final)
     other_name = Path(other_runs[0]).name if other_runs else "base"

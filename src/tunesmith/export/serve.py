@@ -140,14 +140,11 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
                         status_code=status, headers=headers)
 
 
-def harden(app, guard, body_limit=None) -> None:
-    """Errors in OpenAI's shape with no traceback or path in them; only loopback Host headers on a loopback bind; the
-    API key on /v1; bodies past the limit refused, counted as they arrive.
-    `guard` is read on every request (its api_key may change); `body_limit(path)` gives a path its own limit."""
+def add_error_handlers(app, log=log) -> None:
+    """OpenAI-shaped error bodies for validation errors, HTTP errors (their headers kept) and anything raised, which
+    gets a reference and leaves its traceback in the server's log only (`tunesmith serve` and the studio)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    limit_for = body_limit or (lambda path: guard.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
@@ -158,7 +155,7 @@ def harden(app, guard, body_limit=None) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
-        return openai_error(exc.status_code, str(exc.detail))
+        return openai_error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def failed(request, exc):
@@ -166,6 +163,13 @@ def harden(app, guard, body_limit=None) -> None:
         log.exception("request %s failed", ref)  # the traceback stays in the server's log
         return openai_error(500, f"internal error (reference {ref})")
 
+
+def harden(app, guard, body_limit=None) -> None:
+    """Errors in OpenAI's shape with no traceback or path in them; only loopback Host headers on a loopback bind; the
+    API key on /v1; bodies past the limit refused, counted as they arrive.
+    `guard` is read on every request (its api_key may change); `body_limit(path)` gives a path its own limit."""
+    limit_for = body_limit or (lambda path: guard.max_body_bytes)
+    add_error_handlers(app)
     app.add_middleware(_Check, guard=guard, limit_for=limit_for)
 
 

@@ -1,6 +1,7 @@
 """Files written atomically: text and JSON by rename, folders by publishing a complete temporary folder."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -125,3 +126,12 @@ def read_jsonl(path: Path) -> list[dict]:
         except ValueError:
             continue
     return rows
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, read a MiB at a time (checkpoint manifests, data set checksums)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

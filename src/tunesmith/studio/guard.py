@@ -29,13 +29,12 @@ import hmac
 import logging
 import os
 import secrets
-import uuid
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from tunesmith.export.serve import LOOPBACK_HOSTS, _host, limit_body, openai_error
+from tunesmith.export.serve import LOOPBACK_HOSTS, _host, add_error_handlers, limit_body, openai_error
 
 log = logging.getLogger("tunesmith.studio")
 TOKEN_FILE = ".token"
@@ -67,26 +66,7 @@ def cookie_name(port: int) -> str:
 
 def guard(app, api_key: Optional[str], loopback_only_hosts: bool, body_limit: Callable[[str], int]) -> None:
     """Install the checks above (`api_key` None: no key, the --no-auth case) and OpenAI-shaped error bodies."""
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, exc):
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"] if x != "body")
-        what = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        return openai_error(400, f"{where}: {what}", where or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc):
-        return openai_error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def failed(request, exc):
-        ref = uuid.uuid4().hex[:12]
-        log.exception("request %s failed", ref)  # the traceback stays in the server's log
-        return openai_error(500, f"internal error (reference {ref})")
-
+    add_error_handlers(app, log)
     app.add_middleware(Guard, api_key=api_key, loopback_only_hosts=loopback_only_hosts, body_limit=body_limit)
 
 

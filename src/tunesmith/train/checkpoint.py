@@ -13,7 +13,6 @@ manifest checks out, saying which ones it skipped and why.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tunesmith.config import OutputConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.run import RunDir
-from tunesmith.run.files import publish_dir, read_jsonl, write_text_atomic
+from tunesmith.run.files import publish_dir, read_jsonl, sha256_of, write_text_atomic
 from tunesmith.run.layout import is_tunesmith_run
 from tunesmith.train.distributed import load_optimizer_state, set_weights
 from tunesmith.train.progress import Progress
@@ -58,7 +57,7 @@ def save(run: RunDir, weights: dict, optimizer_state: dict, progress: Progress, 
         save_file(weights, tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer_state, "rng": rng_state(), "objective": objective_state}, tmp / "state.pt")
         (tmp / "progress.json").write_text(json.dumps(progress.to_json(), indent=1))
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)} for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     publish_dir(target, write)
@@ -158,7 +157,7 @@ def problem(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != manifest.get(name, {}).get("bytes"):
             return f"{name} has {f.stat().st_size} bytes, the manifest says {manifest.get(name, {}).get('bytes')}"
-        if _sha256(f) != manifest[name]["sha256"]:
+        if sha256_of(f) != manifest[name]["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -291,14 +290,6 @@ def _eval_loss(path: Path) -> float | None:
         return json.loads((path / "progress.json").read_text()).get("eval_loss")
     except (OSError, ValueError):
         return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def auto_resume_dir(output: OutputConfig, overwrite: bool) -> tuple[Path | None, bool]:
