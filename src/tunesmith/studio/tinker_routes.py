@@ -22,7 +22,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tunesmith.studio import tinker_protocol as proto
-from tunesmith.studio.tinker_service import Limits, TinkerService, UserError
+from tunesmith.studio.tinker_model import UserError
+from tunesmith.studio.tinker_service import Limits, TinkerService
 
 POLL_SECONDS = 20.0  # a retrieve_future is held this long for its result before answering try_again (SDK timeout: 45 s)
 CHUNK_BYTES = 700_000  # the SDK splits forward_backward calls into requests of about this size (the body limit is 1 MiB)
