@@ -96,7 +96,7 @@ const pages = {
           <label for="recipe">Recipe</label>
           <select id="recipe"><option value="">(none: LoRA on a model and a file)</option>
             ${opts.recipes.map(r => `<option value="${esc(r.name)}">${esc(r.name)} - ${esc(r.about)}</option>`).join("")}</select>
-          <label for="model">Base model (bundled name, local folder or .gguf file)</label>
+          <label for="model">Base model (a bundled name, a finished run's model, or a model under a folder the studio was started with --models)</label>
           <input id="model" list="models" value="${esc(opts.models[0] || "")}">
           <datalist id="models">${opts.models.map(m => `<option value="${esc(m)}">`).join("")}</datalist>
           <label for="file">Training data</label>
