@@ -97,6 +97,19 @@ def test_recipes_and_config_show_from_the_cli(capsys):
     assert "unknown config key 'train.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
 
 
+def test_a_listing_piped_into_a_reader_that_leaves_early_ends_quietly():
+    """`tunesmith recipes | head -1`: no BrokenPipeError traceback on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from tunesmith.cli.main import main; sys.exit(main(['recipes']))"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.close()  # the reader leaves before the listing is written
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_a_bare_no_is_the_value_no_not_false(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML 1.1 reads no as false
     (tmp_path / "r.yaml").write_text("train:\n  mixed_precision: no\n")

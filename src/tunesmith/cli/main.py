@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tunesmith recipes | head`: the reader left; say nothing more (Python's documented way)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 # `tunesmith compare`'s default: every method that trains SmolLM2 (BitFit needs biases) and is not slow on a CPU
