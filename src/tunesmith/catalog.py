@@ -205,7 +205,7 @@ RL_SHOWS = TaskShows(
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    objective: str                   # its module in tunesmith.objectives
+    objective: str                   # its module in tunesmith.objectives (else any module, by its full name)
     data: str                        # what data it trains on (error messages)
     formats: tuple[str, ...]         # data formats (data/shapes.py) that train this task
     metrics: tuple[str, ...]         # held-out metrics train.select_best may name

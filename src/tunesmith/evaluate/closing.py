@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
+from tunesmith.catalog import lower_is_better
 from tunesmith.data.shapes import user_text
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import forgetting
@@ -97,20 +98,21 @@ def _as_base(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-def improves(metric: str | None, record: dict, best: dict | None) -> bool:
-    """Whether `record` beats `best` on `metric` (losses and perplexity lower, the rest higher); NaN never does."""
+def improves(metric: str | None, record: dict, best: dict | None, task: str | None = None) -> bool:
+    """Whether `record` beats `best` on `metric` (lower when the task declares it lower-is-better, `TaskSpec.
+    lower_is_better`: losses and perplexity; higher otherwise); NaN never does. Without `task`, lower when any task
+    declares it so."""
     if not metric or metric not in record or record[metric] is None or not math.isfinite(record[metric]):
         return False
     if best is None or best.get("value") is None or not math.isfinite(best["value"]):
         return True
-    lower_is_better = metric in ("eval_loss", "eval_ppl")
-    return record[metric] < best["value"] if lower_is_better else record[metric] > best["value"]
+    return record[metric] < best["value"] if lower_is_better(metric, task) else record[metric] > best["value"]
 
 
 def close(c: Closing, summary: dict) -> dict:
     """The closing evaluation of a trained run (module docstring); `summary` is eval.json as training wrote it."""
     after, best = c.measure(c.model), c.best
-    if best and not improves(c.select_best, after, best):
+    if best and not improves(c.select_best, after, best, c.objective.task):
         c.load_best()
         c.log(f"train.select_best: finishing with step {best['step']}'s weights ({c.select_best} {best['value']:.4f}; "
               f"the last step had {after.get(c.select_best, float('nan')):.4f})")

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from tunesmith.catalog import CAUSAL_SHOWS, describe_task
 from tunesmith.errors import TunesmithError
 from tunesmith.paths import child_env
 from tunesmith.evaluate.side_by_side import mean_score
@@ -66,10 +67,11 @@ def _row(method: str, run_dir: Path, wall: float, peak: float) -> dict:
     run = RunDir(run_dir)
     s = json.loads(run.summary.read_text())
     before, after = s.get("before") or {}, s.get("after") or {}
-    if "eval_accuracy" in after:  # classification, reward models: (pairwise) held-out accuracy
-        metric, base = 100 * after["eval_accuracy"], 100 * before.get("eval_accuracy", 0)
-    elif "eval_reward" in after:  # RL: the mean total reward of the held-out prompts' answers
-        metric, base = after["eval_reward"], before.get("eval_reward")
+    shows = describe_task(s.get("task", "causal")) or CAUSAL_SHOWS
+    if shows.compare_headline and after.get(shows.headline) is not None:  # as the task declares it (catalog.py)
+        scale = 100 if shows.percent else 1
+        metric, base = scale * after[shows.headline], before.get(shows.headline, shows.verdict.before_default)
+        base = None if base is None else scale * base
     elif s.get("side_by_side"):
         metric, base = mean_score(s["side_by_side"], "tuned"), mean_score(s["side_by_side"], "base")
     else:
@@ -112,15 +114,10 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + f"\n\ntask metric: {_metric_kind(rows)}.\n"
 
 
-METRIC_KINDS = {"classification": "held-out accuracy (%) on the validation split",
-                "reward": "held-out pairwise accuracy (%, the chosen answer scored above the rejected) on the validation split",
-                "rl": "mean total reward of the answers to the validation prompts"}
-
-
 def _metric_kind(rows: list[dict]) -> str:
-    """What the task metric column is (one recipe, so one task for every row)."""
+    """What the task metric column is (one recipe, so one task for every row), as the task declares it."""
     task = next((r["task"] for r in rows if r.get("task")), None)
-    return METRIC_KINDS.get(task, "mean ROUGE-L of greedy outputs against the references on the side-by-side examples")
+    return (describe_task(task) or CAUSAL_SHOWS).compare_kind
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -140,7 +137,9 @@ def _chart(rows: list[dict], path: Path) -> None:
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return
-    panels = [("held-out loss", "held-out loss (lower is better)"), ("task metric", "task metric (higher is better)"),
+    shows = describe_task(next((r["task"] for r in ok if r.get("task")), "causal")) or CAUSAL_SHOWS
+    direction = "higher" if not shows.compare_headline or shows.higher_is_better else "lower"  # ROUGE-L: higher
+    panels = [("held-out loss", "held-out loss (lower is better)"), ("task metric", f"task metric ({direction} is better)"),
               ("tok/s", "real tokens / s"), ("peak RSS GB", "peak memory, GB")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     names = [r["method"] for r in ok]

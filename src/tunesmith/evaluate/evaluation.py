@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.assemble import assemble
+from tunesmith.catalog import TASKS
 from tunesmith.config import load_config
 from tunesmith.data.classify import tokenize_classification
 from tunesmith.data.prepare import load_examples, tokenize_pairs, with_answer_turn
@@ -67,26 +68,33 @@ def evaluate_run(run_dir: Path, data_path: str | None = None, n: int = 50, with_
         models = {"base": run.model_dir, **models}
     examples = eval_examples(run, cfg, data_path, n)
     log(f"evaluating {', '.join(models)} on {len(examples)} examples from {data_path or 'the run validation split'}")
-    dtype = run.precision.dtype  # as the run trained
-    if run.task == "dpo":
-        result = _preference(models, examples, tokenizer, cfg, dtype, device, log)
-    elif run.task == "reward":
-        result = _reward(models, examples, tokenizer, cfg, dtype, device, log)
-    elif run.task == "classification":
-        result = _classification(models, examples, cfg, dtype, device, log)
-    else:  # generation; an RL run's answers are also scored by its rewards (up to its completion length)
-        rl = run.task == "rl"
-        sampling = Sampling(max_new_tokens=max_new_tokens or (cfg.rl.max_new_tokens if rl else cfg.eval.max_new_tokens),
-                            num_beams=num_beams or cfg.eval.num_beams)
-        result = _generation(models, examples, tokenizer, cfg, dtype, device, show, sampling, log,
-                             build_rewards(cfg.rl.rewards, device) if rl else None)
-    result = {"data": data_path or "validation split", "examples": len(examples), **result}
+    result = measure(run.task, models, examples, tokenizer, cfg, run.precision.dtype, device, show, log, max_new_tokens,
+                     num_beams)  # in the dtype the run trained in
+    result = {"data": data_path or "validation split", "examples": len(examples), "task": run.task, **result}
     kept = _next_evaluation_path(run_dir, data_path, len(examples))
     write_json_atomic(kept, result)  # every evaluation is kept; evaluation.json is the latest, the report's source
     write_json_atomic(run_dir.evaluation, result)
     write_report(run_dir.path)
     log(f"saved: {kept} (and as {run_dir.evaluation}, the latest)")
     return result
+
+
+def measure(task: str, models: dict, examples: list, tokenizer, cfg, dtype, device, show: int = 8, log=print,
+            max_new_tokens: int | None = None, num_beams: int | None = None) -> dict:
+    """`models` (name -> model folder) on `examples`, measured as `task` declares (`TaskShows.evaluates`, catalog.py)."""
+    evaluates = TASKS[task].shows.evaluates
+    if evaluates == "preference pairs":
+        return _preference(models, examples, tokenizer, cfg, dtype, device, log)
+    if evaluates == "reward pairs":
+        return _reward(models, examples, tokenizer, cfg, dtype, device, log)
+    if evaluates == "classification":
+        return _classification(models, examples, cfg, dtype, device, log)
+    # generation; "rewarded generation" (RL): the answers also scored by the run's rewards, up to its length
+    rl = evaluates == "rewarded generation"
+    sampling = Sampling(max_new_tokens=max_new_tokens or (cfg.rl.max_new_tokens if rl else cfg.eval.max_new_tokens),
+                        num_beams=num_beams or cfg.eval.num_beams)
+    return _generation(models, examples, tokenizer, cfg, dtype, device, show, sampling, log,
+                       build_rewards(cfg.rl.rewards, device) if rl else None)
 
 
 def eval_examples(run, cfg, data_path, n: int) -> list:
@@ -96,7 +104,7 @@ def eval_examples(run, cfg, data_path, n: int) -> list:
     if data_path:
         fmt, examples, _ = load_examples(cfg.data, data_path)
         resolve_task(run.task, fmt)  # a file of another shape than the run trained on is an error naming both
-        if run.task == "rl":
+        if TASKS[run.task].shows.evaluates == "rewarded generation":
             examples = [with_answer_turn(ex) for ex in examples]
     else:
         examples = run.data.val.examples
@@ -163,7 +171,7 @@ def _generation(models: dict, examples, tokenizer, cfg, dtype, device, show: int
     k = min(show, len(examples))
     rows = build_rows([user_text(ex) for ex in examples[:k]], [r.reference for r in rendered[:k]],
                       {n: g[:k] for n, g in outputs.items()}, references[:k])
-    result = {"task": "rl" if rewards else "causal", "metrics": metrics, "generation_tok_s": speed, "side_by_side": rows,
+    result = {"metrics": metrics, "generation_tok_s": speed, "side_by_side": rows,
               "forgetting": drift, "outputs": {n: [g.text for g in gens] for n, gens in outputs.items()},
               "references": references}
     if len(outputs) > 1 and "tuned" in outputs:  # per example, so the same abstracts decide; ROUGE-1 and ROUGE-L
@@ -203,7 +211,7 @@ def _classification(models: dict, examples, cfg, dtype, device, log) -> dict:
     majority = counts.most_common(1)[0][1] / len(examples)
     f1_majority = (2 * majority / (1 + majority)) / len(counts)
     metrics["majority class"] = {"eval_accuracy": round(majority, 5), "eval_f1": round(f1_majority, 5)}
-    result = {"task": "classification", "metrics": metrics, "outputs": outputs, "references": [ex.label for ex in examples]}
+    result = {"metrics": metrics, "outputs": outputs, "references": [ex.label for ex in examples]}
     others = [name for name in right if name != "tuned"]
     if others:  # the same examples for every model, so a paired test separates smaller differences than two accuracies
         result["tuned_against"] = {name: _paired_counts(right[name], right["tuned"]) for name in others}
@@ -248,7 +256,7 @@ def _reward(models: dict, examples, tokenizer, cfg, dtype, device, log) -> dict:
         metrics[name] = {**reward_scores(scores, cfg.reward), "eval_accuracy_ci95": [round(low, 4), round(high, 4)],
                          "pairs_right": wins, "pairs_wrong": losses, "p_sign_test": round(sign_test(wins, losses), 6)}
         log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in metrics[name].items()))
-    result = {"task": "reward", "metrics": metrics, "examples": len(pairs)}
+    result = {"metrics": metrics, "examples": len(pairs)}
     others = [name for name in right if name != "tuned"]
     if others:
         result["tuned_against"] = {name: _paired_counts(right[name], right["tuned"]) for name in others}
@@ -269,7 +277,7 @@ def _preference(models: dict, examples, tokenizer, cfg, dtype, device, log) -> d
     metrics = {name: preference_scores(lp, pairs, cfg.dpo, None if name == "base" else base) for name, lp in logps.items()}
     for name, m in metrics.items():
         log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
-    result = {"task": "dpo", "metrics": metrics, "examples": len(pairs)}  # the pairs that fit data.max_length
+    result = {"metrics": metrics, "examples": len(pairs)}  # the pairs that fit data.max_length
     if base is not None:
         tuned = logps["tuned"]
         result["against_base"] = {k: _paired_counts(prefers_chosen(base, pairs, per_token), prefers_chosen(tuned, pairs, per_token))

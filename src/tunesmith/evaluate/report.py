@@ -14,13 +14,13 @@ import os
 import platform
 from pathlib import Path
 
+from tunesmith.catalog import CAUSAL_SHOWS, Chart, TaskShows, Verdict, describe_task, lower_is_better
 from tunesmith.evaluate.human import describe, judgements, summarize
 from tunesmith.evaluate.side_by_side import rouge_applies
 from tunesmith.objectives import generates
 from tunesmith.run import RunDir
 from tunesmith.run.files import read_jsonl, write_text_atomic
 
-LOWER_IS_BETTER = {"eval_loss", "eval_ppl", "loss", "ppl"}
 GOOD, BAD = "#1a7f37", "#cf222e"
 
 
@@ -30,15 +30,17 @@ def write_report(run_dir: Path) -> Path:
     evaluation = json.loads(run.evaluation.read_text()) if run.evaluation.exists() else None
     rows = read_jsonl(run.metrics)
     config = run.config.read_text() if run.config.exists() else ""
-    curves = _training_plot(rows, run.plot("training"))
-    rollouts = _rl_plot(rows, run.plot("rl")) if summary.get("task") == "rl" else None
+    task = summary.get("task", "causal")
+    shows = describe_task(task) or CAUSAL_SHOWS
+    curves = _charts_plot(rows, [c for c in shows.charts if c.figure == "training"], run.plot("training"))
+    rollouts = _charts_plot(rows, [c for c in shows.charts if c.figure == "rollouts"], run.plot("rl"))
     bars = _metrics_plot(summary, evaluation, run.plot("metrics"))
-    verdict, good = _verdict(summary, evaluation)
+    verdict, good = _verdict(summary, evaluation, shows)
     parts = [f"<h1>{html.escape(run.name)}</h1>",
              f"<p class='sub'>{html.escape(summary['method'])} on {html.escape(str(summary['model']))} &middot; "
              f"task: {html.escape(summary.get('task', 'causal'))}</p>",
              f"<div class='verdict' style='border-color:{GOOD if good else BAD}'>{verdict}</div>",
-             "<h2>Metrics: base vs tuned</h2>", _metrics_table(summary, evaluation)]
+             "<h2>Metrics: base vs tuned</h2>", _metrics_table(summary, evaluation, task)]
     if summary.get("teacher"):
         parts += ["<h2>Distillation: teacher vs student</h2>", _teacher_table(summary)]
     if bars:
@@ -49,7 +51,7 @@ def write_report(run_dir: Path) -> Path:
         parts += ["<h2>Rollouts</h2>", _img(rollouts, "reward, groups with equal rewards, length, entropy and KL")]
     side = (evaluation or {}).get("side_by_side") or summary.get("side_by_side") or []
     if side:
-        parts += ["<h2>Side by side</h2>", _side_by_side(side, rouge_applies(side, generates(summary.get("task", "causal"))))]
+        parts += ["<h2>Side by side</h2>", _side_by_side(side, rouge_applies(side, generates(task)))]
     human = summarize(judgements(run.path))
     if human.get("n"):
         parts += ["<h2>Human evaluation (blind A/B)</h2>", f"<p>{html.escape(describe(human))}</p>"]
@@ -62,37 +64,21 @@ def write_report(run_dir: Path) -> Path:
     return run.report
 
 
-def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:
+def _verdict(summary: dict, evaluation: dict | None, shows: TaskShows = CAUSAL_SHOWS) -> tuple[str, bool]:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     claims, good = [], True
-    if "eval_reward" in after:  # online RL: the rewards of greedy answers to held-out prompts
-        parts = ", ".join(f"{k.removeprefix('eval_reward_')} {before.get(k, 0):.3f} &rarr; {v:.3f}" for k, v in after.items()
-                          if k.startswith("eval_reward_") and v is not None and before.get(k) is not None)
-        claims.append(f"held-out reward {before.get('eval_reward', 0):.3f} &rarr; <b>{after['eval_reward']:.3f}</b> ({parts}; "
-                      f"answer length {before.get('eval_length', 0):.0f} &rarr; {after.get('eval_length', 0):.0f} tokens)")
-        good = after["eval_reward"] > before.get("eval_reward", 0)
-        against = ((evaluation or {}).get("tuned_against") or {}).get("base")
-        if against:
-            claims.append(f"on {evaluation['examples']} examples the tuned model's reward is higher on {against['won']}, lower on "
-                          f"{against['lost']} (sign test p = {against['p_value']})")
-        K = before.get("headroom_samples")
-        if K and f"headroom_pass_at_{K}" in before:  # measured before the first step (objectives/headroom.py)
-            claims.append(f"headroom before training ({before['headroom_prompts']} prompts): pass@1 "
-                          f"{before['headroom_pass_at_1']:.1%}, pass@{K} {before[f'headroom_pass_at_{K}']:.1%}")
-    elif "eval_margin" in after:  # a reward model: which answer of a pair it scores higher
-        claims.append(f"held-out pairwise accuracy {before.get('eval_accuracy', 0.5):.1%} &rarr; <b>{after['eval_accuracy']:.1%}</b> "
-                      f"(mean margin chosen - rejected {before.get('eval_margin', 0):+.3f} &rarr; {after['eval_margin']:+.3f}; "
-                      f"before: a new, untrained head)")
-        good = after["eval_accuracy"] > 0.5
-    elif "eval_accuracy" in after:
-        d = after["eval_accuracy"] - before.get("eval_accuracy", 0)
-        claims.append(f"held-out accuracy {before.get('eval_accuracy', 0):.1%} &rarr; <b>{after['eval_accuracy']:.1%}</b> "
-                      f"(macro-F1 {before.get('eval_f1', 0):.3f} &rarr; {after['eval_f1']:.3f})")
-        good = d > 0
-    elif "eval_loss" in after and "eval_loss" in before:
-        d = after["eval_loss"] / before["eval_loss"] - 1
-        claims.append(f"held-out loss on the responses {before['eval_loss']:.3f} &rarr; <b>{after['eval_loss']:.3f}</b> ({d:+.0%})")
-        good = d < 0
+    claim = _claim(shows.verdict, before, after)
+    if claim:
+        claims.append(claim[0])
+        good = claim[1]
+    against = ((evaluation or {}).get("tuned_against") or {}).get("base")
+    if against and shows.evaluates == "rewarded generation":  # the answers' rewards, per example
+        claims.append(f"on {evaluation['examples']} examples the tuned model's reward is higher on {against['won']}, lower on "
+                      f"{against['lost']} (sign test p = {against['p_value']})")
+    K = before.get("headroom_samples")
+    if K and f"headroom_pass_at_{K}" in before:  # measured before the first step (objectives/headroom.py)
+        claims.append(f"headroom before training ({before['headroom_prompts']} prompts): pass@1 "
+                      f"{before['headroom_pass_at_1']:.1%}, pass@{K} {before[f'headroom_pass_at_{K}']:.1%}")
     gen = (evaluation or {}).get("metrics")
     if gen and "base" in gen and "tuned" in gen and "rougeL" in gen["tuned"]:
         paired = (((evaluation or {}).get("rouge_against") or {}).get("base") or {}).get("rougeL")
@@ -108,12 +94,30 @@ def _verdict(summary: dict, evaluation: dict | None) -> tuple[str, bool]:
     return f"<b>{head}</b> " + "; ".join(claims) + ".", good
 
 
-def _metrics_table(summary: dict, evaluation: dict | None) -> str:
+def _claim(v: Verdict, before: dict, after: dict) -> tuple[str, bool] | None:
+    """The task's own claim, `label before -> after (details; note)`, and whether it says the fine-tune helped."""
+    a, b = after.get(v.metric), before.get(v.metric, v.before_default)
+    if a is None or b is None:
+        return None
+    parts = [f"{a / b - 1:+.0%}"] if v.change and b else []
+    for d in v.details:
+        keys = [k for k in after if k.startswith(d.key)] if d.key.endswith("_") else [d.key]
+        each = [f"{(d.label or k.removeprefix(d.key))} {before[k]:{d.fmt}} &rarr; {after[k]:{d.fmt}}{d.unit}" for k in keys
+                if after.get(k) is not None and before.get(k) is not None]
+        if each:
+            parts.append(", ".join(each))
+    if v.note:
+        parts.append(v.note)
+    good = a > 0.5 if v.good == "above chance" else a < b if v.good == "falls" else a > b
+    return f"{v.label} {b:{v.fmt}} &rarr; <b>{a:{v.fmt}}</b>" + (f" ({'; '.join(parts)})" if parts else ""), good
+
+
+def _metrics_table(summary: dict, evaluation: dict | None, task: str = "causal") -> str:
     rows = []
     before, after = summary.get("before") or {}, summary.get("after") or {}
     for k in after:
         if k in before and isinstance(after[k], (int, float)) and not k.endswith(("_tokens", "_examples", "_pairs")):
-            rows.append((f"held-out {k.removeprefix('eval_')}", before[k], after[k], k in LOWER_IS_BETTER))
+            rows.append((f"held-out {k.removeprefix('eval_')}", before[k], after[k], lower_is_better(k, task)))
     gen = (evaluation or {}).get("metrics") or {}
     for k, v in (gen.get("tuned") or {}).items():
         if k in (gen.get("base") or {}) and not k.endswith("_pairs"):
@@ -191,65 +195,52 @@ def _version(pkg: str) -> str:
         return "?"
 
 
-def _training_plot(rows: list[dict], path: Path) -> Path | None:
-    steps = [r for r in rows if r.get("loss") is not None]  # a skipped non-finite step is logged as null
-    if not steps:
+def _charts_plot(rows: list[dict], charts: list[Chart], path: Path) -> Path | None:
+    """One figure of the declared charts side by side, each over the metrics.jsonl rows that have its first curve."""
+    drawn = [(c, [r for r in rows if r.get(c.curves[0].key) is not None and not (c.skip and r.get(c.skip))]) for c in charts]
+    if not drawn or not drawn[0][1]:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    x = [r["step"] for r in steps]
-    axes[0].plot(x, [r["loss"] for r in steps], color="#9ab", lw=1, label="train loss (per step)")
-    if len(steps) >= 5:
-        k = max(2, len(steps) // 10)
-        smooth = [sum(r["loss"] for r in steps[max(0, i - k + 1): i + 1]) / len(steps[max(0, i - k + 1): i + 1]) for i in range(len(steps))]
-        axes[0].plot(x, smooth, color="#1f4e79", lw=2, label="train loss (smoothed)")
-    evals = [r for r in rows if "eval_loss" in r]
-    if evals:
-        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="#c0392b", label="held-out loss")
-    axes[0].set_xlabel("step")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("loss")
-    axes[1].plot(x, [r["lr"] for r in steps], color="#555")
-    axes[1].set_title("learning rate")
-    axes[1].set_xlabel("step")
-    axes[2].plot(x, [r["tok_s"] for r in steps], color="#2e7d32")
-    axes[2].set_title("real tokens / s (cumulative)")
-    axes[2].set_xlabel("step")
-    return _save(fig, plt, path)
-
-
-def _rl_plot(rows: list[dict], path: Path) -> Path | None:
-    """Online RL's health per step: reward (and each reward), the share of groups with all-equal rewards and of
-    answers cut at the cap, answer length, entropy and KL."""
-    steps = [r for r in rows if r.get("reward") is not None and not r.get("rollout_reused")]
-    if not steps:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    x = [r["step"] for r in steps]
-    axes[0].plot(x, [r["reward"] for r in steps], color="#1f4e79", lw=2, label="total")
-    for key in [k for k in steps[0] if k.startswith("rewards/") and k.endswith("/mean")]:
-        axes[0].plot(x, [r.get(key) for r in steps], lw=1, label=key.split("/")[1])
-    evals = [r for r in rows if "eval_reward" in r]
-    if evals:
-        axes[0].plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", color="#c0392b", label="held-out (greedy)")
-    axes[0].set_title("reward (mean of the step's answers)")
-    axes[0].legend(fontsize=7)
-    axes[1].plot(x, [r["frac_reward_zero_std"] for r in steps], label="groups with equal rewards")
-    axes[1].plot(x, [r["clipped_ratio"] for r in steps], label="answers cut at the cap")
-    axes[1].set_ylim(-0.02, 1.02)
-    axes[1].set_title("shares")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(x, [r["completion_length"] for r in steps], color="#555")
-    axes[2].set_title("answer length (tokens)")
-    axes[3].plot(x, [r.get("entropy") for r in steps], label="entropy")
-    if any(r.get("kl") is not None for r in steps):
-        axes[3].plot(x, [r.get("kl") for r in steps], label="KL to the reference")
-    axes[3].set_title("entropy, KL (nats/token)")
-    axes[3].legend(fontsize=7)
-    for ax in axes:
+    fig, axes = plt.subplots(1, len(drawn), figsize=(13 if len(drawn) <= 3 else 4 * len(drawn), 3.4), squeeze=False)
+    for ax, (chart, steps) in zip(axes[0], drawn):
+        lines = 0
+        for curve in chart.curves:
+            for key, label in _keys(curve, steps or rows):
+                points = [r for r in (rows if curve.held_out else steps) if r.get(key) is not None
+                          and not (chart.skip and r.get(chart.skip))]
+                lines += _draw(ax, curve, [r["step"] for r in points], [r[key] for r in points], label, len(chart.curves) > 1)
+        if chart.share:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(chart.title)
         ax.set_xlabel("step")
+        if lines > 1:
+            ax.legend(fontsize=7)
     return _save(fig, plt, path)
+
+
+def _keys(curve, rows: list[dict]) -> list[tuple[str, str]]:
+    """(key, label) of each line a curve draws: one, or one per key its `*` matches (labelled with the matched part)."""
+    if "*" not in curve.key:
+        return [(curve.key, curve.label)]
+    head, tail = curve.key.split("*", 1)
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith(head) and k.endswith(tail) and len(k) > len(head + tail))
+    return [(k, curve.label.replace("*", k[len(head): len(k) - len(tail)])) for k in keys]
+
+
+def _draw(ax, curve, x: list, y: list, label: str, several: bool) -> int:
+    if not x:
+        return 0
+    if curve.held_out:
+        ax.plot(x, y, "o-", color="#c0392b", label=label)
+        return 1
+    ax.plot(x, y, color="#9ab" if curve.smooth else None, lw=1 if curve.smooth or several else 2,
+            linestyle="--" if curve.dashed else "-", label=label)
+    if curve.smooth and len(y) >= 5:
+        k = max(2, len(y) // 10)
+        smooth = [sum(y[max(0, i - k + 1): i + 1]) / len(y[max(0, i - k + 1): i + 1]) for i in range(len(y))]
+        ax.plot(x, smooth, color="#1f4e79", lw=2, label=label.replace(" (per step)", "") + " (smoothed)")
+        return 2
+    return 1
 
 
 def _metrics_plot(summary: dict, evaluation: dict | None, path: Path) -> Path | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -125,15 +126,21 @@ class Objective:
         """Files the saved model needs besides its weights and prompt format (a reward model: where its score is read)."""
 
 
+def objective_module(task: str):
+    """The module of `task`'s objective: `TaskSpec.objective` names one here, or else any module by its full name."""
+    name = TASKS[task].objective
+    own = f"tunesmith.objectives.{name}"
+    return importlib.import_module(own if "." not in name and importlib.util.find_spec(own) else name)
+
+
 def generates(task: str) -> bool:
     """Whether a run of `task` generates text for its side-by-side table (`Objective.generates`), without building one."""
-    return importlib.import_module(f"tunesmith.objectives.{TASKS[task].objective}").OBJECTIVE.generates
+    return objective_module(task).OBJECTIVE.generates
 
 
 def objective_for(task: str, cfg, data: PreparedData, tokenizer, dtype: torch.dtype) -> Objective:
     """The objective a run of `task` trains (with `distill.teacher`: distillation around it)."""
-    module = importlib.import_module(f"tunesmith.objectives.{TASKS[task].objective}")
-    objective = module.OBJECTIVE(cfg, data, tokenizer)
+    objective = objective_module(task).OBJECTIVE(cfg, data, tokenizer)
     if cfg.distill.teacher:
         from tunesmith.objectives.distill import Distill
 

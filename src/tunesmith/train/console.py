@@ -20,8 +20,8 @@ def data_lines(run: Run) -> list[str]:
                      f"{j['dropped_ties']} ties, {j['dropped_identical']} between identical answers, "
                      f"{j['dropped_unusable']} unusable lines"
                      + (f" (first: {j['unusable_samples'][0]})" if j["unusable_samples"] else ""))
-    if run.task == "classification":
-        lines.append(f"task: classification into {len(st['labels'])} labels: " + ", ".join(
+    if st.get("label_counts"):  # a classifier's labels, as the data declared them
+        lines.append(f"task: {run.task} into {len(st['labels'])} labels: " + ", ".join(
             f"{name} {n}" for name, n in st["label_counts"]["train"].items()))
     return lines
 

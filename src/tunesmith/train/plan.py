@@ -4,7 +4,8 @@ Memory (bytes) = process baseline (Python, torch, transformers, tokenizer)
                + weights (every parameter in its dtype)
                + gradients and AdamW state of the trainable parameters (3 copies, fp32 optimizer state)
                + activations of the largest forward pass (padded tokens x layers x bytes per token-layer)
-               + the vocabulary head of the largest pass (labelled positions only, in chunks)
+               + the head of the largest pass: the vocabulary's (labelled positions only, in chunks), or a sequence
+                 classifier's (one position per example; classification, reward models: the task's `head` in catalog.py)
                + the token arrays of the data.
 Bytes per token-layer come from what autograd keeps for a Llama-style block (norm inputs, q/k/v/o
 inputs and outputs, rotary copies, the three MLP projections and the SwiGLU product), calibrated
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tunesmith.catalog import METHODS
+from tunesmith.catalog import METHODS, TASKS, task_of_format
 
 GiB = 1024 ** 3
 BASELINE_BYTES = 0.55 * GiB   # measured: python + torch + transformers + tokenizers after import, CPU
@@ -87,18 +88,19 @@ def activation_bytes_per_token_layer(config, bytes_per_el: int, lora: bool) -> f
     return elements * bytes_per_el * (LORA_ACTIVATION_SCALE if lora else FULL_ACTIVATION_SCALE)
 
 
-def flops_per_token(config, seq_len: float, trained_share: float, full: bool, frozen_blocks: int = 0) -> float:
+def flops_per_token(config, seq_len: float, trained_share: float, full: bool, frozen_blocks: int = 0,
+                    head_outputs: int | None = None) -> float:
     """Model FLOPs per real token for one training step: matmuls of the blocks (forward 2N, backward 2N for
-    input grads, +2N weight grads when training all weights), attention scores, and the vocabulary head on the
-    positions that carry a label (the only ones the loss needs). The first `frozen_blocks` blocks
-    (`method.freeze_layers`) only run forward: backward stops above them."""
+    input grads, +2N weight grads when training all weights), attention scores, and the head on the
+    positions that carry a label (the only ones the loss needs; `head_outputs`: a classifier's labels, else the
+    vocabulary). The first `frozen_blocks` blocks (`method.freeze_layers`) only run forward: backward stops above them."""
     d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", heads)
     head_dim = d // heads
     block = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * inter
     block_forward = 2 * block + 2 * seq_len * d  # causal attention QK^T and AV, halved for the mask
-    head = 2 * d * config.vocab_size * trained_share
+    head = 2 * d * (head_outputs or config.vocab_size) * trained_share
     mult = 3 if full else 2
     frozen = min(frozen_blocks, layers)
     return mult * ((layers - frozen) * block_forward + head) + frozen * block_forward
@@ -116,10 +118,11 @@ def matmul_dtype(model) -> torch.dtype:
 
 
 def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, time_it: float = 0.0,
-             matmuls: torch.dtype | None = None) -> Plan:
+             matmuls: torch.dtype | None = None, task: str | None = None) -> Plan:
     """With `time_it` seconds, this machine's matmul throughput is measured in the training matmuls' dtype (`matmuls`:
     bfloat16 for full fine-tuning's weight copies; by default the weights' dtype) for a time estimate; without (as in
-    `train`'s own pre-flight check) the time is not estimated."""
+    `train`'s own pre-flight check) the time is not estimated. The head estimated is the one `task` declares (by
+    default the config's task, or the one its data format trains)."""
     config = model.config
     el = next(model.parameters()).element_size()
     n_params = sum(p.numel() for p in model.parameters())
@@ -139,22 +142,28 @@ def estimate(cfg, model, n_trainable: int, data_stats: dict, total_steps: int, t
         acts = pass_tokens * (trained_layers * CHECKPOINTED_PER_LAYER * config.hidden_size * el + per_layer)
     else:
         acts = pass_tokens * trained_layers * per_layer
-    head = min(pass_tokens, HEAD_CHUNK) * config.vocab_size * 4 * 3  # logits, softmax, grad of one chunk
+    task = task or (cfg.task if cfg.task in TASKS else task_of_format(data_stats.get("format") or "text"))
+    mean_len = train["tokens"] / max(1, train["kept"])
+    if TASKS[task].head == "classes":  # one scored position per example, a score per label
+        head_name, outputs, trained_share = "classifier head", getattr(config, "num_labels", 1), 1 / max(1.0, mean_len)
+        head = cfg.train.micro_batch_size * outputs * 4 * 3
+    else:
+        head_name, outputs, trained_share = "vocabulary head", None, train["label_share"]
+        head = min(pass_tokens, HEAD_CHUNK) * config.vocab_size * 4 * 3  # logits, softmax, grad of one chunk
     parts = {
         "process baseline": BASELINE_BYTES,
         f"weights ({n_params / 1e6:.0f}M params)": weight_bytes,
         f"grads + AdamW ({n_trainable / 1e6:.1f}M trainable)": n_trainable * (el + OPTIMIZER_BYTES),
         f"activations ({pass_tokens} tokens/pass)": acts,
-        "vocabulary head": head,
+        head_name: head,
         "data token arrays": train["tokens"] * 8 + data_stats["val"]["tokens"] * 8,
     }
     if quantized:  # bitsandbytes de-quantizes each weight to full precision for its matmul, kept for backward
         packed = sum(p.numel() for p in model.parameters() if p.dtype in (torch.uint8, torch.int8))
         parts["de-quantized weight copies"] = packed * (8 if spec.quantized_bits == 4 else 4)
     examples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    mean_len = train["tokens"] / max(1, train["kept"])
     tokens = int(total_steps * examples_per_step * mean_len)
-    fpt = flops_per_token(config, mean_len, train["label_share"], spec.weight_grads, frozen)
+    fpt = flops_per_token(config, mean_len, trained_share, spec.weight_grads, frozen, outputs)
     dtype = matmuls or matmul_dtype(model)
     gflops = matmul_gflops(time_it, dtype, next(model.parameters()).device) if time_it else 0.0
     seconds = tokens * fpt / (gflops * 1e9 * STEP_EFFICIENCY[dtype]) if gflops else 0.0
@@ -230,4 +239,4 @@ def plan_config(cfg) -> Plan:
     cfg = run.effective_config
     _, total_steps = plan_steps(cfg, run.data.stats["train"]["kept"])
     return estimate(cfg, run.model, run.params["trainable"], run.data.stats, total_steps, time_it=1.0,
-                    matmuls=run.precision.matmuls)
+                    matmuls=run.precision.matmuls, task=run.task)
