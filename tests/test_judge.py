@@ -151,5 +151,22 @@ def test_a_reward_model_run_as_the_judge(tmp_path, tiny_model_dir, short_answer_
         t, o = scorer(Rollouts(["p", "p"], [p["tuned"], p["other"]], [[1], [1]], [conv, conv], {}))
         assert p["tuned_score"] == pytest.approx(t, abs=1e-4) and p["other_score"] == pytest.approx(o, abs=1e-4)
         assert p["outcome"] == ("win" if t > o else "loss" if t < o else "tie")
+    # several judges (`--judge RM1 RM2`): the models answer once, each judge judges those answers, one file each
+    from tunesmith.cli.main import main
+
+    before = set((short_answer_run / "evaluations").glob("*-judge.json"))
+    assert main(["eval", str(short_answer_run), "--judge", str(rm), str(rm), "-n", "6", "--max-new-tokens", "12"]) == 0
+    made = sorted(set((short_answer_run / "evaluations").glob("*-judge.json")) - before)
+    both = [json.loads(f.read_text()) for f in made]
+    assert len(both) == 2 and both[0]["judge"] == both[1]["judge"] == str(rm)
+    assert [p["tuned"] for p in both[0]["pairs"]] == [p["tuned"] for p in both[1]["pairs"]] == [p["tuned"] for p in r["pairs"]]
+    assert [p["tuned_score"] for p in both[1]["pairs"]] == [p["tuned_score"] for p in r["pairs"]]
+    # a second judge that cannot judge stops the command before anything loads (the first is not run alone)
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(TunesmithError, match="does not answer"):
+        judge_runs(short_answer_run, [str(rm), url], "m")
+    with pytest.raises(TunesmithError, match="a reward-model judge run needs none"):
+        judge_runs(short_answer_run, [str(rm)], "m")
+    assert set((short_answer_run / "evaluations").glob("*-judge.json")) == before | set(made)
     with pytest.raises(TunesmithError, match="must be a reward model"):
         judge_runs(short_answer_run, str(short_answer_run))

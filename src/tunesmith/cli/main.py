@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--check", action="append", default=[], metavar="KIND[:ARG]", help="with --samples: what a right "
                     "answer is, e.g. numeric:answer, exact:answer, 'regex:#### -?[0-9]+', function:FILE.py:NAME, model:RUN")
     ev.add_argument("--temperature", type=float, help="with --samples: sampling temperature (default: the run's rl.temperature)")
-    ev.add_argument("--judge", metavar="JUDGE", help="compare the run with one --runs run (or the base) pairwise: a "
-                    "reward-model run (runs/NAME) or an OpenAI-compatible endpoint (http://host:port/v1)")
+    ev.add_argument("--judge", nargs="+", metavar="JUDGE", help="compare the run with one --runs run (or the base) "
+                    "pairwise: a reward-model run (runs/NAME) or an OpenAI-compatible endpoint (http://host:port/v1); "
+                    "several judges judge the same answers")
     ev.add_argument("--judge-model", metavar="NAME", help="with an endpoint --judge: the model the endpoint serves")
     _data_dir_flag(ev)
     ev.set_defaults(func=cmd_eval)
@@ -385,7 +386,7 @@ def cmd_eval(args) -> int:
     if args.judge:
         from tunesmith.evaluate.judge import judge_runs
 
-        judge_runs(run, args.judge, args.judge_model, tuple(Path(r) for r in args.runs), args.data, args.n,
+        judge_runs(run, tuple(args.judge), args.judge_model, tuple(Path(r) for r in args.runs), args.data, args.n,
                    args.max_new_tokens)
         return 0
     evaluate_run(run, args.data, args.n, not args.no_base, tuple(Path(r) for r in args.runs), args.show, args.max_new_tokens,

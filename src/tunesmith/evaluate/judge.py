@@ -228,21 +228,24 @@ def judge_by_reward_model(path: Path, rollouts_tuned, rollouts_other, device) ->
     return stats, pairs
 
 
-def judge_runs(run_dir: Path, judge: str, judge_model: str | None = None, other_runs: tuple[Path, ...] = (),
-               data_path: str | None = None, n: int = 50, max_new_tokens: int | None = None, log=print) -> dict:
+def judge_runs(run_dir: Path, judge: str | list[str] | tuple[str, ...], judge_model: str | None = None,
+               other_runs: tuple[Path, ...] = (), data_path: str | None = None, n: int = 50,
+               max_new_tokens: int | None = None, log=print) -> dict | list[dict]:
+    """One judge (a str): its result. Several (`--judge J1 J2`, e.g. the reward model RL optimised and a held-out one):
+    the two models answer once and each judge judges the same answers; a list of results, one file each."""
+    judges = [judge] if isinstance(judge, str) else list(judge)
     # -- everything that can be wrong with the command, before anything loads
+    if not judges:
+        raise TunesmithError("--judge: name a judge (a reward-model run or an endpoint)")
     if len(other_runs) > 1:
         raise TunesmithError("--judge compares two models: give one --runs run (or none: the run against its base)")
     run_dir = RunDir(run_dir)
     for r in (run_dir, *map(RunDir, other_runs)):
         if not r.final.is_dir():
             raise TunesmithError(f"{r} has no final model (is it a finished tunesmith run?)")
-    if is_endpoint(judge):
-        endpoint, judge_run = check_endpoint(judge, judge_model), None
-    else:
-        if judge_model:
-            raise TunesmithError("--judge-model names an endpoint's model; a reward-model judge run needs none")
-        endpoint, judge_run = None, check_reward_run(judge)
+    if judge_model and not any(map(is_endpoint, judges)):
+        raise TunesmithError("--judge-model names an endpoint's model; a reward-model judge run needs none")
+    checked = [(check_endpoint(j, judge_model), None) if is_endpoint(j) else (None, check_reward_run(j)) for j in judges]
     # -- the prompts, the two models' answers
     cfg = load_config(str(run_dir.config))
     device = torch.device(pick_device())
@@ -265,25 +268,28 @@ def judge_runs(run_dir: Path, judge: str, judge_model: str | None = None, other_
     tuned_rollouts = rollouts_for(examples, rendered, answers["tuned"], [[] for _ in examples], 1)
     other_rollouts = rollouts_for(examples, rendered, answers[other_name], [[] for _ in examples], 1)
     requests = [request_text(conv) for conv in tuned_rollouts.conversations]
-    # -- the judge
-    what = f"{endpoint.model} at {endpoint.url}" if endpoint else str(judge_run)
-    log(f"judging tuned against {other_name} on {len(examples)} prompts with {what}"
-        + (" (each pair twice, positions swapped)" if endpoint else " (reward model: each answer scored alone)"))
-    if endpoint:
-        stats, pairs = judge_by_endpoint(endpoint, requests, answers["tuned"], answers[other_name])
-    else:
-        stats, pairs = judge_by_reward_model(judge_run, tuned_rollouts, other_rollouts, device)
-    for p, q, t, o in zip(pairs, requests, answers["tuned"], answers[other_name]):
-        p.update({"request": q, "tuned": t, "other": o})
-    result = {"task": "judge", "judge": judge, "judge_model": judge_model, "tuned": str(run_dir), "other": other_name,
-              "data": data_path or "validation split", "examples": len(examples), "max_new_tokens": cap, **stats,
-              "pairs": pairs}
-    kept = _next_evaluation_path(run_dir, data_path, len(examples))
-    kept = kept.with_name(f"{kept.stem}-judge.json")
-    write_json_atomic(kept, result)
-    log(describe(result))
-    log(f"saved: {kept}")
-    return result
+    # -- the judges, each on the same answers
+    results = []
+    for judge_name, (endpoint, judge_run) in zip(judges, checked):
+        what = f"{endpoint.model} at {endpoint.url}" if endpoint else str(judge_run)
+        log(f"judging tuned against {other_name} on {len(examples)} prompts with {what}"
+            + (" (each pair twice, positions swapped)" if endpoint else " (reward model: each answer scored alone)"))
+        if endpoint:
+            stats, pairs = judge_by_endpoint(endpoint, requests, answers["tuned"], answers[other_name])
+        else:
+            stats, pairs = judge_by_reward_model(judge_run, tuned_rollouts, other_rollouts, device)
+        for p, q, t, o in zip(pairs, requests, answers["tuned"], answers[other_name]):
+            p.update({"request": q, "tuned": t, "other": o})
+        result = {"task": "judge", "judge": judge_name, "judge_model": judge_model if endpoint else None,
+                  "tuned": str(run_dir), "other": other_name, "data": data_path or "validation split",
+                  "examples": len(examples), "max_new_tokens": cap, **stats, "pairs": pairs}
+        kept = _next_evaluation_path(run_dir, data_path, len(examples))
+        kept = kept.with_name(f"{kept.stem}-judge.json")
+        write_json_atomic(kept, result)
+        log(describe(result))
+        log(f"saved: {kept}")
+        results.append(result)
+    return results[0] if isinstance(judge, str) else results
 
 
 def describe(r: dict) -> str:
