@@ -146,9 +146,11 @@ const pages = {
       const hp = {};
       if ($("#epochs").value.trim()) hp.n_epochs = Number($("#epochs").value);
       if ($("#lrm").value.trim()) hp.learning_rate_multiplier = Number($("#lrm").value);
-      return {model: $("#model").value.trim(), training_file: $("#file").value || null, recipe: $("#recipe").value || null,
-              method: $("#objective").value, overrides, hyperparameters: hp};
+      const s = {model: $("#model").value.trim(), training_file: $("#file").value || null, recipe: $("#recipe").value || null,
+                 method: $("#objective").value, overrides, hyperparameters: hp};
+      return window.tunesmithRL ? tunesmithRL.settings(s) : s;  // reward model / RL: its task and rl.* keys (rl.js)
     };
+    if (window.tunesmithRL) await tunesmithRL.form(opts, settings);  // the RL choices and the headroom check (rl.js)
     const guard = async (fn) => {
       $("#formerror").textContent = "";
       try { await fn(); } catch (e) { $("#formerror").textContent = e.message; }
@@ -278,6 +280,7 @@ const pages = {
       $("#report").hidden = !row.report;
     };
     show(info);
+    if (window.tunesmithRL) tunesmithRL.runPage(name, leave);  // an RL run's charts and alarms (rl.js)
     $("#report").onclick = (e) => { e.preventDefault(); openReport(name); };
     const refresh = async () => show(await api(`/v1/studio/runs/${encodeURIComponent(name)}`));
     if (info.job) {
