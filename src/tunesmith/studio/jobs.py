@@ -67,6 +67,7 @@ class Policy:
     allow_code: bool = False                 # --allow-code: any config key, function rewards, teachers, hub ids
     models_dirs: tuple[Path, ...] = ()       # --models DIR: models under these folders may be named
     data_roots: tuple[Path, ...] = ()        # --data-root DIR: data.path / data.val_path under these folders
+    home: Optional[Path] = None              # the studio's home: its finished runs may be RL rewards (reward_run)
 
     def roots(self) -> dict[str, Path]:
         """The operator's folders by the names messages give them (never their server paths)."""
@@ -165,6 +166,17 @@ def _data_value(key: str, value: str, roots) -> object:
     return out if isinstance(parsed, list) else out[0]
 
 
+def reward_run(name: Optional[str], policy: Policy) -> Optional[Path]:
+    """The studio's own finished run named `runs/NAME` (a reward model trained by a job: jobs run in the studio home,
+    so that path resolves there), or None for anything else."""
+    p = Path(name or "")
+    if policy.home is None or p.is_absolute() or len(p.parts) != 2 or p.parts[0] != "runs" or p.parts[1] in (".", ".."):
+        return None
+    runs = Path(policy.home) / "runs"
+    run = runs / p.parts[1]
+    return run if (run / "final").is_dir() and under(run, [runs]) else None
+
+
 def check_resolved(cfg, policy: Policy) -> None:
     """What a config may reach once resolved (a recipe and overrides together): no code and no model outside the
     operator's folders unless --allow-code."""
@@ -174,9 +186,11 @@ def check_resolved(cfg, policy: Policy) -> None:
         if reward.kind == "function":
             raise JobError(f"tunesmith.overrides: rl.rewards[{k}] (kind: function) runs code on the server; the studio "
                            f"runs it only when started with --allow-code", "tunesmith.overrides", "override_not_allowed")
-        if reward.kind == "model" and model_in_folders(reward.path, policy.models_dirs) is None:
+        if reward.kind == "model" and model_in_folders(reward.path, policy.models_dirs) is None \
+                and reward_run(reward.path, policy) is None:
             raise JobError(f"tunesmith.overrides: rl.rewards[{k}] (kind: model): a reward model must be under the "
-                           f"studio's --models folders", "tunesmith.overrides", "override_not_allowed")
+                           f"studio's --models folders or be one of its finished runs (runs/NAME)", "tunesmith.overrides",
+                           "override_not_allowed")
     teacher = cfg.distill.teacher
     if teacher and teacher not in BUNDLED and model_in_folders(teacher, policy.models_dirs) is None:
         raise JobError("tunesmith.overrides: distill.teacher must be a bundled model or one under the studio's --models "
@@ -276,7 +290,7 @@ def check_file_fits(fmt: str, kind: str, task: str, param: str) -> Optional[str]
     """Why a file's records do not suit the job's method (None when they do)."""
     if kind == "dpo" and fmt != "preference":
         return f"{param}: method dpo needs preference pairs (OpenAI DPO JSONL: input, preferred_output, non_preferred_output); this file is in {fmt} format"
-    if kind == "supervised" and fmt == "preference" and task != "dpo":
+    if kind == "supervised" and fmt == "preference" and task not in ("dpo", "reward", "rl"):  # rl: the pairs' prompts
         return f"{param}: the file holds preference pairs; use method dpo (or a recipe whose task is dpo)"
     if kind == "supervised" and task == "causal" and fmt not in SFT_FORMATS:
         return f"{param}: a supervised causal job needs conversations or prompt/completion records; this file is in {fmt} format"
