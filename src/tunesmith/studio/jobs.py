@@ -10,6 +10,11 @@ job's events.
 One scheduler thread does all of it, polling twice a second: validate new jobs, start queued ones while fewer than
 `workers` run, read the running ones' files, and settle the ones whose process ended. Polling, because a run's
 files are the truth and a subprocess's pipes are not (a restarted server has no pipes to the job it resumes).
+
+Where the command runs is the executor's business (the one seam: launch, ended, stop, kill, find again after a
+restart). `LocalExecutor` (the default) runs it as a subprocess here; `ray_executor.RayExecutor` submits it to a Ray
+cluster as a Ray job (docs/scaling.md). Everything else -- events, metrics, checkpoints, the job's result -- is read
+from the run folder either way, so a client cannot tell them apart.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -214,6 +219,7 @@ class Plan:
     base: str                 # the base model's label in fine_tuned_model ids
     task: str                 # as the config resolves it (auto: decided by the data)
     recipe: str               # the recipe's name, or "studio" (default.yaml)
+    resources: dict = field(default_factory=dict)  # tunesmith.resources: what the job asks of a cluster (Ray)
 
 
 def new_id(prefix: str) -> str:
@@ -249,7 +255,31 @@ def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: 
     except TunesmithError as e:
         raise JobError(str(e), "tunesmith.overrides" if user else "hyperparameters") from None
     check_resolved(cfg, policy)
-    return Plan(source, over + resolved["overrides"] + user, resolved["values"], base, cfg.task, recipe or "studio")
+    return Plan(source, over + resolved["overrides"] + user, resolved["values"], base, cfg.task, recipe or "studio",
+                check_resources(ext.get("resources")))
+
+
+RESOURCES = {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0}  # what tunesmith.resources may ask: each a number >= this
+
+
+def check_resources(asked) -> dict:
+    """`tunesmith.resources` ({"cpus": 2, "gpus": 1, "memory_gb": 16}): what the job's command needs on a node of a
+    Ray cluster (the studio's --ray-cpus/--ray-gpus/--ray-memory-gb where absent); a local studio does not use it."""
+    if asked is None:
+        return {}
+    if not isinstance(asked, dict):
+        raise JobError("tunesmith.resources: expected an object like {\"cpus\": 2, \"gpus\": 1, \"memory_gb\": 16}",
+                       "tunesmith.resources")
+    out = {}
+    for key, value in asked.items():
+        if key not in RESOURCES:
+            raise JobError(f"tunesmith.resources.{key}: unknown; known: {', '.join(RESOURCES)}", "tunesmith.resources")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < RESOURCES[key] or value > 1e6:
+            raise JobError(f"tunesmith.resources.{key}: expected a number >= 0, got {value!r}", "tunesmith.resources")
+        out[key] = value
+    if out.get("cpus") == 0 and out.get("gpus", 0) == 0:
+        raise JobError("tunesmith.resources: a job needs at least some CPUs or GPUs", "tunesmith.resources")
+    return out
 
 
 def _hyperparameters(hp: dict, cfg, kind: str) -> dict:
@@ -302,17 +332,72 @@ def check_file_fits(fmt: str, kind: str, task: str, param: str) -> Optional[str]
 @dataclass
 class Running:
     job_id: str
-    proc: subprocess.Popen
+    handle: object                   # the executor's handle of the job's command (a Popen, a Ray job)
     stop: Optional[str] = None       # "cancel", "pause" or "shutdown" once asked
     stop_sent: float = 0.0
+
+    @property
+    def proc(self):  # the local executor's handle: its subprocess
+        return self.handle
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a job's command ended: its exit code (None when it is not known: the executor lost it), and the reason when
+    the executor knows better than the job's log (a node that died)."""
+    code: Optional[int]
+    error: Optional[str] = None
+
+
+class LocalExecutor:
+    """Each job's command a subprocess of the studio, on this machine (the default executor). Its jobs die with the
+    studio (parent-death signal), so a restarted studio finds none of them again: it launches them anew, from their
+    newest checkpoint."""
+    name = "local"
+    detach_on_shutdown = False  # a stopping studio stops its jobs (each writes a checkpoint)
+
+    def attach(self, home: Path) -> None:
+        self.home = Path(home)
+
+    def launch(self, job_id: str, args: list[str], env: dict, resources: dict) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "tunesmith.cli.main", *args]
+        out = open(self.home / "jobs" / f"{job_id}.log", "ab")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
+                                env={**child_env(), **env}, start_new_session=True, preexec_fn=_die_with_parent)
+        out.close()
+        return proc
+
+    def ended(self, proc: subprocess.Popen) -> Optional[Ended]:
+        code = proc.poll()
+        return None if code is None else Ended(code)
+
+    def news(self, proc: subprocess.Popen) -> list[str]:
+        return []
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        _signal(proc, signal.SIGTERM)
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        proc.kill()
+
+    def wait(self, proc: subprocess.Popen, timeout: float) -> None:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def find(self, job_id: str) -> None:
+        return None
 
 
 class Runner:
     def __init__(self, store: Store, home: Path, workers: int = 1, results: Callable[[dict], dict] = lambda job: {},
-                 public: Callable[[str], str] = lambda text: text, allow_code: bool = False):
+                 public: Callable[[str], str] = lambda text: text, allow_code: bool = False, executor=None):
         self.store, self.home, self.workers = store, Path(home), max(1, workers)
         self.public = public          # a message as a client may see it (no server paths)
         self.allow_code = allow_code  # without it, jobs run offline (no hub download a request could ask for)
+        self.executor = executor or LocalExecutor()  # where a job's command runs (LocalExecutor, RayExecutor)
         self.running: dict[str, Running] = {}
         self.read: dict[str, dict] = {}  # job id -> {"metrics": lines read, "log": lines read}, as committed
         self.errors: dict[str, int] = {}  # job id -> its steps that raised in a row
@@ -323,6 +408,7 @@ class Runner:
         self.done = threading.Event()      # the scheduler thread may end
         self.thread: Optional[threading.Thread] = None
         (self.home / "jobs").mkdir(parents=True, exist_ok=True)
+        self.executor.attach(self.home)
 
     def run_dir(self, job_id: str) -> RunDir:
         return RunDir(self.home / "runs" / job_id)
@@ -333,7 +419,7 @@ class Runner:
                 self._end(job["id"], "paused", message="Fine-tuning job paused")
             elif job["stop"]:
                 self.store.update_job(job["id"], stop=None)  # no process of it is left to wait for
-            elif job["status"] == "running":  # the server stopped while it ran: it continues first
+            elif job["status"] == "running" and not self.executor.detach_on_shutdown:  # it continues first
                 self.store.add_event(job["id"], "The studio restarted; the job continues from its newest checkpoint")
         self.thread = threading.Thread(target=self._loop, name="studio-jobs", daemon=True)
         self.thread.start()
@@ -380,8 +466,8 @@ class Runner:
                 return
             self.errors.pop(job_id, None)
             r = self.running.pop(job_id, None)
-            if r is not None and r.proc.poll() is None:
-                _signal(r.proc, signal.SIGTERM)
+            if r is not None and self.executor.ended(r.handle) is None:
+                self.executor.stop(r.handle)
             try:
                 self.store.update_job(job_id, status="failed", stop=None, finished_at=int(time.time()),
                                       error=json.dumps({"code": "studio_error", "param": None, "message":
@@ -411,22 +497,24 @@ class Runner:
 
     def _launch(self, job: dict) -> None:
         run = self.run_dir(job["id"])
+        if job["status"] == "running" and (found := self.executor.find(job["id"])) is not None:
+            # it ran on while the studio was down (a Ray job): follow it again; _follow settles it if it has ended
+            self.running[job["id"]] = Running(job["id"], found)
+            self.store.add_event(job["id"], "The studio restarted; it follows the job again")
+            return
         if run.path.exists() and holder(run.path):  # a process of the last server still writes its checkpoint
             return
         if run.is_finished():  # it finished while the server was down, or was paused in its closing evaluation
             self._settle(job["id"], 0, None)
             return
         plan = json.loads(job["request"])["_plan"]
-        cmd = [sys.executable, "-m", "tunesmith.cli.main", "train", plan["source"], *plan["overrides"],
-               f"output.dir={run.path.parent}", f"output.name={run.name}", "output.resume=auto"]
-        out = open(self.home / "jobs" / f"{job['id']}.log", "ab")
-        env = {**child_env(), "PYTHONUNBUFFERED": "1"}  # PYTHONSAFEPATH: nothing is imported from HOME
+        args = ["train", plan["source"], *plan["overrides"],
+                f"output.dir={run.path.parent}", f"output.name={run.name}", "output.resume=auto"]
+        env = {"PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}  # PYTHONSAFEPATH: nothing is imported from HOME
         if not self.allow_code:
             env["HF_HUB_OFFLINE"] = "1"
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        out.close()
-        self.running[job["id"]] = Running(job["id"], proc)
+        handle = self.executor.launch(job["id"], args, env, plan.get("resources") or {})
+        self.running[job["id"]] = Running(job["id"], handle)
         resumed = run.path.exists() and (job["status"] == "running" or _last_step(run) is not None)
         self.store.update_job(job["id"], status="running")
         self.store.add_event(job["id"], "Fine-tuning job resumed from its newest checkpoint" if resumed
@@ -435,14 +523,16 @@ class Runner:
     def _follow(self, job_id: str) -> None:
         r = self.running[job_id]
         self._read_files(job_id)
-        code = r.proc.poll()
-        if code is None:
+        ended = self.executor.ended(r.handle)
+        for message in self.executor.news(r.handle):  # what the executor has to say (a Ray job's node)
+            self.store.add_event(job_id, self.public(message))
+        if ended is None:
             if r.stop and time.time() - r.stop_sent > STOP_WAIT_SECONDS:
-                r.proc.kill()
+                self.executor.kill(r.handle)
             return
         self._read_files(job_id)
         del self.running[job_id]
-        self._settle(job_id, code, r.stop)
+        self._settle(job_id, ended.code, r.stop, ended.error)
 
     def _read_files(self, job_id: str) -> None:
         """New lines of the run's metrics.jsonl and train.log become events (a resumed run rewrites its metrics to
@@ -473,7 +563,7 @@ class Runner:
             self.store.update_job(job_id, **fields)
         self.read[job_id] = seen
 
-    def _settle(self, job_id: str, code: int, stop: Optional[str]) -> None:
+    def _settle(self, job_id: str, code: Optional[int], stop: Optional[str], error: Optional[str] = None) -> None:
         run = self.run_dir(job_id)
         if stop == "shutdown":
             self.store.add_event(job_id, "The studio stopped; the job continues when it starts again")
@@ -487,8 +577,8 @@ class Runner:
         if code == 0 and run.is_finished():
             self._end(job_id, "succeeded", message="The job has successfully completed")
             return
-        self._end(job_id, "failed", error={"code": "training_failed", "param": None,
-                                           "message": self.public(_failure(self.home / "jobs" / f"{job_id}.log", code))})
+        message = error or _failure(self.home / "jobs" / f"{job_id}.log", code)
+        self._end(job_id, "failed", error={"code": "training_failed", "param": None, "message": self.public(message)})
 
     def _end(self, job_id: str, status: str, message: Optional[str] = None, error: Optional[dict] = None) -> None:
         fields = {"status": status, "stop": None}
@@ -520,7 +610,7 @@ class Runner:
                 r.stop, r.stop_sent = how, time.time()
                 self.store.update_job(job_id, stop=how)
                 self.store.add_event(job_id, "Stopping after this step; writing a checkpoint")
-                _signal(r.proc, signal.SIGTERM)
+                self.executor.stop(r.handle)
             if how == "cancel":
                 self.store.update_job(job_id, status="cancelled", finished_at=int(time.time()))
 
@@ -531,22 +621,26 @@ class Runner:
                 self.store.add_event(job_id, "Fine-tuning job resumed; validating its files")
 
     def shutdown(self, wait: float = STOP_WAIT_SECONDS) -> None:
-        """Stop the scheduler; running jobs checkpoint and stay `running`, to continue when the studio starts again."""
+        """Stop the scheduler; running jobs checkpoint and stay `running`, to continue when the studio starts again (or,
+        where the executor runs them apart from the studio, a Ray cluster, go on and are followed again then)."""
         self.stopping.set()
         with self.lock:
+            detach = self.executor.detach_on_shutdown
             for r in self.running.values():
                 r.stop = "shutdown"
-                _signal(r.proc, signal.SIGTERM)
+                if not detach:
+                    self.executor.stop(r.handle)
             deadline = time.time() + wait
             for job_id, r in list(self.running.items()):
-                try:
-                    r.proc.wait(timeout=max(0.1, deadline - time.time()))
-                except subprocess.TimeoutExpired:
-                    r.proc.kill()
-                    r.proc.wait()
+                if not detach:
+                    self.executor.wait(r.handle, max(0.1, deadline - time.time()))
                 try:  # shutdown completes whatever one job's files hold
                     self._read_files(job_id)
-                    self._settle(job_id, r.proc.returncode, "shutdown")
+                    if detach:
+                        self.store.add_event(job_id, "The studio stopped; the job runs on and is followed again when "
+                                                     "the studio starts")
+                        continue
+                    self._settle(job_id, None, "shutdown")
                 except Exception as e:
                     print(f"studio: job {job_id}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             self.running.clear()
