@@ -166,3 +166,60 @@ def _messages(prompt, where: str) -> list[dict]:
             raise TunesmithError(f"{where}: 'prompt'[{i}] is {json.dumps(m)[:80]}; expected {{role: system/user/assistant, "
                                  f"content: text}}")
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def check_judgements_text(text: str, name: str, most: int = 10_000) -> list[dict]:
+    """The judgements of a file someone brings (another person's or session's export), every line checked before any
+    is kept: a JSON object with `a` and `b` (the two models' names), `winner` ("a", "b" or "tie"), `answer_a`,
+    `answer_b` (text) and `prompt` (the conversation, ending with the user's turn). Raises TunesmithError listing the
+    first bad lines as `name:line: field: what was expected` (an import is all or nothing), or when the file holds no
+    judgement or more than `most`."""
+    rows, problems = [], []
+    lines = text.split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if len(rows) + len(problems) >= most:
+            raise TunesmithError(f"{name}: more than {most} judgements; import at most {most} at a time")
+        try:
+            rows.append(_judgement(line, f"{name}:{n}"))
+        except TunesmithError as e:
+            problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 5} more bad lines)" if len(problems) > 5 else ""
+        raise TunesmithError(f"{len(problems)} of {len(rows) + len(problems)} lines are not judgements; nothing was "
+                             f"imported:\n" + "\n".join(problems[:5]) + more)
+    if not rows:
+        raise TunesmithError(f"{name}: no judgements (the file is empty)")
+    return rows
+
+
+def _judgement(line: str, where: str) -> dict:
+    """One line of a judgements file, checked field by field (the line as it was, its prompt as messages)."""
+    try:
+        obj = json.loads(line, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise TunesmithError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise TunesmithError(f"{where}: not usable JSON ({str(e).split(';')[0] or 'nesting too deep'})") from None
+    if not isinstance(obj, dict):
+        raise TunesmithError(f"{where}: expected a JSON object (a judgement), got {type(obj).__name__}")
+    if obj.get("winner") not in ("a", "b", "tie"):
+        raise TunesmithError(f"{where}: winner: expected \"a\", \"b\" or \"tie\", got {json.dumps(obj.get('winner'))[:40]}")
+    for key, what in (("a", "the first model's name"), ("b", "the second model's name"), ("answer_a", "the first "
+                      "model's answer"), ("answer_b", "the second model's answer")):
+        value = obj.get(key)
+        if not isinstance(value, str) or (key in ("a", "b") and not value.strip()):
+            got = "missing" if key not in obj else f"{type(value).__name__} {json.dumps(value)[:40]}"
+            raise TunesmithError(f"{where}: {key}: expected text ({what}), got {got}")
+    if obj.get("shown_first", "a") not in ("a", "b"):
+        raise TunesmithError(f"{where}: shown_first: expected \"a\" or \"b\"")
+    prompt = obj.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if prompt is None:
+        raise TunesmithError(f"{where}: prompt: missing (the conversation both answers reply to)")
+    messages = _messages(prompt, where)
+    if messages[-1]["role"] != "user":
+        raise TunesmithError(f"{where}: prompt: ends with the {messages[-1]['role']}'s turn; expected the user's turn")
+    return {**obj, "prompt": messages}

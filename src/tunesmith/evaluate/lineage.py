@@ -8,7 +8,8 @@ judgements of the two (in the child's judgements.jsonl or the parent's, whicheve
 side names the parent and the other the child, counted from the child's side (a verdict with the child as `a` is
 turned around). Wins, losses and ties; the win rate over decided pairs with a 95 % Wilson interval and the exact
 two-sided sign test p-value (evaluate/human.py). A model in a judgement names a run by its folder name, by a path to
-it, or by one of the `aliases` the caller knows (the studio's fine_tuned_model ids).
+it, or by one of the `aliases` the caller knows (the studio's fine_tuned_model ids, and its model ids of a base
+model given by its path).
 
 `unjudged_prompts` gives held-out prompts that none of the given judgements used: what a new set of pairs (child vs
 parent) should be judged on, so no verdict is about a prompt the child learned from.
@@ -104,8 +105,8 @@ def _vs_parent(child: RunDir, parent: Optional[RunDir], base: Optional[str], ali
         return _names_run(model, child, aliases, started)
 
     def names_parent(model: str) -> bool:
-        if parent is None:  # the base model: named as the first run's config names it
-            return model == base
+        if parent is None:  # the base model: named as the first run's config names it, or by an alias of it
+            return model == base or (model in aliases and aliases[model] == Path(base).expanduser().resolve())
         return _names_run(model, parent, aliases, started)
 
     wins = losses = ties = 0

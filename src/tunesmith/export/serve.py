@@ -506,7 +506,7 @@ def load_served(sources: list[str], merge: bool, log=print, **limits) -> Served:
     from peft import PeftModel
 
     from tunesmith.errors import TunesmithError
-    from tunesmith.methods.load import _base_dir, load_model, prompt_format
+    from tunesmith.methods.load import _base_dir, load_model, merge_adapter, prompt_format
     from tunesmith.models import inference_dtype, load_tokenizer, pick_device, resolve_model_dir
     from tunesmith.run import RunDir
 
@@ -528,7 +528,8 @@ def load_served(sources: list[str], merge: bool, log=print, **limits) -> Served:
         if len(bases) > 1:
             raise TunesmithError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}); serve them separately")
         base_dir = Path(bases.pop())
-        model = PeftModel.from_pretrained(load_model(base_dir, dtype, device), dirs[0], adapter_name=names[0])
+        base = merge_adapter(load_model(base_dir, dtype, device))  # the base may be a tuned adapter run (a DPO child)
+        model = PeftModel.from_pretrained(base, dirs[0], adapter_name=names[0])
         for name, d in zip(names[1:], dirs[1:]):
             model.load_adapter(d, adapter_name=name)
         served = {n: ServedModel(n, n, prompt_format(d)) for n, d in zip(names, dirs)}
