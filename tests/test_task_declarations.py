@@ -1,8 +1,9 @@
 """What the product shows of a task's run comes from the task's declaration (catalog.TaskShows): a toy task, declared
 in tests/toy_objective.py and registered with one line (the `toy` fixture), is described as it declares by
-`tunesmith plan`, report.html (verdict, metrics table, charts), `tunesmith compare`, `tunesmith eval` and the closing
-evaluation's choice of the best checkpoint, with no other edit. And the misses the declarations fixed stay fixed: a
-DPO run's report names its preference loss, and `plan` of a classifier estimates its head, not a vocabulary's."""
+`tunesmith plan`, report.html (verdict, metrics table, charts), `tunesmith compare`, `tunesmith eval`, the closing
+evaluation's choice of the best checkpoint and the studio's runs table, with no other edit. And the misses the declarations fixed stay fixed: a
+DPO run's report names its preference loss, the studio's runs table shows a DPO run's preference accuracy, and `plan`
+of a classifier estimates its head, not a vocabulary's."""
 import dataclasses
 import json
 
@@ -159,3 +160,25 @@ def test_plan_estimates_the_head_the_task_declares(tmp_path, tiny_model_dir, tin
     toy_plan = estimate(cfg, run.model, run.params["trainable"], run.data.stats, 10, task="toy")
     assert "vocabulary head" in causal.parts and "classifier head" in toy_plan.parts
     assert toy_plan.flops_per_token < causal.flops_per_token  # no vocabulary head on the labelled tokens
+
+
+def test_the_studio_runs_table_shows_the_toy_as_it_declares(tmp_path, toy):
+    from tunesmith.run import RunDir
+    from tunesmith.studio.runs import run_row
+
+    run = _run_folder(tmp_path / "toy", "toy", {"eval_toy_error": 0.5, "eval_loss": 2.0},
+                      {"eval_toy_error": 0.3, "eval_loss": 1.5}, [{"eval_toy_error": 0.4}])
+    row = run_row("toy", RunDir(run), None)
+    assert row["task"] == "toy" and row["status"] == "succeeded"
+    assert (row["metric"], row["before"], row["value"]) == ("eval_toy_error", 0.5, 0.3)
+    assert row["metric_label"] == "held-out toy error" and row["higher_is_better"] is False and row["percent"] is True
+
+
+def test_the_studio_runs_table_shows_a_dpo_run_by_its_preference_accuracy(tmp_path):
+    from tunesmith.run import RunDir
+    from tunesmith.studio.runs import run_row
+
+    before, after = {"eval_loss": 0.6931, "eval_reward_accuracy": 0.5}, {"eval_loss": 0.5, "eval_reward_accuracy": 0.8}
+    row = run_row("dpo", RunDir(_run_folder(tmp_path / "dpo", "dpo", before, after, [before])), None)
+    assert (row["metric"], row["value"]) == ("eval_reward_accuracy", 0.8)  # (was: looked for eval_pref_accuracy)
+    assert row["metric_label"] == "held-out preference accuracy" and row["higher_is_better"] is True
