@@ -238,3 +238,20 @@ def test_a_dead_worker_node_fails_the_job_by_name_and_resume_continues(studio, c
     c.fine_tuning.jobs.cancel(job.id)
     wait(c, job.id, lambda j: any(m.startswith("Fine-tuning job cancelled") for m in messages_of(c, j.id)[:5]),
          timeout=150)
+
+
+def test_the_ray_flags_say_what_is_wrong(tmp_path, capsys):
+    from tunesmith.cli.main import main
+    from tunesmith.studio.jobs import JobError, check_resources
+
+    assert main(["studio", "--home", str(tmp_path / "a"), "--executor", "ray"]) == 2
+    assert "--executor ray needs --ray-address" in capsys.readouterr().err
+    assert main(["studio", "--home", str(tmp_path / "b"), "--executor", "ray", "--ray-address",
+                 f"http://127.0.0.1:{free_port()}"]) == 2
+    assert "no Ray cluster's job server answers there" in capsys.readouterr().err
+    assert check_resources({"cpus": 2, "gpus": 1, "memory_gb": 0.5}) == {"cpus": 2, "gpus": 1, "memory_gb": 0.5}
+    for bad, says in (({"cpu": 1}, "tunesmith.resources.cpu: unknown"), ({"gpus": -1}, "expected a number >= 0"),
+                      ({"cpus": True}, "expected a number"), ({"cpus": 0}, "at least some CPUs or GPUs"),
+                      ([1], "expected an object")):
+        with pytest.raises(JobError, match=says):
+            check_resources(bad)
