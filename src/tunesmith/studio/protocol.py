@@ -67,10 +67,12 @@ class Method(BaseModel):
 
 
 class Extension(BaseModel):
-    """tunesmith's one addition to the job request: a built-in recipe, and key=value overrides of any config key."""
+    """tunesmith's addition to the job request: a built-in recipe, key=value overrides of config keys (jobs.Policy),
+    and the resources a job asks of a Ray cluster (checked by jobs.plan_job)."""
     model_config = ConfigDict(extra="forbid")
     recipe: Optional[str] = None
     overrides: list[str] = Field(default_factory=list)
+    resources: Optional[dict[str, float]] = None   # cpus, gpus, memory_gb a job asks of a Ray cluster (docs/scaling.md)
 
 
 class JobRequest(BaseModel):
