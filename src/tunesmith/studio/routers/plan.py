@@ -16,17 +16,20 @@ from tunesmith.studio.protocol import Settings
 from tunesmith.studio.submit import settings_config
 
 from .common import public_error
+from .rl import rl_options
 
 router = APIRouter()
 
 
 @router.get("/v1/studio/options")
-async def options():
+async def options(request: Request):
     recipes = []
     for name, path in list_recipes().items():
         lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
         recipes.append({"name": name, "about": next((ln for ln in lines[1:] if ln), "")})
-    return {"recipes": recipes, "models": installed_bundled(), "methods": list(METHOD_NAMES)}
+    state = request.app.state  # rl: the reward kinds, rl.* defaults and reward-model runs RL's choices offer (rl.py)
+    return {"recipes": recipes, "models": installed_bundled(), "methods": list(METHOD_NAMES),
+            "rl": await asyncio.to_thread(rl_options, state.policy.allow_code, state.home)}
 
 
 def _config(request: Request, s: Settings):

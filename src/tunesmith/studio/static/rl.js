@@ -15,7 +15,7 @@ window.tunesmithRL = (() => {
     pattern: ["pattern", "pattern", "#### -?[0-9]+", "text"],
     min_words: ["min_words", "min words", "", "number"],
     max_words: ["max_words", "max words", "", "number"],
-    path: ["path", "path", "a model under --models", "text"],
+    path: ["path", "path", "runs/NAME (a reward-model run) or a model under --models", "text"],
   };
 
   function rewardRow(kind = "numeric", weight = 1, values = {}) {
@@ -28,7 +28,7 @@ window.tunesmithRL = (() => {
       <td><input class="rweight" type="number" step="0.1" value="${esc(weight)}" aria-label="weight" style="width:80px"></td>
       <td class="rfields">${spec.fields.map(f => `<input class="rfield" data-field="${f}" type="${FIELD[f][3]}"
         placeholder="${esc(FIELD[f][1])}${FIELD[f][2] ? ": " + esc(FIELD[f][2]) : ""}" aria-label="${esc(FIELD[f][1])}"
-        value="${esc(values[f] ?? "")}">`).join("")}</td>
+        value="${esc(values[f] ?? "")}"${f === "path" && spec.kind === "model" ? ' list="rlrewardruns"' : ""}>`).join("")}</td>
       <td><button class="rdel" type="button" aria-label="remove this reward">&times;</button></td>`;
     tr.querySelector(".rkind").onchange = (e) => tr.replaceWith(rewardRow(e.target.value, tr.querySelector(".rweight").value));
     tr.querySelector(".rdel").onclick = () => tr.remove();
@@ -60,6 +60,7 @@ window.tunesmithRL = (() => {
         <div><label for="rlcap">Length cap (rl.max_new_tokens)</label><input id="rlcap" type="number" min="1" value="${d.max_new_tokens}"></div>
       </div>
       <label>Rewards, summed with their weights${rlOpts.allow_code ? "" : ` <span class="dim">(Python reward functions: only on a studio started with --allow-code)</span>`}</label>
+      <datalist id="rlrewardruns">${(rlOpts.reward_runs || []).map(r => `<option value="${esc(r)}">`).join("")}</datalist>
       <table id="rlrewards"><thead><tr><th>kind</th><th>weight</th><th>settings</th><th></th></tr></thead><tbody></tbody></table>
       <div class="row"><button id="rladd" type="button">Add a reward</button></div>
       <label>Headroom before launch: the start model's greedy answer (pass@1) against the best of K samples (pass@K)</label>
@@ -119,7 +120,7 @@ window.tunesmithRL = (() => {
 
   function layout(chart, data) {
     const l = {title: {text: chart.title, font: {size: 14}}, margin: {l: 50, r: 10, t: 34, b: 36},
-               xaxis: {title: {text: "step"}, zeroline: false}, yaxis: {title: {text: chart.y}}, legend: {orientation: "h"}};
+               xaxis: {zeroline: false}, yaxis: {title: {text: chart.y}}, legend: {orientation: "h"}};  // x: the step
     if (chart.share) l.yaxis.range = [0, 1.05];
     if (chart.curves.some(c => c.key === "completion_length")) {  // the cap the answers are cut at
       const cap = data.settings.max_new_tokens;
