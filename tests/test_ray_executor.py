@@ -214,6 +214,27 @@ def test_pause_resume_and_cancel_stop_the_ray_job_with_a_checkpoint(studio, clus
     assert last > at + 2 and cluster.jobs.get_job_info(f"{job.id}-2").status.value == "STOPPED"
 
 
+def test_one_job_on_two_nodes_trains_under_torchrun(studio, cluster, tmp_path, tiny_model_dir):
+    """tunesmith.resources nodes x processes: one Ray job whose launcher places a `tunesmith train --nnodes 2` on each
+    of two nodes (a STRICT_SPREAD placement group); they train one model data-parallel (the global batch is split
+    over both, so 2 epochs of 24 rows at batch 4 per process are 6 steps, not 12)."""
+    c = studio.client()
+    f = upload(c, write_jsonl(tmp_path / "train.jsonl", chat_rows(24)))
+    job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id, suffix="ddp",
+                                    hyperparameters={"n_epochs": 2, "batch_size": 4},
+                                    extra_body={"tunesmith": {"overrides": FAST,
+                                                              "resources": {"nodes": 2, "processes": 1}}})
+    done = wait(c, job.id, ended, timeout=360)
+    assert done.status == "succeeded", done.error
+    assert sorted(steps_of(c, job.id)) == list(range(1, 7))
+    assert "2 nodes x 1 processes" in cluster.jobs.get_job_logs(job.id)
+    for i in range(2):  # each node's own command ran and said so
+        assert (studio.home / "jobs" / f"{job.id}-node{i}.log").stat().st_size > 0
+    answer = c.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "Say 2."}],
+                                       max_tokens=4)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
 def test_a_dead_worker_node_fails_the_job_by_name_and_resume_continues(studio, cluster, tmp_path, tiny_model_dir):
     c = studio.client()
     f = upload(c, write_jsonl(tmp_path / "train.jsonl", chat_rows(24)))

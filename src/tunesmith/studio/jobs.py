@@ -259,12 +259,14 @@ def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: 
                 check_resources(ext.get("resources")))
 
 
-RESOURCES = {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0}  # what tunesmith.resources may ask: each a number >= this
+# what tunesmith.resources may ask, each a number >= this: per process, and how many nodes x processes per node
+RESOURCES = {"cpus": 0.0, "gpus": 0.0, "memory_gb": 0.0, "nodes": 1, "processes": 1}
 
 
 def check_resources(asked) -> dict:
-    """`tunesmith.resources` ({"cpus": 2, "gpus": 1, "memory_gb": 16}): what the job's command needs on a node of a
-    Ray cluster (the studio's --ray-cpus/--ray-gpus/--ray-memory-gb where absent); a local studio does not use it."""
+    """`tunesmith.resources` ({"cpus": 2, "gpus": 1, "memory_gb": 16, "nodes": 2, "processes": 4}): what each of the
+    job's processes needs of a Ray cluster (the studio's --ray-cpus/--ray-gpus/--ray-memory-gb where absent), and on
+    how many nodes x processes per node it trains (torchrun; default 1 x 1); a local studio does not use it."""
     if asked is None:
         return {}
     if not isinstance(asked, dict):
@@ -274,8 +276,10 @@ def check_resources(asked) -> dict:
     for key, value in asked.items():
         if key not in RESOURCES:
             raise JobError(f"tunesmith.resources.{key}: unknown; known: {', '.join(RESOURCES)}", "tunesmith.resources")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < RESOURCES[key] or value > 1e6:
-            raise JobError(f"tunesmith.resources.{key}: expected a number >= 0, got {value!r}", "tunesmith.resources")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < RESOURCES[key] or value > 1e6 \
+                or (isinstance(RESOURCES[key], int) and value != int(value)):
+            kind = "a whole number >= 1" if isinstance(RESOURCES[key], int) else "a number >= 0"
+            raise JobError(f"tunesmith.resources.{key}: expected {kind}, got {value!r}", "tunesmith.resources")
         out[key] = value
     if out.get("cpus") == 0 and out.get("gpus", 0) == 0:
         raise JobError("tunesmith.resources: a job needs at least some CPUs or GPUs", "tunesmith.resources")

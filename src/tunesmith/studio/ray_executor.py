@@ -15,15 +15,28 @@ each by the submission id kept in HOME/jobs/<job id>.ray and follows it on. A jo
 ("the actor's node died"); the studio fails it with a message naming the node, and a resume continues it from its
 newest checkpoint on whichever node Ray picks.
 
+One job on several machines (`tunesmith.resources: {"nodes": N, "processes": M}`) is still one Ray job: its entrypoint
+is this module's `main` (`python -m tunesmith.studio.ray_executor --nodes N --processes M -- tunesmith train ...`),
+which reserves N bundles of M processes' resources in a STRICT_SPREAD placement group (one per node), starts one
+actor on each and has each run the project's own torchrun path: `tunesmith train ... --nproc M --nnodes N
+--node-rank i --master-addr <node 0> --master-port <free there>` (DDP / FSDP / DeepSpeed as the config says). A stop
+reaches it as SIGTERM and is passed on to every node's command; the ranks agree on the step to stop after
+(train/loop.py) and rank 0 writes the checkpoint and the run folder, as on one machine.
+
 Only this module imports ray (`tunesmith[ray]`), and only when a studio is started with `--executor ray`.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +44,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from tunesmith.errors import TunesmithError
-from tunesmith.studio.jobs import DEFAULT_CONFIG, STOP_WAIT_SECONDS, Ended
+from tunesmith.studio.jobs import DEFAULT_CONFIG, STOP_WAIT_SECONDS, Ended, _die_with_parent
 
 UNREACHABLE_EVENT_S = 30  # a cluster that has not answered this long gets an event on each of its jobs (once)
 
@@ -53,8 +66,8 @@ class RayExecutor:
     detach_on_shutdown = True  # a stopping studio leaves its Ray jobs running; it follows them again when it starts
 
     def __init__(self, address: str, cpus: float = 1, gpus: float = 0, memory_gb: Optional[float] = None,
-                 program: str = "tunesmith"):
-        self.address, self.program = address, program
+                 program: str = "tunesmith", python: str = "python"):
+        self.address, self.program, self.python = address, program, python  # as the nodes' PATH finds them
         self.defaults = {"cpus": cpus, "gpus": gpus, "memory_gb": memory_gb}
         self.client = None
 
@@ -83,15 +96,24 @@ class RayExecutor:
         _write_json(self._record_path(job_id), {"submission_id": submission_id, "attempt": attempt,
                                                 "address": self.address})
         args = [str(self.config_copy) if a == str(DEFAULT_CONFIG) else a for a in args]
-        want = {**self.defaults, **{k: v for k, v in resources.items() if v is not None}}
-        entrypoint = f"cd {shlex.quote(str(self.home))} && exec {shlex.join([self.program, *args])}"
+        want = {**self.defaults, "nodes": 1, "processes": 1, **{k: v for k, v in resources.items() if v is not None}}
+        command = [self.program, *args]
+        nodes, procs = int(want["nodes"]), int(want["processes"])
+        one = nodes * procs == 1
+        if not one:  # the launcher (main below) places the nodes' commands; it needs no CPU of its own
+            command = [self.python, "-m", "tunesmith.studio.ray_executor", "--name", submission_id, "--nodes", str(nodes),
+                       "--processes",
+                       str(procs), "--cpus", f"{want['cpus']:g}", "--gpus", f"{want['gpus']:g}",
+                       "--memory-gb", f"{want['memory_gb'] or 0:g}", "--", *command]
+        entrypoint = f"cd {shlex.quote(str(self.home))} && exec {shlex.join(command)}"
         self.client.submit_job(
             entrypoint=entrypoint, submission_id=submission_id, metadata={"ftjob": job_id},
-            entrypoint_num_cpus=want["cpus"] or None, entrypoint_num_gpus=want["gpus"] or None,
-            entrypoint_memory=int(want["memory_gb"] * (1 << 30)) if want["memory_gb"] else None,
+            entrypoint_num_cpus=(want["cpus"] or None) if one else None,
+            entrypoint_num_gpus=(want["gpus"] or None) if one else None,
+            entrypoint_memory=int(want["memory_gb"] * (1 << 30)) if want["memory_gb"] and one else None,
             runtime_env={"env_vars": {**env, "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_SECONDS)}})
         job = RayJob(job_id, submission_id)
-        asked = ", ".join(f"{k} {v:g}" for k, v in want.items() if v)
+        asked = ", ".join(f"{k} {v:g}" for k, v in want.items() if v and not (k in ("nodes", "processes") and one))
         job.news.append(f"Submitted to the Ray cluster as Ray job {submission_id}" + (f" ({asked})" if asked else ""))
         return job
 
@@ -206,3 +228,91 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- one job on several nodes (runs inside the Ray job)
+
+class _NodeRank:
+    """One node's part of a multi-node job: its `tunesmith train --nproc M --nnodes N --node-rank i` process tree."""
+
+    def __init__(self):
+        self.proc = None
+
+    def where(self) -> tuple:
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def run(self, command: list, cwd: str, log: str) -> int:
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)  # never left training once the actor is gone
+        return self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+
+def main(argv=None) -> int:
+    """The entrypoint of a job of N nodes x M processes (see the module's docstring)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    p = argparse.ArgumentParser(prog="python -m tunesmith.studio.ray_executor")
+    p.add_argument("--name", default="job")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--processes", type=int, required=True)
+    p.add_argument("--cpus", type=float, default=1)
+    p.add_argument("--gpus", type=float, default=0)
+    p.add_argument("--memory-gb", type=float, default=0)
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # Ray's stop_job: passed on to every node below
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    bundle = {k: v for k, v in {"CPU": a.cpus * a.processes, "GPU": a.gpus * a.processes,
+                                "memory": a.memory_gb * a.processes * (1 << 30)}.items() if v}
+    group = placement_group([bundle] * a.nodes, strategy="STRICT_SPREAD")
+    print(f"waiting for {a.nodes} nodes with {bundle} each", flush=True)
+    while not stop:
+        ready, _ = ray.wait([group.ready()], timeout=1.0)
+        if ready:
+            break
+    if stop:
+        return 130
+    rank = ray.remote(_NodeRank)
+    ranks = [rank.options(num_cpus=0, max_concurrency=2, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=i)).remote() for i in range(a.nodes)]
+    addr, port = ray.get(ranks[0].where.remote())
+    print(f"{a.nodes} nodes x {a.processes} processes; node 0 at {addr}:{port}", flush=True)
+    logs = [os.path.abspath(os.path.join("jobs", f"{a.name}-node{i}.log")) for i in range(a.nodes)]
+    runs = [r.run.remote([*command, "--nproc", str(a.processes), "--nnodes", str(a.nodes), "--node-rank", str(i),
+                          "--master-addr", addr, "--master-port", str(port)], os.getcwd(), logs[i])
+            for i, r in enumerate(ranks)]
+    stopped = False
+    while True:
+        done, _ = ray.wait(runs, num_returns=len(runs), timeout=0.5)
+        if len(done) == len(runs):
+            break
+        if stop and not stopped:
+            stopped = True
+            ray.get([r.stop.remote() for r in ranks])
+    codes = ray.get(runs)
+    for i, code in enumerate(codes):  # the CLI's `error: ...` of a node that failed, for the studio's message
+        if code:
+            lines = [ln for ln in open(logs[i], encoding="utf-8", errors="replace").read().splitlines() if ln.strip()]
+            errors = [ln for ln in lines if ln.startswith("error: ")]
+            print(errors[-1] if errors else f"error: node {i}'s command exited with code {code}: "
+                  f"{(lines or [''])[-1][-300:]}", flush=True)
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
