@@ -43,19 +43,31 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
     service = TinkerService(home, resolve_base, offered, limits, resolve_run)
     router = APIRouter(prefix="/api/v1")
     router.service = service  # for tests and the app's shutdown
+    _session_routes(router, service, offered, runs)
+    _training_routes(router, service, limits)
+    _sampling_routes(router, service)
+    _future_routes(router, service, limits)
+    return router
 
-    async def call(fn, *args):
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except UserError as e:
-            return _error(e.status, str(e))
 
-    def future_body(result) -> dict | JSONResponse:
-        if isinstance(result, JSONResponse):
-            return result
-        return {"request_id": result.id}
+async def _call(fn, *args):
+    """The service's work off the event loop; a client's mistake becomes its status and message."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except UserError as e:
+        return _error(e.status, str(e))
 
-    # -------------------------------------------------------------- the service
+
+def _future_body(result) -> dict | JSONResponse:
+    if isinstance(result, JSONResponse):
+        return result
+    return {"request_id": result.id}
+
+
+def _session_routes(router: APIRouter, service: TinkerService, offered: Callable[[], list[str]],
+                    runs: Callable[[], list[str]]) -> None:
+    """The service: health, the SDK's client config, capabilities, sessions and their heartbeats."""
+    call = _call
 
     @router.get("/healthz")
     async def healthz():
@@ -99,7 +111,23 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
         await asyncio.to_thread(service.finish_session, session_id)
         return {}
 
-    # -------------------------------------------------------------- training
+    @router.get("/tunesmith/status")
+    async def status():
+        """What the Tinker side holds now: sessions, training clients, samplers, base models in memory, adapters."""
+        return service.status()
+
+    @router.post("/tunesmith/export_run")
+    async def export_run(req: proto.ExportRunRequest):
+        """A saved state (`tinker://.../weights/NAME`) becomes a studio run: listed in the page, served by name."""
+        result = await call(service.export_run, req.path, req.name)
+        if isinstance(result, JSONResponse):
+            return result
+        return {"run": result}
+
+
+def _training_routes(router: APIRouter, service: TinkerService, limits: Limits) -> None:
+    """Training clients: create/unload, forward/backward (protobuf in), the optimizer step, weights saved and loaded."""
+    call, future_body = _call, _future_body
 
     @router.post("/create_model")
     async def create_model(req: proto.CreateModelRequest):
@@ -146,7 +174,10 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
     async def weights_info(req: proto.WeightsInfoRequest):
         return await call(service.weights_info, req.tinker_path)
 
-    # -------------------------------------------------------------- sampling
+
+def _sampling_routes(router: APIRouter, service: TinkerService) -> None:
+    """Sampling sessions and their samples (answered through futures)."""
+    call = _call
 
     @router.post("/create_sampling_session")
     async def create_sampling_session(req: proto.CreateSamplingSessionRequest):
@@ -177,8 +208,9 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
         fut, ids = result
         return {"request_id": fut.id, "sample_sequence_ids": ids}
 
-    # -------------------------------------------------------------- futures
 
+def _future_routes(router: APIRouter, service: TinkerService, limits: Limits) -> None:
+    """`retrieve_future`: a result, try_again while queued or running (held up to POLL_SECONDS first), or an error."""
     @router.post("/retrieve_future")
     async def retrieve_future(req: proto.FutureRetrieveRequest):
         fut = service.future(req.request_id)
@@ -196,23 +228,6 @@ def tinker_router(home: Path, resolve_base: Callable[[str], Optional[Path]], off
         if isinstance(fut.result, bytes):
             return Response(fut.result, media_type=proto.PROTOBUF)
         return fut.result
-
-    # -------------------------------------------------------------- tunesmith's addition
-
-    @router.get("/tunesmith/status")
-    async def status():
-        """What the Tinker side holds now: sessions, training clients, samplers, base models in memory, adapters."""
-        return service.status()
-
-    @router.post("/tunesmith/export_run")
-    async def export_run(req: proto.ExportRunRequest):
-        """A saved state (`tinker://.../weights/NAME`) becomes a studio run: listed in the page, served by name."""
-        result = await call(service.export_run, req.path, req.name)
-        if isinstance(result, JSONResponse):
-            return result
-        return {"run": result}
-
-    return router
 
 
 def studio_tinker_router(home: Path, studio) -> APIRouter:

@@ -436,7 +436,7 @@ def _evaluate(s: Session, step: int, record: dict) -> None:
     record.update(s.measure(s.model))
     s.progress.evals.append(record)
     s.log(f"step {step + 1}: " + s.objective.describe(record))
-    if improves(s.cfg.train.select_best, record, s.progress.best):
+    if improves(s.cfg.train.select_best, record, s.progress.best, s.run.task):
         best_weights = distributed.full_weights(s.model, keep=s.dist.main)  # a collective under FSDP
         saved = checkpoint.save_best(s.run_dir, best_weights, record, s.log) if s.dist.main else None
         if distributed.from_main(saved, s.dist):  # a best/ that could not be written is not claimed
