@@ -48,14 +48,14 @@ from tunesmith.studio.files import Files
 from tunesmith.studio.guard import guard, load_or_make_token
 from tunesmith.studio.jobs import Policy, Runner, public_text
 from tunesmith.studio.pool import ModelPool
-from tunesmith.studio.routers import export, files, jobs, judge, models, page, plan, rl, runs
+from tunesmith.studio.routers import export, files, jobs, judge, loop, models, page, plan, rl, runs
 from tunesmith.studio.runs import RunIndex
 from tunesmith.studio.store import Store
 from tunesmith.studio.submit import job_results
 
 # The routers, included in this order (a new one: a module in routers/ with `router = APIRouter()`, and a line here).
-ROUTERS = (files.router, jobs.router, models.router, plan.router, runs.router, judge.router, export.router, rl.router,
-           page.router)
+ROUTERS = (files.router, jobs.router, models.router, plan.router, runs.router, judge.router, loop.router, export.router,
+           rl.router, page.router)
 
 
 @dataclass

@@ -19,10 +19,11 @@ PAIRS = "judge-pairs.json"
 
 
 def start_session(run: RunDir, cfg, a: str, b: str, target_a, target_b, n: int) -> None:
-    """Answer `n` held-out prompts of the run's data with both models and store them as a new session (blocking)."""
-    from tunesmith.data.prepare import heldout_prompts
+    """Answer `n` held-out prompts with both models and store them as a new session (blocking): prompts no judgement of
+    the run or of its lineage's training used (loop.judge_prompts; a child's are its first ancestor's held-out ones)."""
+    from tunesmith.studio.loop import judge_prompts
 
-    prompts = heldout_prompts(cfg.data, n)
+    prompts = judge_prompts(run, n)
     answers = {side: answers_of(t, [p["messages"] for p in prompts], cfg.eval.max_new_tokens)
                for side, t in (("a", target_a), ("b", target_b))}
     rng = random.Random()

@@ -73,11 +73,11 @@ class RunIndex:
         return public_text(text, self.home, self.policy)
 
     def default_pair(self, name: str, run: RunDir) -> tuple[str, str]:
-        """The models a blind A/B of this run compares by default: its base and its tuned model."""
-        job = self.jobs_by_run().get(name)
-        if job:
-            return json.loads(job["request"])["model"], job["fine_tuned_model"]
-        return load_config(str(run.config)).model.name, name
+        """The models a blind A/B of this run compares by default: its parent (the base, or the run it continued) and
+        its tuned model, by the names the studio serves them under (never a server path: loop.default_pair)."""
+        from tunesmith.studio.loop import default_pair
+
+        return default_pair(name, run, self.folders(), self.store, self.policy)
 
     def served_runs(self) -> dict:
         """The finished runs not made by a job, and their base models (when local or bundled), as served models

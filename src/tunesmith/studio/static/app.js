@@ -37,6 +37,7 @@ function fmtSeconds(s) {
   return s >= 3600 ? `${Math.floor(s / 3600)} h ${Math.round(s % 3600 / 60)} min` : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
 }
 function fmt(v) { return typeof v === "number" ? (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(4)) : (v ?? ""); }
+function measure(row, v) { return row.percent && typeof v === "number" ? `${(100 * v).toFixed(1)} %` : fmt(v); }  // a runs-table value as its task declares it
 function marked(text) {  // data inspect's [train]...[/train] spans, highlighted
   return esc(text).replace(/\[train\]([\s\S]*?)\[\/train\]/g, "<mark>$1</mark>");
 }
@@ -187,7 +188,8 @@ const pages = {
         <td><input type="checkbox" class="pick" value="${esc(r.name)}" aria-label="select ${esc(r.name)}"></td>
         <td><a href="#/run/${encodeURIComponent(r.name)}">${esc(r.name)}</a>${r.model && r.model !== r.name ? `<div class="dim">${esc(r.model)}</div>` : ""}</td>
         <td class="status ${esc(r.status)}">${esc(r.status)}</td><td>${esc(r.task)}</td><td>${esc(r.method)}</td>
-        <td>${esc(r.base)}</td><td>${r.metric ? `${esc(r.metric)} ${fmt(r.before)} &rarr; ${fmt(r.value)}` : ""}</td>
+        <td>${esc(r.base)}</td><td>${r.metric ? `${esc(r.metric_label || r.metric)} ${measure(r, r.before)} &rarr; ${measure(r, r.value)}
+          <span class="dim">(${r.higher_is_better ? "higher" : "lower"} is better)</span>` : ""}</td>
         <td>${r.step}${r.total_steps ? " / " + r.total_steps : ""}</td><td>${fmtSeconds(r.seconds)}</td>
         <td>${r.report ? `<a href="#" class="report" data-run="${esc(r.name)}">report</a>` : ""}</td></tr>`).join("")}
       </tbody></table>
@@ -211,60 +213,74 @@ const pages = {
         <div class="card"><div id="speed" class="chart"></div></div>
         <div class="card log-card"><h2>Log</h2><pre id="log"></pre></div>
       </div>
+      <div id="lineagebox" class="card" hidden><h2>Lineage</h2><table id="lineage"></table>
+        <p class="dim">Each generation's win rate over its parent: its share of the decided blind A/B pairs between the two
+          (ties dropped), with a 95 % Wilson interval and an exact two-sided sign test.</p></div>
       <div id="exportbox" class="card" hidden><h2>Export</h2>
         <div class="row"><label for="format" style="margin:0">Format</label>
           <select id="format" style="width:auto"><option value="hf">Hugging Face (merged)</option><option value="gguf">GGUF (verified)</option><option value="adapter">adapter</option></select>
           <button id="export">Export</button><span id="exportmsg"></span></div><pre id="exportout" hidden></pre></div>
       <div id="err" class="error" role="alert"></div>`;
     const info = await api(`/v1/studio/runs/${encodeURIComponent(name)}`);
-    const curves = {train: {x: [], y: []}, valid: {x: [], y: []}, lr: {x: [], y: []}, tps: {x: [], y: []},
-                    reward: {x: [], y: []}, vreward: {x: [], y: []}, flat: {x: [], y: []}};  // reward*, flat: online RL
+    // The charts are the ones the run's task declares (GET .../runs/{name} `shows`, catalog.py): the first three in
+    // the grid (an RL run's others are on its RL panel, rl.js), each curve a metrics.jsonl key over the raw rows.
+    const declared = ((info.shows || {}).charts || []).slice(0, 3);
+    const rows = [];
+    let next = 0;
     const layout = (title, y) => ({title: {text: title, font: {size: 14}}, margin: {l: 50, r: 10, t: 34, b: 36},
                                    xaxis: {title: {text: "step"}, zeroline: false}, yaxis: {title: {text: y}}, legend: {orientation: "h"}});
     const cfg = {displayModeBar: false, responsive: true};
-    Plotly.newPlot("loss", [{x: [], y: [], name: "train loss", mode: "lines"}, {x: [], y: [], name: "held-out loss", mode: "lines+markers"}],
-                   layout("Loss", "loss"), cfg);
-    Plotly.newPlot("lr", [{x: [], y: [], name: "learning rate", mode: "lines"}], layout("Learning rate", "lr"), cfg);
-    Plotly.newPlot("speed", [{x: [], y: [], name: "tokens/s", mode: "lines"}], layout("Speed", "tokens/s"), cfg);
+    const chartIds = ["loss", "lr", "speed"];
+    chartIds.forEach((id, i) => { if (!declared[i]) $("#" + id).parentElement.hidden = true; });
+    const traces = (chart) => chart.curves.flatMap(c => {
+      const keys = !c.key.includes("*") ? [c.key] : [...new Set(rows.flatMap(Object.keys))].filter(k =>  // `*`: one part of the key
+        new RegExp("^" + c.key.split("*").map(p => p.replace(/[.?+^$()[\]{}|\\]/g, "\\$&")).join("([^/]+)") + "$").test(k));
+      return keys.map(k => {
+        const part = c.key.includes("*") ? k.slice(c.key.indexOf("*"), k.length - (c.key.length - c.key.indexOf("*") - 1)) : "";
+        const use = rows.filter(r => r[k] != null && !(chart.skip && r[chart.skip]));
+        return {x: use.map(r => r.step), y: use.map(r => r[k]), name: c.label === "*" ? part : c.label,
+                mode: c.held_out ? "lines+markers" : "lines", line: c.dashed ? {dash: "dot"} : {}};
+      });
+    });
     let pending = false;
     const redraw = () => {
       if (pending) return; pending = true;
       requestAnimationFrame(() => {
         pending = false;
         if (!$("#loss")) return;  // the page was left meanwhile
-        const xy = (c) => ({x: c.x.slice(), y: c.y.slice()});  // new arrays: Plotly.react redraws what changed by reference
-        if (curves.reward.x.length) {  // online RL: the loss is ~0 by construction; the reward is what moves
-          Plotly.react("loss", [{...xy(curves.reward), name: "reward (rollouts)", mode: "lines"},
-                                {...xy(curves.vreward), name: "held-out reward", mode: "lines+markers"},
-                                {...xy(curves.flat), name: "groups with equal rewards", mode: "lines", line: {dash: "dot"}}],
-                       layout("Reward", "reward"), cfg);
-        } else {
-          Plotly.react("loss", [{...xy(curves.train), name: "train loss", mode: "lines"},
-                                {...xy(curves.valid), name: "held-out loss", mode: "lines+markers"}], layout("Loss", "loss"), cfg);
-        }
-        const lrLayout = layout("Learning rate", "lr"), top = Math.max(0, ...curves.lr.y);
-        if (top > 0 && Math.min(...curves.lr.y) === top) lrLayout.yaxis.range = [0, 1.5 * top];  // a constant rate: autorange would put it at "0"
-        Plotly.react("lr", [{...xy(curves.lr), name: "learning rate", mode: "lines"}], lrLayout, cfg);
-        Plotly.react("speed", [{...xy(curves.tps), name: "tokens/s", mode: "lines"}], layout("Speed", "tokens/s"), cfg);
-        $("#loss").dataset.points = document.getElementById("loss").data[0].x.length;  // what the chart draws
+        declared.forEach((chart, i) => {
+          const data = traces(chart), lay = layout(chart.title.charAt(0).toUpperCase() + chart.title.slice(1), chart.y);
+          const ys = data.flatMap(t => t.y), top = Math.max(0, ...ys);
+          if (chart.share) lay.yaxis.range = [0, 1];
+          else if (top > 0 && Math.min(...ys) === top) lay.yaxis.range = [0, 1.5 * top];  // a constant (a learning rate): autorange would put it at "0"
+          Plotly.react(chartIds[i], data, lay, cfg);
+        });
+        const first = declared.length ? document.getElementById("loss").data : null;
+        $("#loss").dataset.points = first && first.length ? first[0].x.length : 0;  // what the chart draws
       });
     };
-    const add = (d) => {
-      if (!$("#bar")) return;
-      if (d.train_loss != null) { curves.train.x.push(d.step); curves.train.y.push(d.train_loss); }
-      if (d.valid_loss != null) { curves.valid.x.push(d.step); curves.valid.y.push(d.valid_loss); }
-      if (d.learning_rate != null) { curves.lr.x.push(d.step); curves.lr.y.push(d.learning_rate); }
-      if (d.tokens_per_second != null) { curves.tps.x.push(d.step); curves.tps.y.push(d.tokens_per_second); }
-      if (d.reward != null && !d.rollout_reused) { curves.reward.x.push(d.step); curves.reward.y.push(d.reward);
-                                                   curves.flat.x.push(d.step); curves.flat.y.push(d.frac_reward_zero_std); }
-      if (d.eval_reward != null) { curves.vreward.x.push(d.step); curves.vreward.y.push(d.eval_reward); }
-      if (d.total_steps) {
-        $("#bar").style.width = `${Math.min(100, 100 * d.step / d.total_steps)}%`;
-        const eta = d.elapsed && d.step ? d.elapsed / d.step * (d.total_steps - d.step) : null;
-        $("#progress").textContent = `step ${d.step} / ${d.total_steps}` + (eta != null && d.step < d.total_steps ? `, about ${fmtSeconds(eta)} left` : "");
-      }
-      redraw();
+    const progress = () => {
+      const d = [...rows].reverse().find(r => r.total_steps);
+      if (!d || !$("#bar")) return;
+      $("#bar").style.width = `${Math.min(100, 100 * d.step / d.total_steps)}%`;
+      const eta = d.elapsed && d.step ? d.elapsed / d.step * (d.total_steps - d.step) : null;
+      $("#progress").textContent = `step ${d.step} / ${d.total_steps}` + (eta != null && d.step < d.total_steps ? `, about ${fmtSeconds(eta)} left` : "");
     };
+    let pulling = null, again = false;
+    const pull = async () => {  // the rows written since the last pull (a resumed run that rewrote its file: all again)
+      if (pulling) { again = true; return pulling; }
+      pulling = (async () => {
+        do {
+          again = false;
+          const r = await api(`/v1/studio/runs/${encodeURIComponent(name)}/metrics?since=${next}`);
+          if (r.next < next) { rows.length = 0; next = 0; again = true; continue; }
+          rows.push(...r.data); next = r.next;
+        } while (again);
+        progress(); redraw();
+      })().finally(() => { pulling = null; });
+      return pulling;
+    };
+    declared.forEach((chart, i) => Plotly.newPlot(chartIds[i], [], layout(chart.title, chart.y), cfg));
     const logLine = (text) => { const l = $("#log"); if (!l) return; l.textContent += text + "\n"; l.scrollTop = l.scrollHeight; };
     const show = (row) => {
       if (!$("#status")) return;
@@ -272,6 +288,7 @@ const pages = {
         $("#about").textContent = [`${row.method} on ${row.base}`, row.task, row.model ? `model ${row.model}` : ""]
           .filter(Boolean).join(" \u00b7 ");
       }
+      if ($("#status").textContent && $("#status").textContent !== row.status) showLineage(name).catch(() => {});  // a child's row changes
       $("#status").textContent = row.status; $("#status").className = `status ${row.status}`;
       const live = ["running", "queued", "validating_files"].includes(row.status);
       $("#stop").hidden = !(row.job && live);
@@ -281,6 +298,7 @@ const pages = {
     };
     show(info);
     if (window.tunesmithRL) tunesmithRL.runPage(name, leave);  // an RL run's charts and alarms (rl.js)
+    showLineage(name).catch(e => { $("#err").textContent = e.message; });
     $("#report").onclick = (e) => { e.preventDefault(); openReport(name); };
     const refresh = async () => show(await api(`/v1/studio/runs/${encodeURIComponent(name)}`));
     if (info.job) {
@@ -298,24 +316,19 @@ const pages = {
       let stopFollow = null;
       const start = () => {
         if (stopFollow) stopFollow();
-        for (const c of Object.values(curves)) { c.x.length = 0; c.y.length = 0; }
+        rows.length = 0; next = 0;
         $("#log").textContent = "";
         stopFollow = follow(job, (ev) => {
-          if (ev.type === "metrics") add(ev.data); else logLine(ev.message);
+          if (ev.type === "metrics") pull(); else logLine(ev.message);
           if (ev.type !== "metrics") refresh();
-        }, () => refresh());
+        }, () => { refresh(); pull(); });
       };
       start();
       const timer = setInterval(refresh, 3000);
       leave.push(() => { stopFollow && stopFollow(); clearInterval(timer); });
     } else {  // a run started from the CLI: its files, read again every few seconds while it runs
       const load = async () => {
-        const rows = (await api(`/v1/studio/runs/${encodeURIComponent(name)}/metrics`)).data;
-        for (const c of Object.values(curves)) { c.x.length = 0; c.y.length = 0; }
-        rows.forEach(r => add({step: r.step, total_steps: r.total_steps, train_loss: r.loss, valid_loss: r.eval_loss,
-                               learning_rate: r.lr, tokens_per_second: r.tok_s, elapsed: r.elapsed, reward: r.reward,
-                               frac_reward_zero_std: r.frac_reward_zero_std, rollout_reused: r.rollout_reused,
-                               eval_reward: r.eval_reward}));
+        await pull();
         $("#log").textContent = (await api(`/v1/studio/runs/${encodeURIComponent(name)}/log`)).lines.join("\n");
         await refresh();
       };
@@ -400,11 +413,25 @@ const pages = {
     main.innerHTML = `<h1>Blind A/B: ${esc(name)}</h1>
       <p class="dim">Two models answer the same held-out prompt, in random order; pick the better answer. Keys: <b>1</b> or <b>A</b> = first,
         <b>2</b> or <b>B</b> = second, <b>T</b> or <b>0</b> = tie.</p>
+      <p id="pairabout" class="dim"></p>
       <div class="row"><label style="margin:0">pairs <input id="npairs" type="number" min="1" max="200" value="10" style="width:80px"></label>
         <button id="startj">New set of pairs</button>
-        <a href="#" id="exportj">export judgements (JSONL)</a></div>
+        <a href="#" id="exportj">export judgements (JSONL)</a>
+        <label class="filelabel" style="margin:0">import judgements (JSONL) <input id="importj" type="file" accept=".jsonl,.ndjson,.json"></label></div>
+      <div id="importmsg" role="status"></div>
       <div id="summary" class="card"></div>
-      <div id="pair" class="judge"></div><div id="err" class="error" role="alert"></div>`;
+      <div id="pair" class="judge"></div><div id="err" class="error" role="alert"></div>
+      <div id="loopbox" class="card"><h2>Train on these judgements</h2>
+        <p class="dim">A child run starts from the judged model and learns from this run's judgements (winner chosen,
+          loser rejected, ties dropped); it records its parent and the judgements it learned from. When it has finished,
+          its own Blind A/B page judges it against this model on held-out prompts no judgement used.</p>
+        <div class="row"><label for="loopmethod" style="margin:0">Method</label>
+          <select id="loopmethod" style="width:auto">
+            <option value="dpo" selected>DPO from the judged model (default)</option>
+            <option value="reward">reward model, then GRPO: step 1, the reward model</option></select>
+          <label style="margin:0">epochs <input id="loopepochs" type="number" min="1" max="50" placeholder="auto" style="width:80px"></label>
+          <button id="trainj" class="primary">Train on these judgements</button></div>
+        <div id="looperr" class="error" role="alert"></div><div id="children"></div></div>`;
     let state = null;
     const render = () => {
       const s = state.summary;
@@ -419,8 +446,8 @@ const pages = {
       }
       const p = state.pairs[state.next], empty = "<span class='dim'>(an empty answer)</span>";
       $("#pair").innerHTML = `<h2>Pair ${state.next + 1} of ${state.pairs.length}</h2><pre>${esc(p.prompt)}</pre>
-        <div class="grid"><div class="card"><h2>A</h2><div class="answer">${esc(p.first) || empty}</div></div>
-        <div class="card"><h2>B</h2><div class="answer">${esc(p.second) || empty}</div></div></div>
+        <div class="grid"><div class="card"><h2>A</h2><div class="answer" data-text="${esc(p.first)}">${esc(p.first) || empty}</div></div>
+        <div class="card"><h2>B</h2><div class="answer" data-text="${esc(p.second)}">${esc(p.second) || empty}</div></div></div>
         <div class="row"><button class="choice" data-c="first">A is better (1)</button><button class="choice" data-c="tie">Tie (T)</button>
         <button class="choice" data-c="second">B is better (2)</button></div>`;
       document.querySelectorAll(".choice").forEach(b => b.onclick = () => vote(b.dataset.c));
@@ -443,9 +470,67 @@ const pages = {
       catch (e) { $("#err").textContent = e.message; }
     };
     $("#exportj").onclick = (e) => { e.preventDefault(); download(`/v1/studio/runs/${encodeURIComponent(name)}/judgements.jsonl`, `${name}-judgements.jsonl`); };
+    $("#importj").onchange = async () => {
+      const f = $("#importj").files[0];
+      if (!f) return;
+      $("#importmsg").innerHTML = "<span class='dim'>checking every line...</span>";
+      try {
+        const r = await api(`/v1/studio/runs/${encodeURIComponent(name)}/judgements`, {method: "POST", body: {filename: f.name, content: await f.text()}});
+        $("#importmsg").innerHTML = `<span class="ok">${esc(f.name)}: ${r.read} judgements read, ${r.imported} imported, ${r.already_there} already here; ${r.total} in all</span>`;
+        state = await api(`/v1/studio/runs/${encodeURIComponent(name)}/judge`); render(); await showLoop();
+      } catch (e) { $("#importmsg").innerHTML = `<pre class="error">${esc(e.message)}</pre>`; }
+      $("#importj").value = "";
+    };
+    const showLoop = async () => {
+      const lin = await api(`/v1/studio/runs/${encodeURIComponent(name)}/lineage`);
+      const me = lin.data[lin.data.length - 1], parent = lin.data.length > 1 ? lin.data[lin.data.length - 2] : null;
+      if (me && me.judgements_of && parent) {
+        $("#pairabout").innerHTML = `This run learned from the judgements of <a href="#/judge/${encodeURIComponent(me.judgements_of)}">${esc(me.judgements_of)}</a>:
+          a new set of pairs compares it with its parent <b>${esc(parent.model)}</b> on held-out prompts those judgements did not use.`;
+      } else if (parent) {
+        $("#pairabout").textContent = `A new set of pairs compares this run's model with ${parent.model} on held-out prompts not judged yet.`;
+      }
+      $("#children").innerHTML = lin.children.length ? `<h2>Children of these judgements</h2><ul>${lin.children.map(c =>
+        `<li><a href="#/run/${encodeURIComponent(c.run)}" class="child">${esc(c.run)}</a> &middot; ${esc(c.method)} &middot;
+         <span class="status ${esc(c.status)}">${esc(c.status)}</span>${c.status === "succeeded" ? ` &middot; <a href="#/judge/${encodeURIComponent(c.run)}">judge it against this model</a>` : ""}</li>`).join("")}</ul>` : "";
+    };
+    $("#trainj").onclick = async () => {
+      $("#looperr").textContent = "";
+      const body = {method: $("#loopmethod").value};
+      if ($("#loopepochs").value.trim()) body.hyperparameters = {n_epochs: Number($("#loopepochs").value)};
+      try {
+        const job = await api(`/v1/studio/runs/${encodeURIComponent(name)}/train-on-judgements`, {method: "POST", body});
+        location.hash = `#/run/${job.tunesmith.run}`;
+      } catch (e) { $("#looperr").textContent = e.message; }
+    };
     state = await api(`/v1/studio/runs/${encodeURIComponent(name)}/judge`); render();
+    await showLoop();
   },
 };
+
+// a run's lineage (base -> v1 -> v2 ...), each generation with its record against its parent
+function winText(w) {
+  if (!w) return "<span class='dim'>not judged against its parent yet</span>";
+  if (w.win_rate == null) return `${w.ties} ties, nothing decided`;
+  return `<b class="winrate">${(100 * w.win_rate).toFixed(0)} %</b> (95 % interval ${(100 * w.ci95[0]).toFixed(0)}-${(100 * w.ci95[1]).toFixed(0)} %)
+    &middot; ${w.wins} wins, ${w.losses} losses, ${w.ties} ties &middot; sign test p = ${Number(w.p_sign_test).toPrecision(3)}`;
+}
+async function showLineage(name) {
+  const lin = await api(`/v1/studio/runs/${encodeURIComponent(name)}/lineage`);
+  if (!$("#lineagebox")) return;  // the page was left meanwhile
+  const gens = lin.data;
+  $("#lineagebox").hidden = gens.length < 2 && !lin.children.length;
+  $("#lineage").innerHTML = `<thead><tr><th>generation</th><th>model</th><th>learned from</th><th>win rate over its parent</th></tr></thead><tbody>
+    ${gens.map((g, i) => `<tr class="gen${g.run === name ? " here" : ""}" data-gen="${i}">
+      <td>${i === 0 && !g.run ? "base" : "v" + i}</td>
+      <td>${g.run ? `<a href="#/run/${encodeURIComponent(g.run)}">${esc(g.run)}</a>${g.model !== g.run ? `<div class="dim">${esc(g.model)}</div>` : ""}` : esc(g.model)}</td>
+      <td>${g.judgements_of ? `<a href="#/judge/${encodeURIComponent(g.judgements_of)}">judgements of ${esc(g.judgements_of)}</a>` : (g.parent ? "its training data" : "")}</td>
+      <td>${g.parent ? winText(g.vs_parent) + (g.run && g.status === "succeeded" ? ` &middot; <a href="#/judge/${encodeURIComponent(g.run)}">judge vs parent</a>` : "") : ""}</td></tr>`).join("")}
+    ${lin.children.map(c => `<tr class="gen child"><td>v${gens.length}</td><td><a href="#/run/${encodeURIComponent(c.run)}">${esc(c.run)}</a>
+      <div class="dim">${esc(c.model || "")}</div></td><td>judgements of ${esc(name)} (${esc(c.method)})</td>
+      <td><span class="status ${esc(c.status)}">${esc(c.status)}</span></td></tr>`).join("")}</tbody>`;
+  $("#lineage").dataset.generations = gens.length;
+}
 
 async function download(path, filename) {
   const r = await fetch(path, {headers: headers()});
