@@ -14,6 +14,8 @@ usable judgement (torn by a crash mid-write, a field edited by hand) is dropped 
 instead of stopping the run: `tunesmith data inspect` lists every dropped line, training prints the counts, and the
 run records them in its data stats (`JudgedPairs.counts`).
 Judgements of the same prompt share a `group`, so a held-out split never holds a prompt that training learned from.
+A file someone brings to be merged into a run's judgements (the studio's import) is held to more: `check_judgements_text`
+checks every line, field by field, and refuses the whole file with the bad lines named (nothing is merged from it).
 
 A file is read as judgements when it is named `judgements.jsonl` (or `NAME-judgements.jsonl`, the studio's download)
 or when its first line has `winner`, `answer_a` and `answer_b`. Written here because the format is tunesmith's own;
