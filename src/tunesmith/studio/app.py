@@ -12,13 +12,13 @@ works by changing `base_url`; docs/studio.md has the SDK example and what differ
 The page's own routes (/v1/studio/..., the page at `/`) are listed in routers/__init__.py.
 
 The shape is vLLM's OpenAI server: `build_studio` makes the services once and puts them on `app.state`, and
-includes one router per resource (routers/: files, jobs, models, plan, runs, judge, export, page), whose handlers
-read their services from `request.app.state`; request and response shapes are protocol.py's. The services:
+includes one router per resource (routers/: files, jobs, models, plan, runs, judge, loop, export, rl, page), whose
+handlers read their services from `request.app.state`; request and response shapes are protocol.py's. The services:
 store.py (SQLite: files, jobs, events), jobs.py (`Runner`: jobs as `tunesmith train` subprocesses), pool.py (the
 served models), files.py (uploads, read and checked at once as training would read them, stored as
 `HOME/files/<file id>`: a client's file name is shown, never used as a path), submit.py (a job request resolved and
 planned; what a succeeded job carries), runs.py (the run index and the runs table), judge.py (blind A/B sessions),
-exports.py (`tunesmith export` from the page), events.py (event streams).
+exports.py (`tunesmith export` from the page), events.py (event streams), loop.py (the judgement loop).
 
 Who may call it and what a request may reach (docs/studio.md, "Security"): every request is checked by guard.py
 before any route runs and before its body is read -- a key (made at the first start, kept in `HOME/.token`), the

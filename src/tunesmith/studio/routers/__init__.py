@@ -1,7 +1,7 @@
 """The studio's HTTP routes, one `APIRouter` per resource (vLLM's `api_router.py` per resource); `build_studio`
-(studio/app.py) puts the services on `app.state` and includes the routers in app.py's `ROUTERS`, in that order. A handler reads its services
-from `request.app.state` -- never from a closure -- validates with studio/protocol.py's models, calls a service and
-answers with protocol's objects:
+(studio/app.py) puts the services on `app.state` and includes the routers in app.py's `ROUTERS`, in that order. A
+handler reads its services from `request.app.state` -- never from a closure -- validates with studio/protocol.py's
+models, calls a service and answers with protocol's objects:
 
   files.py    /v1/files[/{id}[/content]]                              upload + check, list, retrieve, delete
   jobs.py     /v1/fine_tuning/jobs[/{id}[/cancel|/pause|/resume|/events[/stream]|/checkpoints]]
@@ -9,7 +9,9 @@ answers with protocol's objects:
   plan.py     /v1/studio/options, /v1/studio/inspect, /v1/studio/plan  the new-run form, before a job exists
   runs.py     /v1/studio/runs[/{name}[/metrics|/log|/files/{file}]]
   judge.py    /v1/studio/runs/{name}/judge[/{index}], /judgements.jsonl  blind A/B
+  loop.py     /v1/studio/runs/{name}/lineage, /train-on-judgements, POST /judgements  the judgement loop (loop.py)
   export.py   /v1/studio/runs/{name}/export[/{format}.zip]
+  rl.py       /v1/studio/rl/options, /v1/studio/headroom, /v1/studio/runs/{name}/rl  online RL's form and panel
   page.py     /, /static/{name}, /health                              public (guard.PUBLIC)
 
 The services on `app.state` (set once in build_studio): `studio` (the limits, app.Studio), `home`, `policy`,
