@@ -95,14 +95,19 @@ def number_prompts(tmp_path):
 
 def test_an_rl_run_measures_its_headroom_before_the_first_step(tmp_path, tiny_model_dir, number_prompts):
     """The greedy half of the headroom check is the same answer the base's held-out measurement scores (same prompts,
-    same rewards), so its pass@1 equals eval_reward_<name> before training; both land in metrics.jsonl and eval.json."""
+    same rewards), so its pass@1 equals eval_reward_<name> before training; both land in metrics.jsonl and eval.json.
+    The split holds 16 prompts, of which both take the first 8; a reward that reads the prompt (its number), not the
+    answer, tells the prompts apart even though the tiny random model says the same thing to every one of them."""
     from tunesmith.train.loop import train
 
-    vowels = tmp_path / "vowels.py"   # a reward that is not 0/1: best-of-K rather than pass@k
-    vowels.write_text("def vowels(completions, **kw):\n    return [sum(c in 'aeiou' for c in x) / max(1, len(x)) for x in completions]\n")
+    rewards = tmp_path / "rewards.py"   # rewards that are not 0/1: best-of-K rather than pass@k
+    rewards.write_text("def vowels(completions, **kw):\n    return [sum(c in 'aeiou' for c in x) / max(1, len(x)) for x in completions]\n"
+                       "def about(prompts, **kw):\n    return [int(p.split('about ')[1].split('.')[0]) / 30 for p in prompts]\n")
     cfg = tiny_cfg(tmp_path, tiny_model_dir, number_prompts, "task=rl", "method.name=lora", "train.max_steps=1",
-                   "rl.group_size=2", "rl.max_new_tokens=6", "rl.headroom_examples=8", "rl.headroom_samples=4",
-                   f"rl.rewards=[{{kind: numeric, column: answer}}, {{kind: function, path: {vowels}:vowels}}]")
+                   "data.val_size=16", "rl.group_size=2", "rl.max_new_tokens=6", "rl.headroom_examples=8",
+                   "rl.headroom_samples=4",
+                   f"rl.rewards=[{{kind: numeric, column: answer}}, {{kind: function, path: {rewards}:vowels}}, "
+                   f"{{kind: function, path: {rewards}:about, weight: 0.0}}]")
     res = train(cfg)
     log = (res.run_dir / "train.log").read_text()
     assert "headroom before training" in log and "pass@4" in log
@@ -112,6 +117,8 @@ def test_an_rl_run_measures_its_headroom_before_the_first_step(tmp_path, tiny_mo
         assert row["headroom_samples"] == 4 and row["headroom_prompts"] == 8
         assert row["headroom_numeric_pass_at_1"] == pytest.approx(row["eval_reward_numeric"], abs=1e-4)
         assert row["headroom_vowels_greedy"] == pytest.approx(row["eval_reward_vowels"], abs=1e-4)
+        assert row["headroom_about_greedy"] == pytest.approx(row["eval_reward_about"], abs=1e-4)  # the same 8 prompts
+        assert row["headroom_about_greedy"] == row["headroom_about_best_of_4"]                   # (it reads only them)
         assert row["headroom_vowels_greedy"] != row["headroom_vowels_best_of_4"]
         assert 0 <= row["headroom_numeric_pass_at_1"] <= row["headroom_numeric_pass_at_4"] <= 1
     assert "headroom before training (8 prompts): pass@1" in (res.run_dir / "report.html").read_text()
@@ -130,6 +137,8 @@ def test_an_rl_run_measures_its_headroom_before_the_first_step(tmp_path, tiny_mo
     assert set(ev["models"]) == {"base", "tuned"} and ev["temperature"] == 1.0
     tuned = ev["models"]["tuned"]["rewards"]["numeric"]
     assert tuned["prompts"] == 8 and set(tuned) >= {"pass@1", "pass@2", "pass@4", "pass@4_ci95", "pass@1_sampled"}
+    for model in ("base", "tuned"):  # the run's first 8 held-out prompts again, not 8 others spread over the 16
+        assert ev["models"][model]["rewards"]["about"]["greedy_mean"] == pytest.approx(before["headroom_about_greedy"], abs=1e-4)
     kept = sorted((res.run_dir / "evaluations").glob("*-pass@4.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["models"]["base"]["samples"] == 4
     assert any(line.startswith("tuned: 8 prompts, greedy + 4 samples") for line in said)

@@ -13,6 +13,11 @@ one or more of
     model:RUN          a reward-model run's score (best-of-K)
     rouge[:COLUMN], bleu[:COLUMN], chrf[:COLUMN]   sentence scores against the references (best-of-K)
 
+Prompts: the first `-n` of the run's validation split -- the ones the run's own check took before its first step
+(its first rl.headroom_examples) and its held-out measurement scores (its first eval.max_examples), so `-n
+rl.headroom_examples` measures the base on the prompts of the run's `headroom before training` line -- or, with
+`--data`, the `-n` of the file that `tunesmith eval --data` scores.
+
 Samples are drawn at the run's `rl.temperature` (1.0 for a run that is not RL) or `--temperature`, seeded per prompt
 and sample, up to `--max-new-tokens` (default: rl.max_new_tokens for RL, eval.max_new_tokens otherwise). The tuned
 model, the base (unless --no-base) and every `--runs` run are measured on the same prompts, each prompted as it was
@@ -85,7 +90,11 @@ def evaluate_headroom(run_dir: Path, samples: int, data_path: str | None = None,
     device = torch.device(pick_device())
     run = assemble(cfg, device, with_model=False)
     rl = run.task == "rl"
-    examples = eval_examples(run, cfg, data_path, n)
+    # the run's validation split: its first n prompts, the ones its own headroom check and held-out measurement took
+    # (the first rl.headroom_examples, eval.max_examples); a --data file: the n that `tunesmith eval` scores of it
+    examples = eval_examples(run, cfg, data_path, n) if data_path else run.data.val.examples[:n]
+    if not examples:
+        raise TunesmithError("no evaluation examples (the run has no validation split; pass --data FILE)")
     for spec in specs:  # a column the data lacks: said now, not after minutes of sampling
         if spec.column and spec.column not in examples[0].columns and spec.column not in ("reference", "references"):
             raise TunesmithError(f"check {spec.label!r}: the data has no column {spec.column!r} (columns: "

@@ -214,11 +214,12 @@ class OnlineRL(Objective):
             self.headroom = self.measure_headroom(model, ctx.log)
 
     def measure_headroom(self, model, log=print) -> dict:
-        """pass@1 against pass@K (headroom.py) on rl.headroom_examples held-out prompts, spread over the split; logged,
-        with its warnings, and kept for the first held-out measurement (the base's: eval.json's `before`)."""
+        """pass@1 against pass@K (headroom.py) on the first rl.headroom_examples held-out prompts -- the ones the
+        held-out measurement scores (the first eval.max_examples), so the greedy pass@1 is its reward on the same
+        prompts; logged, with its warnings, and kept for the first held-out measurement (eval.json's `before`)."""
         t0 = time.perf_counter()
-        n, K = len(self.data.val.tokens), self.rl.headroom_samples
-        idx = list(range(n))[:: max(1, n // self.rl.headroom_examples)][: self.rl.headroom_examples]
+        K = self.rl.headroom_samples
+        idx = list(range(min(len(self.data.val.tokens), self.rl.headroom_examples)))
         h = measure_headroom(model, self.tokenizer, [self.data.val.tokens[i].input_ids.tolist() for i in idx],
                              lambda texts, ids, per: self._rollouts(self.data.val, idx, texts, ids, per), self.rewards,
                              {spec.label: spec.kind for spec in self.rl.rewards}, K, self.rl.temperature, self.rl.top_p,
