@@ -212,16 +212,20 @@ def test_grpo_launched_from_the_form_draws_its_rewards_and_a_drifting_run_raises
 
     page.click("#launch")
     page.wait_for_url("**/#/run/ftjob-*")
-    page.wait_for_selector("#rlpanel:not([hidden])", timeout=120_000)
-    try:  # the reward chart grows live: total, numeric, regex, held-out
-        page.wait_for_function("Number(document.querySelector('#rlchart0')?.dataset.points || 0) >= 4", timeout=180_000)
+    page.wait_for_selector("#rlpanel:not([hidden])", timeout=120_000)  # rl.js polls: it appears once the run has a config
+    page.reload()  # the grid's charts are chosen at page load from the task's declaration: read it now the run has one
+    try:  # the main chart is the reward, growing live: total, per reward (numeric, regex), held-out
+        page.wait_for_function("Number(document.querySelector('#loss')?.dataset.points || 0) >= 4", timeout=180_000)
+        page.wait_for_function("Number(document.querySelector('#rlchart0')?.dataset.points || 0) >= 4", timeout=30_000)
     except Exception:
         print("DEBUG", page.inner_text("body"))
         raise
-    lines = page.get_attribute("#rlchart0", "data-traces").split("|")
+    lines = page.evaluate("document.getElementById('loss').data.map(t => t.name)")
     assert {"total", "numeric", "regex"} <= set(lines), lines
     titles = page.eval_on_selector_all("#rlcharts .chart", "els => els.map(e => e.dataset.title)")
     assert any("length" in t for t in titles) and any("KL" in t for t in titles) and any("share" in t for t in titles)
+    shares = page.get_attribute([f"#rlchart{i}" for i, t in enumerate(titles) if "share" in t][0], "data-traces")
+    assert "answers cut at the cap" in shares and "tokens clipped by the surrogate" in shares
     kl = page.get_attribute([f"#rlchart{i}" for i, t in enumerate(titles) if "KL" in t][0], "data-traces")
     assert "KL to the reference" in kl and "entropy" in kl  # rl.beta = 0.04: the KL is logged and drawn
     assert "grpo, 4 answers per prompt, KL weight 0.04, cap 8 tokens" in page.inner_text("#rlsettings")

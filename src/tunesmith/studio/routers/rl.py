@@ -43,7 +43,7 @@ router = APIRouter()
 # and `headroom_*` keys are passed on too
 RL_KEYS = ("step", "total_steps", "reward", "reward_std", "frac_reward_zero_std", "completion_length",
            "completion_length_max", "clipped_ratio", "entropy", "kl", "clip_ratio", "skipped_groups", "overlong_penalty",
-           "rollout_reused", "eval_reward", "eval_length", "lr", "elapsed")
+           "rollout_reused", "eval_reward", "eval_length", "lr", "tok_s", "elapsed")
 RL_PREFIXES = ("rewards/", "eval_reward_", "headroom_")
 # what each reward kind is configured by on the form (config.RewardFunction's fields)
 REWARD_FIELDS = {"exact": ("column",), "numeric": ("column",), "regex": ("pattern",), "length": ("min_words", "max_words"),

@@ -1,6 +1,7 @@
 // Online RL in the studio's page: the New-run form's reward-model and GRPO / RLOO choices (rewards of the built-in
 // kinds with weights, group size, KL, length cap) with the headroom check before a launch, and a running RL job's
-// panel: the charts the rl task declares (catalog.RL_SHOWS, drawn from the run's metrics rows) and the alarms
+// panel: the charts the rl task declares after the run page's first three (catalog.RL_SHOWS: shares, answer length,
+// entropy and KL, speed; drawn from the run's metrics rows) and the alarms
 // evaluate/alarms.py raises over them. Plain JavaScript over the studio's HTTP API (studio/routers/rl.py); app.js
 // calls window.tunesmithRL.form / .settings / .runPage, and this file uses app.js's helpers ($, esc, api, fmt) when
 // those are called, so it is loaded before app.js.
@@ -150,7 +151,7 @@ window.tunesmithRL = (() => {
     const head = data.rows.find(r => Object.keys(r).some(k => k.startsWith("headroom_")));
     $("#rlheadroom").textContent = head ? "headroom before training: " + Object.keys(head).filter(k => k.startsWith("headroom_"))
       .map(k => `${k.slice(9)} ${Number.isInteger(head[k]) ? head[k] : fmt(head[k])}`).join(", ") : "";
-    const charts = data.shows.charts.filter(c => c.figure === "rollouts");
+    const charts = data.shows.charts.slice(3);  // the first three (the reward per reward function first) are app.js's grid
     const grid = $("#rlcharts");
     if (grid.children.length !== charts.length) {
       grid.innerHTML = charts.map((c, i) => `<div class="card"><div id="rlchart${i}" class="chart" data-title="${esc(c.title)}"></div></div>`).join("");
