@@ -66,3 +66,10 @@ def test_the_run_index_finds_runs_and_the_studio_home_wins(tmp_path):
         assert index.served_runs() == {}  # neither has finished (no final/)
     finally:
         store.close()
+
+
+def test_a_queued_jobs_row_has_its_task_before_its_run_folder_exists(tmp_path):
+    job = {"id": "ftjob-1", "status": "queued", "fine_tuned_model": None, "created_at": 5,
+           "request": json.dumps({"_plan": {"task": "dpo", "base": "tiny"}})}
+    row = run_row("ftjob-1", RunDir(tmp_path / "runs" / "ftjob-1"), job)
+    assert (row["task"], row["base"], row["status"], row["created_at"]) == ("dpo", "tiny", "queued", 5)

@@ -143,6 +143,9 @@ def run_row(name: str, run: RunDir, job: Optional[dict]) -> dict:
         task, method, base = cfg.task, cfg.method.name, cfg.model.name
     except TunesmithError:
         task = method = base = "?"
+        if job:  # a job whose run folder is not made yet (validating, queued): its plan says the task and base
+            plan = json.loads(job["request"]).get("_plan") or {}
+            task, base = plan.get("task", task), plan.get("base", base)
     summary = read_json(run.summary) or {}
     task = summary.get("task", task)
     rows = read_jsonl(run.metrics) if run.metrics.exists() else []
