@@ -4,6 +4,7 @@ alarms evaluate/alarms.py raises over them, and in a real browser (Debian's Chro
 test_studio_ui.py): a GRPO run launched from the New-run form draws its reward curves live, and a run built to drift
 (a length reward with no upper bound, after a warm-up that taught short answers) raises the length alarm."""
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -166,6 +167,9 @@ def test_a_runs_rl_numbers_and_alarms(studio, drift_run, tiny_model_dir):
     assert first < 0.5 < 0.9 < last  # it drifted to the cap
     kinds = {a["kind"]: a for a in data["alarms"]}
     assert "length_at_cap" in kinds and "in the first steps" in kinds["length_at_cap"]["message"]
+    log = (Path(drift_run) / "train.log").read_text()  # the CLI's train.log says each alarm once, as it rises
+    said = [line for line in log.splitlines() if line.startswith("warning (step")]
+    assert len(said) == len({line.split("): ")[1] for line in said}) and any("cap" in line for line in said), log[-2000:]
     assert [c["title"] for c in data["shows"]["charts"]][0].startswith("reward")
     # a run that is not RL has no RL numbers; an unknown run is a 404
     warm = studio.http.get("/v1/studio/runs/warmup/rl").json()

@@ -19,7 +19,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from tunesmith.config import Config, changed_settings, dump_yaml, read_yaml, unu
 from tunesmith.data.batching import collate, effective_length, split_passes, step_plan
 from tunesmith.data.render import prompt_format_of
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.alarms import rl_alarms
 from tunesmith.evaluate.closing import TRAINED, Closing, close, improves, open_baseline, write_final
 from tunesmith.evaluate.side_by_side import format_table, rouge_applies
 from tunesmith.methods import lora
@@ -95,6 +96,8 @@ class Session:
     ckpt: Checkpoint | None        # the checkpoint this launch resumed from
     local_examples: int = 0        # examples this process trained on (the sharding test counts them)
     loop_seconds: float = 0.0
+    rows: list[dict] = field(default_factory=list)  # the metrics rows this launch recorded (the RL alarms read them)
+    alarmed: set[str] = field(default_factory=set)  # the RL alarms train.log has already said
 
     @property
     def joins_forwards(self) -> bool:
@@ -110,6 +113,12 @@ class Session:
 
     def record(self, row: dict) -> None:
         _record(self.run_dir, self.trackers, self.dist, row)
+        if self.dist.main and (row.get("reward") is not None or row.get("eval_reward") is not None):
+            self.rows.append(row)  # an online-RL row: the alarms the studio's RL panel shows, said once in train.log
+            for alarm in rl_alarms(self.rows, self.cfg.rl.max_new_tokens):
+                if alarm.kind not in self.alarmed:
+                    self.alarmed.add(alarm.kind)
+                    self.log(f"warning (step {alarm.step}): {alarm.message}")
 
 
 def seed_everything(seed: int) -> None:
