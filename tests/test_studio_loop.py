@@ -140,6 +140,12 @@ def test_the_loop_from_judgements_to_a_child_judged_against_its_parent(studio, p
     assert len(again["pairs"]) == 20 - 3 - 8 - 4 and not {json.dumps(p["messages"]) for p in session2["pairs"]} & (
         used | {json.dumps(p["messages"]) for p in session["pairs"]})
 
+    # the alternative, reward model then GRPO: step 1 is a reward model on the same judgements (cancelled here)
+    r = http.post(f"/v1/studio/runs/{run}/train-on-judgements", json={"method": "reward"}).json()
+    assert "task=reward" in r["tunesmith"]["overrides"] and r["metadata"]["objective"] == "reward"
+    assert r["judgements"]["pairs"] == 8 and r["judgements"]["file"] == f"runs/{run}/judgements.jsonl"
+    http.post(f"/v1/fine_tuning/jobs/{r['id']}/cancel")
+
     # the run page: base -> v1 -> v2, each with its record against its parent
     lin = http.get(f"/v1/studio/runs/{child}/lineage").json()["data"]
     assert [g["model"] for g in lin] == [tiny_model_dir.name, parent.fine_tuned_model, job.fine_tuned_model]

@@ -492,7 +492,9 @@ const pages = {
       }
       $("#children").innerHTML = lin.children.length ? `<h2>Children of these judgements</h2><ul>${lin.children.map(c =>
         `<li><a href="#/run/${encodeURIComponent(c.run)}" class="child">${esc(c.run)}</a> &middot; ${esc(c.method)} &middot;
-         <span class="status ${esc(c.status)}">${esc(c.status)}</span>${c.status === "succeeded" ? ` &middot; <a href="#/judge/${encodeURIComponent(c.run)}">judge it against this model</a>` : ""}</li>`).join("")}</ul>` : "";
+         <span class="status ${esc(c.status)}">${esc(c.status)}</span>${c.status !== "succeeded" ? "" : c.method === "reward"
+           ? ` &middot; step 2: <a href="#/new">GRPO from this model with it</a> (New run: objective <i>RL from rewards</i>, a reward of kind <i>model</i> with path <code>runs/${esc(c.run)}</code>)`
+           : ` &middot; <a href="#/judge/${encodeURIComponent(c.run)}">judge it against this model</a>`}</li>`).join("")}</ul>` : "";
     };
     $("#trainj").onclick = async () => {
       $("#looperr").textContent = "";
