@@ -42,6 +42,7 @@ from tunesmith.models.load import BUNDLED
 from tunesmith.paths import child_env
 from tunesmith.run import RunDir
 from tunesmith.run.lock import holder
+from tunesmith.studio.protocol import event_name, metrics_event
 from tunesmith.studio.store import TERMINAL, Store
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -49,8 +50,6 @@ STUDIO_OWNS = ("output.dir", "output.name", "output.resume", "output")
 STOP_WAIT_SECONDS = 120  # a stopping job finishes its step and writes a checkpoint in this time, or is killed
 MAX_JOB_ERRORS = 5       # one job's step failing this many times in a row fails that job (and nothing else)
 # what an online-RL step adds to its metrics event (objectives/rl.py): the live page charts the reward
-RL_HEALTH = ("reward", "reward_std", "frac_reward_zero_std", "clipped_ratio", "completion_length", "entropy", "kl",
-             "rollout_reused")
 
 
 # What `tunesmith.overrides` may set over HTTP: `task`, `model.dtype` and the keys of these sections, except the ones
@@ -657,15 +656,15 @@ def metrics_csv(run: RunDir) -> bytes:
     """OpenAI's result file: one row per logged step (step, train_loss, valid_loss, ...), from metrics.jsonl."""
     out = io.StringIO()
     w = csv.writer(out)
-    w.writerow(["step", "train_loss", "valid_loss", "learning_rate", "tokens", "tokens_per_second", "elapsed"])
+    keys = ("loss", "eval_loss", "lr", "tokens", "tok_s", "elapsed")
+    w.writerow(["step", *(event_name(k) for k in keys)])  # train_loss, valid_loss, learning_rate, ...
     for line in _lines(run.metrics):
         try:
             row = json.loads(line)
         except ValueError:
             continue  # a torn line
         if isinstance(row, dict) and ("loss" in row or "eval_loss" in row):
-            w.writerow([row.get("step"), row.get("loss", ""), row.get("eval_loss", ""), row.get("lr", ""),
-                        row.get("tokens", ""), row.get("tok_s", ""), row.get("elapsed", "")])
+            w.writerow([row.get("step"), *(row.get(k, "") for k in keys)])
     return out.getvalue().encode()
 
 
@@ -685,8 +684,7 @@ def checkpoints(run: RunDir) -> list[dict]:
         step = int(path.name.split("-")[1])
         m = rows.get(step, {})
         found.append({"step": step, "created_at": int(path.stat().st_mtime),
-                      "metrics": {k: v for k, v in {"step": step, "train_loss": m.get("loss"),
-                                                    "valid_loss": m.get("eval_loss")}.items() if v is not None}})
+                      "metrics": {"step": step, **{event_name(k): m[k] for k in ("loss", "eval_loss") if m.get(k) is not None}}})
     return found
 
 
@@ -698,12 +696,7 @@ def _metrics_event(line: str) -> Optional[tuple]:
         return None
     if not isinstance(row, dict):
         return None
-    data = {"step": row.get("step"), "total_steps": row.get("total_steps"), "train_loss": row.get("loss"),
-            "valid_loss": row.get("eval_loss"), "learning_rate": row.get("lr"), "tokens": row.get("tokens"),
-            "tokens_per_second": row.get("tok_s"), "elapsed": row.get("elapsed"), "epoch": row.get("epoch")}
-    data = {k: v for k, v in data.items() if v is not None}
-    data.update({k: v for k, v in row.items() if k.startswith("eval_") and k != "eval_loss"})
-    data.update({k: row[k] for k in RL_HEALTH if k in row})  # online RL: the live page charts the reward
+    data = metrics_event(row)  # OpenAI's names (protocol.py: the one mapping), eval_* and online RL's health keys
     try:
         if "train_loss" in data:
             message = f"Step {data['step']}/{data.get('total_steps', '?')}: training loss={float(data['train_loss']):.4f}"

@@ -72,7 +72,7 @@ class Extension(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recipe: Optional[str] = None
     overrides: list[str] = Field(default_factory=list)
-    resources: Optional[dict[str, float]] = None   # cpus, gpus, memory_gb a job asks of a Ray cluster (docs/scaling.md)
+    resources: Optional[dict[str, float]] = None   # cpus, gpus, memory_gb (per process), nodes, processes a job asks of a Ray cluster (docs/scaling.md)
 
 
 class JobRequest(BaseModel):
