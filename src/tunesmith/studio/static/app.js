@@ -224,14 +224,20 @@ const pages = {
     const info = await api(`/v1/studio/runs/${encodeURIComponent(name)}`);
     // The charts are the ones the run's task declares (GET .../runs/{name} `shows`, catalog.py): the first three in
     // the grid (an RL run's others are on its RL panel, rl.js), each curve a metrics.jsonl key over the raw rows.
-    const declared = ((info.shows || {}).charts || []).slice(0, 3);
+    let declared = [];  // until the run has a config (a queued job): none; `show` takes them when they come
     const rows = [];
     let next = 0;
     const layout = (title, y) => ({title: {text: title, font: {size: 14}}, margin: {l: 50, r: 10, t: 34, b: 36},
                                    xaxis: {title: {text: "step"}, zeroline: false}, yaxis: {title: {text: y}}, legend: {orientation: "h"}});
     const cfg = {displayModeBar: false, responsive: true};
     const chartIds = ["loss", "lr", "speed"];
-    chartIds.forEach((id, i) => { if (!declared[i]) $("#" + id).parentElement.hidden = true; });
+    const declare = (shows) => {
+      if (declared.length || !shows || !$("#loss")) return;
+      declared = (shows.charts || []).slice(0, 3);
+      chartIds.forEach((id, i) => { $("#" + id).parentElement.hidden = !declared[i]; });
+      declared.forEach((chart, i) => Plotly.newPlot(chartIds[i], [], layout(chart.title, chart.y), cfg));
+      redraw();
+    };
     const traces = (chart) => chart.curves.flatMap(c => {
       const keys = !c.key.includes("*") ? [c.key] : [...new Set(rows.flatMap(Object.keys))].filter(k =>  // `*`: one part of the key
         new RegExp("^" + c.key.split("*").map(p => p.replace(/[.?+^$()[\]{}|\\]/g, "\\$&")).join("([^/]+)") + "$").test(k));
@@ -280,10 +286,11 @@ const pages = {
       })().finally(() => { pulling = null; });
       return pulling;
     };
-    declared.forEach((chart, i) => Plotly.newPlot(chartIds[i], [], layout(chart.title, chart.y), cfg));
+    declare(info.shows);
     const logLine = (text) => { const l = $("#log"); if (!l) return; l.textContent += text + "\n"; l.scrollTop = l.scrollHeight; };
     const show = (row) => {
       if (!$("#status")) return;
+      declare(row.shows);
       if (row.method !== "?") {
         $("#about").textContent = [`${row.method} on ${row.base}`, row.task, row.model ? `model ${row.model}` : ""]
           .filter(Boolean).join(" \u00b7 ");
