@@ -73,3 +73,22 @@ def test_a_queued_jobs_row_has_its_task_before_its_run_folder_exists(tmp_path):
            "request": json.dumps({"_plan": {"task": "dpo", "base": "tiny"}})}
     row = run_row("ftjob-1", RunDir(tmp_path / "runs" / "ftjob-1"), job)
     assert (row["task"], row["base"], row["status"], row["created_at"]) == ("dpo", "tiny", "queued", 5)
+    # task auto: the task its training file decided when the job was created (submit.resolved_task), config or not
+    job["request"] = json.dumps({"_plan": {"task": "auto", "base": "tiny"}, "_task": "classification"})
+    (tmp_path / "runs" / "ftjob-1").mkdir(parents=True)
+    (tmp_path / "runs" / "ftjob-1" / "config.yaml").write_text("task: auto\nmodel:\n  name: nowhere\n")
+    assert run_row("ftjob-1", RunDir(tmp_path / "runs" / "ftjob-1"), job)["task"] == "classification"
+
+
+def test_a_job_with_task_auto_resolves_it_from_its_training_files_format(tmp_path):
+    from tunesmith.studio.submit import resolved_task
+
+    store = Store(tmp_path / "studio.db")
+    try:
+        store.add_file({"id": "file-1", "filename": "x.jsonl", "purpose": "fine-tune", "bytes": 1, "created_at": 0,
+                        "status": "processed", "status_details": None, "stored": "file-1.jsonl",
+                        "format": "preference", "records": 3})
+        assert resolved_task(store, "auto", "file-1") == "dpo"
+        assert resolved_task(store, "reward", "file-1") == "reward"
+    finally:
+        store.close()

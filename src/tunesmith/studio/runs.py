@@ -143,9 +143,11 @@ def run_row(name: str, run: RunDir, job: Optional[dict]) -> dict:
         task, method, base = cfg.task, cfg.method.name, cfg.model.name
     except TunesmithError:
         task = method = base = "?"
-        if job:  # a job whose run folder is not made yet (validating, queued): its plan says the task and base
-            plan = json.loads(job["request"]).get("_plan") or {}
-            task, base = plan.get("task", task), plan.get("base", base)
+        if job:  # a job whose run folder is not made yet (validating, queued): its plan says the base
+            base = (json.loads(job["request"]).get("_plan") or {}).get("base", base)
+    if job and task in ("auto", "?"):  # the task its data decides, known when the job was created (submit.py)
+        req = json.loads(job["request"])
+        task = req.get("_task") or (req.get("_plan") or {}).get("task", task)
     summary = read_json(run.summary) or {}
     task = summary.get("task", task)
     rows = read_jsonl(run.metrics) if run.metrics.exists() else []

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from tunesmith.catalog import task_of_format
 from tunesmith.models.load import BUNDLED
 from tunesmith.run.files import write_bytes_atomic
 from tunesmith.studio.jobs import JobError, Policy, metrics_csv, model_in_folders, new_id, plan_job
@@ -80,8 +81,18 @@ def prepare_job(store: Store, home: Path, req: JobRequest, policy: Policy = Poli
     model_name, base, train_path, val_path, ident = job_inputs(store, home, body, policy)
     plan = plan_job(body, model_name, base, train_path, val_path, policy)
     job_id = new_id("ftjob")
-    body.update({"_id": job_id, "_model_source": model_name, "_model_id": ident, "_plan": asdict(plan)})
+    body.update({"_id": job_id, "_model_source": model_name, "_model_id": ident, "_plan": asdict(plan),
+                 "_task": resolved_task(store, plan.task, body["training_file"])})
     return body
+
+
+def resolved_task(store: Store, task: str, training_file: str) -> str:
+    """The task the job trains: its config's, or for `task: auto` the one its training file's format decides (as
+    training resolves it, data/shapes.resolve_task) -- what the runs table and run page show before eval.json."""
+    if task != "auto":
+        return task
+    f = store.file(training_file)
+    return task_of_format(f["format"]) if f and f["format"] else task
 
 
 def settings_config(store: Store, home: Path, req: dict, policy: Policy = Policy()):
