@@ -149,8 +149,7 @@ window.tunesmithRL = (() => {
       : `<p class="ok" id="rlquiet">No alarms: reward vs held-out, length vs cap, KL vs ${data.kl_bound} nats per answer, flat groups all within bounds.</p>`;
     $("#rlalarms").dataset.n = data.alarms.length;
     const head = data.rows.find(r => Object.keys(r).some(k => k.startsWith("headroom_")));
-    $("#rlheadroom").textContent = head ? "headroom before training: " + Object.keys(head).filter(k => k.startsWith("headroom_"))
-      .map(k => `${k.slice(9)} ${Number.isInteger(head[k]) ? head[k] : fmt(head[k])}`).join(", ") : "";
+    $("#rlheadroom").textContent = head ? headroomLine(head) : "";
     const charts = data.shows.charts.slice(3);  // the first three (the reward per reward function first) are app.js's grid
     const grid = $("#rlcharts");
     if (grid.children.length !== charts.length) {
@@ -187,3 +186,14 @@ window.tunesmithRL = (() => {
 
   return {form, settings, runPage};
 })();
+
+// The run's headroom row in words: pass@1 (greedy) against pass@K (K samples) per 0/1 reward, and the greedy answer's
+// reward against the best of K for the total.
+function headroomLine(head) {
+  const h = k => head["headroom_" + k], K = h("samples"), pct = v => `${(100 * v).toFixed(0)} %`;
+  const rewards = Object.keys(head).filter(k => /^headroom_.+_pass_at_1$/.test(k)).map(k => k.slice(9, -10));
+  const parts = rewards.map(r => `${r} pass@1 ${pct(h(`${r}_pass_at_1`))} vs pass@${K} ${pct(h(`${r}_pass_at_${K}`))}`);
+  if (h("reward_greedy") != null) parts.push(`total reward ${fmt(h("reward_greedy"))} greedy vs ${fmt(h(`reward_best_of_${K}`))} best of ${K}`);
+  return `headroom before training (${h("prompts")} held-out prompts, ${K} samples each): ${parts.join("; ")}` +
+    (h("warnings") ? " -- see the log's warning" : "");
+}
