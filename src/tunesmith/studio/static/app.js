@@ -228,7 +228,8 @@ const pages = {
     const rows = [];
     let next = 0;
     const layout = (title, y) => ({title: {text: title, font: {size: 14}}, margin: {l: 50, r: 10, t: 34, b: 36},
-                                   xaxis: {title: {text: "step"}, zeroline: false}, yaxis: {title: {text: y}}, legend: {orientation: "h"}});
+                                   xaxis: {zeroline: false}, yaxis: {title: {text: y}},
+                                   legend: {orientation: "h"}});  // x: the step (no axis title: a legend of several rows would sit on it)
     const cfg = {displayModeBar: false, responsive: true};
     const chartIds = ["loss", "lr", "speed"];
     const declare = (shows) => {
