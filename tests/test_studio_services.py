@@ -92,3 +92,82 @@ def test_a_job_with_task_auto_resolves_it_from_its_training_files_format(tmp_pat
         assert resolved_task(store, "reward", "file-1") == "reward"
     finally:
         store.close()
+
+
+def _metrics_job(tmp_path, job_id="ftjob-r"):
+    from tunesmith.studio.jobs import Runner
+
+    store = Store(tmp_path / "studio.db")
+    run = RunDir(tmp_path / "runs" / job_id)
+    run.path.mkdir(parents=True)
+    run.log.write_text("")
+    store.add_job(job_id, {"model": "m", "training_file": "f", "_plan": {"task": "causal"}}, str(run.path), "running")
+    return store, run, Runner(store, tmp_path)
+
+
+def _append_steps(run, steps, launch):
+    from tunesmith.run.files import append_jsonl
+
+    for step in steps:  # a resumed launch trains its steps again: other numbers (its own clock) for the same step
+        append_jsonl(run.metrics, {"step": step, "total_steps": 9, "loss": 2.0 - step / 10 - launch / 100,
+                                   "elapsed": round(step * 0.37 + launch * 1.3, 2)})
+
+
+def _steps(store, job_id="ftjob-r"):
+    return [json.loads(e["data"])["step"] for e in store.events(job_id, limit=1000, newest_first=False)
+            if e["type"] == "metrics"]
+
+
+@pytest.mark.parametrize("again", [[3, 4, 5], [3, 4, 5, 6], [3, 4, 5, 6, 7]])
+def test_a_resume_that_grows_metrics_back_between_two_polls_has_every_step_trained_again(tmp_path, again):
+    """Steps 1-5 read; the run resumes from its checkpoint at step 2 (train/checkpoint.truncate_metrics rewrites the
+    file to steps 1-2) and trains 3.. again, all between two polls: each step trained again is an event again, once
+    (was: metrics.jsonl was followed by its line count, so a file as long or longer than before lost those steps)."""
+    from tunesmith.studio.jobs import Runner
+    from tunesmith.train.checkpoint import truncate_metrics
+
+    store, run, runner = _metrics_job(tmp_path)
+    _append_steps(run, range(1, 6), launch=0)
+    runner._read_files("ftjob-r")
+    assert _steps(store) == [1, 2, 3, 4, 5]
+    truncate_metrics(run, 2)
+    _append_steps(run, again, launch=1)
+    runner._read_files("ftjob-r")
+    assert _steps(store) == [1, 2, 3, 4, 5, *again]
+    runner._read_files("ftjob-r")
+    Runner(store, tmp_path)._read_files("ftjob-r")  # a restarted studio goes on from where the last one was
+    _append_steps(run, [len(again) + 3], launch=1)
+    Runner(store, tmp_path)._read_files("ftjob-r")
+    assert _steps(store) == [1, 2, 3, 4, 5, *again, len(again) + 3]
+
+
+def test_a_resume_from_past_what_was_read_emits_the_unread_steps_once(tmp_path):
+    """Steps 1-2 read, 3-4 written and a checkpoint at 4, then a resume (the file rewritten to steps 1-4) trains 5:
+    3, 4 and 5 are events once each; a half-written last line waits for its newline."""
+    from tunesmith.train.checkpoint import truncate_metrics
+
+    store, run, runner = _metrics_job(tmp_path)
+    _append_steps(run, [1, 2], launch=0)
+    runner._read_files("ftjob-r")
+    _append_steps(run, [3, 4], launch=0)
+    truncate_metrics(run, 4)
+    _append_steps(run, [5], launch=1)
+    with open(run.metrics, "a") as fh:
+        fh.write('{"step": 6, "total_st')
+    runner._read_files("ftjob-r")
+    assert _steps(store) == [1, 2, 3, 4, 5]
+    with open(run.metrics, "a") as fh:
+        fh.write('eps": 9, "loss": 1.0}\n')
+    runner._read_files("ftjob-r")
+    assert _steps(store) == [1, 2, 3, 4, 5, 6]
+
+
+def test_offsets_an_older_studio_committed_as_line_counts_go_on_from_that_line(tmp_path):
+    store, run, _ = _metrics_job(tmp_path)
+    run.log.write_text("a\n\nb\n")
+    _append_steps(run, [1, 2, 3], launch=0)
+    store.update_job("ftjob-r", offsets=json.dumps({"metrics": 2, "log": 1}))
+    from tunesmith.studio.jobs import Runner
+
+    Runner(store, tmp_path)._read_files("ftjob-r")
+    assert _steps(store) == [3] and [e["message"] for e in store.events("ftjob-r", limit=9) if e["type"] == "message"] == ["b"]
