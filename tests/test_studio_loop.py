@@ -122,7 +122,9 @@ def test_the_loop_from_judgements_to_a_child_judged_against_its_parent(studio, p
     child_dir = studio.app.state.runner.run_dir(child)
     cfg = read_yaml(child_dir.config)
     assert cfg["task"] == "dpo" and cfg["model"]["name"] == str(parent_dir.path)  # its parent, recorded
-    assert cfg["data"]["path"] == str(parent_dir.judgements)                   # and what it learned from
+    snapshot = (studio.app.state.home / "jobs" / child / "judgements.jsonl").resolve()  # what it learned from: the
+    assert cfg["data"]["path"] == str(snapshot)                                 # parent's judgements when it was made
+    assert snapshot.read_text() == parent_dir.judgements.read_text()
     assert [g.name for g in lineage(child_dir.path)] == [str(tiny_model_dir.resolve()), run, child]
 
     # the child's new set of pairs: child vs parent, on held-out prompts no judgement used

@@ -1,6 +1,7 @@
 """The studio's services and protocol without HTTP: the runs table's headline as each task declares it, the one
 metrics-row mapping, the page's settings as a job request, the run index."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,45 @@ def test_offsets_an_older_studio_committed_as_line_counts_go_on_from_that_line(t
 
     Runner(store, tmp_path)._read_files("ftjob-r")
     assert _steps(store) == [3] and [e["message"] for e in store.events("ftjob-r", limit=9) if e["type"] == "message"] == ["b"]
+
+
+def _verdict(k: int, winner: str) -> dict:
+    prompt = [{"role": "user", "content": f"question {k}"}]
+    return {"session": 1, "index": k, "prompt": prompt, "a": "base", "b": "v1", "answer_a": f"short {k}",
+            "answer_b": f"a longer answer {k}", "winner": winner, "shown_first": "a", "at": 1_700_000_000 + k}
+
+
+def test_a_child_trains_on_a_snapshot_of_its_parents_judgements_taken_when_it_is_made(tmp_path):
+    """Train on these judgements: the child's data.path is a copy of the parent's judgements.jsonl as it was when the
+    child was made, in the child job's own folder, so a resume after more judgements trains on the same pairs (was:
+    the parent's live file); the lineage still knows the child learned from the parent's judgements."""
+    from tunesmith.config import load_config
+    from tunesmith.evaluate.lineage import lineage
+    from tunesmith.studio import loop
+
+    home = tmp_path / "home"
+    parent = RunDir(home / "runs" / "v1")
+    (parent.path / "final").mkdir(parents=True)
+    parent.config.write_text("model:\n  name: base\ndata:\n  path: train.jsonl\n")
+    parent.judgements.write_text("".join(json.dumps(_verdict(k, "a" if k % 2 else "b")) + "\n" for k in range(4))
+                                 + '{"session": 1, "ind')  # a judgement being written as the child is made
+    store = Store(home / "studio.db")
+    req = loop.child_job("v1", parent, "dpo", store, home, Policy(home=home))
+    data_path = next(o.split("=", 1)[1] for o in req["_plan"]["overrides"] if o.startswith("data.path="))
+    snapshot = Path(data_path)
+    assert snapshot != parent.judgements and snapshot.is_file()
+    assert snapshot.parent == home / "jobs" / req["_id"] and snapshot.name == "judgements.jsonl"
+    assert snapshot.read_text().count("\n") == 4 and req["metadata"]["pairs"] == "4"
+
+    with open(parent.judgements, "a") as fh:  # more judgements after the child was made
+        fh.write('ex": 9}\n' + "".join(json.dumps(_verdict(k, "a")) + "\n" for k in range(4, 9)))
+    assert snapshot.read_text().count("\n") == 4  # what the child trains on, at every (re)start
+
+    child = RunDir(home / "runs" / req["_id"])  # its run, as training records it
+    child.path.mkdir()
+    cfg = load_config(req["_plan"]["source"], req["_plan"]["overrides"])
+    child.config.write_text(f"model:\n  name: {cfg.model.name}\ndata:\n  path: {cfg.data.path}\n")
+    store.add_job(req["_id"], req, str(child.path), "running")
+    assert [g.judgements for g in lineage(child.path)][-1] == snapshot
+    view = loop.lineage_view(child, {"v1": parent.path, req["_id"]: child.path}, store, Policy(home=home))
+    assert view[-1]["learned_from"] == "judgements of v1" and view[-1]["judgements_of"] == "v1"

@@ -4,8 +4,9 @@ judged model; or a reward model on them) -> child vs parent judged again on held
 What the routes (routers/loop.py) call; everything here is the studio's own bookkeeping over pieces that exist
 elsewhere: the child is an ordinary job of the job machinery (jobs.plan_job, the Runner: queued, followed, stopped,
 resumed like any other), whose config.yaml records its parent (`model.name`: the judged run's folder) and the
-judgements it learned from (`data.path`: that run's judgements.jsonl), which is what evaluate/lineage.py and
-data/judgements.py read. No request names a path: the child's model and data are the judged run's own, found by the
+judgements it learned from (`data.path`: a snapshot of that run's judgements.jsonl taken when the child was made,
+HOME/jobs/<job id>/judgements.jsonl, so a resume after more judgements trains on the same pairs), which is what
+evaluate/lineage.py and data/judgements.py read. No request names a path: the child's model and data are the judged run's own, found by the
 run's name, and the judgements file is the studio's (Policy is not widened; user overrides still go through
 jobs.check_overrides).
 
@@ -15,6 +16,7 @@ or a finished job's `fine_tuned_model` -- never a server path (a base model give
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +28,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.lineage import lineage, unjudged_prompts
 from tunesmith.models.load import BUNDLED
 from tunesmith.run import RunDir
-from tunesmith.run.files import json_safe, read_jsonl
+from tunesmith.run.files import json_safe, read_jsonl, write_bytes_atomic
 from tunesmith.studio.jobs import JobError, Policy, model_in_folders, new_id, plan_job
 from tunesmith.studio.store import Store
 
@@ -121,15 +123,24 @@ def lineage_view(run: RunDir, folders: dict[str, Path], store: Store, policy: Po
     out = []
     for g in lineage(run.path, names):
         job = jobs.get(g.name) if g.run is not None else None
+        judged = _judged(g.judgements, job)
         shown = served_name(g.name, folders, store, policy) if g.run is None else (
             job["fine_tuned_model"] if job and job["fine_tuned_model"] else g.name)
         parent = out[-1]["model"] if out else None
         out.append({"name": shown if g.run is None else g.name, "model": shown, "run": g.name if g.run else None,
                     "parent": parent, "status": (job or {}).get("status") or ("succeeded" if g.run and RunDir(g.run).is_finished() else None),
-                    "learned_from": f"judgements of {g.judgements.parent.name}" if g.judgements else None,
-                    "judgements_of": g.judgements.parent.name if g.judgements else None,
+                    "learned_from": f"judgements of {judged}" if judged else None, "judgements_of": judged,
                     "vs_parent": asdict(g.vs_parent) if g.vs_parent else None})
     return out
+
+
+def _judged(judgements: Optional[Path], job: Optional[dict]) -> Optional[str]:
+    """The run whose judgements a generation learned from: a studio child's job says (its data is a snapshot in its
+    job's folder); a run trained on a run's judgements.jsonl directly is that file's folder."""
+    if judgements is None:
+        return None
+    meta = (json.loads(job["request"]).get("metadata") or {}) if job else {}
+    return meta.get("judgements_of") or judgements.parent.name
 
 
 def children(name: str, folders: dict[str, Path], store: Store) -> list[dict]:
@@ -148,15 +159,40 @@ def child_job(name: str, run: RunDir, objective: str, store: Store, home: Path, 
               suffix: Optional[str] = None) -> dict:
     """The stored request of a job that trains on `run`'s judgements from `run`'s model (objective "dpo" or "reward"),
     ready for store.add_job; JobError (a 400 naming the field) when it cannot run. Its `_plan` is jobs.plan_job's:
-    model.name is the judged run's folder, data.path its judgements.jsonl, and the user's overrides pass
-    jobs.check_overrides as any job's do."""
+    model.name is the judged run's folder, data.path a snapshot of its judgements.jsonl as it is now
+    (`snapshot_judgements`, in HOME/jobs/<job id>/), and the user's overrides pass jobs.check_overrides as any job's
+    do."""
     if objective not in METHODS:
         raise JobError(f"method: {objective!r} is not offered; choose one of {', '.join(METHODS)}", "method")
     if not run.is_finished():
         raise JobError(f"run {name} has not finished training: there is no model to continue from yet", "run")
-    got = read_judgements(run.judgements) if run.judgements.is_file() else None
+    job_id = new_id("ftjob")
+    snapshot = snapshot_judgements(run, Path(home) / "jobs" / job_id) if run.judgements.is_file() else None
+    try:
+        return _child_request(name, run, objective, store, policy, job_id, snapshot, hyperparameters, overrides, suffix)
+    except BaseException:
+        if snapshot is not None:
+            shutil.rmtree(snapshot.parent, ignore_errors=True)
+        raise
+
+
+def snapshot_judgements(run: RunDir, folder: Path) -> Path:
+    """A copy of the run's judgements.jsonl as it is now (its whole lines: one being appended is not one yet), written
+    atomically as `folder`/judgements.jsonl: what a child job trains on, however many judgements come after."""
+    data = run.judgements.read_bytes()
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "judgements.jsonl"
+    write_bytes_atomic(path, data[:data.rfind(b"\n") + 1])
+    return path
+
+
+def _child_request(name: str, run: RunDir, objective: str, store: Store, policy: Policy, job_id: str,
+                   snapshot: Optional[Path], hyperparameters: Optional[dict], overrides: Optional[list[str]],
+                   suffix: Optional[str]) -> dict:
+    got = read_judgements(snapshot) if snapshot is not None else None
     if got is None or not got.pairs:
-        described = got.describe().replace(str(run.judgements), f"runs/{name}/judgements.jsonl") if got else ""
+        described = got.describe().replace(str(snapshot), f"runs/{name}/judgements.jsonl") if got else ""
         raise JobError(f"run {name} has no decided judgements to learn from yet" + (f" ({described})" if got else
                        ": judge a set of pairs first (ties teach nothing)"), "judgements", "no_preference_pairs")
     job = _jobs_by_run(store).get(name)
@@ -181,8 +217,7 @@ def child_job(name: str, run: RunDir, objective: str, store: Store, home: Path, 
            "metadata": {"judgements_of": name, "objective": objective, "pairs": str(len(got.pairs)),
                         "judgements": str(got.judgements)},
            "tunesmith": {"recipe": None, "overrides": own + user}}
-    plan = plan_job(req, str(run.path), base, run.judgements, None, policy)
-    job_id = new_id("ftjob")
+    plan = plan_job(req, str(run.path), base, snapshot, None, policy)
     return {**req, "_id": job_id, "_model_source": str(run.path), "_model_id": model_id, "_plan": asdict(plan),
             "_pairs": got.counts() | {"file": f"runs/{name}/judgements.jsonl", "unusable_samples": []}}
 
