@@ -214,3 +214,27 @@ def test_a_child_trains_on_a_snapshot_of_its_parents_judgements_taken_when_it_is
     assert [g.judgements for g in lineage(child.path)][-1] == snapshot
     view = loop.lineage_view(child, {"v1": parent.path, req["_id"]: child.path}, store, Policy(home=home))
     assert view[-1]["learned_from"] == "judgements of v1" and view[-1]["judgements_of"] == "v1"
+
+
+def test_a_reward_model_and_a_teacher_named_by_their_models_id_reach_the_job_as_absolute_paths(tmp_path, monkeypatch):
+    """`--models DIR` and a reward model (or teacher) named by its id inside DIR: the job's command names it by its
+    absolute path, as found at start-up (was: `rm` went to the job as it was, and the job, which runs in the studio
+    home, looked for HOME/rm); a Studio given a relative folder resolves it against the directory it was started in."""
+    from tunesmith.config import load_config
+    from tunesmith.studio.app import Studio, build_studio
+    from tunesmith.studio.jobs import plan_job
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("rm", "teacher"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+    app = build_studio(Studio(tmp_path / "home", models_dirs=(Path("models"),), data_roots=(Path("."),)))
+    policy = app.state.policy
+    assert policy.models_dirs == ((tmp_path / "models").resolve(),) and policy.data_roots == (tmp_path.resolve(),)
+    monkeypatch.chdir(tmp_path / "home")  # where jobs run
+    rl = {"model": "m", "tunesmith": {"overrides": ["task=rl", 'rl.rewards=[{"kind": "model", "path": "rm"}]']}}
+    plan = plan_job(rl, "smollm2-135m", "m", tmp_path / "train.jsonl", None, policy)
+    assert load_config(plan.source, plan.overrides).rl.rewards[0].path == str((tmp_path / "models" / "rm").resolve())
+    distill = {"model": "m", "tunesmith": {"overrides": ["distill.teacher=teacher"]}}
+    plan = plan_job(distill, "smollm2-135m", "m", tmp_path / "train.jsonl", None, policy)
+    assert load_config(plan.source, plan.overrides).distill.teacher == str((tmp_path / "models" / "teacher").resolve())

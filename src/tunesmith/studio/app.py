@@ -88,6 +88,9 @@ class Studio:
 def build_studio(studio: Studio, port: int = 0) -> FastAPI:
     """The studio's app: its services on `app.state` (routers/__init__.py lists them), the routers, the guard."""
     home = Path(studio.home)
+    # the operator's folders as this process's directory names them now (jobs run elsewhere: in the home)
+    studio.models_dirs, studio.data_roots, studio.runs_dirs = (tuple(Path(d).resolve() for d in folders) for folders in
+                                                               (studio.models_dirs, studio.data_roots, studio.runs_dirs))
     for sub in ("files", "runs", "jobs"):
         (home / sub).mkdir(parents=True, exist_ok=True)
     home_lock = _lock_home(home, port)  # one studio per home, held until the app has shut down

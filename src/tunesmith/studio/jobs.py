@@ -202,6 +202,24 @@ def check_resolved(cfg, policy: Policy) -> None:
                        "folders (or the studio started with --allow-code)", "tunesmith.overrides", "override_not_allowed")
 
 
+def found_models(cfg, policy: Policy) -> list[str]:
+    """Overrides naming the reward models and the teacher a config gives by their id in a --models folder by the
+    absolute path found there: a job runs in the studio home, where `rm` would be HOME/rm."""
+    out = []
+    rewards = [r.model_dump() for r in cfg.rl.rewards]
+    for reward in rewards:
+        if reward["kind"] == "model" and not Path(reward["path"] or "").is_absolute() \
+                and (found := model_in_folders(reward["path"], policy.models_dirs)) is not None:
+            reward["path"] = str(Path(found[0]).absolute())
+    if rewards != [r.model_dump() for r in cfg.rl.rewards]:
+        out.append(f"rl.rewards={json.dumps(rewards)}")
+    teacher = cfg.distill.teacher
+    if teacher and teacher not in BUNDLED and not Path(teacher).is_absolute() \
+            and (found := model_in_folders(teacher, policy.models_dirs)) is not None:
+        out.append(f"distill.teacher={json.dumps(str(Path(found[0]).absolute()))}")
+    return out
+
+
 class JobError(Exception):
     """A request that cannot become a job: OpenAI's 400 with the field it is about."""
 
@@ -255,8 +273,8 @@ def plan_job(req: dict, model_name: str, base: str, train_path: Path, val_path: 
     except TunesmithError as e:
         raise JobError(str(e), "tunesmith.overrides" if user else "hyperparameters") from None
     check_resolved(cfg, policy)
-    return Plan(source, over + resolved["overrides"] + user, resolved["values"], base, cfg.task, recipe or "studio",
-                check_resources(ext.get("resources")))
+    return Plan(source, over + resolved["overrides"] + user + found_models(cfg, policy), resolved["values"], base,
+                cfg.task, recipe or "studio", check_resources(ext.get("resources")))
 
 
 # what tunesmith.resources may ask, each a number >= this: per process, and how many nodes x processes per node
