@@ -174,3 +174,27 @@ def test_runs_compare_playground_and_blind_judging(page, studio, tmp_path, tiny_
     with page.expect_download() as d:
         page.click("#exportj")
     assert len(Path(d.value.path()).read_text().splitlines()) == 3
+
+
+def test_a_page_left_before_its_data_came_is_not_drawn_over_the_next(page, studio):
+    """route()'s navigation token: the runs page's answer, held back until the user has moved on to the playground
+    and it has drawn, is dropped when it comes (was: the slow runs table was drawn over the playground)."""
+    page.wait_for_selector("#runtable")  # the first page has drawn
+    page.evaluate("location.hash = '#/playground'")
+    page.wait_for_selector("#prompt")
+    held = []
+    page.route("**/v1/studio/runs", lambda route: held.append(route))
+    page.evaluate("location.hash = '#/runs'")
+    for _ in range(300):
+        if held:
+            break
+        page.wait_for_timeout(100)
+    assert held, "the runs page asked for its runs"
+    page.evaluate("location.hash = '#/playground'")
+    page.wait_for_selector("#prompt")
+    page.unroute("**/v1/studio/runs")
+    with page.expect_response("**/v1/studio/runs"):
+        held[0].continue_()
+    page.wait_for_timeout(500)
+    assert page.query_selector("#runtable") is None and page.query_selector("#prompt") is not None
+    assert page.get_attribute("#main", "data-page") == "playground"

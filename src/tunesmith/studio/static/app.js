@@ -6,6 +6,7 @@
 const $ = (sel, root = document) => root.querySelector(sel);
 const main = $("#main");
 let leave = [];  // cleanups of the current page (streams, timers)
+let shown = 0;   // the navigation token: route() counts each page it starts; an answer for an earlier one is dropped
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
@@ -17,10 +18,11 @@ function headers(extra = {}) {
   return h;
 }
 async function api(path, opts = {}) {
-  const isForm = opts.body instanceof FormData;
+  const isForm = opts.body instanceof FormData, asked = shown;
   const r = await fetch(path, {...opts, headers: headers(isForm || !opts.body ? {} : {"Content-Type": "application/json"}),
                                body: opts.body && !isForm ? JSON.stringify(opts.body) : opts.body});
   const text = await r.text();
+  if (asked !== shown) return new Promise(() => {});  // asked for a page left since: what awaits it never draws
   let data = null;
   try { data = JSON.parse(text); } catch (e) { data = {text}; }
   if (r.status === 401) { $("#keybox").hidden = false; }
@@ -555,11 +557,13 @@ async function openReport(name) {  // fetched with the key, shown from a blob (i
 
 async function route() {
   leave.forEach(f => f()); leave = [];
+  const token = ++shown;  // a page drawn only while it is still the current route (api() drops the others' answers)
   const [, page = "runs", arg = ""] = (location.hash || "#/runs").split("/");
   document.querySelectorAll("nav a").forEach(a => a.classList.toggle("here", a.getAttribute("href") === `#/${page}`));
   main.innerHTML = "<p class='dim'>loading...</p>";
   try { await (pages[page] || pages.runs)(decodeURIComponent(arg)); }
-  catch (e) { main.innerHTML = `<p class="error">${esc(e.message)}</p>`; }
+  catch (e) { if (token === shown) main.innerHTML = `<p class="error">${esc(e.message)}</p>`; }
+  if (token !== shown) return;
   main.dataset.page = page;
   main.focus({preventScroll: true});
 }
