@@ -191,7 +191,7 @@ def test_a_child_trains_on_a_snapshot_of_its_parents_judgements_taken_when_it_is
     home = tmp_path / "home"
     parent = RunDir(home / "runs" / "v1")
     (parent.path / "final").mkdir(parents=True)
-    parent.config.write_text("model:\n  name: base\ndata:\n  path: train.jsonl\n")
+    parent.config.write_text("model:\n  name: base\ndata:\n  path: train.jsonl\n  system_prompt: 'Be: brief.'\n")
     parent.judgements.write_text("".join(json.dumps(_verdict(k, "a" if k % 2 else "b")) + "\n" for k in range(4))
                                  + '{"session": 1, "ind')  # a judgement being written as the child is made
     store = Store(home / "studio.db")
@@ -209,6 +209,7 @@ def test_a_child_trains_on_a_snapshot_of_its_parents_judgements_taken_when_it_is
     child = RunDir(home / "runs" / req["_id"])  # its run, as training records it
     child.path.mkdir()
     cfg = load_config(req["_plan"]["source"], req["_plan"]["overrides"])
+    assert cfg.data.system_prompt == "Be: brief."  # its prompts rendered as the judged run rendered them
     child.config.write_text(f"model:\n  name: {cfg.model.name}\ndata:\n  path: {cfg.data.path}\n")
     store.add_job(req["_id"], req, str(child.path), "running")
     assert [g.judgements for g in lineage(child.path)][-1] == snapshot

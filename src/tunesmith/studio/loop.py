@@ -206,6 +206,8 @@ def _child_request(name: str, run: RunDir, objective: str, store: Store, policy:
     judged, judged_eval = parent_cfg.get("data") or {}, parent_cfg.get("eval") or {}
     user = list(overrides or [])
     own = [f"data.template={judged['template']}"] if judged.get("template") not in (None, "chat") else []
+    if judged.get("system_prompt"):  # the snapshot is no run's judgements.jsonl: config.judged_run_prompts cannot find it
+        own.append(f"data.system_prompt={json.dumps(judged['system_prompt'])}")
     for key in ("max_new_tokens", "samples", "max_examples"):  # evaluated, and its pairs answered, as its parent's were
         if isinstance(judged_eval.get(key), int):
             own.append(f"eval.{key}={judged_eval[key]}")
