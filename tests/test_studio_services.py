@@ -7,7 +7,7 @@ import pytest
 
 from tunesmith.catalog import TASKS
 from tunesmith.run import RunDir
-from tunesmith.studio.jobs import Policy
+from tunesmith.studio.jobs import JobError, Policy
 from tunesmith.studio.protocol import JobRequest, Settings, metrics_event
 from tunesmith.studio.runs import RunIndex, headline, run_row
 from tunesmith.studio.store import Store
@@ -201,6 +201,9 @@ def test_a_child_trains_on_a_snapshot_of_its_parents_judgements_taken_when_it_is
     assert snapshot != parent.judgements and snapshot.is_file()
     assert snapshot.parent == home / "jobs" / req["_id"] and snapshot.name == "judgements.jsonl"
     assert snapshot.read_text().count("\n") == 4 and req["metadata"]["pairs"] == "4"
+    with pytest.raises(JobError, match="data.system_prompt"):  # prompts rendered otherwise than the judged run's
+        loop.child_job("v1", parent, "dpo", store, home, Policy(home=home), overrides=["data.system_prompt=Other"])
+    assert len(list((home / "jobs").iterdir())) == 1  # the refused child's snapshot is gone
 
     with open(parent.judgements, "a") as fh:  # more judgements after the child was made
         fh.write('ex": 9}\n' + "".join(json.dumps(_verdict(k, "a")) + "\n" for k in range(4, 9)))

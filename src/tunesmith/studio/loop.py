@@ -220,6 +220,11 @@ def _child_request(name: str, run: RunDir, objective: str, store: Store, policy:
                         "judgements": str(got.judgements)},
            "tunesmith": {"recipe": None, "overrides": own + user}}
     plan = plan_job(req, str(run.path), base, snapshot, None, policy)
+    data = load_config(plan.source, plan.overrides).data  # as config.judged_run_prompts refuses for runs/NAME/judgements
+    for key, theirs in (("template", judged.get("template", "chat")), ("system_prompt", judged.get("system_prompt"))):
+        if getattr(data, key) != theirs:
+            raise JobError(f"tunesmith.overrides: run {name}'s judgements judge answers to prompts rendered with "
+                           f"data.{key}: {theirs!r}; this job has {getattr(data, key)!r}", "tunesmith.overrides")
     return {**req, "_id": job_id, "_model_source": str(run.path), "_model_id": model_id, "_plan": asdict(plan),
             "_pairs": got.counts() | {"file": f"runs/{name}/judgements.jsonl", "unusable_samples": []}}
 
