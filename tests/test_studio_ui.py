@@ -192,9 +192,9 @@ def test_a_page_left_before_its_data_came_is_not_drawn_over_the_next(page, studi
     assert held, "the runs page asked for its runs"
     page.evaluate("location.hash = '#/playground'")
     page.wait_for_selector("#prompt")
-    page.unroute("**/v1/studio/runs")
     with page.expect_response("**/v1/studio/runs"):
         held[0].continue_()
+    page.unroute("**/v1/studio/runs")  # after: unroute itself lets a held request go
     page.wait_for_timeout(500)
     assert page.query_selector("#runtable") is None and page.query_selector("#prompt") is not None
     assert page.get_attribute("#main", "data-page") == "playground"
