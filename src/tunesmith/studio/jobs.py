@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 import os
@@ -43,6 +42,7 @@ from tunesmith.models.load import BUNDLED
 from tunesmith.paths import child_env
 from tunesmith.run import RunDir
 from tunesmith.run.lock import holder
+from tunesmith.studio.follow import new_lines
 from tunesmith.studio.protocol import event_name, metrics_event
 from tunesmith.studio.store import TERMINAL, Store
 
@@ -421,7 +421,7 @@ class Runner:
         self.allow_code = allow_code  # without it, jobs run offline (no hub download a request could ask for)
         self.executor = executor or LocalExecutor()  # where a job's command runs (LocalExecutor, RayExecutor)
         self.running: dict[str, Running] = {}
-        self.read: dict[str, dict] = {}  # job id -> how far its files are read (_new_lines), as committed
+        self.read: dict[str, dict] = {}  # job id -> how far its files are read (follow.new_lines), as committed
         self.errors: dict[str, int] = {}  # job id -> its steps that raised in a row
         self.last_error: Optional[str] = None
         self.results = results  # a succeeded job's fields (its model id, result files), written with its status
@@ -558,7 +558,7 @@ class Runner:
 
     def _read_files(self, job_id: str) -> None:
         """New lines of the run's train.log and metrics.jsonl become events. Each file is followed by its identity and
-        the bytes read (`_new_lines`), not by a count of lines: a resume rewrites metrics.jsonl to its checkpoint's
+        the bytes read (follow.new_lines), not by a count of lines: a resume rewrites metrics.jsonl to its checkpoint's
         step (train/checkpoint.truncate_metrics, a new file) and trains the later steps again, and the new file may be
         as long as the old one by the next poll; its rows that are the old file's, byte for byte, were read, the rest
         are events (a step trained again is an event again, once). How far each file was read is committed with its
@@ -567,7 +567,7 @@ class Runner:
         seen = self.read.get(job_id) or self.store.offsets(job_id) or {}
         new, tokens = [], None
         for kind, path in (("log", run.log), ("metrics", run.metrics)):
-            lines, seen = _new_lines(path, seen, kind, rows=kind == "metrics")
+            lines, seen = new_lines(path, seen, kind, rows=kind == "metrics")
             for line in lines:
                 if kind == "log":  # the run's folder as the studio home's runs/NAME, not as a path on the server
                     new.append((self.public(line.replace(str(run.path), f"runs/{run.name}")), "info", "message", None))
@@ -727,60 +727,6 @@ def _metrics_event(line: str) -> Optional[tuple]:
     except (TypeError, ValueError):
         return None
     return message, "info", "metrics", data
-
-
-DIGEST = 8  # hex characters of a line's digest (metrics.jsonl's lines read, in a job's offsets)
-
-
-def _digest(line: bytes) -> str:
-    return hashlib.blake2b(line, digest_size=DIGEST // 2).hexdigest()
-
-
-def _new_lines(path: Path, seen: dict, kind: str, rows: bool) -> tuple[list[str], dict]:
-    """The whole lines of `path` not read yet, and `seen` with how far it is read now: seen[kind] is {"file": the
-    file's identity, "at": the bytes read, "rows": a digest of each line read (with `rows`)}. The same file is read on
-    from "at"; another file (a resume's rewrite: truncate_metrics replaces metrics.jsonl) or a shorter one from its
-    start, skipping its first lines while they are the lines read before (with `rows`; without, a new file is new).
-    A last line without its newline is left for the next call. A studio.db from before (seen[kind] a count of lines)
-    goes on from that line of the file as it is."""
-    state = seen.get(kind)
-    try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            ident = f"{st.st_dev}:{st.st_ino}"
-            if isinstance(state, int):  # lines read, as an older studio counted them
-                state = _as_read(fh.read(), state, ident)
-                fh.seek(0)
-            state = state or {}
-            same = state.get("file") == ident and st.st_size >= state.get("at", 0)
-            fh.seek(state["at"] if same else 0)
-            data = fh.read()
-    except OSError:
-        return [], seen
-    end = data.rfind(b"\n") + 1
-    lines = data[:end].split(b"\n")[:-1]
-    digests = [_digest(line) for line in lines] if rows else []
-    old = state.get("rows", "") if rows else ""
-    skip = 0
-    if rows and not same:
-        while skip < len(lines) and old[skip * DIGEST:(skip + 1) * DIGEST] == digests[skip]:
-            skip += 1
-    now = {"file": ident, "at": (state.get("at", 0) if same else 0) + end}
-    if rows:
-        now["rows"] = (old if same else "") + "".join(digests)
-    text = [line.decode("utf-8", errors="replace") for line in lines[skip:]]
-    return [t for t in text if t.strip()], {**seen, kind: now}
-
-
-def _as_read(data: bytes, count: int, ident: str) -> dict:
-    """A line count of an older studio (its non-empty whole lines) as the bytes and digests of those lines."""
-    at, n, digests = 0, 0, []
-    while n < count and (end := data.find(b"\n", at)) >= 0:
-        line = data[at:end]
-        digests.append(_digest(line))
-        n += bool(line.strip())
-        at = end + 1
-    return {"file": ident, "at": at, "rows": "".join(digests)}
 
 
 def _lines(path: Path) -> list[str]:

@@ -122,7 +122,7 @@ class Store:
         return seq
 
     def offsets(self, job_id: str) -> Optional[dict]:
-        """How far the job's run files have been read into events (jobs._new_lines: per file its identity, the bytes
+        """How far the job's run files have been read into events (follow.new_lines: per file its identity, the bytes
         read, digests of metrics.jsonl's lines), as last committed."""
         row = self._one("SELECT offsets FROM jobs WHERE id = ?", (job_id,))
         return json.loads(row["offsets"]) if row and row["offsets"] else None
